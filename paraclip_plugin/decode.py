@@ -1,0 +1,109 @@
+"""Per-sample WebDataset stages for four-field ParaCLIP shards.
+
+They replace only the decode part of open_clip's WebDataset pipeline (through the
+``wds_decode_stages`` hook): shard listing, resampling, node/worker splitting, shuffling, epochs and
+``sizes.json`` stay open_clip's own. Output per sample: ``(image, texts)`` with ``texts`` the
+tokenized caption, para1 and para2 as one [3, context] tensor, so open_clip's training loop moves
+and batches it like its usual ``(image, text)`` pair.
+"""
+import collections
+import logging
+import os
+import tarfile
+
+import webdataset as wds
+from open_clip_train.data import log_and_continue
+
+from paraclip_plugin.shards import CAPTION, IMAGE_EXTENSIONS, PARA1, PARA2
+
+REQUIRED_TEXTS = (CAPTION, PARA1, PARA2)
+
+
+def local_path(url):
+    """The file behind a shard URL, or None for piped/remote shards."""
+    if url.startswith("file:"):
+        return url[len("file:"):]
+    if "://" in url or url.startswith("pipe:"):
+        return None
+    return url
+
+
+def shard_has_paraphrases(url):
+    """True or False for a local shard (by its member names alone), None when that can't be read."""
+    path = local_path(url)
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        with tarfile.open(path) as tar:
+            return any(name.endswith((f".{PARA1}", f".{PARA2}")) for name in tar.getnames())
+    except (tarfile.TarError, OSError):
+        return None  # a corrupt tar is reported by the tar reader itself
+
+
+class NotAParaCLIPShard(ValueError):
+    pass
+
+
+class SkipIncomplete:
+    """Keep samples with an image and all three texts; skip and count the rest.
+
+    Samples arrive shuffled across shards, so a shard can't be judged from the samples seen so far.
+    When a sample lacks a paraphrase field, its shard's member names are read once (per worker) to
+    tell "some samples lack paraphrases" (skip and count) from "this is not a ParaCLIP shard"
+    (stop with an error that names the shard).
+    """
+
+    def __init__(self, log_every=1000):
+        self.log_every = log_every
+        self.skipped_samples = 0
+        self.missing = collections.Counter()
+        self.checked_shards = {}
+
+    def missing_fields(self, sample):
+        missing = [field for field in REQUIRED_TEXTS if field not in sample]
+        if not any(ext in sample for ext in IMAGE_EXTENSIONS):
+            missing.append("image (" + "|".join(IMAGE_EXTENSIONS) + ")")
+        return missing
+
+    def check_shard(self, url):
+        if url not in self.checked_shards:
+            self.checked_shards[url] = shard_has_paraphrases(url)
+            if self.checked_shards[url] is False:
+                raise NotAParaCLIPShard(
+                    f"shard {url} has no '{PARA1}' or '{PARA2}' member in any sample: it is not a ParaCLIP "
+                    f"four-field shard (make one with scripts/make_shards.py), or drop --paraclip-loss")
+
+    def __call__(self, samples):
+        for sample in samples:
+            missing = self.missing_fields(sample)
+            if not missing:
+                yield sample
+                continue
+            url = sample.get("__url__", "?")
+            if PARA1 in missing or PARA2 in missing:
+                self.check_shard(url)
+            self.skipped_samples += 1
+            self.missing.update(missing)
+            if self.skipped_samples == 1 or self.skipped_samples % self.log_every == 0:
+                logging.warning(
+                    f"ParaCLIP: skipped sample '{sample.get('__key__')}' of {url}: missing {', '.join(missing)} "
+                    f"({self.skipped_samples} skipped so far in this data worker; "
+                    f"missing fields: {dict(self.missing)})")
+
+
+def tokenize_texts(tokenizer):
+    def tokenize(sample):
+        sample["texts"] = tokenizer([sample["text"], sample["para1"], sample["para2"]])
+        return sample
+    return tokenize
+
+
+def paraclip_decode_stages(preprocess_img, tokenizer):
+    return [
+        SkipIncomplete(),
+        wds.decode("pilrgb", handler=log_and_continue),
+        wds.rename(image=";".join(IMAGE_EXTENSIONS), text=CAPTION, para1=PARA1, para2=PARA2),
+        wds.map_dict(image=preprocess_img),
+        wds.map(tokenize_texts(tokenizer)),
+        wds.to_tuple("image", "texts"),
+    ]

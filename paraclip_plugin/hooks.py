@@ -1,0 +1,96 @@
+"""The open_clip_train plugin: what ParaCLIP adds to ``open_clip_train.main``.
+
+Registered in the ``open_clip_train.plugins`` entry-point group (setup.cfg) and called through the
+hook points that patches/ adds to open_clip_train (see ``open_clip_train/plugins.py`` there). Every
+hook is a no-op unless one of the flags below is given, so a stock recipe trains as before.
+"""
+import argparse
+import logging
+
+import open_clip
+
+from paraclip_plugin.decode import paraclip_decode_stages
+from paraclip_plugin.loss import DEFAULT_TERMS, ParaCLIPLoss, parse_terms, parse_weights
+from paraclip_plugin.model import enable_paraphrase_forward, freeze_visual
+
+
+def _terms(spec):
+    try:
+        return parse_terms(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
+def add_arguments(parser):
+    group = parser.add_argument_group("ParaCLIP (paraclip-plugin)")
+    group.add_argument(
+        "--paraclip-loss", action="store_true", default=False,
+        help="Fine-tune with the ParaCLIP loss on four-field shards (image, txt, para1.txt, para2.txt). "
+             "Implies --frozen-visual unless --no-frozen-visual is given.")
+    group.add_argument(
+        "--paraclip-terms", type=_terms, default=DEFAULT_TERMS,
+        help="Comma-separated FIELD:FIELD pairs, each a symmetric InfoNCE term, over the fields "
+             "image, caption, para1, para2. Default: %(default)s (the paper's loss).")
+    group.add_argument(
+        "--paraclip-weights", type=str, default=None,
+        help="Comma-separated weights, one per --paraclip-terms term (default: all 1).")
+    group.add_argument(
+        "--frozen-visual", action=argparse.BooleanOptionalAction, default=None,
+        help="Freeze the image tower: no gradients, not in the optimizer, eval mode, run under no_grad. "
+             "Works with any loss. Default: on with --paraclip-loss, off otherwise.")
+    group.add_argument(
+        "--model-config", action="append", default=[], metavar="PATH",
+        help="Register an open_clip model config (a .json file or a folder of them) before the model "
+             "is created, so --model can name it. May be repeated.")
+
+
+def configure(args):
+    if isinstance(args.paraclip_terms, str):  # the default is not passed through type=
+        args.paraclip_terms = parse_terms(args.paraclip_terms)
+    try:
+        args.paraclip_weights = parse_weights(args.paraclip_weights, len(args.paraclip_terms))
+    except ValueError as e:
+        raise SystemExit(f"error: argument --paraclip-weights: {e} ({args.paraclip_terms})")
+    if args.frozen_visual is None:
+        args.frozen_visual = args.paraclip_loss
+    for path in args.model_config:
+        open_clip.add_model_config(path)
+    if args.paraclip_loss:
+        if args.siglip or args.distill_model or "coca" in args.model.lower():
+            raise SystemExit("error: --paraclip-loss is a CLIP (InfoNCE) loss; it can't be combined with "
+                             "--siglip, --distill-model or a CoCa model")
+        if args.dataset_type in ("csv", "synthetic"):
+            raise SystemExit(f"error: --paraclip-loss reads four-field WebDataset shards; "
+                             f"--dataset-type {args.dataset_type} is not supported")
+
+
+def wrap_model(model, args):
+    if args.frozen_visual:
+        freeze_visual(model)
+        logging.info("ParaCLIP: image tower frozen (eval mode, no gradients, not optimized).")
+    if args.paraclip_loss:
+        enable_paraphrase_forward(model)
+    return model
+
+
+def wds_decode_stages(args, preprocess_img, tokenizer, is_train):
+    if args.paraclip_loss:
+        return paraclip_decode_stages(preprocess_img, tokenizer)
+    return None
+
+
+def create_loss(args):
+    if not args.paraclip_loss:
+        return None
+    logging.info("ParaCLIP loss: " + " + ".join(
+        f"{w:g}*L({a},{b})" for (a, b), w in zip(args.paraclip_terms, args.paraclip_weights)))
+    return ParaCLIPLoss(
+        args.paraclip_terms,
+        args.paraclip_weights,
+        local_loss=args.local_loss,
+        gather_with_grad=args.gather_with_grad,
+        cache_labels=True,
+        rank=args.rank,
+        world_size=args.world_size,
+        use_horovod=args.horovod,
+    )
