@@ -55,3 +55,104 @@ def write_shards(folder, num_shards=2, per_shard=16, seed=0, paraphrases=True, d
 @pytest.fixture
 def shards(tmp_path):
     return write_shards(tmp_path / "shards")
+
+
+# ---------------------------------------------------------------- running open_clip_train for real
+
+import hashlib
+import re
+import shutil
+import subprocess
+
+import torch
+
+
+def site_open_clip_train():
+    from paraclip_plugin import patching
+    return patching.installed_root()
+
+
+@pytest.fixture(scope="session")
+def patched_install():
+    """The installed open_clip_train with the hooks applied (as `paraclip-patch apply` leaves it)."""
+    from paraclip_plugin import patching
+    patching.apply(site_open_clip_train(), patching.patch_file(patching.installed_version()))
+    return site_open_clip_train()
+
+
+@pytest.fixture(scope="session")
+def pristine_root(tmp_path_factory, patched_install):
+    """A folder holding an unmodified open_clip_train 3.3.0, for PYTHONPATH: the installed one, reverted."""
+    from paraclip_plugin import patching
+    root = tmp_path_factory.mktemp("pristine")
+    shutil.copytree(patched_install / "open_clip_train", root / "open_clip_train",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    patching.revert(root, patching.patch_file(patching.installed_version()))
+    assert not (root / "open_clip_train" / "plugins.py").exists()
+    return root
+
+
+def save_init_checkpoint(path, seed=0):
+    """A random-init tiny model saved as a bare state dict, to start every compared run from."""
+    import open_clip
+    open_clip.add_model_config(str(TINY_CONFIG))
+    torch.manual_seed(seed)
+    model = open_clip.create_model(TINY_MODEL)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def train_args(data, logs, name, init, *extra, batch_size=8, samples=None):
+    args = [
+        "--train-data", str(data), "--dataset-type", "webdataset",
+        "--model", TINY_MODEL, "--model-config", str(TINY_CONFIG), "--pretrained", str(init),
+        "--batch-size", str(batch_size), "--lr", "1e-3", "--wd", "0.001", "--warmup", "1",
+        "--epochs", "1", "--workers", "1", "--device", "cpu", "--seed", "0",
+        "--logs-dir", str(logs), "--name", name, "--log-every-n-steps", "1",
+    ]
+    if samples:
+        args += ["--train-num-samples", str(samples)]
+    return args + list(extra)
+
+
+def run(cmd, env_extra=None, timeout=300, check=True):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("PYTHONPATH", None)
+    env.update(env_extra or {})
+    proc = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def torchrun(module_args, nproc=2, **kw):
+    return run([BIN / "torchrun", "--nproc_per_node", nproc, "--master_port", free_port(), "-m", *module_args], **kw)
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_log(logs, name):
+    return (Path(logs) / name / "out.log").read_text()
+
+
+LOSS_RE = re.compile(r"(\w+): ([-+0-9.e]+) \(")
+
+
+def logged_losses(log):
+    """Per logged step, {'Loss': ..., 'Image_para2_loss': ...} parsed from open_clip's 'Train Epoch' lines."""
+    steps = []
+    for line in log.splitlines():
+        if "Train Epoch" in line:
+            tail = line.split("Logit Scale:")[1]
+            steps.append({k: float(v) for k, v in LOSS_RE.findall(tail)})
+    return steps
+
+
+def final_state(logs, name, epoch=1):
+    ckpt = torch.load(Path(logs) / name / "checkpoints" / f"epoch_{epoch}.pt", map_location="cpu", weights_only=False)
+    return {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
