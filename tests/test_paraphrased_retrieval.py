@@ -1,0 +1,132 @@
+"""``paraclip-eval paraphrased-retrieval`` end to end with the random-init tiny model, and its input errors."""
+import json
+import subprocess
+
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from conftest import BIN, TINY_CONFIG, TINY_MODEL
+from paraclip_plugin.eval.cli import main
+from paraclip_plugin.eval.paraphrased_retrieval import (
+    InputError, evaluate_paraphrased_retrieval, load_model, read_pairs)
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+SHAPES = ("square", "bar")
+
+
+def _write_world(folder, repeat_query=False):
+    """Eight coloured-shape images and one pair per image; ``repeat_query`` makes each paraphrase == its query."""
+    images = folder / "images"
+    images.mkdir(parents=True)
+    lines = []
+    for colour, rgb in COLOURS.items():
+        for shape in SHAPES:
+            name = f"{colour}_{shape}.png"
+            image = Image.new("RGB", (32, 32), (255, 255, 255))
+            box = (8, 8, 24, 24) if shape == "square" else (2, 12, 30, 20)
+            image.paste(rgb, box)
+            image.save(images / name)
+            query = f"a {colour} {shape}"
+            paraphrase = query if repeat_query else f"a {shape} coloured {colour}"
+            lines.append(json.dumps({"query": query, "paraphrase": paraphrase, "image": name}))
+    (images / "unreferenced.png").write_bytes((images / name).read_bytes())  # not in the gallery
+    pairs = folder / "pairs.jsonl"
+    pairs.write_text("\n".join(lines) + "\n")
+    return pairs, images
+
+
+def _cli(pairs, images, *extra):
+    return ["paraphrased-retrieval", "--model", TINY_MODEL, "--model-config", str(TINY_CONFIG),
+            "--pairs", str(pairs), "--images", str(images), *extra]
+
+
+def test_cli_writes_scores_in_range(tmp_path, capsys):
+    pairs, images = _write_world(tmp_path)
+    output = tmp_path / "out" / "result.json"
+    assert main(_cli(pairs, images, "--k", "5", "--output", str(output))) == 0
+    result = json.loads(output.read_text())
+    assert json.loads(capsys.readouterr().out) == result
+    assert result["num_pairs"] == 8 and result["num_images"] == 8 and result["k"] == 5
+    assert 0.0 <= result["AO@5"] <= 1.0 and 0.0 <= result["JS@5"] <= 1.0
+    for kind in ("original", "paraphrased"):
+        recalls = [result[kind][f"recall@{r}"] for r in (1, 5, 10)]
+        assert all(0.0 <= r <= 1.0 for r in recalls)
+        assert recalls == sorted(recalls)
+        assert recalls[-1] == 1.0  # 8 images, so the gold one is always in the top 10
+
+
+def test_paraphrase_equal_to_query_gives_perfect_overlap(tmp_path, capsys):
+    pairs, images = _write_world(tmp_path, repeat_query=True)
+    assert main(_cli(pairs, images)) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["AO@10"] == 1.0 and result["JS@10"] == 1.0
+    assert result["original"] == result["paraphrased"]
+
+
+def test_checkpoint_from_training_loads_and_scores_like_the_model_in_memory(tmp_path, capsys):
+    pairs, images = _write_world(tmp_path)
+    model, preprocess, tokenizer = load_model(TINY_MODEL, model_config=str(TINY_CONFIG))
+    # open_clip_train's checkpoint layout under DDP: weights under "state_dict", keys prefixed "module.".
+    checkpoint = tmp_path / "epoch_1.pt"
+    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, checkpoint)
+    expected = evaluate_paraphrased_retrieval(model, preprocess, tokenizer, read_pairs(pairs), str(images))
+    assert main(_cli(pairs, images, "--pretrained", str(checkpoint))) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("AO@10", "JS@10", "original", "paraphrased"):
+        assert result[key] == pytest.approx(expected[key])
+
+
+def _rewrite_line(pairs, number, text):
+    lines = pairs.read_text().splitlines()
+    lines[number - 1] = text
+    pairs.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda p, i: _rewrite_line(p, 3, '{"query": "a red square", "paraphrase": '), "pairs.jsonl:3: malformed JSON"),
+    (lambda p, i: _rewrite_line(p, 2, '{"query": "a", "image": "red_bar.png"}'), "pairs.jsonl:2: missing key 'paraphrase'"),
+    (lambda p, i: _rewrite_line(p, 4, '["a", "b", "c"]'), "pairs.jsonl:4: expected a JSON object"),
+    (lambda p, i: _rewrite_line(p, 1, '{"query": "", "paraphrase": "x", "image": "red_bar.png"}'),
+     "pairs.jsonl:1: 'query' must be a non-empty string"),
+    (lambda p, i: (i / "green_bar.png").unlink(), "green_bar.png: image file not found (referenced by"),
+    (lambda p, i: p.write_text("\n\n"), "pairs.jsonl: no pairs"),
+    (lambda p, i: p.unlink(), "pairs.jsonl: cannot read pairs file"),
+    (lambda p, i: (i / "blue_bar.png").write_bytes(b"not a png"), "blue_bar.png: cannot read image"),
+])
+def test_bad_input_is_one_line_naming_the_file_and_line(tmp_path, capsys, damage, message):
+    pairs, images = _write_world(tmp_path)
+    damage(pairs, images)
+    assert main(_cli(pairs, images)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert err.startswith("paraclip-eval: error: ") and err.count("\n") == 1
+
+
+def test_missing_image_reports_the_first_line_that_names_it(tmp_path):
+    pairs, images = _write_world(tmp_path)
+    (images / "green_bar.png").unlink()
+    # green_bar is the 4th pair written (red square, red bar, green square, green bar).
+    with pytest.raises(InputError, match=r"pairs\.jsonl:4\)"):
+        main(_cli(pairs, images)) if False else __import__(
+            "paraclip_plugin.eval.paraphrased_retrieval", fromlist=["build_gallery"]).build_gallery(
+            read_pairs(pairs), str(images), str(pairs))
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("--pretrained", "no/such/epoch_3.pt"), "no/such/epoch_3.pt: checkpoint file not found"),
+    (("--model", "no-such-model"), "unknown model 'no-such-model'"),
+])
+def test_bad_model_arguments(tmp_path, capsys, extra, message):
+    pairs, images = _write_world(tmp_path)
+    assert main(_cli(pairs, images) + list(extra)) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_console_script_exit_code_without_traceback(tmp_path):
+    pairs, images = _write_world(tmp_path)
+    _rewrite_line(pairs, 5, "not json")
+    done = subprocess.run([str(BIN / "paraclip-eval"), *_cli(pairs, images)], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert f"{pairs}:5: malformed JSON" in done.stderr and "Traceback" not in done.stderr
