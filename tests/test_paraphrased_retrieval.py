@@ -2,7 +2,6 @@
 import json
 import subprocess
 
-import open_clip
 import pytest
 import torch
 from PIL import Image
@@ -10,7 +9,7 @@ from PIL import Image
 from conftest import BIN, TINY_CONFIG, TINY_MODEL
 from paraclip_plugin.eval.cli import main
 from paraclip_plugin.eval.paraphrased_retrieval import (
-    InputError, evaluate_paraphrased_retrieval, load_model, read_pairs)
+    InputError, build_gallery, evaluate_paraphrased_retrieval, load_model, read_pairs)
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 SHAPES = ("square", "bar")
@@ -104,14 +103,16 @@ def test_bad_input_is_one_line_naming_the_file_and_line(tmp_path, capsys, damage
     assert err.startswith("paraclip-eval: error: ") and err.count("\n") == 1
 
 
-def test_missing_image_reports_the_first_line_that_names_it(tmp_path):
+def test_gallery_holds_each_referenced_image_once_and_errors_name_its_first_reference(tmp_path):
     pairs, images = _write_world(tmp_path)
-    (images / "green_bar.png").unlink()
-    # green_bar is the 4th pair written (red square, red bar, green square, green bar).
-    with pytest.raises(InputError, match=r"pairs\.jsonl:4\)"):
-        main(_cli(pairs, images)) if False else __import__(
-            "paraclip_plugin.eval.paraphrased_retrieval", fromlist=["build_gallery"]).build_gallery(
-            read_pairs(pairs), str(images), str(pairs))
+    with pairs.open("a") as f:  # line 9 names red_square.png again, which line 1 names first
+        f.write(json.dumps({"query": "a red block", "paraphrase": "a crimson block", "image": "red_square.png"}) + "\n")
+    names, gold = build_gallery(read_pairs(pairs), str(images))
+    assert len(names) == 8 and "unreferenced.png" not in names
+    assert gold[0] == gold[8] == names.index("red_square.png")
+    (images / "red_square.png").unlink()
+    with pytest.raises(InputError, match=r"red_square\.png: image file not found \(referenced by .*pairs\.jsonl:1\)"):
+        build_gallery(read_pairs(pairs), str(images), str(pairs))
 
 
 @pytest.mark.parametrize("extra,message", [

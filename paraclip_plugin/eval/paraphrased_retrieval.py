@@ -1,0 +1,189 @@
+"""Paraphrased retrieval (Cheng et al. 2024): do a query and its paraphrase retrieve the same images?
+
+Input is a pairs file (JSON lines, one object per line with ``query``, ``paraphrase`` and the gold
+``image`` file name relative to an image folder; other keys are ignored, blank lines skipped).
+
+The gallery is every distinct image the pairs file references, in sorted file-name order, not every
+file in the folder: the pairs file alone defines the task, so a folder with extra files (or shared
+by several pairs files) scores the same. Images are embedded once, texts in batches; the result
+holds AO@k and JS@k between the query's and the paraphrase's rankings (metrics.py) and recall@1/5/10
+of the gold image for both kinds of query. All scores are fractions in [0, 1].
+"""
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .metrics import average_overlap_from_scores, jaccard_at_k_from_scores, recall_at_k
+
+PAIR_KEYS = ("query", "paraphrase", "image")
+RECALL_KS = (1, 5, 10)
+
+
+class InputError(ValueError):
+    """Bad user input (files, lines, names): reported as one message, never as a traceback."""
+
+
+@dataclass(frozen=True)
+class RetrievalPair:
+    query: str
+    paraphrase: str
+    image: str
+    line: int  # 1-based line in the pairs file, kept for error messages
+
+
+def read_pairs(path):
+    """Parse and validate a pairs file; every error names ``path`` and the 1-based line number."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read pairs file: {e.strerror}") from None
+    pairs = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            pairs.append(_parse_pair(line, path, number))
+    if not pairs:
+        raise InputError(f"{path}: no pairs (the file is empty)")
+    return pairs
+
+
+def _parse_pair(line, path, number):
+    where = f"{path}:{number}"
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise InputError(f"{where}: expected a JSON object with keys {', '.join(PAIR_KEYS)}")
+    for key in PAIR_KEYS:
+        if key not in record:
+            raise InputError(f"{where}: missing key '{key}'")
+        if not isinstance(record[key], str) or not record[key].strip():
+            raise InputError(f"{where}: '{key}' must be a non-empty string")
+    return RetrievalPair(record["query"], record["paraphrase"], record["image"], number)
+
+
+def build_gallery(pairs, images_dir, pairs_path="pairs"):
+    """Sorted distinct image names of ``pairs`` and, per pair, the gallery index of its gold image.
+
+    Raises ``InputError`` naming the missing file and the first line that references it.
+    """
+    first_reference = {}
+    for pair in pairs:
+        first_reference.setdefault(pair.image, pair.line)
+    for name, line in first_reference.items():
+        if not os.path.isfile(os.path.join(images_dir, name)):
+            raise InputError(
+                f"{os.path.join(images_dir, name)}: image file not found (referenced by {pairs_path}:{line})")
+    names = sorted(first_reference)
+    index = {name: i for i, name in enumerate(names)}
+    gold = torch.tensor([index[pair.image] for pair in pairs])
+    return names, gold
+
+
+def _load_image(path):
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as e:
+        raise InputError(f"{path}: cannot read image ({e})") from None
+
+
+def _batches(items, batch_size):
+    for start in range(0, len(items), batch_size):
+        yield items[start:start + batch_size]
+
+
+@torch.no_grad()
+def embed_images(model, preprocess, paths, device="cpu", batch_size=64, progress=False):
+    """L2-normalised image embeddings ``[len(paths), embed_dim]`` on the CPU."""
+    features = []
+    for batch in tqdm(list(_batches(paths, batch_size)), desc="images", disable=not progress, leave=False):
+        pixels = torch.stack([preprocess(_load_image(p)) for p in batch]).to(device)
+        features.append(model.encode_image(pixels, normalize=True).float().cpu())
+    return torch.cat(features)
+
+
+@torch.no_grad()
+def embed_texts(model, tokenizer, texts, device="cpu", batch_size=256, progress=False):
+    """L2-normalised text embeddings ``[len(texts), embed_dim]`` on the CPU."""
+    features = []
+    for batch in tqdm(list(_batches(texts, batch_size)), desc="texts", disable=not progress, leave=False):
+        tokens = tokenizer(list(batch)).to(device)
+        features.append(model.encode_text(tokens, normalize=True).float().cpu())
+    return torch.cat(features)
+
+
+def summarize(query_scores, paraphrase_scores, gold, k=10):
+    """The result dict from two ``[pairs, images]`` similarity matrices and the gold image index per pair."""
+    result = {
+        "task": "paraphrased_retrieval",
+        "num_pairs": int(query_scores.shape[0]),
+        "num_images": int(query_scores.shape[1]),
+        "k": k,
+        f"AO@{k}": average_overlap_from_scores(query_scores, paraphrase_scores, k).mean().item(),
+        f"JS@{k}": jaccard_at_k_from_scores(query_scores, paraphrase_scores, k).mean().item(),
+    }
+    for kind, scores in (("original", query_scores), ("paraphrased", paraphrase_scores)):
+        result[kind] = {f"recall@{r}": recall_at_k(scores, gold, r).mean().item() for r in RECALL_KS}
+    return result
+
+
+def evaluate_paraphrased_retrieval(
+        model, preprocess, tokenizer, pairs, images_dir, k=10, device="cpu", batch_size=64,
+        pairs_path="pairs", progress=False):
+    """Score a loaded open_clip model on ``pairs`` (from ``read_pairs``); returns ``summarize``'s dict."""
+    names, gold = build_gallery(pairs, images_dir, pairs_path)
+    model.eval()
+    image_features = embed_images(
+        model, preprocess, [os.path.join(images_dir, n) for n in names], device, batch_size, progress)
+    query_features = embed_texts(model, tokenizer, [p.query for p in pairs], device, progress=progress)
+    paraphrase_features = embed_texts(model, tokenizer, [p.paraphrase for p in pairs], device, progress=progress)
+    return summarize(query_features @ image_features.T, paraphrase_features @ image_features.T, gold, k)
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(model_name, pretrained=None, model_config=None, device="cpu"):
+    """``(model, preprocess_val, tokenizer)`` through stock open_clip; user errors become ``InputError``.
+
+    ``model_config`` is a model config JSON file (or folder of them) registered with open_clip first,
+    so ``model_name`` may be its file stem. ``pretrained`` is an open_clip tag or a checkpoint file
+    (open_clip_train's ``epoch_N.pt`` loads as is); ``None`` means random initialisation.
+    """
+    import open_clip  # deferred: importing open_clip costs seconds and is only needed here
+
+    if model_config is not None:
+        if not os.path.exists(model_config):
+            raise InputError(f"{model_config}: model config not found")
+        open_clip.add_model_config(model_config)
+    if model_name not in open_clip.list_models() and ":" not in model_name:
+        raise InputError(f"unknown model '{model_name}' (pass its config JSON with --model-config)")
+    if pretrained and not os.path.isfile(pretrained) and pretrained not in open_clip.list_pretrained_tags_by_model(model_name):
+        raise InputError(f"{pretrained}: checkpoint file not found (and not an open_clip tag for {model_name})")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
+    except (RuntimeError, OSError, KeyError, EOFError) as e:
+        # A file that exists but is not a checkpoint of this architecture (wrong model, truncated file).
+        raise InputError(f"{pretrained}: cannot load checkpoint into {model_name}: {e}") from None
+    return model, preprocess, open_clip.get_tokenizer(model_name)
+
+
+def evaluate_checkpoint(
+        model_name, pretrained, pairs_path, images_dir, k=10, model_config=None, device=None,
+        batch_size=64, progress=False):
+    """Load a model and evaluate it on a pairs file: the one call the demo and the CLI make."""
+    device = device or default_device()
+    pairs = read_pairs(pairs_path)
+    build_gallery(pairs, images_dir, pairs_path)  # fail on a missing image before loading the model
+    model, preprocess, tokenizer = load_model(model_name, pretrained, model_config, device)
+    result = evaluate_paraphrased_retrieval(
+        model, preprocess, tokenizer, pairs, images_dir, k, device, batch_size, pairs_path, progress)
+    result.update(model=model_name, pretrained=pretrained)
+    return result
