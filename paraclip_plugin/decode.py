@@ -53,8 +53,8 @@ class SkipIncomplete:
     (stop with an error that names the shard).
     """
 
-    def __init__(self, log_every=1000):
-        self.log_every = log_every
+    def __init__(self, log_first=10, log_every=1000):
+        self.log_first, self.log_every = log_first, log_every
         self.skipped_samples = 0
         self.missing = collections.Counter()
         self.checked_shards = {}
@@ -84,7 +84,7 @@ class SkipIncomplete:
                 self.check_shard(url)
             self.skipped_samples += 1
             self.missing.update(missing)
-            if self.skipped_samples == 1 or self.skipped_samples % self.log_every == 0:
+            if self.skipped_samples <= self.log_first or self.skipped_samples % self.log_every == 0:
                 logging.warning(
                     f"ParaCLIP: skipped sample '{sample.get('__key__')}' of {url}: missing {', '.join(missing)} "
                     f"({self.skipped_samples} skipped so far in this data worker; "
