@@ -1,0 +1,20 @@
+"""Generation backends, one interface: ``generate(prompts, on_result) -> list[Completion]``.
+
+A backend takes a batch of user prompts (the pipeline sends one step of one shard at a time) and
+calls ``on_result(index, completion)`` as each completion arrives, so the pipeline can cache it
+at once. Backends are imported only when chosen: ``vllm`` is an optional extra.
+"""
+from .base import Completion, GenerationError
+
+
+def make_backend(name, **kwargs):
+    if name == "openai":
+        from .openai_backend import OpenAIBackend
+        return OpenAIBackend(**kwargs)
+    if name == "vllm":
+        from .vllm_backend import VLLMBackend
+        return VLLMBackend(**kwargs)
+    raise ValueError(f"unknown backend {name!r} (choose 'openai' or 'vllm')")
+
+
+__all__ = ["Completion", "GenerationError", "make_backend"]

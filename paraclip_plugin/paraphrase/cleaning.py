@@ -1,0 +1,65 @@
+"""Normalise raw LLM outputs, and name why an output is not a usable paraphrase.
+
+Chat models wrap answers in quotes, prefix them ("Paraphrase: ...") or add a second line of
+commentary; those are stripped. What is left is rejected with a reason name when it is empty, a
+refusal, far longer than its input, or (step 2) the same as step 1's output. Reason names are the
+keys of the run's "dropped" statistics.
+"""
+import re
+
+EMPTY = "empty"
+REFUSAL = "refusal"
+TOO_LONG = "too_long"
+SAME_AS_STEP1 = "same_as_step1"
+REQUEST_REJECTED = "request_rejected"  # the API refused the request itself (4xx), not its output
+
+_PREFIX = re.compile(
+    r"^\s*(?:here(?:'s| is) (?:a |the )?(?:concise )?paraphrase[^:]*:|"
+    r"(?:concise )?(?:paraphrased? (?:text|caption|version)|paraphrase|rephrased|answer|output)\s*:)\s*",
+    re.IGNORECASE,
+)
+_QUOTES = "\"'“”‘’`«»"
+_REFUSAL = re.compile(
+    r"^\s*(?:i'?m sorry|i am sorry|sorry,|i apologi[sz]e|i can(?:'|no)t|i cannot|i am unable|"
+    r"i'm unable|i won't|as an ai\b|unfortunately,? i)",
+    re.IGNORECASE,
+)
+
+
+def clean(text):
+    """First non-empty line, without a "Paraphrase:"-style prefix or surrounding quotes."""
+    if text is None:
+        return ""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    out = lines[0] if lines else ""
+    out = _PREFIX.sub("", out, count=1)
+    # Quotes can sit inside a prefix ("Paraphrase: "x"") so strip after the prefix, repeatedly.
+    while len(out) >= 2 and out[0] in _QUOTES:
+        if out[-1] in _QUOTES:
+            out = out[1:-1].strip()
+        elif len(out) >= 3 and out[-2] in _QUOTES and out[-1] == ".":  # "text".
+            out = out[1:-2].strip()
+        else:
+            break
+    return " ".join(out.split())
+
+
+def _norm(text):
+    return re.sub(r"[^\w\s]", "", text).lower().split()
+
+
+def reject_reason(output, source, max_length_ratio=3.0, min_length_slack=20, step1_output=None):
+    """``None`` if ``output`` (already cleaned) is usable, else a reason name.
+
+    ``source`` is the text that was paraphrased; ``step1_output`` is set for step 2 only.
+    """
+    if not output:
+        return EMPTY
+    if _REFUSAL.match(output):
+        return REFUSAL
+    # Slack in characters, so short captions ("red car") may still get a natural sentence back.
+    if len(output) > max_length_ratio * len(source) + min_length_slack:
+        return TOO_LONG
+    if step1_output is not None and _norm(output) == _norm(step1_output):
+        return SAME_AS_STEP1
+    return None

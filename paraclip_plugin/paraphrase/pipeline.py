@@ -1,0 +1,255 @@
+"""Input shards -> filter -> dedupe -> step 1 -> step 2 -> clean / retry / drop -> output shards.
+
+One output per input, with the input's base name, written to ``<name>.partial`` and renamed when
+complete: a rerun skips every output that exists, and ``kill -9`` never leaves half a shard under
+a final name. Work is done a shard at a time: step 1 for the shard's unique captions (one backend
+batch), then step 2 on step 1's outputs, each with up to ``max_attempts`` rounds for rejected
+outputs. Every completion goes to the cache as it arrives, so a rerun after a crash pays for
+nothing twice and, replaying the same outputs, writes the same shards.
+"""
+import collections
+import dataclasses
+import json
+import os
+import time
+
+from tqdm import tqdm
+
+from . import cleaning
+from .cache import CompletionCache
+from .inputs import is_caption_file, read_caption_file
+from .prompts import PromptSet
+from .shard_io import (CAPTION, IMAGE_EXTENSIONS, METADATA, PARA1, PARA2, InputError, atomic_file,
+                       atomic_tar_writer, atomic_write_text, count_tar_samples, read_sizes_json,
+                       read_tar_samples, update_sizes_json)
+
+
+@dataclasses.dataclass
+class GenerationOptions:
+    min_words: int = 2  # the official release keeps captions of 2..15 words
+    max_words: int = 15
+    max_attempts: int = 3  # rounds per step before a rejected sample is dropped
+    max_length_ratio: float = 3.0
+    price_per_1k_prompt: float = 0.0
+    price_per_1k_completion: float = 0.0
+    caption_field: str = "caption"
+    progress: bool = True
+
+
+def output_name(input_path):
+    name = os.path.basename(input_path)
+    return os.path.splitext(name)[0] + ".jsonl" if is_caption_file(input_path) else name
+
+
+class ParaphraseGenerator:
+    def __init__(self, backend, model, prompts=None, cache=None, options=None, backend_name="openai"):
+        self.backend = backend
+        self.model = model
+        self.prompts = prompts or PromptSet()
+        self.cache = cache if cache is not None else CompletionCache(":memory:")
+        self.options = options or GenerationOptions()
+        self.backend_name = backend_name
+        self.counts = collections.Counter()  # samples, requests, tokens
+        self.dropped = collections.Counter()  # samples dropped, by reason
+        self.retried = collections.Counter()  # rejected outputs that got another attempt, by reason
+        self.sft_pairs = []  # (prompt, accepted output) of this run, for --export-sft
+
+    # --- the two steps ------------------------------------------------------------------------
+
+    def _run_step(self, step, sources):
+        """``({source: paraphrase}, {source: reason})`` for unique ``sources`` of one step."""
+        opts, accepted, reasons = self.options, {}, {}
+        pending = list(dict.fromkeys(sources))
+        for attempt in range(opts.max_attempts):
+            if not pending:
+                break
+            raw = self.cache.get_many(self.model, self.prompts.version, step, attempt, pending)
+            self.counts["cache_hits"] += len(raw)
+            misses = [s for s in pending if s not in raw]
+            if misses:
+                def on_result(index, completion, misses=misses, raw=raw):
+                    source = misses[index]
+                    self.counts["prompt_tokens"] += completion.prompt_tokens
+                    self.counts["completion_tokens"] += completion.completion_tokens
+                    if completion.text is None:
+                        reasons[source] = completion.error
+                        return
+                    # Cached before use: a crash after this line never pays for this request again.
+                    self.cache.put(self.model, self.prompts.version, step, attempt, source, completion.text,
+                                   completion.prompt_tokens, completion.completion_tokens)
+                    raw[source] = completion.text
+
+                self.counts["requests"] += len(misses)
+                self.backend.generate([self.prompts.render(step, s) for s in misses], on_result)
+            retry = []
+            for source in pending:
+                if source not in raw:  # the service refused the request itself: no retry helps
+                    continue
+                output = cleaning.clean(raw[source])
+                reason = cleaning.reject_reason(output, source, opts.max_length_ratio,
+                                                step1_output=source if step == 2 else None)
+                if reason is None:
+                    accepted[source] = output
+                    self.sft_pairs.append((self.prompts.render(step, source), output))
+                else:
+                    reasons[source] = reason
+                    retry.append(source)
+            if attempt + 1 < opts.max_attempts:
+                self.retried.update(reasons[s] for s in retry)
+            pending = retry
+        return accepted, {s: reasons[s] for s in dict.fromkeys(sources) if s not in accepted}
+
+    def paraphrase(self, captions):
+        """``{caption: (para1, para2) or reason}`` for a list of captions, each requested once."""
+        unique = list(dict.fromkeys(captions))
+        self.counts["duplicate_captions"] += len(captions) - len(unique)
+        step1, dropped1 = self._run_step(1, unique)
+        step2, dropped2 = self._run_step(2, list(step1.values()))
+        result = {}
+        for caption in unique:
+            if caption in dropped1:
+                result[caption] = f"step1_{dropped1[caption]}"
+            elif step1[caption] in dropped2:
+                result[caption] = f"step2_{dropped2[step1[caption]]}"
+            else:
+                result[caption] = (step1[caption], step2[step1[caption]])
+        return result
+
+    def _keep_caption(self, caption):
+        words = len(caption.split())
+        if words < self.options.min_words:
+            return "filtered_too_short"
+        if words > self.options.max_words:
+            return "filtered_too_long"
+        return None
+
+    def _metadata(self):
+        return {"paraphrase_model": self.model, "paraphrase_prompt_version": self.prompts.version,
+                "paraphrase_backend": self.backend_name}
+
+    # --- one input -> one output ---------------------------------------------------------------
+
+    def _filtered(self, items):
+        """Drop (and count) items whose caption fails the word-count filter."""
+        kept = []
+        for item in items:
+            reason = self._keep_caption(item["caption"])
+            if reason:
+                self.dropped[reason] += 1
+            else:
+                kept.append(item)
+        return kept
+
+    def _paraphrased(self, items):
+        """``[(item, para1, para2)]`` for kept items; the rest are counted by reason."""
+        results = self.paraphrase([item["caption"] for item in items])
+        out = []
+        for item in items:
+            result = results[item["caption"]]
+            if isinstance(result, str):
+                self.dropped[result] += 1
+            else:
+                out.append((item, *result))
+        return out
+
+    def process_shard(self, in_path, out_path):
+        items = []
+        for sample in read_tar_samples(in_path):
+            self.counts["samples_in"] += 1
+            images = [ext for ext in IMAGE_EXTENSIONS if ext in sample]
+            if CAPTION not in sample or not images:
+                self.dropped["no_caption" if CAPTION not in sample else "no_image"] += 1
+                continue
+            try:
+                caption = sample[CAPTION].decode("utf-8").strip()
+                meta = json.loads(sample[METADATA]) if METADATA in sample else {}
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise InputError(f"{in_path}: sample {sample['__key__']!r}: unreadable txt/json member ({e})") from e
+            items.append({"caption": caption, "sample": sample, "images": images, "meta": meta})
+        written = self._paraphrased(self._filtered(items))
+        with atomic_tar_writer(out_path) as sink:
+            for item, para1, para2 in written:
+                sample = item["sample"]
+                out = {"__key__": sample["__key__"], "__mtime__": sample["__mtime__"], CAPTION: sample[CAPTION],
+                       PARA1: para1, PARA2: para2,
+                       METADATA: json.dumps({**item["meta"], **self._metadata()}, ensure_ascii=False)}
+                out.update({ext: sample[ext] for ext in item["images"]})  # image bytes, unchanged
+                sink.write(out)
+        update_sizes_json(os.path.dirname(out_path), {out_path: len(written)})
+        return len(written)
+
+    def process_caption_file(self, in_path, out_path):
+        items = read_caption_file(in_path, self.options.caption_field)
+        self.counts["samples_in"] += len(items)
+        written = self._paraphrased(self._filtered(items))
+        with atomic_file(out_path, "w") as f:
+            for item, para1, para2 in written:
+                record = {**item["record"], "caption": item["caption"], "paraphrase_1": para1,
+                          "paraphrase_2": para2, **self._metadata()}
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        return len(written)
+
+    # --- a run ---------------------------------------------------------------------------------
+
+    def run(self, inputs, output_dir, stats_path=None, export_sft=None, job=(1, 0)):
+        os.makedirs(output_dir, exist_ok=True)
+        start = time.time()
+        bar = tqdm(total=len(inputs), unit="shard", desc="shards", disable=not self.options.progress)
+        samples_bar = tqdm(unit="sample", desc="samples", disable=not self.options.progress)
+        for in_path in inputs:
+            out_path = os.path.join(output_dir, output_name(in_path))
+            if os.path.abspath(out_path) == os.path.abspath(in_path):
+                raise InputError(f"{in_path}: output would overwrite the input; choose another --output")
+            before = self.counts["samples_in"]
+            if os.path.exists(out_path):
+                self.counts["shards_skipped"] += 1
+                self._repair_sizes(out_path)
+            elif is_caption_file(in_path):
+                self.counts["samples_out"] += self.process_caption_file(in_path, out_path)
+                self.counts["shards_written"] += 1
+            else:
+                self.counts["samples_out"] += self.process_shard(in_path, out_path)
+                self.counts["shards_written"] += 1
+            samples_bar.update(self.counts["samples_in"] - before)
+            samples_bar.set_postfix(requests=self.counts["requests"], cache_hits=self.counts["cache_hits"])
+            bar.update(1)
+        samples_bar.close()
+        bar.close()
+        stats = self.stats(time.time() - start, job)
+        if stats_path:
+            os.makedirs(os.path.dirname(os.path.abspath(stats_path)), exist_ok=True)
+            atomic_write_text(stats_path, json.dumps(stats, indent=1) + "\n")
+        if export_sft:
+            self.export_sft(export_sft)
+        return stats
+
+    def _repair_sizes(self, out_path):
+        """A job killed between a shard's rename and its sizes.json update left it uncounted."""
+        if out_path.endswith(".tar") and os.path.basename(out_path) not in read_sizes_json(os.path.dirname(out_path)):
+            update_sizes_json(os.path.dirname(out_path), {out_path: count_tar_samples(out_path)})
+
+    def stats(self, wall_seconds, job=(1, 0)):
+        o = self.options
+        cost = (self.counts["prompt_tokens"] * o.price_per_1k_prompt
+                + self.counts["completion_tokens"] * o.price_per_1k_completion) / 1000
+        return {
+            "model": self.model, "backend": self.backend_name, "prompt_version": self.prompts.version,
+            "num_jobs": job[0], "job_index": job[1],
+            "shards_written": self.counts["shards_written"], "shards_skipped": self.counts["shards_skipped"],
+            "samples_in": self.counts["samples_in"], "samples_out": self.counts["samples_out"],
+            "dropped": dict(sorted(self.dropped.items())), "retried": dict(sorted(self.retried.items())),
+            "duplicate_captions": self.counts["duplicate_captions"],
+            "requests": self.counts["requests"], "cache_hits": self.counts["cache_hits"],
+            "prompt_tokens": self.counts["prompt_tokens"], "completion_tokens": self.counts["completion_tokens"],
+            "estimated_cost_usd": round(cost, 6), "wall_seconds": round(wall_seconds, 3),
+            "samples_per_second": round(self.counts["samples_in"] / wall_seconds, 2) if wall_seconds else None,
+        }
+
+    def export_sft(self, path):
+        """The run's (prompt, paraphrase) pairs as chat-format JSONL: the paper's instruction-tuning data."""
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        with atomic_file(path, "w") as f:
+            for prompt, output in self.sft_pairs:
+                f.write(json.dumps({"messages": [{"role": "user", "content": prompt},
+                                                 {"role": "assistant", "content": output}]}, ensure_ascii=False) + "\n")
