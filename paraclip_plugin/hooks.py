@@ -6,6 +6,7 @@ hook is a no-op unless one of the flags below is given, so a stock recipe trains
 """
 import argparse
 import logging
+import sys
 
 import open_clip
 
@@ -44,24 +45,30 @@ def add_arguments(parser):
              "is created, so --model can name it. May be repeated.")
 
 
+def usage_error(message):
+    """Exit like argparse does for a bad flag: message on stderr, status 2."""
+    print(f"open_clip_train: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def configure(args):
     if isinstance(args.paraclip_terms, str):  # the default is not passed through type=
         args.paraclip_terms = parse_terms(args.paraclip_terms)
     try:
         args.paraclip_weights = parse_weights(args.paraclip_weights, len(args.paraclip_terms))
     except ValueError as e:
-        raise SystemExit(f"error: argument --paraclip-weights: {e} ({args.paraclip_terms})")
+        usage_error(f"argument --paraclip-weights: {e}")
     if args.frozen_visual is None:
         args.frozen_visual = args.paraclip_loss
     for path in args.model_config:
         open_clip.add_model_config(path)
     if args.paraclip_loss:
         if args.siglip or args.distill_model or "coca" in args.model.lower():
-            raise SystemExit("error: --paraclip-loss is a CLIP (InfoNCE) loss; it can't be combined with "
-                             "--siglip, --distill-model or a CoCa model")
+            usage_error("--paraclip-loss is a CLIP (InfoNCE) loss; it can't be combined with "
+                        "--siglip, --distill-model or a CoCa model")
         if args.dataset_type in ("csv", "synthetic"):
-            raise SystemExit(f"error: --paraclip-loss reads four-field WebDataset shards; "
-                             f"--dataset-type {args.dataset_type} is not supported")
+            usage_error(f"--paraclip-loss reads four-field WebDataset shards; "
+                        f"--dataset-type {args.dataset_type} is not supported")
 
 
 def wrap_model(model, args):
