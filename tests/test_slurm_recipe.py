@@ -1,0 +1,33 @@
+"""The sbatch recipe's open_clip flags parse with the patched parser and give the paper's settings."""
+import re
+import shlex
+
+from conftest import REPO
+
+SBATCH = REPO / "scripts" / "slurm" / "paraclip_vit_b32.sbatch"
+
+
+def recipe_flags():
+    text = SBATCH.read_text().replace("\\\n", " ")
+    line = next(l for l in text.splitlines() if "-m open_clip_train.main" in l)
+    argv = shlex.split(line.split("-m open_clip_train.main", 1)[1])
+    env = {"DATA": "/data/para", "LOGS": "./logs", "SLURM_JOB_ID": "1"}
+    return [re.sub(r"\$\{?(\w+)\}?", lambda m: env[m.group(1)], a) for a in argv]
+
+
+def test_sbatch_flags_parse_to_the_paper_recipe(patched_install):
+    from open_clip_train.params import parse_args  # the installed, patched parser
+    args = parse_args(recipe_flags())
+    assert args.paraclip_loss and args.frozen_visual
+    assert args.paraclip_terms == [("image", "para2"), ("caption", "para1"), ("para1", "para2")]
+    assert (args.model, args.pretrained) == ("ViT-B-32", "openai")
+    assert args.lr == 5e-7 and args.wd == 0.001 and args.epochs == 1 and args.lr_scheduler == "cosine"
+    tasks = int(re.search(r"--ntasks-per-node=(\d+)", SBATCH.read_text()).group(1))
+    nodes = int(re.search(r"--nodes=(\d+)", SBATCH.read_text()).group(1))
+    assert args.batch_size * tasks * nodes == 3072
+    assert args.train_data == "/data/para/{00000..00999}.tar" and args.dataset_type == "webdataset"
+
+
+def test_logs_dir_alias_reaches_the_same_setting(patched_install):
+    from open_clip_train.params import parse_args
+    assert parse_args(["--logs-dir", "/x", "--model", "RN50"]).logs == "/x"
