@@ -9,7 +9,7 @@ SBATCH = REPO / "scripts" / "slurm" / "paraclip_vit_b32.sbatch"
 
 def recipe_flags():
     text = SBATCH.read_text().replace("\\\n", " ")
-    line = next(l for l in text.splitlines() if "-m open_clip_train.main" in l)
+    line = next(l for l in text.splitlines() if l.startswith("srun ") and "-m open_clip_train.main" in l)
     argv = shlex.split(line.split("-m open_clip_train.main", 1)[1])
     env = {"DATA": "/data/para", "LOGS": "./logs", "SLURM_JOB_ID": "1"}
     return [re.sub(r"\$\{?(\w+)\}?", lambda m: env[m.group(1)], a) for a in argv]
