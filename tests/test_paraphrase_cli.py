@@ -1,0 +1,123 @@
+"""scripts/make_shards.py as users run it: a subprocess talking HTTP to the local server."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+from test_paraphrase_support import MAKE_SHARDS, PYTHON, read_tar, samples_of, server, write_input_shards  # noqa: F401
+
+SENTINEL_KEY = "sk-SENTINEL-4e1f0c9a-never-write-me"
+
+
+def cli(server, pattern, out, *extra, env_key=SENTINEL_KEY, wait=True):
+    env = {**os.environ, "OPENAI_API_KEY": env_key}
+    for var in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
+        env.pop(var, None)
+    cmd = [PYTHON, str(MAKE_SHARDS), "--input", pattern, "--output", str(out), "--model", "local-paraphraser",
+           "--base-url", server.base_url, "--no-progress", *extra]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if not wait:
+        return proc
+    stdout, stderr = proc.communicate(timeout=60)
+    return proc.returncode, stdout.decode(), stderr.decode()
+
+
+def tar_contents(folder):
+    return {p.name: read_tar(p) for p in sorted(folder.glob("*.tar"))}
+
+
+def test_api_key_never_written_anywhere(server, tmp_path):
+    pattern = write_input_shards(tmp_path / "in", num_shards=2)
+    out = tmp_path / "out"
+    rc, stdout, stderr = cli(server, pattern, out, "--export-sft", str(out / "sft.jsonl"),
+                             "--stats", str(out / "stats.json"), "--concurrency", "4")
+    assert rc == 0, stderr
+    assert f"Bearer {SENTINEL_KEY}" in server.authorizations  # the key was really used...
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {"00000.tar", "sizes.json", "cache.sqlite", "sft.jsonl", "stats.json"} <= {p.name for p in files}
+    for path in files:  # ...and is in no file written, nor in what the script printed
+        assert SENTINEL_KEY.encode() not in path.read_bytes(), path
+    assert SENTINEL_KEY not in stdout + stderr
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["samples_out"] > 0 and stats["requests"] == server.requests
+
+
+def test_sigkill_mid_run_then_rerun_equals_uninterrupted_run(server, tmp_path):
+    pattern = write_input_shards(tmp_path / "in", num_shards=4, per_shard=14)
+    rc, _, stderr = cli(server, pattern, tmp_path / "reference", "--concurrency", "1")
+    assert rc == 0, stderr
+    reference_requests = server.requests
+
+    server.latency = 0.03  # slow enough that the kill lands inside a shard
+    out = tmp_path / "out"
+    proc = cli(server, pattern, out, "--concurrency", "1", wait=False)
+    deadline = time.time() + 30
+    while not list(out.glob("*.tar")) and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.15)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    complete = list(out.glob("*.tar"))
+    assert 1 <= len(complete) < 4  # killed mid-run, after some work was done
+    for path in complete:  # no half shard under a final name
+        assert read_tar(path) == read_tar(tmp_path / "reference" / path.name)
+    server.latency = 0.002
+    before = server.requests
+    rc, _, stderr = cli(server, pattern, out, "--concurrency", "1")
+    assert rc == 0, stderr
+    assert tar_contents(out) == tar_contents(tmp_path / "reference")
+    assert not list(out.glob("*.partial"))
+    # Completed work was not paid for again.
+    assert server.requests - before < reference_requests
+    assert json.loads((out / "sizes.json").read_text()) == json.loads((tmp_path / "reference" / "sizes.json").read_text())
+
+
+def test_concurrent_jobs_write_correct_sizes_json(server, tmp_path):
+    pattern = write_input_shards(tmp_path / "in", num_shards=6, per_shard=8)
+    out = tmp_path / "out"
+    procs = [cli(server, pattern, out, "--num-jobs", "3", "--job-index", str(i), "--concurrency", "4", wait=False)
+             for i in range(3)]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 0, stderr.decode()
+    sizes = json.loads((out / "sizes.json").read_text())
+    assert sizes == {p.name: len(samples_of(p)) for p in out.glob("*.tar")}
+    assert len(sizes) == 6 and sum(sizes.values()) > 0
+
+
+def test_slurm_array_variables_pick_the_job(server, tmp_path, monkeypatch):
+    pattern = write_input_shards(tmp_path / "in", num_shards=4, per_shard=4)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")  # --array=1-2: the second task is job index 1
+    from paraclip_plugin.paraphrase.inputs import slurm_job_defaults
+    assert slurm_job_defaults() == (2, 1)
+    env = {**os.environ, "OPENAI_API_KEY": "x"}
+    cmd = [PYTHON, str(MAKE_SHARDS), "--input", pattern, "--output", str(tmp_path / "out"), "--model", "m",
+           "--base-url", server.base_url, "--no-progress"]
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=60)
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == ["00001.tar", "00003.tar"]
+
+
+def test_bad_inputs_fail_with_file_and_line(server, tmp_path):
+    (tmp_path / "recs.jsonl").write_text('{"caption": "a red car on a road"}\n{"caption": broken\n')
+    rc, _, stderr = cli(server, str(tmp_path / "recs.jsonl"), tmp_path / "out")
+    assert rc != 0 and "recs.jsonl:2: invalid JSON" in stderr
+    (tmp_path / "bad.tar").write_bytes(b"this is not a tar file" * 40)
+    rc, _, stderr = cli(server, str(tmp_path / "bad.tar"), tmp_path / "out")
+    assert rc != 0 and "bad.tar: cannot read as a tar shard" in stderr
+    rc, _, stderr = cli(server, str(tmp_path / "missing-{0..1}.tar"), tmp_path / "out")
+    assert rc != 0 and "missing-0.tar: input file not found" in stderr
+    assert server.requests == 0
+    assert not list(tmp_path.glob("out/*.tar"))
+
+
+def test_help_lists_every_flag():
+    result = subprocess.run([PYTHON, str(MAKE_SHARDS), "--help"], capture_output=True, text=True, check=True)
+    for flag in ("--input", "--output", "--backend", "--model", "--base-url", "--concurrency", "--cache",
+                 "--num-jobs", "--job-index", "--prompts", "--temperature", "--top-p", "--min-words", "--max-words",
+                 "--export-sft", "--price-per-1k-prompt", "--price-per-1k-completion", "--tensor-parallel-size",
+                 "--timeout", "--max-retries", "--max-attempts", "--stats"):
+        assert flag in result.stdout
+    assert "api-key" not in result.stdout.lower().replace("openai_api_key", "")
