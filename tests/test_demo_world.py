@@ -9,6 +9,7 @@ from collections import defaultdict
 import pytest
 from PIL import Image
 
+from conftest import TINY_CONFIG
 from paraclip_plugin.demo.world import (
     COLOURS, RELATIONS, SHAPES, Scene, build_world, content_words)
 from paraclip_plugin.eval.paraphrased_retrieval import build_gallery, read_pairs
@@ -145,3 +146,14 @@ def test_refuses_to_overwrite_folders_it_did_not_make(tmp_path):
     with pytest.raises(FileExistsError):
         build_world(tmp_path, num_train=8, num_shards=2, num_eval=4)
     assert (tmp_path / "train" / "precious.tar").exists()
+
+
+def test_every_text_fits_the_tiny_models_context(samples):
+    # open_clip truncates silently; a caption cut before its scene words would teach nothing.
+    from open_clip import SimpleTokenizer
+
+    tokenizer = SimpleTokenizer()
+    context = json.load(open(TINY_CONFIG))["text_cfg"]["context_length"]
+    longest = max(len(tokenizer.encode(sample[field].decode()))
+                  for shard in samples.values() for sample in shard.values() for field in (CAPTION, PARA1, PARA2))
+    assert longest <= context - 2  # start and end tokens
