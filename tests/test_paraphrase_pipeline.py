@@ -158,3 +158,33 @@ def test_export_sft_pairs_are_chat_format(server, tmp_path):
     for user, assistant in pairs:
         assert user["role"] == "user" and assistant["role"] == "assistant"
         assert assistant["content"] == cleaning.clean(raw_reply(user["content"]))
+
+
+def test_timeouts_are_retried_and_refused_requests_dropped(server, tmp_path):
+    pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=6)
+    server.slow_seconds = 2.0
+    server.inject("slow", "400")
+    generator = make_generator(server, tmp_path, concurrency=1)
+    generator.backend._client_kwargs["timeout"] = 0.3  # per request attempt
+    stats = generator.run(expand_inputs(pattern), str(tmp_path / "out"))
+    generator.backend.close()
+    (_, p0, o0), (_, p1, o1), (_, p2, o2) = server.log[:3]
+    # The slow reply timed out and the same request was retried (and got the 400) ...
+    assert (o0, o1) == ("slow", "400") and p1 == p0
+    # ... which is not retried: the next request is another caption, and that one is dropped by reason.
+    assert o2 == "ok" and p2 != p1
+    assert stats["dropped"]["step1_request_rejected"] >= 1
+    assert stats["samples_out"] == len(samples_of(tmp_path / "out" / "00000.tar")) > 0
+
+
+def test_exhausted_retries_stop_the_job_without_writing_a_shard(server, tmp_path):
+    from paraclip_plugin.paraphrase.backends import GenerationError
+    pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=4)
+    server.inject(*["500"] * 50)
+    generator = make_generator(server, tmp_path, concurrency=1)
+    generator.backend._client_kwargs["max_retries"] = 1
+    with pytest.raises(GenerationError, match="InternalServerError"):
+        generator.run(expand_inputs(pattern), str(tmp_path / "out"))
+    generator.backend.close()
+    assert server.requests == 2  # one try + one client retry
+    assert not list((tmp_path / "out").glob("*.tar*"))

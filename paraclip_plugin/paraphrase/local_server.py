@@ -5,7 +5,7 @@ official client, exactly as it talks to api.openai.com or ``vllm serve``. Its an
 deterministic function of the prompt (the quoted text, words reversed, plus a tag hashed from the
 prompt; some wrapped as ``Paraphrase: "..."`` so cleaning is exercised). It can be told to
 misbehave: a fixed latency, and a queue of faults for the next requests (``429`` with Retry-After,
-``500``, ``malformed`` 200 bodies, ``slow`` replies, ``refusal``, ``empty``), plus refusals for
+``500``, ``400`` (a request refused for good), ``malformed`` 200 bodies, ``slow`` replies, ``refusal``, ``empty``), plus refusals for
 prompts containing given texts. It counts requests and reports ``usage`` tokens.
 
     python -m paraclip_plugin.paraphrase.local_server --port 8000 --latency 0.2
@@ -14,6 +14,7 @@ import argparse
 import collections
 import hashlib
 import json
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -51,12 +52,17 @@ class LocalChatServer(ThreadingHTTPServer):
         self.authorizations = set()
         self._thread = None
 
+    def handle_error(self, request, client_address):
+        # A client that timed out closed its socket before a slow reply: expected, not worth a traceback.
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
+
     @property
     def base_url(self):
         return f"http://127.0.0.1:{self.server_address[1]}/v1"
 
     def inject(self, *faults):
-        """Queue faults for the next requests, in order: '429', '500', 'malformed', 'slow', 'refusal', 'empty'."""
+        """Queue faults for the next requests, in order: '429', '500', '400', 'malformed', 'slow', 'refusal', 'empty'."""
         with self.lock:
             self.faults.extend(faults)
 
@@ -131,6 +137,8 @@ class _Handler(BaseHTTPRequestHandler):
         if fault == "429":
             return self._send(429, {"error": {"message": "rate limited", "type": "rate_limit"}},
                               [("Retry-After", server.retry_after)])
+        if fault == "400":
+            return self._send(400, {"error": {"message": "content policy", "type": "invalid_request_error"}})
         if fault == "500":
             return self._send(500, {"error": {"message": "internal error", "type": "server_error"}})
         if fault == "malformed":

@@ -43,10 +43,17 @@ class OpenAIBackend:
             self._client = openai.AsyncOpenAI(**self._client_kwargs)
         in_flight = asyncio.Semaphore(self.concurrency)
         results = [None] * len(prompts)
+        failed = asyncio.Event()  # once one request fails for good, start no new ones
 
         async def one(index, prompt):
             async with in_flight:
-                completion = await self._complete(prompt)
+                if failed.is_set():
+                    return
+                try:
+                    completion = await self._complete(prompt)
+                except BaseException:
+                    failed.set()
+                    raise
             results[index] = completion
             if on_result is not None:
                 on_result(index, completion)
