@@ -44,3 +44,8 @@ def test_results_with_different_k_are_refused(tmp_path):
     other = summarize(torch.randn(5, 8), torch.randn(5, 8), torch.arange(5), k=5)
     with pytest.raises(ValueError, match="different k"):
         write_report(_result(0, 2.0), other, {}, tmp_path, stream=io.StringIO())
+
+
+def test_loss_curve_without_steps_is_refused_with_its_name(tmp_path):
+    with pytest.raises(TypeError, match="'ParaCLIP' must be a list of \\(step, loss\\) pairs"):
+        write_report(_result(0, 2.0), _result(1, 0.3), {"ParaCLIP": [4.2, 3.9]}, tmp_path, stream=io.StringIO())

@@ -83,12 +83,21 @@ def plot_chart(before, after, loss_curves, path, names=("before", "after")):
     os.replace(partial, path)
 
 
+def _checked_curve(run, curve):
+    """``[(step, loss), ...]`` as a list of pairs, or a TypeError that says what was passed instead."""
+    points = list(curve)
+    if not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in points):
+        raise TypeError(f"loss curve {run!r} must be a list of (step, loss) pairs, got {points[:3]!r}...")
+    return points
+
+
 def write_report(before, after, loss_curves, out_dir, names=("before", "after"), stream=sys.stdout):
     """Print the table to ``stream`` and write ``results.json`` and ``results.png`` in ``out_dir``.
 
     Returns ``{"table": str, "results": path, "chart": path}``.
     """
     before, after = load_result(before), load_result(after)
+    loss_curves = {run: _checked_curve(run, curve) for run, curve in loss_curves.items()}
     if before["k"] != after["k"]:
         raise ValueError(f"results use different k: {before['k']} and {after['k']}")
     os.makedirs(out_dir, exist_ok=True)
