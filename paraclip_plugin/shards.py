@@ -19,8 +19,6 @@ import json
 import os
 import tempfile
 
-import webdataset as wds
-
 IMAGE_EXTENSIONS = ("jpg", "png", "jpeg", "webp")
 CAPTION = "txt"
 PARA1 = "para1.txt"
@@ -37,17 +35,12 @@ def partial_path(path):
 
 
 @contextlib.contextmanager
-def atomic_tar_writer(path, **tar_writer_kwargs):
-    """A ``webdataset.TarWriter`` whose file appears under ``path`` only once it is complete.
-
-    The tar is written to ``path + ".partial"``, fsynced, then renamed; on an exception the partial
-    file is removed and the exception propagates.
-    """
+def atomic_file(path, mode="wb"):
+    """Open ``path + ".partial"``; fsync and rename it to ``path`` on success, remove it on any error."""
     tmp = partial_path(path)
-    stream = open(tmp, "wb")
+    stream = open(tmp, mode)
     try:
-        with wds.TarWriter(stream, **tar_writer_kwargs) as sink:
-            yield sink
+        yield stream
         stream.flush()
         os.fsync(stream.fileno())
         stream.close()
@@ -59,8 +52,18 @@ def atomic_tar_writer(path, **tar_writer_kwargs):
         raise
 
 
+@contextlib.contextmanager
+def atomic_tar_writer(path, **tar_writer_kwargs):
+    """A ``webdataset.TarWriter`` whose file appears under ``path`` only once it is complete."""
+    # imported here: webdataset imports torch, which the paraphrase generator's path must not
+    import webdataset as wds
+
+    with atomic_file(path) as stream, wds.TarWriter(stream, **tar_writer_kwargs) as sink:
+        yield sink
+
+
 def atomic_write_text(path, text):
-    """Write a small text file by write-to-temp + rename in the same folder."""
+    """Write a small text file by write-to-temp + rename; a unique temp name, so concurrent writers are safe."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
@@ -75,6 +78,14 @@ def atomic_write_text(path, text):
         raise
 
 
+def read_sizes_json(folder):
+    path = os.path.join(folder, SIZES_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def update_sizes_json(folder, shard_sizes):
     """Merge ``{shard file name: sample count}`` into ``folder/sizes.json`` (open_clip's size file).
 
@@ -85,10 +96,7 @@ def update_sizes_json(folder, shard_sizes):
     with open(os.path.join(folder, f".{SIZES_FILE}.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            sizes = {}
-            if os.path.exists(path):
-                with open(path) as f:
-                    sizes = json.load(f)
+            sizes = read_sizes_json(folder)
             sizes.update({os.path.basename(k): int(v) for k, v in shard_sizes.items()})
             atomic_write_text(path, json.dumps(dict(sorted(sizes.items())), indent=1) + "\n")
         finally:

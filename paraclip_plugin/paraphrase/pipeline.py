@@ -19,9 +19,9 @@ from . import cleaning
 from .cache import CompletionCache
 from .inputs import is_caption_file, read_caption_file
 from .prompts import PromptSet
-from .shard_io import (CAPTION, IMAGE_EXTENSIONS, METADATA, PARA1, PARA2, InputError, atomic_file,
-                       atomic_tar_writer, atomic_write_text, count_tar_samples, read_sizes_json,
-                       read_tar_samples, update_sizes_json)
+from ..shards import (CAPTION, IMAGE_EXTENSIONS, METADATA, PARA1, PARA2, atomic_file, atomic_write_text,
+                      read_sizes_json, update_sizes_json)
+from .shard_io import InputError, atomic_tar_writer, count_tar_samples, read_tar_samples
 
 
 @dataclasses.dataclass

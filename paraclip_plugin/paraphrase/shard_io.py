@@ -1,26 +1,15 @@
 """Torch-free reading and atomic writing of WebDataset tar shards, with the stdlib ``tarfile``.
 
-``paraclip_plugin.shards`` holds the canonical layout but imports ``webdataset`` (and so torch) at
-the top; the generator must not pay for that. The constants below mirror it.
-TODO(shards.py): fold this module's writer and ``update_sizes_json`` into shards.py once the
-webdataset import there is made lazy, and import the constants from there.
+The layout, atomic renames and ``sizes.json`` come from ``paraclip_plugin.shards``; this module adds
+a reader and a writer that don't import webdataset, which imports torch (the generator runs
+on machines and in jobs that need neither).
 """
 import contextlib
-import fcntl
 import io
-import json
-import os
 import re
 import tarfile
-import tempfile
 
-# Mirrors paraclip_plugin/shards.py: one place to change if the layout changes.
-IMAGE_EXTENSIONS = ("jpg", "png", "jpeg", "webp")
-CAPTION = "txt"
-PARA1 = "para1.txt"
-PARA2 = "para2.txt"
-METADATA = "json"
-SIZES_FILE = "sizes.json"
+from paraclip_plugin.shards import atomic_file
 
 # webdataset's own key/extension split: everything up to the first dot of the file name is the key.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
@@ -28,11 +17,6 @@ _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 class InputError(ValueError):
     """Bad input data; the message names the file (and line or member) at fault."""
-
-
-def partial_path(path):
-    """Where a shard lives while it is being written; never matched by a ``*.tar`` glob."""
-    return f"{path}.partial"
 
 
 def read_tar_samples(path):
@@ -88,24 +72,6 @@ class TarSampleWriter:
 
 
 @contextlib.contextmanager
-def atomic_file(path, mode="wb"):
-    """Open ``path + ".partial"``; fsync and rename to ``path`` on success, remove on any error."""
-    tmp = partial_path(path)
-    stream = open(tmp, mode)
-    try:
-        yield stream
-        stream.flush()
-        os.fsync(stream.fileno())
-        stream.close()
-        os.replace(tmp, path)
-    except BaseException:
-        stream.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-
-
-@contextlib.contextmanager
 def atomic_tar_writer(path):
     """A ``TarSampleWriter`` whose file appears under ``path`` only once it is complete."""
     with atomic_file(path) as stream:
@@ -116,44 +82,3 @@ def atomic_tar_writer(path):
 
 def count_tar_samples(path):
     return sum(1 for _ in read_tar_samples(path))
-
-
-def atomic_write_text(path, text):
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-
-
-def read_sizes_json(folder):
-    path = os.path.join(folder, SIZES_FILE)
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-def update_sizes_json(folder, shard_sizes):
-    """Merge ``{shard name: samples}`` into ``folder/sizes.json`` under an exclusive flock.
-
-    TODO(shards.py): same contract as ``paraclip_plugin.shards.update_sizes_json``; call that one
-    once importing shards.py no longer imports webdataset/torch.
-    """
-    path = os.path.join(folder, SIZES_FILE)
-    with open(os.path.join(folder, f".{SIZES_FILE}.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            sizes = read_sizes_json(folder)
-            sizes.update({os.path.basename(k): int(v) for k, v in shard_sizes.items()})
-            atomic_write_text(path, json.dumps(dict(sorted(sizes.items())), indent=1) + "\n")
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    return sizes
