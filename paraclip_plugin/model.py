@@ -4,9 +4,13 @@ Both changes extend the class of one module instance instead of wrapping it in a
 ``state_dict()`` keys stay exactly those of stock open_clip and checkpoints load without the plugin.
 """
 import functools
+import logging
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from paraclip_plugin.trimming import TextTrimming, pad_to_context
 
 
 @functools.cache
@@ -54,19 +58,43 @@ class ParaphraseForward(nn.Module):
     ``image_features`` / ``text_features`` (the caption), which is what ``ParaCLIPLoss`` takes and
     what open_clip's ``--accum-freq`` feature cache concatenates key by key. 2-D ``text`` and
     image-only calls (zero-shot evaluation) are the stock forward.
+
+    Where it is exact (``trimming.TextTrimming``), the fused batch is cut to its longest sequence.
+    ``image`` of shape [batch, embed_dim] is taken as cached image embeddings (``--image-embeddings``):
+    the image tower does not run at all.
     """
+    # set by enable_paraphrase_forward; a plain attribute, so state_dict keys stay stock
+    paraclip_trimming = None
 
     def forward(self, image=None, text=None, *args, **kwargs):
         if text is None or text.ndim == 2:
             return super().forward(image, text, *args, **kwargs)
         batch, fields, context = text.shape
-        # field-major order, so each field's features are one contiguous block (all_gather needs that)
-        out = super().forward(image, text.transpose(0, 1).reshape(fields * batch, context), *args, **kwargs)
+        cached_image_features = image is not None and image.ndim == 2
+        # the stock forward without text: image features (unless cached), logit_scale, logit_bias
+        out = super().forward(None if cached_image_features else image, None, *args, **kwargs)
         if not isinstance(out, dict):
             raise TypeError("ParaCLIP needs the model's output_dict=True (as open_clip_train creates it)")
-        out["text_features"], out["para1_features"], out["para2_features"] = out["text_features"].split(batch)
+        if cached_image_features:
+            # stored in float16; normalized in float32 as encode_image(normalize=True) would be
+            out["image_features"] = F.normalize(image.float(), dim=-1)
+        # field-major order, so each field's features are one contiguous block (all_gather needs that)
+        fused = text.transpose(0, 1).reshape(fields * batch, context)
+        if self.paraclip_trimming is not None:
+            text_features = self.paraclip_trimming.encode_text(self, fused)
+        else:
+            text_features = self.encode_text(pad_to_context(fused, self.context_length), normalize=True)
+        out["text_features"], out["para1_features"], out["para2_features"] = text_features.split(batch)
         return out
 
 
-def enable_paraphrase_forward(model):
-    return extend_instance(model, ParaphraseForward)
+def enable_paraphrase_forward(model, trim=True):
+    """The fused three-text forward, cut to each batch's longest sequence where that is exact."""
+    extend_instance(model, ParaphraseForward)
+    trimming, why_not = TextTrimming.for_model(model) if trim else (None, "--no-text-trimming")
+    model.paraclip_trimming = trimming
+    if trimming is not None:
+        logging.info(f"ParaCLIP: text batches cut to their longest sequence (multiple of {trimming.multiple}).")
+    else:
+        logging.info(f"ParaCLIP: text batches run at full context, not trimmed: {why_not}.")
+    return model
