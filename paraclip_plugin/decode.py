@@ -4,7 +4,9 @@ They replace only the decode part of open_clip's WebDataset pipeline (through th
 ``wds_decode_stages`` hook): shard listing, resampling, node/worker splitting, shuffling, epochs and
 ``sizes.json`` stay open_clip's own. Output per sample: ``(image, texts)`` with ``texts`` the
 tokenized caption, para1 and para2 as one [3, context] tensor, so open_clip's training loop moves
-and batches it like its usual ``(image, text)`` pair.
+and batches it like its usual ``(image, text)`` pair. With ``--image-embeddings`` the image is the
+stored embedding (``embeddings.py``) and image bytes are never decoded; with stored token ids
+(``pretokenized.py``) the texts are not tokenized again.
 """
 import collections
 import logging
@@ -14,6 +16,8 @@ import tarfile
 import webdataset as wds
 from open_clip_train.data import log_and_continue
 
+from paraclip_plugin.embeddings import EMBEDDING_FIELD, CachedImageEmbedding, MissingEmbeddings
+from paraclip_plugin.pretokenized import TextTokens
 from paraclip_plugin.shards import CAPTION, IMAGE_EXTENSIONS, PARA1, PARA2
 
 REQUIRED_TEXTS = (CAPTION, PARA1, PARA2)
@@ -28,16 +32,20 @@ def local_path(url):
     return url
 
 
-def shard_has_paraphrases(url):
+def shard_has_member(url, suffixes):
     """True or False for a local shard (by its member names alone), None when that can't be read."""
     path = local_path(url)
     if path is None or not os.path.isfile(path):
         return None
     try:
         with tarfile.open(path) as tar:
-            return any(name.endswith((f".{PARA1}", f".{PARA2}")) for name in tar.getnames())
+            return any(name.endswith(suffixes) for name in tar.getnames())
     except (tarfile.TarError, OSError):
         return None  # a corrupt tar is reported by the tar reader itself
+
+
+def shard_has_paraphrases(url):
+    return shard_has_member(url, (f".{PARA1}", f".{PARA2}"))
 
 
 class NotAParaCLIPShard(ValueError):
@@ -53,16 +61,19 @@ class SkipIncomplete:
     (stop with an error that names the shard).
     """
 
-    def __init__(self, log_first=10, log_every=1000):
+    def __init__(self, log_first=10, log_every=1000, image_fields=IMAGE_EXTENSIONS):
         self.log_first, self.log_every = log_first, log_every
+        # an image file, or with --image-embeddings the stored embedding instead
+        self.image_fields = tuple(image_fields)
         self.skipped_samples = 0
         self.missing = collections.Counter()
         self.checked_shards = {}
 
     def missing_fields(self, sample):
         missing = [field for field in REQUIRED_TEXTS if field not in sample]
-        if not any(ext in sample for ext in IMAGE_EXTENSIONS):
-            missing.append("image (" + "|".join(IMAGE_EXTENSIONS) + ")")
+        if not any(field in sample for field in self.image_fields):
+            missing.append("|".join(self.image_fields) if self.image_fields != IMAGE_EXTENSIONS
+                           else "image (" + "|".join(IMAGE_EXTENSIONS) + ")")
         return missing
 
     def check_shard(self, url):
@@ -73,6 +84,15 @@ class SkipIncomplete:
                     f"shard {url} has no '{PARA1}' or '{PARA2}' member in any sample: it is not a ParaCLIP "
                     f"four-field shard (make one with scripts/make_shards.py), or drop --paraclip-loss")
 
+    def check_embedded(self, url):
+        key = ("embedded", url)
+        if key not in self.checked_shards:
+            self.checked_shards[key] = shard_has_member(url, (f".{EMBEDDING_FIELD}",))
+            if self.checked_shards[key] is False:
+                raise MissingEmbeddings(
+                    f"shard {url} has no '{EMBEDDING_FIELD}' member in any sample: add image embeddings "
+                    f"with scripts/embed_images.py, or drop --image-embeddings")
+
     def __call__(self, samples):
         for sample in samples:
             missing = self.missing_fields(sample)
@@ -82,6 +102,8 @@ class SkipIncomplete:
             url = sample.get("__url__", "?")
             if PARA1 in missing or PARA2 in missing:
                 self.check_shard(url)
+            if EMBEDDING_FIELD in self.image_fields and EMBEDDING_FIELD in missing:
+                self.check_embedded(url)
             self.skipped_samples += 1
             self.missing.update(missing)
             if self.skipped_samples <= self.log_first or self.skipped_samples % self.log_every == 0:
@@ -91,19 +113,31 @@ class SkipIncomplete:
                     f"missing fields: {dict(self.missing)})")
 
 
-def tokenize_texts(tokenizer):
-    def tokenize(sample):
-        sample["texts"] = tokenizer([sample["text"], sample["para1"], sample["para2"]])
-        return sample
-    return tokenize
-
-
-def paraclip_decode_stages(preprocess_img, tokenizer):
+def paraclip_decode_stages(preprocess_img, tokenizer, embedding_sha256=None, embedding_label=""):
+    """Per-sample stages -> ``(image, texts)``; with ``embedding_sha256`` (``--image-embeddings``)
+    ``image`` is the stored embedding checked against that fingerprint, and no image is decoded."""
+    if embedding_sha256 is None:
+        return [
+            SkipIncomplete(),
+            wds.decode("pilrgb", handler=log_and_continue),
+            wds.map(TextTokens(tokenizer)),
+            wds.rename(image=";".join(IMAGE_EXTENSIONS), texts="texts"),
+            wds.map_dict(image=preprocess_img),
+            wds.to_tuple("image", "texts"),
+        ]
     return [
-        SkipIncomplete(),
-        wds.decode("pilrgb", handler=log_and_continue),
-        wds.rename(image=";".join(IMAGE_EXTENSIONS), text=CAPTION, para1=PARA1, para2=PARA2),
-        wds.map_dict(image=preprocess_img),
-        wds.map(tokenize_texts(tokenizer)),
+        SkipIncomplete(image_fields=(EMBEDDING_FIELD,)),
+        wds.map(drop_images),
+        # no image handler: text, json and npy members only
+        wds.decode(handler=log_and_continue),
+        wds.map(CachedImageEmbedding(embedding_sha256, embedding_label)),
+        wds.map(TextTokens(tokenizer)),
         wds.to_tuple("image", "texts"),
     ]
+
+
+def drop_images(sample):
+    """With cached embeddings the image bytes are never decoded; drop them before decoding."""
+    for ext in IMAGE_EXTENSIONS:
+        sample.pop(ext, None)
+    return sample

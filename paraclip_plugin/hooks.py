@@ -11,6 +11,7 @@ import sys
 import open_clip
 
 from paraclip_plugin.decode import paraclip_decode_stages
+from paraclip_plugin.embeddings import visual_fingerprint
 from paraclip_plugin.loss import DEFAULT_TERMS, ParaCLIPLoss, parse_terms, parse_weights
 from paraclip_plugin.model import enable_paraphrase_forward, freeze_visual
 
@@ -43,6 +44,15 @@ def add_arguments(parser):
         "--model-config", action="append", default=[], metavar="PATH",
         help="Register an open_clip model config (a .json file or a folder of them) before the model "
              "is created, so --model can name it. May be repeated.")
+    group.add_argument(
+        "--image-embeddings", action="store_true", default=False,
+        help="With --paraclip-loss: read the image features stored in the shards' img_emb.npy "
+             "(scripts/embed_images.py) instead of decoding images and running the frozen image tower. "
+             "Embeddings made with other image weights are refused. No image augmentation.")
+    group.add_argument(
+        "--text-trimming", action=argparse.BooleanOptionalAction, default=True,
+        help="With --paraclip-loss: cut each fused text batch to its longest sequence where that is "
+             "exact (causal text towers pooling at EOT); --no-text-trimming always runs the full context.")
 
 
 def usage_error(message):
@@ -69,21 +79,42 @@ def configure(args):
         if args.dataset_type in ("csv", "synthetic"):
             usage_error(f"--paraclip-loss reads four-field WebDataset shards; "
                         f"--dataset-type {args.dataset_type} is not supported")
+    if args.image_embeddings:
+        if not args.paraclip_loss:
+            usage_error("--image-embeddings needs --paraclip-loss")
+        if not args.frozen_visual:
+            usage_error("--image-embeddings uses fixed image features, so the image tower can't train: "
+                        "drop --no-frozen-visual")
+
+
+# The image tower whose weights --image-embeddings checks the shards against. Its fingerprint is
+# taken when the data pipeline is built, not here: --resume loads weights after wrap_model.
+_frozen_visual = {}
 
 
 def wrap_model(model, args):
+    _frozen_visual.clear()
     if args.frozen_visual:
         freeze_visual(model)
         logging.info("ParaCLIP: image tower frozen (eval mode, no gradients, not optimized).")
     if args.paraclip_loss:
-        enable_paraphrase_forward(model)
+        enable_paraphrase_forward(model, trim=args.text_trimming)
+    if args.image_embeddings:
+        _frozen_visual["visual"] = model.visual
     return model
 
 
 def wds_decode_stages(args, preprocess_img, tokenizer, is_train):
-    if args.paraclip_loss:
+    if not args.paraclip_loss:
+        return None
+    if not args.image_embeddings:
         return paraclip_decode_stages(preprocess_img, tokenizer)
-    return None
+    if "visual_sha256" not in _frozen_visual:
+        _frozen_visual["visual_sha256"] = visual_fingerprint(_frozen_visual["visual"])
+        logging.info(f"ParaCLIP: reading cached image embeddings; image tower sha256 "
+                     f"{_frozen_visual['visual_sha256']} ({args.model}, pretrained {args.pretrained}).")
+    return paraclip_decode_stages(preprocess_img, tokenizer, embedding_sha256=_frozen_visual["visual_sha256"],
+                                  embedding_label=f"('{args.model}', pretrained '{args.pretrained}') ")
 
 
 def create_loss(args):

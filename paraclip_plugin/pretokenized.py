@@ -1,0 +1,90 @@
+"""Pre-tokenized text: the token ids of caption, para1 and para2, stored once in the shards.
+
+Tokenizing three texts per sample costs a data worker more than reading the sample. When
+``scripts/embed_images.py --tokenizer MODEL`` has stored them, each sample has:
+
+    <key>.tokens.npy    int32 [3, n]: caption, para1, para2 as the tokenizer gives them, cut after
+                        the last non-pad position of the three (n <= context length)
+    <key>.json          gains "paraclip_tokens": {"tokenizer", "class", "context_length", "pad_id",
+                        "fingerprint"}
+
+The loader uses the stored ids only when the fingerprint equals the training tokenizer's (ids of
+fixed probe texts at its context length: another vocabulary, another context or another
+tokenizer class differs); otherwise it tokenizes the texts as usual. Either way a sample leaves
+the loader as [3, context] ids; the model cuts each batch to its longest sequence on the device
+(``trimming.py``), because the batching stage after these per-sample stages is open_clip's.
+"""
+import hashlib
+
+import numpy as np
+import torch
+
+from paraclip_plugin.shards import CAPTION, METADATA, PARA1, PARA2
+
+TOKENS_FIELD = "tokens.npy"
+METADATA_KEY = "paraclip_tokens"
+TEXT_FIELDS = (CAPTION, PARA1, PARA2)
+
+# probe texts for the fingerprint: plain words, punctuation, numbers, non-ASCII, a long run
+PROBES = ["a photo of a cat.", "Two DOGS, 3 birds & one über-café!", "東京の夜景", "word " * 100]
+
+
+def tokenizer_pad_id(tokenizer):
+    """The id the tokenizer pads with (the last position of an empty text)."""
+    return int(tokenizer([""])[0, -1])
+
+
+def tokenizer_fingerprint(tokenizer):
+    ids = tokenizer(PROBES)
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    digest.update(str(tuple(ids.shape)).encode())
+    digest.update(ids.numpy().astype(np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def tokens_record(tokenizer_name, tokenizer):
+    return {
+        "tokenizer": tokenizer_name,
+        "class": type(tokenizer).__name__,
+        "context_length": int(tokenizer([""]).shape[1]),
+        "pad_id": tokenizer_pad_id(tokenizer),
+        "fingerprint": tokenizer_fingerprint(tokenizer),
+    }
+
+
+def stored_tokens(tokenizer, texts, pad_id):
+    """The three texts' ids, cut after the last position any of them uses (int32 [3, n])."""
+    ids = tokenizer(list(texts))
+    used = (ids != pad_id).any(dim=0).nonzero()
+    length = int(used.max()) + 1 if len(used) else 1
+    return ids[:, :length].numpy().astype(np.int32)
+
+
+class TextTokens:
+    """Decode stage: ``sample["texts"]`` = [3, context] ids of caption, para1, para2.
+
+    From ``tokens.npy`` when its record matches this tokenizer, else by tokenizing the texts.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.fingerprint = tokenizer_fingerprint(tokenizer)
+        self.pad_id = tokenizer_pad_id(tokenizer)
+        self.context_length = int(tokenizer([""]).shape[1])
+        self.stored_used = self.tokenized = 0
+
+    def matches(self, sample):
+        record = (sample.get(METADATA) or {}).get(METADATA_KEY)
+        return TOKENS_FIELD in sample and record is not None and record.get("fingerprint") == self.fingerprint
+
+    def __call__(self, sample):
+        if self.matches(sample):
+            ids = sample[TOKENS_FIELD]
+            texts = np.full((len(TEXT_FIELDS), self.context_length), self.pad_id, dtype=np.int64)
+            texts[:, :ids.shape[1]] = ids
+            sample["texts"] = torch.from_numpy(texts)
+            self.stored_used += 1
+        else:
+            sample["texts"] = self.tokenizer([sample[field] for field in TEXT_FIELDS])
+            self.tokenized += 1
+        return sample

@@ -1,0 +1,222 @@
+"""Cached image embeddings and pre-tokenized text: scripts/embed_images.py, the loader stages, and
+--image-embeddings through open_clip_train.main (single process, real shards)."""
+import importlib.util
+import io
+import json
+import logging
+import shutil
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from conftest import (PYTHON, REPO, TINY_CONFIG, TINY_MODEL, logged_losses, read_log, run, save_init_checkpoint,
+                      train_args, write_shards)
+from paraclip_plugin.decode import paraclip_decode_stages
+from paraclip_plugin.embeddings import EmbeddingMismatch, MissingEmbeddings, visual_fingerprint
+from paraclip_plugin.model import enable_paraphrase_forward, freeze_visual
+from paraclip_plugin.paraphrase.shard_io import read_tar_samples
+from paraclip_plugin.pretokenized import TextTokens
+from test_train import TERMS, optimizer_first_moments
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+embed_images = load_script("embed_images")
+
+
+def embed(shards, init, *extra):
+    """scripts/embed_images.py, run in this process (an interpreter start costs more than the work)."""
+    argv = ["--shards", shards, "--model", TINY_MODEL, "--model-config", TINY_CONFIG, "--pretrained", init,
+            "--workers", "0", "--batch-size", "8", *extra]
+    assert embed_images.main([str(a) for a in argv]) == 0
+
+
+def tiny_model(init):
+    open_clip.add_model_config(str(TINY_CONFIG))
+    return open_clip.create_model_and_transforms(TINY_MODEL, pretrained=str(init), output_dict=True)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fast")
+    write_shards(root / "plain", num_shards=2, per_shard=16, seed=1)
+    init = save_init_checkpoint(root / "init.pt", seed=0)
+    embed(str(root / "plain" / "*.tar"), init, "--output", root / "embedded")
+    return dict(root=root, init=init, logs=root / "logs", plain=root / "plain", embedded=root / "embedded")
+
+
+def test_embed_images_adds_embeddings_tokens_and_records(world):
+    model, _, preprocess_val = tiny_model(world["init"])
+    tokenizer = open_clip.get_tokenizer(TINY_MODEL)
+    sizes = json.loads((world["embedded"] / "sizes.json").read_text())
+    assert sizes == {"00000.tar": 16, "00001.tar": 16}
+    for name in ("00000.tar", "00001.tar"):
+        before = list(read_tar_samples(world["plain"] / name))
+        after = list(read_tar_samples(world["embedded"] / name))
+        assert [s["__key__"] for s in after] == [s["__key__"] for s in before]
+        for old, new in zip(before, after):
+            for field in ("png", "txt", "para1.txt", "para2.txt"):  # copied unchanged
+                assert new[field] == old[field]
+            emb = np.load(io.BytesIO(new["img_emb.npy"]))
+            assert emb.dtype == np.float16
+            image = preprocess_val(Image.open(io.BytesIO(old["png"])).convert("RGB"))[None]
+            with torch.no_grad():
+                expected = model.encode_image(image, normalize=True)[0]
+            torch.testing.assert_close(torch.from_numpy(emb).float(), expected, atol=2e-3, rtol=0)
+            meta = json.loads(new["json"])
+            assert meta["paraclip_image_embedding"] == {
+                "model": TINY_MODEL, "pretrained": str(world["init"]), "visual_sha256": visual_fingerprint(model.visual)}
+            assert meta["paraclip_tokens"]["tokenizer"] == TINY_MODEL
+            tokens = np.load(io.BytesIO(new["tokens.npy"]))
+            full = tokenizer([old[f].decode() for f in ("txt", "para1.txt", "para2.txt")]).numpy()
+            assert tokens.shape[1] < full.shape[1] and (full[:, tokens.shape[1]:] == 0).all()
+            assert (tokens == full[:, :tokens.shape[1]]).all()
+
+
+def test_rerun_skips_finished_shards_and_redoes_the_interrupted_one(world, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    folder = tmp_path / "inplace"
+    shutil.copytree(world["plain"], folder)
+    embed(str(folder / "*.tar"), world["init"])
+    done = (folder / "00000.tar").read_bytes()
+    # as if killed during shard 1: the original shard is back, a stale partial file beside it
+    shutil.copy(world["plain"] / "00001.tar", folder / "00001.tar")
+    (folder / "00001.tar.partial").write_bytes(b"half a tar")
+    caplog.clear()
+    embed(str(folder / "*.tar"), world["init"])
+    log = caplog.text
+    assert f"{folder / '00000.tar'}: already embedded with these weights, skipped" in log
+    assert f"{folder / '00001.tar'}: 16/16 samples embedded" in log
+    assert (folder / "00000.tar").read_bytes() == done
+    assert all("img_emb.npy" in s for s in read_tar_samples(folder / "00001.tar"))
+    assert not (folder / "00001.tar.partial").exists()
+    # other weights are not "done": the shard is embedded again, with the new record
+    other = save_init_checkpoint(tmp_path / "other.pt", seed=1)
+    caplog.clear()
+    embed(str(folder / "00000.tar"), other)
+    assert "16/16 samples embedded" in caplog.text
+    meta = json.loads(next(read_tar_samples(folder / "00000.tar"))["json"])
+    assert meta["paraclip_image_embedding"]["pretrained"] == str(other)
+
+
+def corrupt_images(src, dst):
+    """A copy of shard ``src`` whose image bytes can't be decoded."""
+    with wds.TarWriter(str(dst)) as sink:
+        for sample in read_tar_samples(src):
+            sample = {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
+            sample["png"] = b"not a png"
+            sink.write(sample)
+
+
+def pipeline(url, stages):
+    return list(wds.DataPipeline(wds.SimpleShardList(str(url)), wds.tarfile_to_samples(), *stages))
+
+
+def test_embedding_stages_never_decode_images_and_use_stored_tokens(world, tmp_path):
+    model, preprocess_train, _ = tiny_model(world["init"])
+    tokenizer = open_clip.get_tokenizer(TINY_MODEL)
+    broken = tmp_path / "broken.tar"
+    corrupt_images(world["embedded"] / "00000.tar", broken)
+    stages = paraclip_decode_stages(preprocess_train, tokenizer, embedding_sha256=visual_fingerprint(model.visual))
+    samples = pipeline(broken, stages)
+    assert len(samples) == 16
+    stored = list(read_tar_samples(world["embedded"] / "00000.tar"))
+    for (image, texts), raw in zip(samples, stored):
+        assert image.dtype == torch.float16 and torch.equal(image, torch.from_numpy(np.load(io.BytesIO(raw["img_emb.npy"]))))
+        assert torch.equal(texts, tokenizer([raw[f].decode() for f in ("txt", "para1.txt", "para2.txt")]))
+    # the image path really would have had to decode them: it gets nothing from this shard
+    assert pipeline(broken, paraclip_decode_stages(preprocess_train, tokenizer)) == []
+
+
+def test_stored_tokens_are_used_only_for_the_same_tokenizer(world):
+    raw = next(read_tar_samples(world["embedded"] / "00001.tar"))
+    sample = {"txt": raw["txt"].decode(), "para1.txt": raw["para1.txt"].decode(),
+              "para2.txt": raw["para2.txt"].decode(), "json": json.loads(raw["json"]),
+              "tokens.npy": np.load(io.BytesIO(raw["tokens.npy"]))}
+    texts = [sample["txt"], sample["para1.txt"], sample["para2.txt"]]
+    for context_length, used_stored in ((None, True), (16, False)):
+        tokenizer = open_clip.get_tokenizer(TINY_MODEL, context_length=context_length)
+        stage = TextTokens(tokenizer)
+        out = stage(dict(sample))["texts"]
+        assert (stage.stored_used, stage.tokenized) == ((1, 0) if used_stored else (0, 1))
+        assert out.dtype == torch.long and torch.equal(out, tokenizer(texts))
+
+
+def test_cached_features_skip_the_image_tower():
+    open_clip.add_model_config(str(TINY_CONFIG))
+    model = enable_paraphrase_forward(freeze_visual(open_clip.create_model(TINY_MODEL, output_dict=True)))
+
+    def no_image_tower(*args, **kwargs):
+        raise AssertionError("the image tower ran")
+    model.visual.forward = no_image_tower
+    features = torch.randn(4, 64).half()
+    text = open_clip.get_tokenizer(TINY_MODEL)(["a red circle"] * 12).reshape(4, 3, -1)
+    out = model(features, text)
+    torch.testing.assert_close(out["image_features"], torch.nn.functional.normalize(features.float(), dim=-1))
+    assert out["para2_features"].shape == (4, 64)
+
+
+def one_step(world, name, data, *extra, batch_size=16):
+    """All 16 samples of one shard in one step; crop scale pinned to 1, so the train transform of
+    these square images is the validation transform the embeddings were made with."""
+    args = train_args(data, world["logs"], name, world["init"], "--paraclip-loss", "--aug-cfg", "scale=(1.0,1.0)",
+                      *extra, batch_size=batch_size, samples=16)
+    args[args.index("--workers") + 1] = "0"
+    return run([PYTHON, "-m", "open_clip_train.main", *args], check=False)
+
+
+def test_image_embeddings_train_like_images_and_accumulate_like_a_double_batch(world):
+    images = str(world["plain"] / "00000.tar")
+    embedded = str(world["embedded"] / "00000.tar")
+    for name, data, extra, batch in (("img16", images, (), 16), ("emb16", embedded, ("--image-embeddings",), 16),
+                                     ("emb8x2", embedded, ("--image-embeddings", "--accum-freq", "2"), 8)):
+        proc = one_step(world, name, data, *extra, batch_size=batch)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    img, emb, accum = (logged_losses(read_log(world["logs"], n)) for n in ("img16", "emb16", "emb8x2"))
+    assert len(img) == len(emb) == len(accum) == 1
+    assert "reading cached image embeddings" in read_log(world["logs"], "emb16")
+    for key in ("Loss", *TERMS):
+        assert emb[0][key] == pytest.approx(img[0][key], abs=2e-3), key  # float16 embeddings
+        assert accum[0][key] == pytest.approx(emb[0][key], abs=1e-4), key
+    full, acc = (optimizer_first_moments(world["logs"], n) for n in ("emb16", "emb8x2"))
+    assert len(full) == len(acc) > 0
+    for full_grad, accum_grad in zip(full, acc):
+        if full_grad.ndim == 0:  # logit_scale: accum_freq x, open_clip's behaviour (see test_train.py)
+            torch.testing.assert_close(accum_grad, 2 * full_grad, atol=1e-7, rtol=1e-4)
+        else:
+            assert (accum_grad - full_grad).norm() <= 1e-3 * full_grad.norm(), tuple(full_grad.shape)
+
+
+def test_embeddings_of_other_weights_or_none_are_refused_naming_the_shard(world, tmp_path):
+    model, preprocess_train, _ = tiny_model(world["init"])  # the training model (init.pt)
+    tokenizer = open_clip.get_tokenizer(TINY_MODEL)
+    stages = lambda: paraclip_decode_stages(preprocess_train, tokenizer,  # noqa: E731
+                                            embedding_sha256=visual_fingerprint(model.visual))
+    other = save_init_checkpoint(tmp_path / "other.pt", seed=1)
+    embed(str(world["plain"] / "00001.tar"), other, "--output", tmp_path / "other")
+    shard = tmp_path / "other" / "00001.tar"
+    with pytest.raises(EmbeddingMismatch, match=f"shard {shard} holds image embeddings of model "
+                                                f"'{TINY_MODEL}' pretrained '{other}'"):
+        pipeline(shard, stages())
+    with pytest.raises(MissingEmbeddings, match=f"shard {world['plain'] / '00001.tar'} has no 'img_emb.npy' member"):
+        pipeline(world["plain"] / "00001.tar", stages())
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--paraclip-loss", "--no-frozen-visual"], "--image-embeddings uses fixed image features"),
+    ([], "--image-embeddings needs --paraclip-loss"),
+])
+def test_bad_image_embedding_flags(world, patched_install, capsys, flags, message):
+    from open_clip_train.params import parse_args
+    args = train_args(world["embedded"] / "00000.tar", world["logs"], "bad", world["init"], "--image-embeddings", *flags)
+    with pytest.raises(SystemExit) as exit_:
+        parse_args([str(a) for a in args])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
