@@ -99,11 +99,16 @@ def _batches(items, batch_size):
 
 
 @torch.no_grad()
-def embed_images(model, preprocess, paths, device="cpu", batch_size=64, progress=False):
-    """L2-normalised image embeddings ``[len(paths), embed_dim]`` on the CPU."""
+def embed_images(model, preprocess, paths, device="cpu", batch_size=64, progress=False, load=None):
+    """L2-normalised image embeddings ``[len(paths), embed_dim]`` on the CPU.
+
+    ``load`` turns one item of ``paths`` into an RGB PIL image (default: open the file); tasks whose
+    items are not whole files (ARO's bounding-box crops) pass their own.
+    """
+    load = load or _load_image
     features = []
     for batch in tqdm(list(_batches(paths, batch_size)), desc="images", disable=not progress, leave=False):
-        pixels = torch.stack([preprocess(_load_image(p)) for p in batch]).to(device)
+        pixels = torch.stack([preprocess(load(p)) for p in batch]).to(device)
         features.append(model.encode_image(pixels, normalize=True).float().cpu())
     return torch.cat(features)
 
@@ -116,6 +121,17 @@ def embed_texts(model, tokenizer, texts, device="cpu", batch_size=256, progress=
         tokens = tokenizer(list(batch)).to(device)
         features.append(model.encode_text(tokens, normalize=True).float().cpu())
     return torch.cat(features)
+
+
+def distinct(items):
+    """``(unique, rows)``: the sorted distinct items, and per item its row in ``unique``.
+
+    Tasks embed ``unique`` once and index the features with ``rows``, so a caption or crop that
+    several samples share costs one forward pass.
+    """
+    unique = sorted(set(items))
+    position = {item: i for i, item in enumerate(unique)}
+    return unique, torch.tensor([position[item] for item in items], dtype=torch.long)
 
 
 def summarize(query_scores, paraphrase_scores, gold, k=10):
