@@ -1,0 +1,112 @@
+"""Zero-shot ImageNet and COCO retrieval: real clip_benchmark code on fixtures in its loaders' layouts."""
+import json
+import os
+
+import pytest
+
+from conftest import TINY_CONFIG, TINY_MODEL
+from eval_fixtures import StandIn, coco_preprocess, imagenet_preprocess, write_coco, write_imagenet
+from paraclip_plugin.eval.benchmark import check_coco_root, evaluate_coco, evaluate_imagenet
+from paraclip_plugin.eval.cli import main
+from paraclip_plugin.eval.paraphrased_retrieval import InputError
+
+
+def _imagenet_classnames():
+    import clip_benchmark.datasets.builder as builder
+    with open(os.path.join(os.path.dirname(builder.__file__), "en_classnames.json")) as f:
+        return json.load(f)["imagenet1k"]
+
+
+def _one_template(tmp_path, template="{c}"):
+    path = tmp_path / "templates.json"
+    path.write_text(json.dumps({"imagenet1k": [template]}))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def imagenet_with_known_errors(tmp_path_factory):
+    """1000 classes; the image of every class in ``wrong`` shows class ``decoy`` instead."""
+    names = _imagenet_classnames()
+    # A name shared by two classes gives two identical classifier columns: either could win the
+    # tie, so those classes' images show the decoy too and are wrong whatever the tie-break.
+    shared = {i for i, n in enumerate(names) if names.count(n) > 1}
+    decoy = 500
+    assert decoy not in shared
+    wrong = shared | {0, 7, 999}
+    root = tmp_path_factory.mktemp("imagenet")
+    write_imagenet(root, shows={c: decoy for c in wrong})
+    return root, names, wrong
+
+
+def test_imagenet_top1_counts_exactly_the_wrong_images(imagenet_with_known_errors, tmp_path):
+    root, names, wrong = imagenet_with_known_errors
+    # Text of class c -> one-hot at c (first class of that name); image -> one-hot at the class it shows.
+    features = {}
+    for i, name in enumerate(names):
+        features.setdefault(name, [float(j == i) for j in range(1000)])
+    model = StandIn(features, imagenet_preprocess)
+    result = evaluate_imagenet(model, model.preprocess, model.tokenizer, str(root), batch_size=250,
+                               templates=_one_template(tmp_path))
+    assert result["num_images"] == 1000 and result["num_classes"] == 1000 and result["num_templates"] == 1
+    assert result["acc1"] == pytest.approx(1 - len(wrong) / 1000)
+
+
+# COCO: 8 images, two captions each. A "good" caption points at its image (cosine 1), a "bad" one
+# away from it (cosine -1, every other image 0), so its image ranks last of 8 and misses R@5.
+GOOD, BAD = 1.0, -1.0
+CAPTION_SIGNS = [(GOOD, GOOD)] * 6 + [(BAD, BAD), (GOOD, BAD)]
+
+
+def _coco_stand_in():
+    captions, features = [], {}
+    for image, signs in enumerate(CAPTION_SIGNS):
+        texts = [f"image {image} caption {k}" for k in range(2)]
+        captions.append(texts)
+        for text, sign in zip(texts, signs):
+            features[text] = [sign * (j == image) for j in range(8)]
+    return captions, StandIn(features, coco_preprocess(8))
+
+
+def test_coco_recall_at_5_both_directions(tmp_path):
+    captions, model = _coco_stand_in()
+    write_coco(tmp_path, captions)
+    result = evaluate_coco(model, model.preprocess, model.tokenizer, str(tmp_path), batch_size=3)
+    # Text->image: 13 of 16 captions have a good vector. Image->text: images 0-5 and 7 have one.
+    assert result["image_retrieval_recall@5"] == pytest.approx(13 / 16)
+    assert result["text_retrieval_recall@5"] == pytest.approx(7 / 8)
+    assert result["num_images"] == 8 and result["num_captions"] == 16
+
+
+def test_coco_with_the_tiny_model_through_the_cli(tmp_path, capsys):
+    captions, _ = _coco_stand_in()
+    write_coco(tmp_path, captions)
+    assert main(["coco-retrieval", "--model", TINY_MODEL, "--model-config", str(TINY_CONFIG),
+                 "--root", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out)  # pycocotools' chatter must not reach stdout
+    for direction in ("image", "text"):
+        r1, r5 = (result[f"{direction}_retrieval_recall@{k}"] for k in (1, 5))
+        assert 0.0 <= r1 <= r5 <= 1.0
+    assert "image_retrieval_recall@10" not in result  # only 8 images: k=10 is left out, not a crash
+
+
+def test_imagenet_layout_errors_name_the_path(tmp_path, capsys):
+    (tmp_path / "val" / "n00000000").mkdir(parents=True)
+    code = main(["zeroshot-imagenet", "--model", TINY_MODEL, "--root", str(tmp_path)])
+    assert code == 2 and str(tmp_path / "meta.bin") in capsys.readouterr().err
+    (tmp_path / "meta.bin").write_bytes(b"x")
+    code = main(["zeroshot-imagenet", "--model", TINY_MODEL, "--root", str(tmp_path)])
+    assert code == 2 and "1 class folders, expected 1000" in capsys.readouterr().err
+
+
+def test_coco_errors_name_the_file(tmp_path):
+    with pytest.raises(InputError, match="val2014: COCO image folder not found"):
+        check_coco_root(str(tmp_path))
+    captions, _ = _coco_stand_in()
+    annotations = write_coco(tmp_path, captions)
+    os.remove(tmp_path / "val2014" / "COCO_val2014_000000000003.jpg")
+    with pytest.raises(InputError, match="COCO_val2014_000000000003.jpg: image file not found"):
+        check_coco_root(str(tmp_path))
+    with open(annotations, "w") as f:
+        json.dump({"images": []}, f)
+    with pytest.raises(InputError, match="coco_test_karpathy.json: expected COCO captions format"):
+        check_coco_root(str(tmp_path))
