@@ -108,9 +108,10 @@ def one_step_args(world, name, *extra, batch_size=16, unpatched=False):
     args = train_args(data, world["logs"], name, world["init"], "--aug-cfg", "scale=(1.0,1.0)", *extra,
                       batch_size=batch_size, samples=16)
     args[args.index("--workers") + 1] = "0"
-    if unpatched:  # the stock parser knows no --model-config: register the config by hand
+    if unpatched:  # the stock parser knows neither --model-config (registered by hand) nor --logs-dir
         i = args.index("--model-config")
         del args[i:i + 2]
+        args[args.index("--logs-dir")] = "--logs"
     return args
 
 
@@ -150,5 +151,10 @@ def test_without_paraclip_flags_patched_equals_unpatched(world, patched_install,
     assert "plugins" not in read_log(world["logs"], "unpatched")
     stock, ours = logged_losses(read_log(world["logs"], "unpatched")), logged_losses(read_log(world["logs"], "patched"))
     assert list(ours[0]) == ["Contrastive_loss", "Loss"] and ours == stock
-    a, b = final_state(world["logs"], "unpatched"), final_state(world["logs"], "patched")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert final_state(world["logs"], "unpatched").keys() == final_state(world["logs"], "patched").keys()
+    # the same gradients; tolerance 1e-4 of the norm, as webdataset's time-seeded shuffle changes the
+    # order of float sums between any two runs
+    stock_grads, our_grads = (optimizer_first_moments(world["logs"], n) for n in ("unpatched", "patched"))
+    assert len(stock_grads) == len(our_grads) > 0
+    for stock_grad, our_grad in zip(stock_grads, our_grads):
+        assert (our_grad - stock_grad).norm() <= 1e-4 * stock_grad.norm() + 1e-12, tuple(stock_grad.shape)

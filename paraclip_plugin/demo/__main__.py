@@ -32,7 +32,7 @@ def parse_args(argv):
     p.add_argument("--baseline-epochs", type=int, default=6)
     p.add_argument("--baseline-lr", type=float, default=2e-3)
     p.add_argument("--paraclip-epochs", type=int, default=2)
-    p.add_argument("--paraclip-lr", type=float, default=2e-4)
+    p.add_argument("--paraclip-lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--nproc", type=int, default=2, help="torchrun processes for the ParaCLIP stage")
