@@ -10,7 +10,7 @@ import os
 import sys
 
 from ..shards import atomic_write_text
-from .paraphrased_retrieval import InputError, evaluate_checkpoint
+from .paraphrased_retrieval import InputError, default_device, evaluate_checkpoint, load_model
 
 PROG = "paraclip-eval"
 
@@ -22,9 +22,9 @@ def positive_int(text):
     return value
 
 
-def _add_model_arguments(parser):
+def _add_model_arguments(parser, model_required=True):
     """Options every task needs to load one open_clip model."""
-    parser.add_argument("--model", required=True, help="open_clip model name, e.g. ViT-B-32 or paraclip-tiny")
+    parser.add_argument("--model", required=model_required, help="open_clip model name, e.g. ViT-B-32 or paraclip-tiny")
     parser.add_argument("--pretrained", default=None,
                         help="checkpoint file (open_clip_train's epoch_N.pt works) or open_clip tag; "
                              "omitted: random initialisation")
@@ -32,8 +32,11 @@ def _add_model_arguments(parser):
                         help="model config JSON registered with open_clip.add_model_config before loading")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
-    parser.add_argument("--output", default=None, help="also write the result JSON to this file")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
+
+
+def _add_output_file(parser):
+    parser.add_argument("--output", default=None, help="also write the result JSON to this file")
 
 
 def _add_paraphrased_retrieval(subparsers):
@@ -42,6 +45,7 @@ def _add_paraphrased_retrieval(subparsers):
         help="AO@k / JS@k between rankings of queries and their paraphrases, and recall@1/5/10",
         description="Gallery: all distinct images of --images referenced by the pairs file.")
     _add_model_arguments(parser)
+    _add_output_file(parser)
     parser.add_argument("--pairs", required=True,
                         help="JSON lines with 'query', 'paraphrase' and gold 'image' (file name in --images)")
     parser.add_argument("--images", required=True, help="folder holding the images the pairs name")
@@ -57,6 +61,137 @@ def _run_paraphrased_retrieval(args):
     return 0
 
 
+def _load(args):
+    """``(model, preprocess, tokenizer, device)`` for a single-task subcommand, after its inputs were checked."""
+    device = args.device or default_device()
+    return (*load_model(args.model, args.pretrained, args.model_config, device), device)
+
+
+def _add_aro(subparsers, task, what):
+    from .aro import ANNOTATION_FILES
+    parser = subparsers.add_parser(
+        task, help=f"ARO {what}: accuracy and ARO's macro accuracy (true caption vs swapped caption)",
+        description=f"Reads ARO's {ANNOTATION_FILES[task]} and image folder; each image is cropped to its "
+                    "box as ARO does. Correct = true caption's cosine strictly higher than the false one's.")
+    _add_model_arguments(parser)
+    _add_output_file(parser)
+    parser.add_argument("--annotations", required=True, help=f"ARO's {ANNOTATION_FILES[task]}")
+    parser.add_argument("--images", required=True, help="ARO's image folder (image_path is relative to it)")
+    parser.set_defaults(run=_run_aro, task=task)
+
+
+def _run_aro(args):
+    from .aro import evaluate_aro, read_cases
+    cases = read_cases(args.task, args.annotations, args.images)
+    model, preprocess, tokenizer, device = _load(args)
+    result = evaluate_aro(model, preprocess, tokenizer, args.task, cases, device, args.batch_size, args.progress)
+    _emit({**result, "model": args.model, "pretrained": args.pretrained}, args.output)
+    return 0
+
+
+def _add_sts(subparsers):
+    from .sts import STS_FILES
+    parser = subparsers.add_parser(
+        "sts", help="STS12-16, STS-B, SICK-R: Spearman of text-embedding cosines ('all' aggregation), macro average",
+        description="FOLDER holds one tab-separated file per task with a header naming sentence1, sentence2, "
+                    f"score: {', '.join(STS_FILES.values())}.")
+    _add_model_arguments(parser)
+    _add_output_file(parser)
+    parser.add_argument("--folder", required=True, help="folder with the STS .tsv files")
+    parser.add_argument("--sts-tasks", nargs="+", default=None, choices=list(STS_FILES), metavar="TASK",
+                        help=f"subset of tasks (default: all of {', '.join(STS_FILES)})")
+    parser.set_defaults(run=_run_sts)
+
+
+def _run_sts(args):
+    from .sts import evaluate_sts, read_tasks
+    tasks = read_tasks(args.folder, args.sts_tasks)
+    model, _, tokenizer, device = _load(args)
+    _emit({**evaluate_sts(model, tokenizer, tasks, device, args.progress), "model": args.model,
+           "pretrained": args.pretrained}, args.output)
+    return 0
+
+
+def _add_imagenet(subparsers):
+    parser = subparsers.add_parser(
+        "zeroshot-imagenet", help="zero-shot ImageNet-1k top-1/top-5 through clip_benchmark",
+        description="ROOT: meta.bin (or ILSVRC2012_devkit_t12.tar.gz) and val/<wnid>/ with all 1000 wnid "
+                    "folders, as torchvision's ImageNet reads it. Nothing is downloaded.")
+    _add_model_arguments(parser)
+    _add_output_file(parser)
+    parser.add_argument("--root", required=True, help="ImageNet folder")
+    parser.add_argument("--templates", default=None,
+                        help='JSON {"imagenet1k": ["a photo of a {c}.", ...]} replacing clip_benchmark\'s 80 prompts')
+    parser.set_defaults(run=_run_imagenet)
+
+
+def _run_imagenet(args):
+    from .benchmark import check_imagenet_root, evaluate_imagenet
+    check_imagenet_root(args.root, args.templates)
+    model, preprocess, tokenizer, device = _load(args)
+    result = evaluate_imagenet(model, preprocess, tokenizer, args.root, device, args.batch_size, args.templates)
+    _emit({**result, "model": args.model, "pretrained": args.pretrained}, args.output)
+    return 0
+
+
+def _add_coco(subparsers):
+    parser = subparsers.add_parser(
+        "coco-retrieval", help="COCO image->text and text->image recall@1/5/10 through clip_benchmark",
+        description="ROOT: val2014/ (images) and coco_test_karpathy.json (COCO captions format), "
+                    "clip_benchmark's mscoco_captions layout. Nothing is downloaded.")
+    _add_model_arguments(parser)
+    _add_output_file(parser)
+    parser.add_argument("--root", required=True, help="COCO folder")
+    parser.add_argument("--annotations", default=None,
+                        help="captions JSON (default ROOT/coco_test_karpathy.json); images are read from ROOT/val2014")
+    parser.set_defaults(run=_run_coco)
+
+
+def _run_coco(args):
+    from .benchmark import check_coco_root, evaluate_coco
+    check_coco_root(args.root, args.annotations)
+    model, preprocess, tokenizer, device = _load(args)
+    result = evaluate_coco(model, preprocess, tokenizer, args.root, device, args.batch_size, args.annotations)
+    _emit({**result, "model": args.model, "pretrained": args.pretrained}, args.output)
+    return 0
+
+
+def _add_table1(subparsers):
+    from .table1 import TASKS, __doc__ as layout
+    parser = subparsers.add_parser(
+        "table1", help="every task on one model: table1.json + table1.md (the paper's Table 1 layout)",
+        description=layout, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_arguments(parser, model_required=False)
+    parser.add_argument("--data-root", default=None, help="folder with one sub-folder per benchmark (above)")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, metavar="TASK",
+                        help=f"tasks to run (default: all of {', '.join(TASKS)})")
+    parser.add_argument("--output", default="table1-output", help="folder for table1.json and table1.md")
+    parser.add_argument("--imagenet-templates", default=None,
+                        help="prompt JSON for zeroshot-imagenet (default: clip_benchmark's 80 OpenAI prompts)")
+    parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
+                        help="print how run B differs from run A (no model is loaded)")
+    parser.set_defaults(run=_run_table1)
+
+
+def _run_table1(args):
+    from .table1 import compare, markdown_table, read_result, run_table1
+    if args.compare:
+        a, b = (read_result(p) for p in args.compare)
+        lines = compare(a, b)
+        sys.stdout.write("\n".join(lines or ["no differences"]) + "\n")
+        return 0
+    if not args.model or not args.data_root:
+        raise InputError("table1 needs --model and --data-root (or --compare A.json B.json)")
+    result = run_table1(args.model, args.pretrained, args.data_root, args.tasks, args.model_config,
+                        args.device or default_device(), args.batch_size, args.progress, args.imagenet_templates)
+    table = markdown_table(result)
+    os.makedirs(args.output, exist_ok=True)
+    atomic_write_text(os.path.join(args.output, "table1.json"), json.dumps(result, indent=1) + "\n")
+    atomic_write_text(os.path.join(args.output, "table1.md"), table)
+    sys.stdout.write(table)
+    return 0
+
+
 def _emit(result, output):
     text = json.dumps(result, indent=1) + "\n"
     if output:
@@ -69,6 +204,12 @@ def build_parser():
     parser = argparse.ArgumentParser(prog=PROG, description="Paraphrase-robustness evaluation of CLIP models.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_paraphrased_retrieval(subparsers)
+    _add_aro(subparsers, "vg-relation", "VG-Relation")
+    _add_aro(subparsers, "vg-attribution", "VG-Attribution")
+    _add_sts(subparsers)
+    _add_imagenet(subparsers)
+    _add_coco(subparsers)
+    _add_table1(subparsers)
     return parser
 
 

@@ -1,0 +1,217 @@
+"""The paper's Table 1 in one run: every task on one loaded model, one JSON, one Markdown table.
+
+Expected layout under ``--data-root`` (each task reads only its own folder; see the task modules)::
+
+    paraphrased_retrieval/pairs.jsonl        {"query", "paraphrase", "image"} per line (Cheng et al. 2024)
+    paraphrased_retrieval/images/            the images the pairs name (COCO 2017 val)
+    aro/visual_genome_relation.json          ARO's VG-Relation release
+    aro/visual_genome_attribution.json       ARO's VG-Attribution release
+    aro/images/                              ARO's image folder (vgr_vga_images.zip)
+    sts/{sts12,sts13,sts14,sts15,sts16,stsb,sickr}.tsv   sentence1<TAB>sentence2<TAB>score, with header
+    imagenet/meta.bin (or ILSVRC2012_devkit_t12.tar.gz), imagenet/val/<wnid>/*.JPEG
+    coco/val2014/*.jpg, coco/coco_test_karpathy.json     clip_benchmark's mscoco_captions layout
+
+Every selected task's inputs are checked before the model is loaded, so a missing file fails in
+seconds, naming the file. The model is loaded once; each task embeds each distinct image (crop) and
+text once. All numbers in the JSON are fractions (accuracy, recall, AO/JS in [0, 1], Spearman in
+[-1, 1]); the Markdown table shows them x100 like the paper.
+"""
+import hashlib
+import json
+import os
+import time
+from importlib import metadata
+
+from .aro import ANNOTATION_FILES, evaluate_aro, read_cases
+from .benchmark import check_coco_root, check_imagenet_root, evaluate_coco, evaluate_imagenet
+from .paraphrased_retrieval import InputError, build_gallery, evaluate_paraphrased_retrieval, load_model, read_pairs
+from .sts import evaluate_sts, read_tasks
+
+TASKS = ("paraphrased-retrieval", "vg-relation", "vg-attribution", "sts", "zeroshot-imagenet", "coco-retrieval")
+
+# Table 1 columns: (header, task, path to the number in that task's result).
+COLUMNS = (
+    ("AO@10", "paraphrased-retrieval", ("AO@10",)),
+    ("JS@10", "paraphrased-retrieval", ("JS@10",)),
+    ("VG-R Acc", "vg-relation", ("macro_accuracy",)),
+    ("VG-A Acc", "vg-attribution", ("macro_accuracy",)),
+    ("STS Avg.", "sts", ("macro_spearman",)),
+    ("Clsf. Acc", "zeroshot-imagenet", ("acc1",)),
+    ("T Rtrv. R@5", "coco-retrieval", ("text_retrieval_recall@5",)),
+    ("I Rtrv. R@5", "coco-retrieval", ("image_retrieval_recall@5",)),
+)
+# The paper's Table 1 rows for OpenAI's CLIP ViT-B/32, in COLUMNS order, x100 as printed.
+PAPER_ROWS = (
+    ("OpenAI's CLIP (400M), paper", (67.2, 57.7, 59.7, 63.2, 65.1, 63.4, 75.0, 54.8)),
+    ("+ ParaCLIP, paper", (72.2, 63.3, 60.7, 64.3, 72.2, 63.5, 77.0, 58.8)),
+)
+
+
+def task_paths(data_root):
+    """Every input path of every task under ``data_root`` (the layout in the module docstring)."""
+    aro = os.path.join(data_root, "aro")
+    return {
+        "paraphrased-retrieval": {"pairs": os.path.join(data_root, "paraphrased_retrieval", "pairs.jsonl"),
+                                  "images": os.path.join(data_root, "paraphrased_retrieval", "images")},
+        "vg-relation": {"annotations": os.path.join(aro, ANNOTATION_FILES["vg-relation"]),
+                        "images": os.path.join(aro, "images")},
+        "vg-attribution": {"annotations": os.path.join(aro, ANNOTATION_FILES["vg-attribution"]),
+                           "images": os.path.join(aro, "images")},
+        "sts": {"folder": os.path.join(data_root, "sts")},
+        "zeroshot-imagenet": {"root": os.path.join(data_root, "imagenet")},
+        "coco-retrieval": {"root": os.path.join(data_root, "coco")},
+    }
+
+
+def prepare(task, paths, imagenet_templates=None):
+    """Read and validate one task's inputs (no model needed); returns what ``run_task`` consumes."""
+    if task == "paraphrased-retrieval":
+        pairs = read_pairs(paths["pairs"])
+        build_gallery(pairs, paths["images"], paths["pairs"])
+        return pairs
+    if task in ("vg-relation", "vg-attribution"):
+        return read_cases(task, paths["annotations"], paths["images"])
+    if task == "sts":
+        return read_tasks(paths["folder"])
+    if task == "zeroshot-imagenet":
+        return check_imagenet_root(paths["root"], imagenet_templates)
+    return check_coco_root(paths["root"])
+
+
+def run_task(task, paths, prepared, model, preprocess, tokenizer, device, batch_size, progress, imagenet_templates=None):
+    if task == "paraphrased-retrieval":
+        return evaluate_paraphrased_retrieval(model, preprocess, tokenizer, prepared, paths["images"], 10, device,
+                                              batch_size, paths["pairs"], progress)
+    if task in ("vg-relation", "vg-attribution"):
+        return evaluate_aro(model, preprocess, tokenizer, task, prepared, device, batch_size, progress)
+    if task == "sts":
+        return evaluate_sts(model, tokenizer, prepared, device, progress)
+    if task == "zeroshot-imagenet":
+        return evaluate_imagenet(model, preprocess, tokenizer, paths["root"], device, batch_size, imagenet_templates)
+    return evaluate_coco(model, preprocess, tokenizer, paths["root"], device, batch_size)
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _version(package):
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def run_table1(model_name, pretrained, data_root, tasks=TASKS, model_config=None, device="cpu", batch_size=64,
+               progress=False, imagenet_templates=None):
+    """The whole Table 1 result dict: ``inputs`` (exact model, hashes, paths, versions), ``results``
+    per task (each with its counts and paths) and ``table1`` (the row's numbers, None where not run)."""
+    if not os.path.isdir(data_root):
+        raise InputError(f"{data_root}: data root not found")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise InputError(f"unknown or no task(s) {', '.join(unknown)} (choose from {', '.join(TASKS)})")
+    paths = task_paths(data_root)
+    prepared = {task: prepare(task, paths[task], imagenet_templates) for task in tasks}  # fail before loading
+    model, preprocess, tokenizer = load_model(model_name, pretrained, model_config, device)
+    results, seconds = {}, {}
+    for task in tasks:
+        start = time.perf_counter()
+        results[task] = run_task(task, paths[task], prepared[task], model, preprocess, tokenizer, device,
+                                 batch_size, progress, imagenet_templates)
+        results[task]["inputs"] = {k: os.path.abspath(v) for k, v in paths[task].items()}
+        seconds[task] = round(time.perf_counter() - start, 3)
+    pretrained_file = pretrained if pretrained and os.path.isfile(pretrained) else None
+    inputs = {
+        "model": model_name,
+        "pretrained": pretrained,
+        "pretrained_sha256": sha256_of(pretrained_file) if pretrained_file else None,
+        "model_config": os.path.abspath(model_config) if model_config else None,
+        "model_config_sha256": sha256_of(model_config) if model_config and os.path.isfile(model_config) else None,
+        "data_root": os.path.abspath(data_root),
+        "tasks": list(tasks),
+        "imagenet_templates": os.path.abspath(imagenet_templates) if imagenet_templates else None,
+        "device": str(device),
+        "batch_size": batch_size,
+        "versions": {p: _version(p) for p in ("paraclip-plugin", "open_clip_torch", "clip_benchmark", "torch")},
+    }
+    return {"inputs": inputs, "table1": table1_row(results), "results": results, "seconds": seconds}
+
+
+def _dig(result, keys):
+    for key in keys:
+        result = result.get(key) if isinstance(result, dict) else None
+    return result
+
+
+def table1_row(results):
+    return {header: _dig(results.get(task), keys) for header, task, keys in COLUMNS}
+
+
+def markdown_table(result):
+    """Table 1's layout: header rows, the paper's OpenAI-CLIP rows for reference, then this run."""
+    inputs = result["inputs"]
+    name = inputs["model"] + (f" ({os.path.basename(inputs['pretrained'])})" if inputs["pretrained"] else " (random init)")
+    lines = [
+        "| Model | Paraphrased Rtrv. AO@10 | Paraphrased Rtrv. JS@10 | VG-R Acc | VG-A Acc | STS Avg. "
+        "| Clsf. Acc | T Rtrv. R@5 | I Rtrv. R@5 |",
+        "|---" + "|---:" * len(COLUMNS) + "|",
+    ]
+    for label, numbers in PAPER_ROWS:
+        lines.append(f"| {label} | " + " | ".join(f"{n:.1f}" for n in numbers) + " |")
+    row = result["table1"]
+    cells = ["–" if row[h] is None else f"{100 * row[h]:.1f}" for h, _, _ in COLUMNS]
+    lines.append(f"| **{name}, this run** | " + " | ".join(cells) + " |")
+    sha = inputs["pretrained_sha256"]
+    lines += ["", f"Checkpoint sha256: `{sha}`" if sha else "Checkpoint: none (random initialisation or open_clip tag)",
+              f"Data root: `{inputs['data_root']}`; tasks: {', '.join(inputs['tasks'])}.",
+              "Numbers x100. VG-R/VG-A: ARO's macro accuracy; STS: macro average of Spearman (\"all\"); "
+              "'–': task not run or undefined."]
+    return "\n".join(lines) + "\n"
+
+
+def _flatten(value, prefix=""):
+    if isinstance(value, dict):
+        out = {}
+        for key, inner in value.items():
+            out.update(_flatten(inner, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def compare(a, b):
+    """Lines describing how result dict ``b`` differs from ``a``: numbers with b - a, other values
+    side by side, keys present in one only. Timings are left out: they differ on every run."""
+    flat_a = {k: v for k, v in _flatten(a).items() if not k.startswith("seconds.")}
+    flat_b = {k: v for k, v in _flatten(b).items() if not k.startswith("seconds.")}
+    lines = []
+    # The Table 1 row first: it is what a reader of the comparison wants; inputs and details after.
+    for key in sorted(set(flat_a) | set(flat_b), key=lambda k: (not k.startswith("table1."), k)):
+        if key not in flat_b:
+            lines.append(f"{key}: only in A ({flat_a[key]!r})")
+        elif key not in flat_a:
+            lines.append(f"{key}: only in B ({flat_b[key]!r})")
+        elif flat_a[key] != flat_b[key]:
+            va, vb = flat_a[key], flat_b[key]
+            if isinstance(va, (int, float)) and isinstance(vb, (int, float)) and not isinstance(va, bool):
+                lines.append(f"{key}: {va:.6g} -> {vb:.6g} ({vb - va:+.6g})")
+            else:
+                lines.append(f"{key}: {va!r} -> {vb!r}")
+    return lines
+
+
+def read_result(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            result = json.load(f)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read result JSON: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
+    if not (isinstance(result, dict) and "table1" in result and "inputs" in result):
+        raise InputError(f"{path}: not a table1 result (no 'table1'/'inputs' keys)")
+    return result

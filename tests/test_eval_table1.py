@@ -1,0 +1,100 @@
+"""``paraclip-eval table1``: every task on the fixtures with the tiny model, both outputs, --compare, errors."""
+import hashlib
+import json
+import subprocess
+
+import pytest
+import torch
+
+from conftest import BIN, TINY_CONFIG, TINY_MODEL
+from eval_fixtures import write_data_root
+from paraclip_plugin.eval.cli import main
+from paraclip_plugin.eval.paraphrased_retrieval import load_model
+from paraclip_plugin.eval.table1 import COLUMNS, TASKS
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return root, write_data_root(str(root))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    model, _, _ = load_model(TINY_MODEL, model_config=str(TINY_CONFIG))
+    path = tmp_path_factory.mktemp("ckpt") / "epoch_1.pt"
+    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
+    return path
+
+
+def test_table1_writes_json_and_markdown_for_every_task(data_root, checkpoint, tmp_path):
+    root, templates = data_root
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [str(BIN / "paraclip-eval"), "table1", "--model", TINY_MODEL, "--model-config", str(TINY_CONFIG),
+         "--pretrained", str(checkpoint), "--data-root", str(root), "--output", str(out),
+         "--imagenet-templates", templates, "--device", "cpu"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "table1.json").read_text())
+    inputs = result["inputs"]
+    assert inputs["pretrained_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert inputs["tasks"] == list(TASKS) and inputs["data_root"] == str(root)
+    counts = result["results"]
+    assert counts["paraphrased-retrieval"]["num_pairs"] == 6
+    assert counts["vg-relation"]["num_cases"] == 3 and counts["vg-attribution"]["num_cases"] == 26
+    assert len(counts["sts"]["tasks"]) == 7
+    assert counts["zeroshot-imagenet"]["num_images"] == 1000 and counts["zeroshot-imagenet"]["num_templates"] == 1
+    assert counts["coco-retrieval"]["num_images"] == 8 and counts["coco-retrieval"]["num_captions"] == 16
+    assert counts["sts"]["inputs"]["folder"] == str(root / "sts")
+    # Every Table 1 cell is filled, is a fraction, and is the number its task reported.
+    row = result["table1"]
+    assert set(row) == {header for header, _, _ in COLUMNS}
+    assert all(v is not None and -1.0 <= v <= 1.0 for v in row.values())
+    assert row["VG-A Acc"] == counts["vg-attribution"]["macro_accuracy"]
+    assert row["T Rtrv. R@5"] == counts["coco-retrieval"]["text_retrieval_recall@5"]
+    table = (out / "table1.md").read_text()
+    assert proc.stdout == table
+    lines = table.splitlines()
+    assert lines[2].startswith("| OpenAI's CLIP (400M), paper | 67.2 | 57.7 | 59.7")
+    assert "epoch_1.pt" in lines[4] and f"{100 * row['STS Avg.']:.1f}" in lines[4]
+    assert inputs["pretrained_sha256"] in table
+
+
+def test_compare_reports_changed_numbers(data_root, tmp_path, capsys):
+    root, templates = data_root
+    runs = []
+    for name in ("a", "b"):
+        torch.manual_seed(0)
+        assert main(["table1", "--model", TINY_MODEL, "--model-config", str(TINY_CONFIG), "--data-root", str(root),
+                     "--tasks", "sts", "vg-relation", "--output", str(tmp_path / name)]) == 0
+        runs.append(tmp_path / name / "table1.json")
+    capsys.readouterr()
+    assert main(["table1", "--compare", str(runs[0]), str(runs[1])]) == 0
+    assert capsys.readouterr().out == "no differences\n"  # same seed, same numbers; timings ignored
+    edited = json.loads(runs[1].read_text())
+    edited["table1"]["STS Avg."] += 0.25
+    runs[1].write_text(json.dumps(edited))
+    assert main(["table1", "--compare", str(runs[0]), str(runs[1])]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith("table1.STS Avg.: ") and out[0].endswith("(+0.25)")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", "sts"], "sts/sts12.tsv"),                    # removed below: names the missing file
+    (["--tasks", "zeroshot-imagenet"], "imagenet/val"),
+    ([], "--model and --data-root"),
+])
+def test_bad_input_exits_2_before_loading_a_model(tmp_path, capsys, argv, message):
+    (tmp_path / "sts").mkdir()
+    (tmp_path / "imagenet").mkdir()
+    (tmp_path / "imagenet" / "meta.bin").write_bytes(b"")
+    base = ["table1"] if not argv else ["table1", "--model", "no-such-model", "--data-root", str(tmp_path)]
+    assert main(base + argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_compare_names_a_file_that_is_not_a_result(tmp_path, capsys):
+    (tmp_path / "a.json").write_text("[]")
+    assert main(["table1", "--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 2
+    assert "a.json: not a table1 result" in capsys.readouterr().err
