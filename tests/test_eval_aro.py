@@ -69,13 +69,15 @@ def test_attribution_macro_keeps_pairs_with_25_cases(tmp_path):
 
 def test_cli_with_the_tiny_open_clip_model_matches_a_direct_computation(tmp_path, capsys):
     path = write_aro(tmp_path, "vg-relation", [c[:3] for c in RELATION_CASES[:4]])
-    assert main(["vg-relation", "--model", TINY_MODEL, "--model-config", str(TINY_CONFIG),
-                 "--annotations", str(path), "--images", str(tmp_path / "images")]) == 0
+    # Random init differs per load: save this model's weights so the CLI scores the same model.
+    model, preprocess, tokenizer = load_model(TINY_MODEL, model_config=str(TINY_CONFIG))
+    model.eval()
+    torch.save(model.state_dict(), tmp_path / "tiny.pt")
+    assert main(["vg-relation", "--model", TINY_MODEL, "--model-config", str(TINY_CONFIG), "--pretrained",
+                 str(tmp_path / "tiny.pt"), "--annotations", str(path), "--images", str(tmp_path / "images")]) == 0
     result = json.loads(capsys.readouterr().out)
     # Independently: crop by hand, embed with open_clip directly, compare cosines.
     from PIL import Image
-    model, preprocess, tokenizer = load_model(TINY_MODEL, model_config=str(TINY_CONFIG))
-    model.eval()
     with torch.no_grad():
         crop = Image.open(tmp_path / "images" / "scene.png").convert("RGB").crop((16, 16, 24, 24))
         image = model.encode_image(preprocess(crop)[None], normalize=True)[0]
