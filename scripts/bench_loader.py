@@ -1,0 +1,177 @@
+#!/usr/bin/env python
+"""Data loading on CPU: stock open_clip vs the plugin's loaders, on the same shards, in one run.
+
+    python scripts/bench_loader.py [--samples 1024] [--workers 1] [--seconds 10]
+
+It writes LAION-like four-field shards (256 px JPEGs of ~15 KiB, captions and paraphrases of 8-16
+words), adds img_emb.npy + tokens.npy to a copy with scripts/embed_images.py's writer, then times
+open_clip_train's own ``get_wds_dataset`` (the real training loader: shard shuffling, sample
+shuffle buffer, WebLoader worker processes) three ways:
+
+    stock          no plugin flags: JPEG decode + train transform + one caption tokenized
+    plugin-jpeg    --paraclip-loss: JPEG decode + train transform + three texts tokenized
+    plugin-cached  --paraclip-loss --image-embeddings on the embedded copy: stored embeddings and
+                   token ids, no image decoding, no tokenizing
+
+samples/s are counted after the first batch (worker start-up) for ``--seconds`` each, in
+``--rounds`` interleaved rounds (median reported), with
+``--workers`` data workers (default 1: a per-worker rate). The image tower is not timed here: the
+embeddings are random unit vectors of the model's width, recorded with the hash of the model's
+real (random-init) image weights, which is all the loader reads and checks.
+"""
+import argparse
+import io
+import os
+import random
+import tempfile
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import open_clip
+import torch
+from PIL import Image, ImageFilter
+
+from paraclip_plugin import hooks
+from paraclip_plugin.embeddings import EMBEDDING_FIELD, METADATA_KEY, embedding_record, encode_embedding, visual_fingerprint
+from paraclip_plugin.shards import atomic_tar_writer, update_sizes_json
+
+WORDS = ("a the of on in with near under beside dog cat man woman child car street tree house field beach "
+         "red blue green white black small large old young sitting standing running holding looking "
+         "photo picture view close up two three group people table window water sky").split()
+
+
+def jpeg_bytes(rng, size=256):
+    """A smooth random image: JPEG-compresses to ~15 KiB like a typical 256 px web photo."""
+    noise = np.asarray(rng.integers(0, 256, (size // 8, size // 8, 3)), dtype=np.uint8)
+    image = Image.fromarray(noise).resize((size, size), Image.BICUBIC).filter(ImageFilter.GaussianBlur(1))
+    detail = np.asarray(rng.integers(-12, 12, (size, size, 3)))
+    image = Image.fromarray(np.clip(np.asarray(image, dtype=np.int64) + detail, 0, 255).astype(np.uint8))
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=80)
+    return buf.getvalue()
+
+
+def caption(rng):
+    return " ".join(rng.choice(WORDS) for _ in range(rng.integers(8, 17)))
+
+
+def write_shards(folder, samples, per_shard, seed=0):
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    sizes, jpeg_sizes = {}, []
+    for shard in range(-(-samples // per_shard)):
+        name = f"{shard:05d}.tar"
+        count = min(per_shard, samples - shard * per_shard)
+        with atomic_tar_writer(os.path.join(folder, name)) as sink:
+            for i in range(count):
+                jpg = jpeg_bytes(rng)
+                jpeg_sizes.append(len(jpg))
+                sink.write({"__key__": f"{shard:05d}{i:05d}", "jpg": jpg, "txt": caption(rng),
+                            "para1.txt": caption(rng), "para2.txt": caption(rng)})
+        sizes[name] = count
+    update_sizes_json(folder, sizes)
+    return os.path.join(folder, "{" + f"00000..{len(sizes) - 1:05d}" + "}.tar"), float(np.mean(jpeg_sizes))
+
+
+def embed_shards(src_pattern, dst_folder, model_name, model, pretrained):
+    """embed_images.py's shard writer, with random unit vectors in place of the image tower's output."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("embed_images", os.path.join(os.path.dirname(__file__), "embed_images.py"))
+    embed_images = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(embed_images)
+    args = embed_images.parse_args(["--shards", src_pattern, "--model", model_name, "--output", dst_folder])
+    embedder = embed_images.ShardEmbedder.__new__(embed_images.ShardEmbedder)
+    embedder.args, embedder.visual = args, model.visual
+    embedder.record = embedding_record(model_name, pretrained, visual_fingerprint(model.visual))
+    embedder.tokenizer = open_clip.get_tokenizer(model_name)
+    embedder.tokens_record = embed_images.tokens_record(model_name, embedder.tokenizer)
+    embedder.pad_id = embed_images.tokenizer_pad_id(embedder.tokenizer)
+    os.makedirs(dst_folder, exist_ok=True)
+    width = model.text_projection.shape[-1]
+    rng = np.random.default_rng(1)
+
+    def random_features(images):
+        x = rng.standard_normal((len(images), width))
+        return list((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16))
+    embedder.embed = random_features
+    for src in embed_images.expand_inputs(src_pattern):
+        count, _ = embedder.process(src, os.path.join(dst_folder, os.path.basename(src)))
+        update_sizes_json(dst_folder, {os.path.basename(src): count})
+    return os.path.join(dst_folder, os.path.basename(src_pattern))
+
+
+def loader_args(data, samples, args, **plugin):
+    return SimpleNamespace(
+        train_data=data, val_data=None, train_num_samples=10 ** 9, dataset_resampled=True,
+        train_data_upsampling_factors=None, batch_size=args.batch_size, workers=args.workers, seed=0,
+        world_size=1, rank=0, model=args.model, pretrained=None, paraclip_loss=False, image_embeddings=False,
+        frozen_visual=False, text_trimming=True, **plugin)
+
+
+def time_loader(name, largs, model, preprocess, tokenizer, seconds):
+    from open_clip_train.data import get_wds_dataset
+    hooks.wrap_model(model, largs)  # what open_clip_train.main does before building the data
+    data = get_wds_dataset(largs, preprocess, is_train=True, tokenizer=tokenizer)
+    batches = iter(data.dataloader)
+    images, texts = next(batches)  # worker start-up, shard opening: not counted
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        images, texts = next(batches)
+        count += images.shape[0]
+    rate = count / (time.perf_counter() - start)
+    del batches
+    return rate, tuple(images.shape[1:]), tuple(texts.shape[1:])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="ViT-B-32", help="preprocessing, tokenizer and embedding width of this model")
+    p.add_argument("--samples", type=int, default=1024)
+    p.add_argument("--per-shard", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--seconds", type=float, default=8.0, help="timed seconds per loader and round")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds over the three loaders (interleaved, so load from other processes hits all); "
+                        "the median round is reported")
+    p.add_argument("--folder", default=None, help="where to write the shards (default: a temporary folder)")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+
+    folder = args.folder or tempfile.mkdtemp(prefix="bench_loader_")
+    start = time.time()
+    plain, mean_jpeg = write_shards(os.path.join(folder, "plain"), args.samples, args.per_shard)
+    model, preprocess_train, _ = open_clip.create_model_and_transforms(args.model)
+    tokenizer = open_clip.get_tokenizer(args.model)
+    cached = embed_shards(plain, os.path.join(folder, "embedded"), args.model, model, None)
+    print(f"shards: {args.samples} samples in {folder} ({args.per_shard}/shard, mean JPEG {mean_jpeg / 1024:.1f} KiB, "
+          f"256 px), written in {time.time() - start:.0f}s; {os.cpu_count()} CPU cores visible; "
+          f"{args.workers} data worker(s), batch {args.batch_size}, {args.seconds:g}s per loader")
+
+    cases = [
+        ("stock open_clip (JPEG + one caption)", plain, {}),
+        ("plugin, JPEG + three texts (--paraclip-loss)", plain, dict(paraclip_loss=True, frozen_visual=True)),
+        ("plugin, cached embeddings + token ids (--image-embeddings)", cached,
+         dict(paraclip_loss=True, frozen_visual=True, image_embeddings=True)),
+    ]
+    rounds = {name: [] for name, _, _ in cases}
+    for round_ in range(args.rounds):
+        for name, data, plugin in cases:
+            largs = loader_args(data, args.samples, args)
+            vars(largs).update(plugin)
+            rate, image_shape, text_shape = time_loader(name, largs, model, preprocess_train, tokenizer, args.seconds)
+            rounds[name].append(rate)
+            print(f"  round {round_ + 1}, {name}: {rate:,.0f} samples/s  (per sample: image {image_shape}, "
+                  f"text {text_shape})")
+    rates = [float(np.median(rounds[name])) for name, _, _ in cases]
+    print()
+    print(f"| loader | samples/s ({args.workers} worker{'s' if args.workers > 1 else ''}, median of "
+          f"{args.rounds} rounds) | x stock |")
+    print("|---|---|---|")
+    for (name, _, _), rate in zip(cases, rates):
+        print(f"| {name} | {rate:,.0f} | {rate / rates[0]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""One training step of ParaCLIP, naive vs the plugin's, on one GPU: samples/s, peak memory, TFLOP/s.
+
+    python scripts/bench_step.py                       # CUDA: ViT-B-32, batches 1024 and 3072, bf16 autocast
+    python scripts/bench_step.py --compile             # + torch.compile of the plugin's model
+    python scripts/bench_step.py --cpu-smoke           # CPU, tiny model, small batches: checks the script runs
+
+Steps compared, same batch sizes, random init, captions of 12-24 tokens, tensors already on the device,
+AdamW on the text tower, the ParaCLIP loss (3 InfoNCE terms):
+
+    naive       locked image tower (no_grad) on images + three encode_text calls at full context
+    plugin-img  the plugin's model (open_clip_train --paraclip-loss): frozen image tower on images +
+                one fused text forward cut to the longest sequence
+    plugin-emb  the same with cached image embeddings (--image-embeddings): no image tower at all
+
+TFLOP/s counts the step's FLOPs with torch.utils.flop_counter (matmuls/attention as torch dispatches
+them) and divides by the measured step time; the peak is the card's dense bf16 tensor-core peak.
+"""
+import argparse
+import time
+
+import open_clip
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from paraclip_plugin.loss import ParaCLIPLoss, parse_terms, DEFAULT_TERMS
+from paraclip_plugin.model import enable_paraphrase_forward, freeze_visual
+
+# dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets
+BF16_PEAK_TFLOPS = {"H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0,
+                    "H200": 989.4, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+TINY_CONFIG = "paraclip_plugin/model_configs/paraclip-tiny.json"
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="ViT-B-32")
+    p.add_argument("--batch-sizes", default="1024,3072")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per case")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per case (compilation happens here)")
+    p.add_argument("--caption-tokens", default="12,24", help="min,max tokens per text, SOT/EOT included")
+    p.add_argument("--compile", action="store_true", help="torch.compile the plugin's model")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the card's bf16 peak (default: by device name)")
+    p.add_argument("--steps-only", default="naive,plugin-img,plugin-emb")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="CPU, paraclip-tiny, batches 16,32, 2 steps, float32: checks the script, measures nothing useful")
+    args = p.parse_args()
+    if args.cpu_smoke:
+        args.model, args.batch_sizes, args.steps, args.warmup = "paraclip-tiny", "16,32", 2, 1
+        open_clip.add_model_config(TINY_CONFIG)
+    return args
+
+
+def make_model(args, device, plugin):
+    torch.manual_seed(0)
+    model = open_clip.create_model(args.model, output_dict=True, device=device)
+    freeze_visual(model)
+    if plugin:
+        enable_paraphrase_forward(model)
+    model.train()
+    return model
+
+
+def make_batch(args, model, batch, device):
+    lo, hi = (int(x) for x in args.caption_tokens.split(","))
+    context = model.context_length
+    texts = torch.zeros(batch, 3, context, dtype=torch.long)
+    lengths = torch.randint(lo, hi + 1, (batch, 3))
+    for i in range(batch):
+        for f in range(3):
+            n = int(lengths[i, f])
+            texts[i, f, 0] = 49406
+            texts[i, f, 1:n - 1] = torch.randint(1, 49000, (n - 2,))
+            texts[i, f, n - 1] = 49407
+    size = model.visual.image_size
+    size = size if isinstance(size, tuple) else (size, size)
+    images = torch.randn(batch, 3, *size)
+    with torch.no_grad():
+        embeddings = model.encode_image(images[:1].to(device), normalize=True)  # shape only
+    embeddings = torch.nn.functional.normalize(torch.randn(batch, embeddings.shape[-1]), dim=-1).half()
+    return images.to(device), texts.to(device), embeddings.to(device)
+
+
+def naive_step(model, loss_fn, images, texts, embeddings):
+    with torch.no_grad():
+        image_features = model.encode_image(images, normalize=True)
+    caption, para1, para2 = (model.encode_text(texts[:, f], normalize=True) for f in range(3))
+    return loss_fn(image_features, caption, para1, para2, model.logit_scale.exp())
+
+
+def plugin_step(model, loss_fn, images, texts, embeddings, use_embeddings):
+    out = model(embeddings if use_embeddings else images, texts)
+    return loss_fn(**out)
+
+
+class Case:
+    def __init__(self, name, args, device, autocast):
+        self.name, self.args, self.device, self.autocast = name, args, device, autocast
+        self.model = make_model(args, device, plugin=name != "naive")
+        self.callable_model = torch.compile(self.model) if args.compile and name != "naive" else self.model
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+        self.loss_fn = ParaCLIPLoss(parse_terms(DEFAULT_TERMS))
+
+    def step(self, batch):
+        with self.autocast():
+            if self.name == "naive":
+                loss = naive_step(self.model, self.loss_fn, *batch)
+            else:
+                loss = plugin_step(self.callable_model, self.loss_fn, *batch, use_embeddings=self.name == "plugin-emb")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss
+
+    def flops(self, batch):
+        """FLOPs of one step, counted on the eager model (the compiled one does the same math)."""
+        counter = FlopCounterMode(display=False)
+        saved = self.callable_model
+        self.callable_model = self.model
+        with counter:
+            self.step(batch)
+        self.callable_model = saved
+        return counter.get_total_flops()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_case(case, batch_size, args):
+    device = case.device
+    batch = make_batch(args, case.model, batch_size, device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        for _ in range(args.warmup):
+            case.step(batch)
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            case.step(batch)
+        sync(device)
+        seconds = (time.perf_counter() - start) / args.steps
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+        flops = case.flops(batch)
+    except torch.cuda.OutOfMemoryError:
+        case.optimizer.zero_grad(set_to_none=True)
+        return dict(oom=True)
+    return dict(oom=False, samples_per_s=batch_size / seconds, peak_gib=peak, tflops=flops / seconds / 1e12)
+
+
+def device_peak(args, device):
+    if args.peak_tflops:
+        return args.peak_tflops
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+
+
+def main():
+    args = parse_args()
+    device = torch.device("cpu" if args.cpu_smoke or not torch.cuda.is_available() else "cuda")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+        where = torch.cuda.get_device_name()
+    else:
+        if not args.cpu_smoke:
+            raise SystemExit("bench_step.py needs a CUDA GPU (or --cpu-smoke to check the script on CPU)")
+        autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+        where = "CPU (smoke run: not a measurement of the targets)"
+    peak = device_peak(args, device)
+    print(f"device: {where}; model {args.model}, random init; captions {args.caption_tokens} tokens; "
+          f"compile={args.compile}; bf16 peak {peak or 'unknown'} TFLOP/s")
+    names = args.steps_only.split(",")
+    results = {}
+    for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+        for name in names:
+            case = Case(name, args, device, autocast)
+            results[name, batch_size] = run_case(case, batch_size, args)
+            del case
+    print(f"| step | batch | samples/s | peak memory (GiB) | TFLOP/s | % of bf16 peak | x naive |")
+    print("|---|---|---|---|---|---|---|")
+    for (name, batch_size), r in results.items():
+        if r["oom"]:
+            print(f"| {name} | {batch_size} | out of memory | | | | |")
+            continue
+        naive = results.get(("naive", batch_size), {})
+        ratio = f"{r['samples_per_s'] / naive['samples_per_s']:.2f}" if naive and not naive["oom"] else "n/a"
+        share = f"{100 * r['tflops'] / peak:.1f}" if peak else "n/a"
+        print(f"| {name} | {batch_size} | {r['samples_per_s']:,.0f} | {r['peak_gib']:.1f} | {r['tflops']:.3g} "
+              f"| {share} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
