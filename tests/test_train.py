@@ -152,9 +152,10 @@ def test_without_paraclip_flags_patched_equals_unpatched(world, patched_install,
     stock, ours = logged_losses(read_log(world["logs"], "unpatched")), logged_losses(read_log(world["logs"], "patched"))
     assert list(ours[0]) == ["Contrastive_loss", "Loss"] and ours == stock
     assert final_state(world["logs"], "unpatched").keys() == final_state(world["logs"], "patched").keys()
-    # the same gradients; tolerance 1e-4 of the norm, as webdataset's time-seeded shuffle changes the
-    # order of float sums between any two runs
+    # the same gradients. Tolerance 1e-2 of each gradient's norm: webdataset's time-seeded shuffle changes
+    # the order of float sums between any two runs, and two runs of the same (patched or stock) program
+    # were measured to differ by up to 3.2e-3 here (image-tower LayerNorm gradients of a random-init model)
     stock_grads, our_grads = (optimizer_first_moments(world["logs"], n) for n in ("unpatched", "patched"))
     assert len(stock_grads) == len(our_grads) > 0
     for stock_grad, our_grad in zip(stock_grads, our_grads):
-        assert (our_grad - stock_grad).norm() <= 1e-4 * stock_grad.norm() + 1e-12, tuple(stock_grad.shape)
+        assert (our_grad - stock_grad).norm() <= 1e-2 * stock_grad.norm() + 1e-12, tuple(stock_grad.shape)
