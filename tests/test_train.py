@@ -132,8 +132,9 @@ def test_accum_freq_2_matches_double_batch(world, patched_install):
             # so stock open_clip_train gives it accum_freq x the gradient (its behaviour, not the plugin's)
             torch.testing.assert_close(accum_grad, 2 * full_grad, atol=1e-7, rtol=1e-4)
         else:
-            # tolerance: 1e-3 of the gradient's norm (float32 sums over batches of 8 vs 16 measured ~3e-4)
-            assert (accum_grad - full_grad).norm() <= 1e-3 * full_grad.norm(), tuple(full_grad.shape)
+            # tolerance: 3e-3 of the gradient's norm (float32 sums over batches of 8 vs 16 in a time-seeded
+            # sample order measured up to 3.5e-4; two runs of one program differ by up to 3.2e-3, see below)
+            assert (accum_grad - full_grad).norm() <= 3e-3 * full_grad.norm(), tuple(full_grad.shape)
 
 
 def optimizer_first_moments(logs, name):
