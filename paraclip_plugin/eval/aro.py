@@ -12,13 +12,12 @@ ARO's ``macro_accuracy``, the mean of per-group accuracies over the groups ARO k
 not in its symmetric list; VG-A: attribute pairs with at least 25 cases). The paper's Table 1 VG-R and
 VG-A columns are these macro accuracies. Every distinct crop and caption is embedded once.
 """
-import json
 import os
 from dataclasses import dataclass
 
 import torch
 
-from .paraphrased_retrieval import InputError, _load_image, distinct, embed_images, embed_texts
+from .paraphrased_retrieval import InputError, load_json, _load_image, distinct, embed_images, embed_texts
 
 BOX_KEYS = ("bbox_x", "bbox_y", "bbox_w", "bbox_h")
 CASE_KEYS = ("image_path", *BOX_KEYS, "true_caption", "false_caption")
@@ -72,13 +71,7 @@ def _group_of(task, record, where):
 
 def read_cases(task, annotation_path, images_dir):
     """Parse and validate an ARO annotation file; every error names the file and the case index."""
-    try:
-        with open(annotation_path, encoding="utf-8") as f:
-            records = json.load(f)
-    except OSError as e:
-        raise InputError(f"{annotation_path}: cannot read {task} annotations: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{annotation_path}: malformed JSON ({e.msg} at line {e.lineno})") from None
+    records = load_json(annotation_path, f"{task} annotations")
     if not isinstance(records, list):
         raise InputError(f"{annotation_path}: expected a JSON list of test cases")
     if not records:

@@ -30,7 +30,7 @@ import sys
 
 import torch
 
-from .paraphrased_retrieval import InputError
+from .paraphrased_retrieval import InputError, load_json
 
 IMAGENET_CLASSES = 1000
 COCO_IMAGE_FOLDER = "val2014"  # what clip_benchmark's mscoco_captions reads for split val/test
@@ -83,13 +83,7 @@ def check_coco_root(root, annotation_file=None):
         raise InputError(f"{images}: COCO image folder not found (clip_benchmark reads images from "
                          f"<root>/{COCO_IMAGE_FOLDER} for the test split)")
     annotations = annotation_file or os.path.join(root, COCO_DEFAULT_ANNOTATIONS)
-    try:
-        with open(annotations, encoding="utf-8") as f:
-            data = json.load(f)
-    except OSError as e:
-        raise InputError(f"{annotations}: cannot read COCO captions: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{annotations}: malformed JSON ({e.msg} at line {e.lineno})") from None
+    data = load_json(annotations, "COCO captions")
     if not (isinstance(data, dict) and isinstance(data.get("images"), list) and isinstance(data.get("annotations"), list)):
         raise InputError(f"{annotations}: expected COCO captions format with 'images' and 'annotations' lists")
     if not data["images"] or not data["annotations"]:

@@ -27,6 +27,17 @@ class InputError(ValueError):
     """Bad user input (files, lines, names): reported as one message, never as a traceback."""
 
 
+def load_json(path, what):
+    """``json.load`` of a user file; a missing or malformed file is an ``InputError`` naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read {what}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
+
+
 @dataclass(frozen=True)
 class RetrievalPair:
     query: str

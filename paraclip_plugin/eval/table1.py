@@ -17,14 +17,13 @@ text once. All numbers in the JSON are fractions (accuracy, recall, AO/JS in [0,
 [-1, 1]); the Markdown table shows them x100 like the paper.
 """
 import hashlib
-import json
 import os
 import time
 from importlib import metadata
 
 from .aro import ANNOTATION_FILES, evaluate_aro, read_cases
 from .benchmark import check_coco_root, check_imagenet_root, evaluate_coco, evaluate_imagenet
-from .paraphrased_retrieval import InputError, build_gallery, evaluate_paraphrased_retrieval, load_model, read_pairs
+from .paraphrased_retrieval import InputError, load_json, build_gallery, evaluate_paraphrased_retrieval, load_model, read_pairs
 from .sts import evaluate_sts, read_tasks
 
 TASKS = ("paraphrased-retrieval", "vg-relation", "vg-attribution", "sts", "zeroshot-imagenet", "coco-retrieval")
@@ -205,13 +204,7 @@ def compare(a, b):
 
 
 def read_result(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            result = json.load(f)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read result JSON: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
+    result = load_json(path, "result JSON")
     if not (isinstance(result, dict) and "table1" in result and "inputs" in result):
         raise InputError(f"{path}: not a table1 result (no 'table1'/'inputs' keys)")
     return result

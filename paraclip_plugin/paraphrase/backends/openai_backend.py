@@ -83,7 +83,7 @@ class OpenAIBackend:
             except (json.JSONDecodeError, MalformedResponse, openai.APIResponseValidationError) as e:
                 last = e
                 await asyncio.sleep(min(0.05 * 2 ** attempt, 2.0) * (1 + random.random()))
-            except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
+            except (openai.BadRequestError, openai.UnprocessableEntityError):
                 # The request itself is refused (e.g. a content filter): retrying cannot help, and
                 # one bad caption must not stop a 5M-caption job. The sample is dropped by reason.
                 return Completion(None, error=REQUEST_REJECTED)
