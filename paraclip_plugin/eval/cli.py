@@ -61,10 +61,14 @@ def _run_paraphrased_retrieval(args):
     return 0
 
 
-def _load(args):
-    """``(model, preprocess, tokenizer, device)`` for a single-task subcommand, after its inputs were checked."""
+def _run_on_model(args, evaluate):
+    """Load the model (after the task checked its inputs), call ``evaluate(model, preprocess, tokenizer,
+    device)`` and print (and with --output, write) its result with the model named."""
     device = args.device or default_device()
-    return (*load_model(args.model, args.pretrained, args.model_config, device), device)
+    model, preprocess, tokenizer = load_model(args.model, args.pretrained, args.model_config, device)
+    result = evaluate(model, preprocess, tokenizer, device)
+    _emit({**result, "model": args.model, "pretrained": args.pretrained}, args.output)
+    return 0
 
 
 def _add_aro(subparsers, task, what):
@@ -83,10 +87,8 @@ def _add_aro(subparsers, task, what):
 def _run_aro(args):
     from .aro import evaluate_aro, read_cases
     cases = read_cases(args.task, args.annotations, args.images)
-    model, preprocess, tokenizer, device = _load(args)
-    result = evaluate_aro(model, preprocess, tokenizer, args.task, cases, device, args.batch_size, args.progress)
-    _emit({**result, "model": args.model, "pretrained": args.pretrained}, args.output)
-    return 0
+    return _run_on_model(args, lambda model, preprocess, tokenizer, device: evaluate_aro(
+        model, preprocess, tokenizer, args.task, cases, device, args.batch_size, args.progress))
 
 
 def _add_sts(subparsers):
@@ -106,10 +108,8 @@ def _add_sts(subparsers):
 def _run_sts(args):
     from .sts import evaluate_sts, read_tasks
     tasks = read_tasks(args.folder, args.sts_tasks)
-    model, _, tokenizer, device = _load(args)
-    _emit({**evaluate_sts(model, tokenizer, tasks, device, args.progress), "model": args.model,
-           "pretrained": args.pretrained}, args.output)
-    return 0
+    return _run_on_model(args, lambda model, _, tokenizer, device: evaluate_sts(
+        model, tokenizer, tasks, device, args.progress))
 
 
 def _add_imagenet(subparsers):
@@ -128,10 +128,8 @@ def _add_imagenet(subparsers):
 def _run_imagenet(args):
     from .benchmark import check_imagenet_root, evaluate_imagenet
     check_imagenet_root(args.root, args.templates)
-    model, preprocess, tokenizer, device = _load(args)
-    result = evaluate_imagenet(model, preprocess, tokenizer, args.root, device, args.batch_size, args.templates)
-    _emit({**result, "model": args.model, "pretrained": args.pretrained}, args.output)
-    return 0
+    return _run_on_model(args, lambda model, preprocess, tokenizer, device: evaluate_imagenet(
+        model, preprocess, tokenizer, args.root, device, args.batch_size, args.templates))
 
 
 def _add_coco(subparsers):
@@ -150,10 +148,8 @@ def _add_coco(subparsers):
 def _run_coco(args):
     from .benchmark import check_coco_root, evaluate_coco
     check_coco_root(args.root, args.annotations)
-    model, preprocess, tokenizer, device = _load(args)
-    result = evaluate_coco(model, preprocess, tokenizer, args.root, device, args.batch_size, args.annotations)
-    _emit({**result, "model": args.model, "pretrained": args.pretrained}, args.output)
-    return 0
+    return _run_on_model(args, lambda model, preprocess, tokenizer, device: evaluate_coco(
+        model, preprocess, tokenizer, args.root, device, args.batch_size, args.annotations))
 
 
 def _add_table1(subparsers):
