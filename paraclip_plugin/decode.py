@@ -44,10 +44,6 @@ def shard_has_member(url, suffixes):
         return None  # a corrupt tar is reported by the tar reader itself
 
 
-def shard_has_paraphrases(url):
-    return shard_has_member(url, (f".{PARA1}", f".{PARA2}"))
-
-
 class NotAParaCLIPShard(ValueError):
     pass
 
@@ -76,22 +72,12 @@ class SkipIncomplete:
                            else "image (" + "|".join(IMAGE_EXTENSIONS) + ")")
         return missing
 
-    def check_shard(self, url):
-        if url not in self.checked_shards:
-            self.checked_shards[url] = shard_has_paraphrases(url)
-            if self.checked_shards[url] is False:
-                raise NotAParaCLIPShard(
-                    f"shard {url} has no '{PARA1}' or '{PARA2}' member in any sample: it is not a ParaCLIP "
-                    f"four-field shard (make one with scripts/make_shards.py), or drop --paraclip-loss")
-
-    def check_embedded(self, url):
-        key = ("embedded", url)
-        if key not in self.checked_shards:
-            self.checked_shards[key] = shard_has_member(url, (f".{EMBEDDING_FIELD}",))
-            if self.checked_shards[key] is False:
-                raise MissingEmbeddings(
-                    f"shard {url} has no '{EMBEDDING_FIELD}' member in any sample: add image embeddings "
-                    f"with scripts/embed_images.py, or drop --image-embeddings")
+    def require_in_shard(self, url, suffixes, error):
+        """Read the shard's member names once (per worker); raise ``error`` if no member ends with ``suffixes``."""
+        if (url, suffixes) not in self.checked_shards:
+            self.checked_shards[url, suffixes] = shard_has_member(url, suffixes)
+            if self.checked_shards[url, suffixes] is False:
+                raise error
 
     def __call__(self, samples):
         for sample in samples:
@@ -101,9 +87,13 @@ class SkipIncomplete:
                 continue
             url = sample.get("__url__", "?")
             if PARA1 in missing or PARA2 in missing:
-                self.check_shard(url)
+                self.require_in_shard(url, (f".{PARA1}", f".{PARA2}"), NotAParaCLIPShard(
+                    f"shard {url} has no '{PARA1}' or '{PARA2}' member in any sample: it is not a ParaCLIP "
+                    f"four-field shard (make one with scripts/make_shards.py), or drop --paraclip-loss"))
             if EMBEDDING_FIELD in self.image_fields and EMBEDDING_FIELD in missing:
-                self.check_embedded(url)
+                self.require_in_shard(url, (f".{EMBEDDING_FIELD}",), MissingEmbeddings(
+                    f"shard {url} has no '{EMBEDDING_FIELD}' member in any sample: add image embeddings "
+                    f"with scripts/embed_images.py, or drop --image-embeddings"))
             self.skipped_samples += 1
             self.missing.update(missing)
             if self.skipped_samples <= self.log_first or self.skipped_samples % self.log_every == 0:
@@ -121,7 +111,7 @@ def paraclip_decode_stages(preprocess_img, tokenizer, embedding_sha256=None, emb
             SkipIncomplete(),
             wds.decode("pilrgb", handler=log_and_continue),
             wds.map(TextTokens(tokenizer)),
-            wds.rename(image=";".join(IMAGE_EXTENSIONS), texts="texts"),
+            wds.rename(image=";".join(IMAGE_EXTENSIONS)),
             wds.map_dict(image=preprocess_img),
             wds.to_tuple("image", "texts"),
         ]
