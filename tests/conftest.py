@@ -117,8 +117,9 @@ def train_args(data, logs, name, init, *extra, batch_size=8, samples=None):
 
 def run(cmd, env_extra=None, timeout=300, check=True):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("PYTHONPATH", None)
     env.update(env_extra or {})
+    # the plugin under test is this checkout's, whatever is installed (env_extra's PYTHONPATH goes first)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in ((env_extra or {}).get("PYTHONPATH"), str(REPO)) if p)
     proc = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
