@@ -103,7 +103,7 @@ class SkipIncomplete:
                     f"missing fields: {dict(self.missing)})")
 
 
-def paraclip_decode_stages(preprocess_img, tokenizer, embedding_sha256=None, embedding_label=""):
+def paraclip_decode_stages(preprocess_img, tokenizer, embedding_sha256=None, embedding_label="", precision="fp32"):
     """Per-sample stages -> ``(image, texts)``; with ``embedding_sha256`` (``--image-embeddings``)
     ``image`` is the stored embedding checked against that fingerprint, and no image is decoded."""
     if embedding_sha256 is None:
@@ -120,7 +120,7 @@ def paraclip_decode_stages(preprocess_img, tokenizer, embedding_sha256=None, emb
         wds.map(drop_images),
         # no image handler: text, json and npy members only
         wds.decode(handler=log_and_continue),
-        wds.map(CachedImageEmbedding(embedding_sha256, embedding_label)),
+        wds.map(CachedImageEmbedding(embedding_sha256, embedding_label, precision)),
         wds.map(TextTokens(tokenizer)),
         wds.to_tuple("image", "texts"),
     ]

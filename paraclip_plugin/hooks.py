@@ -55,6 +55,10 @@ def add_arguments(parser):
              "exact (causal text towers pooling at EOT); --no-text-trimming always runs the full context.")
 
 
+# below this, a pure_bf16 weight update is mostly rounded away (bf16 has an 8-bit significand)
+PURE_BF16_MIN_LR = 1e-4
+
+
 def usage_error(message):
     """Exit like argparse does for a bad flag: message on stderr, status 2."""
     print(f"open_clip_train: error: {message}", file=sys.stderr)
@@ -79,6 +83,19 @@ def configure(args):
         if args.dataset_type in ("csv", "synthetic"):
             usage_error(f"--paraclip-loss reads four-field WebDataset shards; "
                         f"--dataset-type {args.dataset_type} is not supported")
+    if args.paraclip_loss:
+        if args.lock_text:
+            usage_error("--paraclip-loss trains the text tower, but --lock-text freezes it "
+                        "(only logit_scale would train): drop --lock-text")
+        if args.precision == "pure_bf16" and args.lr < PURE_BF16_MIN_LR:
+            logging.warning(
+                f"ParaCLIP: --precision pure_bf16 with --lr {args.lr:g}: bf16 weights keep 8 significant bits, "
+                f"so updates smaller than ~1/256 of a weight are rounded away (at the paper's lr 5e-7 almost no "
+                f"text weight changes). Use --precision amp_bf16 (float32 weights, bf16 compute).")
+    if args.frozen_visual and args.lock_image_unlocked_groups:
+        usage_error(f"--lock-image-unlocked-groups {args.lock_image_unlocked_groups} asks for trainable image "
+                    f"layers, but the image tower is frozen (--frozen-visual, the default with --paraclip-loss): "
+                    f"drop one, or pass --no-frozen-visual")
     if args.image_embeddings:
         if not args.paraclip_loss:
             usage_error("--image-embeddings needs --paraclip-loss")
@@ -112,9 +129,11 @@ def wds_decode_stages(args, preprocess_img, tokenizer, is_train):
     if "visual_sha256" not in _frozen_visual:
         _frozen_visual["visual_sha256"] = visual_fingerprint(_frozen_visual["visual"])
         logging.info(f"ParaCLIP: reading cached image embeddings; image tower sha256 "
-                     f"{_frozen_visual['visual_sha256']} ({args.model}, pretrained {args.pretrained}).")
+                     f"{_frozen_visual['visual_sha256']} ({args.model}, pretrained {args.pretrained}, "
+                     f"precision {args.precision}).")
     return paraclip_decode_stages(preprocess_img, tokenizer, embedding_sha256=_frozen_visual["visual_sha256"],
-                                  embedding_label=f"('{args.model}', pretrained '{args.pretrained}') ")
+                                  embedding_label=f"('{args.model}', pretrained '{args.pretrained}') ",
+                                  precision=args.precision)
 
 
 def create_loss(args):

@@ -75,9 +75,6 @@ class ParaphraseForward(nn.Module):
         out = super().forward(None if cached_image_features else image, None, *args, **kwargs)
         if not isinstance(out, dict):
             raise TypeError("ParaCLIP needs the model's output_dict=True (as open_clip_train creates it)")
-        if cached_image_features:
-            # stored in float16; normalized in float32 as encode_image(normalize=True) would be
-            out["image_features"] = F.normalize(image.float(), dim=-1)
         # field-major order, so each field's features are one contiguous block (all_gather needs that)
         fused = text.transpose(0, 1).reshape(fields * batch, context)
         if self.paraclip_trimming is not None:
@@ -85,6 +82,10 @@ class ParaphraseForward(nn.Module):
         else:
             text_features = self.encode_text(pad_to_context(fused, self.context_length), normalize=True)
         out["text_features"], out["para1_features"], out["para2_features"] = text_features.split(batch)
+        if cached_image_features:
+            # stored in float16; normalized in float32 as encode_image(normalize=True) would be, then in
+            # the text features' dtype (bf16 under --precision pure_bf16), which the loss multiplies them with
+            out["image_features"] = F.normalize(image.float(), dim=-1).to(text_features.dtype)
         return out
 
 

@@ -7,7 +7,8 @@
 Per sample it adds ``<key>.img_emb.npy`` (float16 encode_image(preprocess_val(image), normalize=True)
 of the frozen image tower) and, unless ``--no-tokens``, ``<key>.tokens.npy`` (the ids of caption,
 para1 and para2 from ``--model``'s tokenizer), and records both sources in ``<key>.json``
-(``paraclip_image_embedding``: model, pretrained tag, sha256 of the image weights;
+(``paraclip_image_embedding``: model, pretrained tag, sha256 of the image weights, also as
+training's 16-bit ``--precision`` choices convert them;
 ``paraclip_tokens``: tokenizer and its fingerprint); see paraclip_plugin/embeddings.py and
 pretokenized.py. All other members are copied unchanged.
 
@@ -30,7 +31,7 @@ import torch
 from PIL import Image
 
 from paraclip_plugin.embeddings import (EMBEDDING_FIELD, METADATA_KEY as EMBEDDING_KEY, embedding_record,
-                                        encode_embedding, visual_fingerprint)
+                                        encode_embedding, precision_fingerprints, visual_fingerprint)
 from paraclip_plugin.paraphrase.inputs import expand_inputs, split_for_job
 from paraclip_plugin.paraphrase.shard_io import InputError, read_tar_samples
 from paraclip_plugin.pretokenized import (METADATA_KEY as TOKENS_KEY, TEXT_FIELDS, TOKENS_FIELD, stored_tokens,
@@ -88,7 +89,9 @@ class ShardEmbedder:
         model, _, self.preprocess = open_clip.create_model_and_transforms(
             args.model, pretrained=args.pretrained, device=self.device)
         self.visual = model.visual.eval().requires_grad_(False)
-        self.record = embedding_record(args.model, args.pretrained, visual_fingerprint(self.visual))
+        # also what these weights hash to in training's 16-bit weight precisions (--precision pure_bf16, ...)
+        self.record = embedding_record(args.model, args.pretrained, visual_fingerprint(self.visual),
+                                       precision_fingerprints(args.model, args.pretrained))
         self.tokenizer = open_clip.get_tokenizer(args.model) if args.tokens else None
         if self.tokenizer is not None:
             self.tokens_record = tokens_record(args.model, self.tokenizer)

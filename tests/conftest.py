@@ -107,7 +107,7 @@ def train_args(data, logs, name, init, *extra, batch_size=8, samples=None):
         "--train-data", str(data), "--dataset-type", "webdataset",
         "--model", TINY_MODEL, "--model-config", str(TINY_CONFIG), "--pretrained", str(init),
         "--batch-size", str(batch_size), "--lr", "1e-3", "--wd", "0.001", "--warmup", "1",
-        "--epochs", "1", "--workers", "1", "--device", "cpu", "--seed", "0",
+        "--epochs", "1", "--workers", "1", "--device", "cpu", "--seed", "0", "--precision", "fp32",
         "--logs-dir", str(logs), "--name", name, "--log-every-n-steps", "1",
     ]
     if samples:

@@ -72,8 +72,10 @@ def test_embed_images_adds_embeddings_tokens_and_records(world):
                 expected = model.encode_image(image, normalize=True)[0]
             torch.testing.assert_close(torch.from_numpy(emb).float(), expected, atol=2e-3, rtol=0)
             meta = json.loads(new["json"])
-            assert meta["paraclip_image_embedding"] == {
+            record = meta["paraclip_image_embedding"]
+            assert {k: v for k, v in record.items() if k != "visual_sha256_by_precision"} == {
                 "model": TINY_MODEL, "pretrained": str(world["init"]), "visual_sha256": visual_fingerprint(model.visual)}
+            assert set(record["visual_sha256_by_precision"]) == {"bf16", "pure_bf16", "fp16", "pure_fp16"}
             assert meta["paraclip_tokens"]["tokenizer"] == TINY_MODEL
             tokens = np.load(io.BytesIO(new["tokens.npy"]))
             full = tokenizer([old[f].decode() for f in ("txt", "para1.txt", "para2.txt")]).numpy()
