@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # torch first and pinned: the CPU machines here install torch 2.14.1 from local disk.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test clean wheelhouse gpu-check
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,14 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# the GPU proof (scripts/gpu_check.sh): `make wheelhouse` here, then `make gpu-check` on the GPU
+# machine with .whl/ carried along (it has no package index); OUT= names the results folder
+wheelhouse: venv
+	PYTHON=$(BIN)/python bash scripts/wheelhouse.sh
+
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) demo_output

@@ -6,6 +6,7 @@ hook is a no-op unless one of the flags below is given, so a stock recipe trains
 """
 import argparse
 import logging
+import os
 import sys
 
 import open_clip
@@ -136,9 +137,23 @@ def wds_decode_stages(args, preprocess_img, tokenizer, is_train):
                                   precision=args.precision)
 
 
+def keep_torch_logs(args):
+    """Re-apply the user's ``TORCH_LOGS`` (e.g. ``recompiles,graph_breaks``) under ``--torchcompile``.
+
+    open_clip_train sets every existing logger to INFO (``setup_logging``) and torch's compiler
+    loggers to WARNING just before ``torch.compile``, which silences what TORCH_LOGS asked for.
+    ``create_loss`` is the first hook after that and before the first compiled forward.
+    """
+    if args.torchcompile and os.environ.get("TORCH_LOGS"):
+        import torch._logging._internal
+        torch._logging._internal._init_logs()
+        logging.info(f"ParaCLIP: TORCH_LOGS={os.environ['TORCH_LOGS']} re-applied after open_clip_train's logger setup.")
+
+
 def create_loss(args):
     if not args.paraclip_loss:
         return None
+    keep_torch_logs(args)
     logging.info("ParaCLIP loss: " + " + ".join(
         f"{w:g}*L({a},{b})" for (a, b), w in zip(args.paraclip_terms, args.paraclip_weights)))
     return ParaCLIPLoss(

@@ -20,9 +20,7 @@ embeddings are random unit vectors of the model's width, recorded with the hash 
 real (random-init) image weights, which is all the loader reads and checks.
 """
 import argparse
-import io
 import os
-import random
 import tempfile
 import time
 from types import SimpleNamespace
@@ -30,49 +28,11 @@ from types import SimpleNamespace
 import numpy as np
 import open_clip
 import torch
-from PIL import Image, ImageFilter
 
 from paraclip_plugin import hooks
-from paraclip_plugin.embeddings import EMBEDDING_FIELD, METADATA_KEY, embedding_record, encode_embedding, visual_fingerprint
-from paraclip_plugin.shards import atomic_tar_writer, update_sizes_json
-
-WORDS = ("a the of on in with near under beside dog cat man woman child car street tree house field beach "
-         "red blue green white black small large old young sitting standing running holding looking "
-         "photo picture view close up two three group people table window water sky").split()
-
-
-def jpeg_bytes(rng, size=256):
-    """A smooth random image: JPEG-compresses to ~15 KiB like a typical 256 px web photo."""
-    noise = np.asarray(rng.integers(0, 256, (size // 8, size // 8, 3)), dtype=np.uint8)
-    image = Image.fromarray(noise).resize((size, size), Image.BICUBIC).filter(ImageFilter.GaussianBlur(1))
-    detail = np.asarray(rng.integers(-12, 12, (size, size, 3)))
-    image = Image.fromarray(np.clip(np.asarray(image, dtype=np.int64) + detail, 0, 255).astype(np.uint8))
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=80)
-    return buf.getvalue()
-
-
-def caption(rng):
-    return " ".join(rng.choice(WORDS) for _ in range(rng.integers(8, 17)))
-
-
-def write_shards(folder, samples, per_shard, seed=0):
-    rng = np.random.default_rng(seed)
-    os.makedirs(folder, exist_ok=True)
-    sizes, jpeg_sizes = {}, []
-    for shard in range(-(-samples // per_shard)):
-        name = f"{shard:05d}.tar"
-        count = min(per_shard, samples - shard * per_shard)
-        with atomic_tar_writer(os.path.join(folder, name)) as sink:
-            for i in range(count):
-                jpg = jpeg_bytes(rng)
-                jpeg_sizes.append(len(jpg))
-                sink.write({"__key__": f"{shard:05d}{i:05d}", "jpg": jpg, "txt": caption(rng),
-                            "para1.txt": caption(rng), "para2.txt": caption(rng)})
-        sizes[name] = count
-    update_sizes_json(folder, sizes)
-    return os.path.join(folder, "{" + f"00000..{len(sizes) - 1:05d}" + "}.tar"), float(np.mean(jpeg_sizes))
-
+from paraclip_plugin.embeddings import embedding_record, visual_fingerprint
+from paraclip_plugin.shards import update_sizes_json
+from synthetic_shards import write_shards
 
 def embed_shards(src_pattern, dst_folder, model_name, model, pretrained):
     """embed_images.py's shard writer, with random unit vectors in place of the image tower's output."""

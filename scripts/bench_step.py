@@ -3,6 +3,7 @@
 
     python scripts/bench_step.py                       # CUDA: ViT-B-32, batches 1024 and 3072, bf16 autocast
     python scripts/bench_step.py --compile             # + torch.compile of the plugin's model
+    python scripts/bench_step.py --steps-only naive,plugin-emb,plugin-emb+compile --json step.json
     python scripts/bench_step.py --cpu-smoke           # CPU, tiny model, small batches: checks the script runs
 
 Steps compared, same batch sizes, random init, captions of 12-24 tokens, tensors already on the device,
@@ -12,11 +13,13 @@ AdamW on the text tower, the ParaCLIP loss (3 InfoNCE terms):
     plugin-img  the plugin's model (open_clip_train --paraclip-loss): frozen image tower on images +
                 one fused text forward cut to the longest sequence
     plugin-emb  the same with cached image embeddings (--image-embeddings): no image tower at all
+    NAME+compile  that step with the plugin's model under torch.compile (compilation in the warm-up)
 
 TFLOP/s counts the step's FLOPs with torch.utils.flop_counter (matmuls/attention as torch dispatches
 them) and divides by the measured step time; the peak is the card's dense bf16 tensor-core peak.
 """
 import argparse
+import json
 import time
 
 import open_clip
@@ -39,15 +42,19 @@ def parse_args():
     p.add_argument("--steps", type=int, default=20, help="timed steps per case")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per case (compilation happens here)")
     p.add_argument("--caption-tokens", default="12,24", help="min,max tokens per text, SOT/EOT included")
-    p.add_argument("--compile", action="store_true", help="torch.compile the plugin's model")
+    p.add_argument("--compile", action="store_true", help="add plugin-img+compile and plugin-emb+compile")
     p.add_argument("--peak-tflops", type=float, default=None, help="the card's bf16 peak (default: by device name)")
-    p.add_argument("--steps-only", default="naive,plugin-img,plugin-emb")
+    p.add_argument("--steps-only", default="naive,plugin-img,plugin-emb",
+                   help="cases, comma-separated: naive, plugin-img, plugin-emb, each plugin one also as NAME+compile")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="CPU, paraclip-tiny, batches 16,32, 2 steps, float32: checks the script, measures nothing useful")
     args = p.parse_args()
     if args.cpu_smoke:
         args.model, args.batch_sizes, args.steps, args.warmup = "paraclip-tiny", "16,32", 2, 1
         open_clip.add_model_config(TINY_CONFIG)
+    if args.compile:
+        args.steps_only += ",plugin-img+compile,plugin-emb+compile"
     return args
 
 
@@ -96,18 +103,22 @@ def plugin_step(model, loss_fn, images, texts, embeddings, use_embeddings):
 class Case:
     def __init__(self, name, args, device, autocast):
         self.name, self.args, self.device, self.autocast = name, args, device, autocast
-        self.model = make_model(args, device, plugin=name != "naive")
-        self.callable_model = torch.compile(self.model) if args.compile and name != "naive" else self.model
+        self.kind, _, compiled = name.partition("+")
+        if self.kind not in ("naive", "plugin-img", "plugin-emb") or compiled not in ("", "compile") or \
+                (compiled and self.kind == "naive"):
+            raise SystemExit(f"bench_step.py: unknown case '{name}' in --steps-only")
+        self.model = make_model(args, device, plugin=self.kind != "naive")
+        self.callable_model = torch.compile(self.model) if compiled else self.model
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
         self.loss_fn = ParaCLIPLoss(parse_terms(DEFAULT_TERMS))
 
     def step(self, batch):
         with self.autocast():
-            if self.name == "naive":
+            if self.kind == "naive":
                 loss = naive_step(self.model, self.loss_fn, *batch)
             else:
-                loss = plugin_step(self.callable_model, self.loss_fn, *batch, use_embeddings=self.name == "plugin-emb")
+                loss = plugin_step(self.callable_model, self.loss_fn, *batch, use_embeddings=self.kind == "plugin-emb")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -144,7 +155,7 @@ def run_case(case, batch_size, args):
             case.step(batch)
         sync(device)
         seconds = (time.perf_counter() - start) / args.steps
-        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
         flops = case.flops(batch)
     except torch.cuda.OutOfMemoryError:
         case.optimizer.zero_grad(set_to_none=True)
@@ -175,7 +186,7 @@ def main():
         where = "CPU (smoke run: not a measurement of the targets)"
     peak = device_peak(args, device)
     print(f"device: {where}; model {args.model}, random init; captions {args.caption_tokens} tokens; "
-          f"compile={args.compile}; bf16 peak {peak or 'unknown'} TFLOP/s")
+          f"bf16 peak {peak or 'unknown'} TFLOP/s", flush=True)
     names = args.steps_only.split(",")
     results = {}
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
@@ -183,6 +194,13 @@ def main():
             case = Case(name, args, device, autocast)
             results[name, batch_size] = run_case(case, batch_size, args)
             del case
+            print(f"{name} at batch {batch_size}: {results[name, batch_size]}", flush=True)
+            if args.json:  # after every case: a run stopped at its time limit keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump({"device": where, "torch": torch.__version__, "model": args.model,
+                               "bf16_peak_tflops": peak, "caption_tokens": args.caption_tokens, "steps": args.steps,
+                               "warmup": args.warmup, "cases": [dict(step=n, batch=b, **r)
+                                                                for (n, b), r in results.items()]}, f, indent=1)
     print(f"| step | batch | samples/s | peak memory (GiB) | TFLOP/s | % of bf16 peak | x naive |")
     print("|---|---|---|---|---|---|---|")
     for (name, batch_size), r in results.items():
@@ -192,7 +210,8 @@ def main():
         naive = results.get(("naive", batch_size), {})
         ratio = f"{r['samples_per_s'] / naive['samples_per_s']:.2f}" if naive and not naive["oom"] else "n/a"
         share = f"{100 * r['tflops'] / peak:.1f}" if peak else "n/a"
-        print(f"| {name} | {batch_size} | {r['samples_per_s']:,.0f} | {r['peak_gib']:.1f} | {r['tflops']:.3g} "
+        memory = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
+        print(f"| {name} | {batch_size} | {r['samples_per_s']:,.0f} | {memory} | {r['tflops']:.3g} "
               f"| {share} | {ratio} |")
 
 

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The GPU proof of the fast path in one device call (`make gpu-check`), or every stage tiny on the
+# CPU (`bash scripts/gpu_check.sh --cpu-smoke`, part of `make test`).
+#
+#   1. tests        pytest -m gpu tests/test_gpu.py: trimmed vs stock features/gradients under autocast,
+#                   the frozen tower under AMP, open_clip_train --paraclip-loss steps (amp_bf16, --torchcompile)
+#   2. step         scripts/bench_step.py: naive vs plugin step, batches 1,024 and 3,072, eager and compiled
+#   3. e2e          scripts/bench_e2e.py: real open_clip_train runs from shards on local disk
+#
+# Each stage has a hard time budget (120 + 150 + 210 s), so the whole check ends inside one
+# 10-minute device call; GPU_CHECK_STAGES="e2e" (say) reruns only some stages.
+# Results: $OUT/gpu_check.json and gpu_check.md (+ logs.tar.gz), made by scripts/gpu_report.py;
+# `python scripts/gpu_report.py publish $OUT/gpu_check.json` files them under benchmarks/ and
+# regenerates the README's performance section.
+#
+# On the GPU machine (no package index) it first installs the wheels of `make wheelhouse` (.whl/,
+# carried with the call) and this checkout into the machine's python3, and gives open_clip_train
+# its hook points. With --cpu-smoke it uses the current environment as it is.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+SMOKE=0
+[ "${1:-}" = "--cpu-smoke" ] && SMOKE=1
+PY=${PYTHON:-python3}
+OUT=${OUT:-$PWD/gpu_check_out}
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+mkdir -p "$OUT" "$WORK/logs"
+export PYTHONUNBUFFERED=1
+T0=$(date +%s)
+STATUS=0
+STAGES=${GPU_CHECK_STAGES:-tests step e2e}  # a subset reruns only those stages
+
+want() { [[ " $STAGES " == *" $1 "* ]]; }
+
+stage() {  # stage NAME BUDGET_SECONDS COMMAND...: run it under a hard time limit, log to $WORK/logs/NAME.log
+    local name=$1 budget=$2 start rc
+    shift 2
+    start=$(date +%s)
+    echo "== $name (budget ${budget}s, $(( start - T0 ))s into the check)"
+    timeout -k 20 "$budget" "$@" > "$WORK/logs/$name.log" 2>&1
+    rc=$?
+    echo "{\"stage\": \"$name\", \"rc\": $rc, \"seconds\": $(( $(date +%s) - start )), \"budget\": $budget}" >> "$WORK/stages.jsonl"
+    tail -n 30 "$WORK/logs/$name.log"
+    echo "== $name: exit $rc in $(( $(date +%s) - start ))s"
+    [ "$rc" -eq 0 ] || STATUS=1
+}
+
+if [ "$SMOKE" = 0 ]; then
+    ls .whl/*.whl > /dev/null 2>&1 || { echo "gpu_check: no wheels in .whl/: run 'make wheelhouse' and carry .whl"; exit 2; }
+    $PY -m pip install -q --no-index --no-deps --no-compile .whl/*.whl || exit 2
+    $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 2
+    if command -v patch > /dev/null; then
+        $PY -m paraclip_plugin.patching apply || exit 2
+    else  # the same patch, applied by `make wheelhouse`
+        SITE=$($PY -c "import open_clip_train, os; print(os.path.dirname(os.path.dirname(open_clip_train.__file__)))")
+        tar -C "$SITE" -xf .whl/open_clip_train-patched.tar && echo "patched from .whl/open_clip_train-patched.tar" || exit 2
+    fi
+    { nvidia-smi; df -h /dev/shm "$WORK"; nproc; free -g; } > "$WORK/logs/machine.log" 2>&1
+    want tests && stage tests 120 env PARACLIP_TEST_DEVICE=cuda $PY -m pytest -p no:cacheprovider -q -m gpu \
+        tests/test_gpu.py --junitxml "$WORK/tests.xml" -o junit_family=xunit1
+    want step && stage step 150 $PY scripts/bench_step.py --steps 10 --warmup 3 \
+        --steps-only naive,plugin-img,plugin-emb,plugin-emb+compile --json "$WORK/step.json"
+    want e2e && stage e2e 210 $PY scripts/bench_e2e.py --folder "$WORK/e2e" --json "$WORK/e2e.json" \
+        --run-timeout 90 --cases stock,paraclip,embed,cached,accum
+else
+    want tests && stage tests 600 env PARACLIP_TEST_DEVICE=cpu $PY -m pytest -p no:cacheprovider -q -m gpu tests/test_gpu.py \
+        --junitxml "$WORK/tests.xml" -o junit_family=xunit1
+    want step && stage step 300 $PY scripts/bench_step.py --cpu-smoke --json "$WORK/step.json"
+    want e2e && stage e2e 600 $PY scripts/bench_e2e.py --cpu-smoke --folder "$WORK/e2e" --json "$WORK/e2e.json"
+fi
+$PY scripts/gpu_report.py collect --work "$WORK" --out "$OUT" $([ "$SMOKE" = 1 ] && echo --cpu-smoke) || STATUS=1
+tar -C "$WORK" -czf "$OUT/logs.tar.gz" logs $(cd "$WORK" && ls e2e/*.log 2>/dev/null)
+echo "gpu_check: $([ $STATUS = 0 ] && echo passed || echo FAILED) in $(( $(date +%s) - T0 ))s; results in $OUT"
+rm -rf "$WORK"
+exit $STATUS

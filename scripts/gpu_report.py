@@ -1,0 +1,274 @@
+#!/usr/bin/env python
+"""Results of scripts/gpu_check.sh: one JSON file, its Markdown, and the README's performance section.
+
+    python scripts/gpu_report.py collect --work DIR --out OUT [--cpu-smoke]
+        gpu_check.sh's stage results (stages.jsonl, tests.xml, step.json, e2e.json in DIR)
+        -> OUT/gpu_check.json + OUT/gpu_check.md, with every target of the fast path checked
+    python scripts/gpu_report.py publish OUT/gpu_check.json
+        -> benchmarks/<gpu>-<date>.json + .md, and the README section between the
+           gpu-benchmark markers regenerated from the newest file in benchmarks/
+    python scripts/gpu_report.py readme
+        regenerate the README section only (what `publish` does last)
+
+No number reaches the README without the file it comes from: the section names its file.
+"""
+import argparse
+import datetime
+import glob
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(REPO, "benchmarks")
+README = os.path.join(REPO, "README.md")
+BEGIN, END = "<!-- gpu-benchmark:begin -->", "<!-- gpu-benchmark:end -->"
+
+
+def read_json(path):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_tests(path):
+    """junit xml -> {"passed", "failed", "cases": [{name, outcome, seconds, properties}]}"""
+    if not os.path.exists(path):
+        return None
+    cases = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        outcome = "passed"
+        for tag in ("failure", "error", "skipped"):
+            if case.find(tag) is not None:
+                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
+        props = {p.get("name"): p.get("value") for p in case.iter("property")}
+        cases.append({"name": case.get("name"), "outcome": outcome, "seconds": float(case.get("time", 0)),
+                      "properties": props})
+    count = lambda o: sum(c["outcome"] == o for c in cases)  # noqa: E731
+    return {"passed": count("passed"), "failed": count("failed") + count("error"), "skipped": count("skipped"),
+            "cases": cases}
+
+
+def environment():
+    env = {"python": platform.python_version(), "cpu_cores": os.cpu_count()}
+    try:
+        import torch
+        env["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            env["gpu"] = torch.cuda.get_device_name()
+            env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2 ** 30, 1)
+    except ImportError:
+        pass
+    try:
+        env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                       capture_output=True, text=True).stdout.strip()
+    except OSError:
+        pass
+    return env
+
+
+def step_case(step, name, batch):
+    for case in (step or {}).get("cases", []):
+        if case["step"] == name and case["batch"] == batch and not case.get("oom"):
+            return case
+    return None
+
+
+def targets(step, e2e):
+    """Each target of the fast path: value, goal, met (None where not measured)."""
+    out = []
+
+    def add(name, value, goal, met, note=""):
+        out.append({"target": name, "value": value, "goal": goal, "met": met, "note": note})
+
+    naive = step_case(step, "naive", 1024)
+    plugin = [c for c in (step_case(step, n, 1024) for n in ("plugin-img", "plugin-emb", "plugin-emb+compile")) if c]
+    if naive and plugin:
+        best = max(plugin, key=lambda c: c["samples_per_s"])
+        ratio = best["samples_per_s"] / naive["samples_per_s"]
+        add("plugin step vs naive step, batch 1,024", round(ratio, 2), ">= 4x", ratio >= 4,
+            f"{best['step']}: {best['samples_per_s']:,.0f} vs {naive['samples_per_s']:,.0f} samples/s")
+        img = step_case(step, "plugin-img", 1024)
+        if img:
+            r = img["samples_per_s"] / naive["samples_per_s"]
+            add("plugin step from images vs naive step, batch 1,024", round(r, 2), ">= 4x", r >= 4,
+                f"{img['samples_per_s']:,.0f} vs {naive['samples_per_s']:,.0f} samples/s")
+    else:
+        add("plugin step vs naive step, batch 1,024", None, ">= 4x", None, "not measured")
+    big = [c for c in (step or {}).get("cases", []) if c["batch"] == 3072 and c["step"] != "naive"]
+    if big:
+        fits = [c for c in big if not c.get("oom") and c.get("peak_gib") is not None]
+        worst = max((c["peak_gib"] for c in fits), default=None)
+        add("plugin step at batch 3,072: peak GPU memory", worst, "< 80 GiB",
+            bool(fits) and len(fits) == len(big) and worst < 80,
+            ", ".join(f"{c['step']} {'OOM' if c.get('oom') else format(c.get('peak_gib') or 0, '.1f')}" for c in big))
+    cases = (e2e or {}).get("cases", {})
+    accum = cases.get("accum")
+    if accum:
+        add("one optimizer step of 32,768 via --accum-freq", accum.get("batch"), "runs",
+            accum["exit"] == 0 and accum.get("optimizer_steps", 0) >= 1,
+            f"exit {accum['exit']}, {accum.get('optimizer_steps')} optimizer steps, GPU memory in use "
+            f"max {accum.get('gpu_memory_max_gib')} GiB")
+    stock, para, cached = (cases.get(k, {}).get("samples_per_s") for k in ("stock", "paraclip", "cached"))
+    add("end to end, cached embeddings: samples/s", cached, ">= 10,000", None if cached is None else cached >= 10000)
+    for name, value, goal, floor in (("end to end, cached vs stock", cached, ">= 4x", 4),
+                                     ("end to end, ParaCLIP from JPEGs vs stock", para, ">= 0.9x", 0.9)):
+        ratio = None if not (value and stock) else round(value / stock, 2)
+        add(name, ratio, goal, None if ratio is None else ratio >= floor)
+    return out
+
+
+def collect(args):
+    stages = []
+    path = os.path.join(args.work, "stages.jsonl")
+    if os.path.exists(path):
+        stages = [json.loads(line) for line in open(path) if line.strip()]
+    step, e2e = read_json(os.path.join(args.work, "step.json")), read_json(os.path.join(args.work, "e2e.json"))
+    result = {
+        "kind": "cpu-smoke" if args.cpu_smoke else "gpu",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": os.environ.get("GPU_CHECK_COMMIT"),
+        "environment": environment(),
+        "stages": stages,
+        "tests": read_tests(os.path.join(args.work, "tests.xml")),
+        "step": step,
+        "e2e": e2e,
+    }
+    result["targets"] = targets(step, e2e)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
+        f.write(render(result, "gpu_check.json"))
+    print(render(result, "gpu_check.json"))
+    failed = [s["stage"] for s in stages if s["rc"] != 0]
+    if failed:
+        print(f"gpu_report: stages that failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed or not stages else 0
+
+
+def fmt(value, spec=",.0f"):
+    return "n/a" if value is None else format(value, spec)
+
+
+def render(result, source):
+    env = result["environment"]
+    lines = [f"Measured {result['date']} on **{env.get('gpu', 'no GPU')}** "
+             f"({env.get('gpu_memory_gib', '?')} GiB, driver {env.get('driver') or '?'}, {env.get('cpu_cores')} CPU cores), "
+             f"torch {env.get('torch')}, commit {(result.get('commit') or '?')[:10]}; source: `{source}`"
+             + (" (CPU smoke run: checks the scripts, measures nothing)" if result["kind"] == "cpu-smoke" else "") + ".",
+             ""]
+    tests = result.get("tests")
+    if tests:
+        lines += [f"**Correctness on the device** (`pytest -m gpu`): {tests['passed']} passed, {tests['failed']} failed.", "",
+                  "| test | outcome | s | measured |", "|---|---|---|---|"]
+        for case in tests["cases"]:
+            props = ", ".join(f"{k} {float(v):.3g}" if re.fullmatch(r"[-+0-9.e]+", v) else f"{k} {v}"
+                              for k, v in case["properties"].items())
+            lines.append(f"| {case['name']} | {case['outcome']} | {case['seconds']:.1f} | {props} |")
+        lines.append("")
+    step = result.get("step")
+    if step:
+        peak = step.get("bf16_peak_tflops")
+        lines += [f"**One training step** (`scripts/bench_step.py`, {step['model']} random init, bf16 autocast, "
+                  f"texts of {step['caption_tokens']} tokens, {step['steps']} timed steps after {step['warmup']}):", "",
+                  "| step | batch | samples/s | peak GiB | TFLOP/s | % of bf16 peak | x naive |", "|---|---|---|---|---|---|---|"]
+        for case in step["cases"]:
+            if case.get("oom"):
+                lines.append(f"| {case['step']} | {case['batch']:,} | out of memory | | | | |")
+                continue
+            naive = step_case(step, "naive", case["batch"])
+            ratio = fmt(case["samples_per_s"] / naive["samples_per_s"], ".2f") if naive else "n/a"
+            share = fmt(100 * case["tflops"] / peak, ".1f") if peak else "n/a"
+            lines.append(f"| {case['step']} | {case['batch']:,} | {fmt(case['samples_per_s'])} | "
+                         f"{fmt(case.get('peak_gib'), '.1f')} | {fmt(case['tflops'], '.3g')} | {share} | {ratio} |")
+        lines.append("")
+    e2e = result.get("e2e")
+    if e2e:
+        lines += [f"**End to end** (`scripts/bench_e2e.py`: `torchrun -m open_clip_train.main` on 1 GPU, {e2e['model']}, "
+                  f"batch {e2e['batch']:,}, {e2e['workers']} data workers, {e2e['precision']}, {e2e['samples']:,} "
+                  f"synthetic LAION-like samples on local disk; open_clip's own samples/s over steps "
+                  f"{e2e['skip_steps'] + 1}-{e2e['steps']}, data waits included):", "",
+                  "| run | samples/s | x stock | GPU util % | GPU memory in use, max GiB | exit |", "|---|---|---|---|---|---|"]
+        for name, case in e2e["cases"].items():
+            rate = fmt(case.get("samples_per_s")) if name != "embed" else f"{fmt(case.get('images_per_s'))} images/s"
+            label = {"stock": "stock `--lock-image`, JPEG + caption", "paraclip": "`--paraclip-loss`, JPEG",
+                     "embed": "`embed_images.py` (whole run, start-up included)",
+                     "cached": "`--paraclip-loss --image-embeddings`",
+                     "cached+compile": "`--paraclip-loss --image-embeddings --torchcompile`",
+                     "accum": f"the same, {case.get('batch', 0):,} per step via `--accum-freq`"}.get(name, name)
+            lines.append(f"| {label} | {rate} | {fmt(case.get('x_stock'), '.2f')} | {fmt(case.get('gpu_util_mean_pct'), '.0f')} "
+                         f"| {fmt(case.get('gpu_memory_max_gib'), '.1f')} | {case['exit']} |")
+        lines.append("")
+    lines += ["**Targets:**", "", "| target | measured | goal | met | |", "|---|---|---|---|---|"]
+    for t in result["targets"]:
+        met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
+        value = t["value"] if not isinstance(t["value"], float) else fmt(t["value"], ",.2f")
+        lines.append(f"| {t['target']} | {value} | {t['goal']} | {met} | {t['note']} |")
+    return "\n".join(lines) + "\n"
+
+
+def slug(text):
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def newest_benchmark():
+    files = sorted(glob.glob(os.path.join(BENCHMARKS, "*.json")), key=lambda p: read_json(p)["date"])
+    return files[-1] if files else None
+
+
+def readme_section():
+    path = newest_benchmark()
+    if path is None:
+        return "No GPU measurement is filed in `benchmarks/` yet.\n"
+    return render(read_json(path), os.path.relpath(path, REPO))
+
+
+def update_readme(_args=None):
+    text = open(README).read()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"gpu_report: {README} has no {BEGIN} ... {END} section")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    new = f"{head}{BEGIN}\n{readme_section()}{END}{tail}"
+    if new != text:
+        with open(README, "w") as f:
+            f.write(new)
+    return 0
+
+
+def publish(args):
+    result = read_json(args.result)
+    if result is None or result["kind"] != "gpu":
+        raise SystemExit(f"gpu_report: {args.result} is not the result of a GPU run")
+    name = f"{slug(result['environment'].get('gpu', 'gpu'))}-{result['date'][:10]}"
+    os.makedirs(BENCHMARKS, exist_ok=True)
+    with open(os.path.join(BENCHMARKS, f"{name}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(BENCHMARKS, f"{name}.md"), "w") as f:
+        f.write(f"# {result['environment'].get('gpu')}, {result['date']}\n\n" + render(result, f"{name}.json"))
+    print(f"benchmarks/{name}.json, benchmarks/{name}.md")
+    return update_readme()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("collect")
+    c.add_argument("--work", required=True)
+    c.add_argument("--out", required=True)
+    c.add_argument("--cpu-smoke", action="store_true")
+    pub = sub.add_parser("publish")
+    pub.add_argument("result")
+    sub.add_parser("readme")
+    args = p.parse_args(argv)
+    return {"collect": collect, "publish": publish, "readme": update_readme}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

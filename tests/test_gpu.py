@@ -1,0 +1,170 @@
+"""The fast path on the training device: CUDA with bf16/fp16 autocast and torch.compile.
+
+Marked ``gpu`` and left out of a plain ``pytest`` run (setup.cfg). ``scripts/gpu_check.sh`` runs them
+on a CUDA GPU; ``scripts/gpu_check.sh --cpu-smoke`` (part of ``make test``) runs the same tests on the
+CPU with ``PARACLIP_TEST_DEVICE=cpu``, so they are known to work before device time is spent on them.
+Measured differences are recorded as junit properties (``record_property``), which gpu_check.sh
+copies into its result file.
+"""
+import os
+import re
+
+import open_clip
+import pytest
+import torch
+
+from conftest import TINY_CONFIG, TINY_MODEL, final_state, logged_losses, read_log, torchrun, train_args, \
+    save_init_checkpoint, write_shards
+from paraclip_plugin.model import enable_paraphrase_forward, freeze_visual
+from paraclip_plugin.trimming import TextTrimming
+from test_train import TERMS, split
+
+pytestmark = pytest.mark.gpu
+
+# bf16 keeps 8 significant bits (relative rounding 2^-9 ~ 0.002). Trimmed and full-context runs
+# may pick other GEMM kernels (other shapes), which round differently: allow a few bf16 ulps on
+# unit-norm features, and a relative gradient difference of that order.
+FEATURE_ATOL = 1.5e-2
+GRAD_RTOL = 2e-2
+
+
+@pytest.fixture(scope="module")
+def device():
+    name = os.environ.get("PARACLIP_TEST_DEVICE", "cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.fail("no CUDA device: these tests are for the GPU (PARACLIP_TEST_DEVICE=cpu runs them on the CPU)")
+    return torch.device(name)
+
+
+@pytest.fixture(scope="module")
+def model_name(device):
+    """ViT-B-32 (random init) on the GPU; the tiny config on the CPU smoke run."""
+    open_clip.add_model_config(str(TINY_CONFIG))
+    return "ViT-B-32" if device.type == "cuda" else TINY_MODEL
+
+
+def random_texts(batch, context, generator, lo=12, hi=24):
+    """[batch, 3, context] ids: SOT, random words, EOT (the highest id, as CLIP's tokenizer gives)."""
+    texts = torch.zeros(batch, 3, context, dtype=torch.long)
+    lengths = torch.randint(lo, hi + 1, (batch, 3), generator=generator)
+    for i in range(batch):
+        for f in range(3):
+            n = int(lengths[i, f])
+            texts[i, f, 0] = 49406
+            texts[i, f, 1:n - 1] = torch.randint(1, 49000, (n - 2,), generator=generator)
+            texts[i, f, n - 1] = 49407
+    return texts
+
+
+def text_grads(model, features, weights):
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and n != "logit_scale"]
+    grads = torch.autograd.grad((features.float() * weights).sum(), [p for _, p in named])
+    return {n: g for (n, _), g in zip(named, grads)}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_trimmed_text_features_and_gradients_match_stock_under_autocast(device, model_name, dtype, record_property):
+    torch.manual_seed(0)
+    model = open_clip.create_model(model_name, device=device)
+    freeze_visual(model)
+    trimming, why_not = TextTrimming.for_model(model)
+    assert trimming is not None, why_not
+    generator = torch.Generator().manual_seed(0)
+    text = random_texts(64, model.context_length, generator).reshape(-1, model.context_length).to(device)
+    weights = torch.randn(text.shape[0], model.text_projection.shape[-1], generator=generator).to(device)
+    with torch.autocast(device.type, dtype=dtype):
+        stock = model.encode_text(text, normalize=True)
+        trimmed = trimming.encode_text(model, text)
+    assert trimming.length(text) <= 24 < model.context_length  # really cut
+    assert stock.dtype == trimmed.dtype
+    feature_diff = (stock.float() - trimmed.float()).abs().max().item()
+    with torch.autocast(device.type, dtype=dtype):
+        stock_grads = text_grads(model, model.encode_text(text, normalize=True), weights)
+        trimmed_grads = text_grads(model, trimming.encode_text(model, text), weights)
+    assert stock_grads.keys() == trimmed_grads.keys()
+    rel = {k: ((stock_grads[k] - trimmed_grads[k]).norm() / stock_grads[k].norm().clamp_min(1e-12)).item()
+           for k in stock_grads if stock_grads[k].norm() > 0}
+    worst = max(rel, key=rel.get)
+    record_property(f"{str(dtype)[6:]}_feature_max_abs_diff", feature_diff)
+    record_property(f"{str(dtype)[6:]}_grad_max_rel_diff", rel[worst])
+    record_property(f"{str(dtype)[6:]}_grad_worst_param", worst)
+    assert feature_diff <= FEATURE_ATOL
+    assert rel[worst] <= GRAD_RTOL, worst
+    # positional embedding rows past the cut get no gradient on the trimmed path, and none on the
+    # stock path either (causal mask, EOT pooling): the cut is exact, not approximate
+    length = trimming.length(text)
+    assert trimmed_grads["positional_embedding"][length:].abs().max() == 0
+    assert stock_grads["positional_embedding"][length:].abs().max() == 0
+
+
+@pytest.mark.parametrize("precision", ["amp_bf16", "amp"])
+def test_frozen_image_tower_gets_no_gradient_and_stays_bit_identical(device, model_name, precision):
+    """Three optimizer steps as open_clip_train takes them (autocast; GradScaler for fp16 'amp')."""
+    from paraclip_plugin.loss import DEFAULT_TERMS, ParaCLIPLoss, parse_terms
+    torch.manual_seed(0)
+    model = enable_paraphrase_forward(freeze_visual(open_clip.create_model(model_name, device=device, output_dict=True)))
+    model.train()
+    visual_before = {k: v.clone() for k, v in model.visual.state_dict().items()}
+    text_before = model.token_embedding.weight.detach().clone()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    scaler = torch.amp.GradScaler(device.type) if precision == "amp" else None
+    dtype = torch.float16 if precision == "amp" else torch.bfloat16
+    loss_fn = ParaCLIPLoss(parse_terms(DEFAULT_TERMS))
+    generator = torch.Generator().manual_seed(1)
+    size = model.visual.image_size
+    size = size if isinstance(size, tuple) else (size, size)
+    for _ in range(3):
+        images = torch.randn(16, 3, *size, generator=generator).to(device)
+        texts = random_texts(16, model.context_length, generator).to(device)
+        with torch.autocast(device.type, dtype=dtype):
+            loss = loss_fn(**model(images, texts))
+        optimizer.zero_grad()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        assert all(p.grad is None for p in model.visual.parameters())
+    assert not model.visual.training and model.training
+    for k, v in model.visual.state_dict().items():
+        assert torch.equal(v, visual_before[k]), k
+    assert not torch.equal(model.token_embedding.weight, text_before)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpu")
+    return dict(data=write_shards(root / "shards", num_shards=2, per_shard=32),
+                init=save_init_checkpoint(root / "init.pt"), logs=root / "logs")
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "torchcompile"])
+def test_open_clip_train_paraclip_steps_in_amp_bf16(device, world, patched_install, compiled, record_property):
+    """open_clip_train.main --paraclip-loss --precision amp_bf16 on one device, eager and --torchcompile
+    (TORCH_LOGS=recompiles shows through the plugin: the recompiles are counted)."""
+    name = f"amp_bf16_{'compiled' if compiled else 'eager'}"
+    args = train_args(world["data"], world["logs"], name, world["init"], "--paraclip-loss",
+                      "--precision", "amp_bf16", "--device", device.type, batch_size=16)
+    if compiled:
+        args += ["--torchcompile"]
+    proc = torchrun(["open_clip_train.main", *args], nproc=1, env_extra={"TORCH_LOGS": "recompiles"}, timeout=600)
+    log = read_log(world["logs"], name)
+    steps = logged_losses(log)
+    assert len(steps) == 4  # 64 samples / 16
+    assert all(torch.isfinite(torch.tensor(step[t])).item() for step in steps for t in ("Loss", *TERMS))
+    assert f"Running with a single process. Device {device.type}" in log
+    state, init = final_state(world["logs"], name), torch.load(world["init"])
+    (visual, text), (init_visual, init_text) = split(state), split(init)
+    assert all(torch.equal(visual[k], init_visual[k]) for k in init_visual)
+    assert not torch.equal(text["token_embedding.weight"], init_text["token_embedding.weight"])
+    if compiled:
+        output = proc.stdout + proc.stderr
+        recompiles = len(re.findall(r"Recompiling function", output))
+        record_property("recompiles", recompiles)
+        assert "TORCH_LOGS=recompiles re-applied" in log
+        # cut lengths are multiples of 8 (at most 10 for a 77-token context) and Dynamo makes the length
+        # dynamic after its first change: well below its per-frame recompile_limit (8)
+        assert recompiles < torch._dynamo.config.recompile_limit
+        assert "recompile_limit reached" not in output and "cache_size_limit reached" not in output
