@@ -4,9 +4,12 @@ It stands in for a hosted API at the network edge: the generator talks to it ove
 official client, exactly as it talks to api.openai.com or ``vllm serve``. Its answers are a
 deterministic function of the prompt (the quoted text, words reversed, plus a tag hashed from the
 prompt; some wrapped as ``Paraphrase: "..."`` so cleaning is exercised). It can be told to
-misbehave: a fixed latency, and a queue of faults for the next requests (``429`` with Retry-After,
-``500``, ``400`` (a request refused for good), ``malformed`` 200 bodies, ``slow`` replies, ``refusal``, ``empty``), plus refusals for
-prompts containing given texts. It counts requests and reports ``usage`` tokens.
+misbehave the ways real servers do (see ``FAULTS``): a fixed latency; a queue of faults for the
+next requests; refusals for prompts containing given texts; and whole-server modes: refusing
+every request as OpenAI's reasoning models refuse ``max_tokens`` (``reject_max_tokens``) or as
+``vllm serve`` refuses a model without a chat template (``no_chat_template``), and answering like a
+reasoning model (``reasoning``: ``<think>...</think>`` before the answer). It counts requests,
+keeps each request's JSON body (``bodies``) and Authorization header, and reports ``usage`` tokens.
 
     python -m paraclip_plugin.paraphrase.local_server --port 8000 --latency 0.2
 """
@@ -20,6 +23,30 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 REFUSAL_TEXT = "I'm sorry, but I can't help with that request."
+FAULTS = {
+    "429": "HTTP 429 with Retry-After: retry_after (seconds)",
+    "429-long": "HTTP 429 with Retry-After: long_retry_after (above the client's 120 s cap)",
+    "500": "HTTP 500",
+    "400": "HTTP 400: this request refused for good (a content policy)",
+    "malformed": "200, JSON content type, truncated JSON body",
+    "html": "200 with Content-Type text/html (a proxy's page): the client returns the body as a str",
+    "choices-dict": "200, valid JSON whose 'choices' is an object, not a list",
+    "bad-utf8": "200, JSON content type, a body that is not UTF-8",
+    "slow": "a reply after slow_seconds",
+    "refusal": "200, the model declines in words",
+    "empty": "200, empty content",
+    "length": "200, content null, finish_reason 'length' (a reasoning model cut off by the token limit)",
+    "content_filter": "200, content null, finish_reason 'content_filter'",
+}
+# What the real services answer (bodies as OpenAI and vLLM's OpenAI-compatible server send them).
+OPENAI_MAX_TOKENS_ERROR = {"error": {
+    "message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+               "Use 'max_completion_tokens' instead.",
+    "type": "invalid_request_error", "param": "max_tokens", "code": "unsupported_parameter"}}
+VLLM_NO_TEMPLATE_ERROR = {
+    "object": "error", "type": "BadRequestError", "param": None, "code": 400,
+    "message": "As of transformers v4.44, default chat template is no longer allowed, so you must provide "
+               "a chat template if the tokenizer does not define one."}
 
 
 def quoted_text(prompt):
@@ -43,6 +70,11 @@ class LocalChatServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", port), _Handler)
         self.latency = latency
         self.retry_after = retry_after
+        self.long_retry_after = "121"
+        self.reject_max_tokens = False
+        self.no_chat_template = False
+        self.reasoning = False
+        self.bodies = []  # JSON body of every chat request
         self.slow_seconds = slow_seconds
         self.lock = threading.Lock()
         self.faults = collections.deque()
@@ -62,7 +94,10 @@ class LocalChatServer(ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}/v1"
 
     def inject(self, *faults):
-        """Queue faults for the next requests, in order: '429', '500', '400', 'malformed', 'slow', 'refusal', 'empty'."""
+        """Queue faults (names in ``FAULTS``) for the next requests, in order."""
+        unknown = [f for f in faults if f not in FAULTS]
+        if unknown:
+            raise ValueError(f"unknown faults {unknown}; choose from {sorted(FAULTS)}")
         with self.lock:
             self.faults.extend(faults)
 
@@ -89,10 +124,15 @@ class LocalChatServer(ThreadingHTTPServer):
     def __exit__(self, *exc):
         self.stop()
 
-    def _decide(self, prompt):
+    def _decide(self, prompt, body):
         with self.lock:
             self.requests += 1
+            self.bodies.append(body)
             fault = self.faults.popleft() if self.faults else None
+            if self.no_chat_template:
+                fault = "no-template"
+            elif self.reject_max_tokens and "max_tokens" in body:
+                fault = "max-tokens"
             if fault is None:
                 for text, times in self.refuse.items():
                     if times > 0 and text in prompt:
@@ -109,10 +149,10 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):  # quiet: tests and benchmarks read their own output
         pass
 
-    def _send(self, status, body, headers=()):
+    def _send(self, status, body, headers=(), content_type="application/json"):
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         for name, value in headers:
             self.send_header(name, value)
@@ -132,27 +172,45 @@ class _Handler(BaseHTTPRequestHandler):
         with server.lock:
             server.authorizations.add(self.headers.get("Authorization", ""))
         prompt = "\n".join(m.get("content", "") for m in body.get("messages", []) if m.get("role") == "user")
-        fault = server._decide(prompt)
+        fault = server._decide(prompt, body)
         time.sleep(server.slow_seconds if fault == "slow" else server.latency)
-        if fault == "429":
-            return self._send(429, {"error": {"message": "rate limited", "type": "rate_limit"}},
-                              [("Retry-After", server.retry_after)])
-        if fault == "400":
-            return self._send(400, {"error": {"message": "content policy", "type": "invalid_request_error"}})
-        if fault == "500":
-            return self._send(500, {"error": {"message": "internal error", "type": "server_error"}})
-        if fault == "malformed":
-            return self._send(200, b'{"id": "chatcmpl-broken", "choices": [{"index": 0, "mess')
-        content = {"refusal": REFUSAL_TEXT, "empty": ""}.get(fault, raw_reply(prompt))
+        errors = {
+            "429": (429, {"error": {"message": "rate limited", "type": "rate_limit"}}),
+            "429-long": (429, {"error": {"message": "quota window: retry later", "type": "rate_limit"}}),
+            "400": (400, {"error": {"message": "content policy", "type": "invalid_request_error"}}),
+            "500": (500, {"error": {"message": "internal error", "type": "server_error"}}),
+            "max-tokens": (400, OPENAI_MAX_TOKENS_ERROR),
+            "no-template": (400, VLLM_NO_TEMPLATE_ERROR),
+        }
+        if fault in errors:
+            retry_after = {"429": server.retry_after, "429-long": server.long_retry_after}.get(fault)
+            return self._send(*errors[fault], [("Retry-After", retry_after)] if retry_after else ())
+        odd_bodies = {
+            "malformed": (b'{"id": "chatcmpl-broken", "choices": [{"index": 0, "mess', "application/json"),
+            "html": (b"<html><body><h1>200 OK</h1>upstream returned nothing</body></html>", "text/html"),
+            "choices-dict": (json.dumps({"id": "chatcmpl-odd", "object": "chat.completion",
+                                         "choices": {"0": {"message": {"content": "x"}}}}).encode(),
+                             "application/json"),
+            "bad-utf8": (b'{"id": "chatcmpl-\xff\xfe", "choices": []}', "application/json"),
+        }
+        if fault in odd_bodies:
+            data, content_type = odd_bodies[fault]
+            return self._send(200, data, content_type=content_type)
+        content = {"refusal": REFUSAL_TEXT, "empty": "", "length": None, "content_filter": None}.get(
+            fault, raw_reply(prompt))
+        if server.reasoning and content:
+            content = f"<think>\nThe user wants a paraphrase of {quoted_text(prompt)!r}. Let me reword it.\n</think>\n\n{content}"
+        finish_reason = fault if fault in ("length", "content_filter") else "stop"
+        completion_tokens = len((content or "").split()) or (body.get("max_completion_tokens") or 0)
         self._send(200, {
             "id": "chatcmpl-local",
             "object": "chat.completion",
             "created": 0,
             "model": body.get("model", "local"),
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": content}}],
-            "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(content.split()),
-                      "total_tokens": len(prompt.split()) + len(content.split())},
+            "choices": [{"index": 0, "finish_reason": finish_reason,
+                         "message": {"role": "assistant", "content": content, "refusal": None}}],
+            "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": completion_tokens,
+                      "total_tokens": len(prompt.split()) + completion_tokens},
         })
 
 

@@ -16,12 +16,19 @@ import time
 from tqdm import tqdm
 
 from . import cleaning
-from .cache import CompletionCache
+from .backends.base import FINAL_FINISH_REASONS, GenerationError
+from .cache import CompletionCache, request_seed
 from .inputs import is_caption_file, read_caption_file
 from .prompts import PromptSet
 from ..shards import (CAPTION, IMAGE_EXTENSIONS, METADATA, PARA1, PARA2, atomic_file, atomic_write_text,
                       read_sizes_json, update_sizes_json)
 from .shard_io import InputError, atomic_tar_writer, count_tar_samples, read_tar_samples
+
+
+# Drops that say more about the service (or its settings) than about one caption: an input whose
+# every sample ends this way is never written as an empty output.
+_SERVICE_DROPS = {f"step{step}_{reason}" for step in (1, 2)
+                  for reason in (cleaning.REQUEST_REJECTED, *FINAL_FINISH_REASONS)}
 
 
 @dataclasses.dataclass
@@ -34,6 +41,32 @@ class GenerationOptions:
     price_per_1k_completion: float = 0.0
     caption_field: str = "caption"
     progress: bool = True
+    max_refused_fraction: float = 0.5  # more refused requests in one batch (of >= 4) stop the job
+
+
+class RefusalGuard:
+    """Tells a per-sample refusal from a service that refuses the job's requests systematically.
+
+    A 400/422 on one caption (a content filter) drops that sample; a 400 on every request (a
+    parameter the model rejects, no chat template, a wrong model name) must stop the job with the
+    server's own message instead of dropping every sample into empty shards. Stops when the first
+    ``probe`` requests of the job were all refused, or when more than ``max_fraction`` of a batch of
+    at least ``min_batch`` requests was.
+    """
+
+    def __init__(self, max_fraction=0.5, probe=8, min_batch=4):
+        self.max_fraction, self.probe, self.min_batch = max_fraction, probe, min_batch
+        self.answered = self.refused = 0  # over the job's first ``probe`` requests
+
+    def check(self, step, requests, messages):
+        if self.answered < self.probe:
+            self.answered += requests
+            self.refused += len(messages)
+        everything = self.refused == self.answered >= self.probe
+        if everything or (requests >= self.min_batch and len(messages) > self.max_fraction * requests):
+            raise GenerationError(
+                f"the server refused {len(messages)} of {requests} step-{step} requests, systematically "
+                f"(first refusal: {messages[0] if messages else '?'}); stopping: nothing is written for this input and a rerun redoes it")
 
 
 def output_name(input_path):
@@ -49,6 +82,9 @@ class ParaphraseGenerator:
         self.cache = cache if cache is not None else CompletionCache(":memory:")
         self.options = options or GenerationOptions()
         self.backend_name = backend_name
+        # Every setting that changes an output: part of the cache key and of each sample's json.
+        self.settings = dict(getattr(backend, "output_settings", None) or {"backend": backend_name})
+        self.refusals = RefusalGuard(self.options.max_refused_fraction)
         self.counts = collections.Counter()  # samples, requests, tokens
         self.dropped = collections.Counter()  # samples dropped, by reason
         self.retried = collections.Counter()  # rejected outputs that got another attempt, by reason
@@ -59,33 +95,41 @@ class ParaphraseGenerator:
     def _run_step(self, step, sources):
         """``({source: paraphrase}, {source: reason})`` for unique ``sources`` of one step."""
         opts, accepted, reasons = self.options, {}, {}
+        key = (self.model, self.prompts.version, self.settings, step)
         pending = list(dict.fromkeys(sources))
         for attempt in range(opts.max_attempts):
             if not pending:
                 break
-            raw = self.cache.get_many(self.model, self.prompts.version, step, attempt, pending)
+            raw = self.cache.get_many(*key[:3], step, attempt, pending)
             self.counts["cache_hits"] += len(raw)
             misses = [s for s in pending if s not in raw]
             if misses:
-                def on_result(index, completion, misses=misses, raw=raw):
+                refused = []
+
+                def on_result(index, completion, misses=misses, raw=raw, refused=refused):
                     source = misses[index]
                     self.counts["prompt_tokens"] += completion.prompt_tokens
                     self.counts["completion_tokens"] += completion.completion_tokens
-                    if completion.text is None:
+                    if completion.error == cleaning.REQUEST_REJECTED:  # not cached: a rerun asks again
+                        refused.append(completion.message)
                         reasons[source] = completion.error
                         return
                     # Cached before use: a crash after this line never pays for this request again.
-                    self.cache.put(self.model, self.prompts.version, step, attempt, source, completion.text,
-                                   completion.prompt_tokens, completion.completion_tokens)
-                    raw[source] = completion.text
+                    self.cache.put(*key[:3], step, attempt, source, completion)
+                    raw[source] = completion
 
                 self.counts["requests"] += len(misses)
-                self.backend.generate([self.prompts.render(step, s) for s in misses], on_result)
+                seeds = [request_seed(*key[:3], step, attempt, s) for s in misses]
+                self.backend.generate([self.prompts.render(step, s) for s in misses], on_result, seeds=seeds)
+                self.refusals.check(step, len(misses), refused)
             retry = []
             for source in pending:
                 if source not in raw:  # the service refused the request itself: no retry helps
                     continue
-                output = cleaning.clean(raw[source])
+                if raw[source].error:  # content_filter / length / refusal: the same input fails alike
+                    reasons[source] = raw[source].error
+                    continue
+                output = cleaning.clean(raw[source].text)
                 reason = cleaning.reject_reason(output, source, opts.max_length_ratio,
                                                 step1_output=source if step == 2 else None)
                 if reason is None:
@@ -125,7 +169,7 @@ class ParaphraseGenerator:
 
     def _metadata(self):
         return {"paraphrase_model": self.model, "paraphrase_prompt_version": self.prompts.version,
-                "paraphrase_backend": self.backend_name}
+                "paraphrase_backend": self.backend_name, "paraphrase_settings": self.settings}
 
     # --- one input -> one output ---------------------------------------------------------------
 
@@ -150,6 +194,11 @@ class ParaphraseGenerator:
                 self.dropped[result] += 1
             else:
                 out.append((item, *result))
+        service_drops = {r for r in results.values() if isinstance(r, str)}
+        if items and not out and service_drops <= _SERVICE_DROPS:
+            raise GenerationError(
+                f"every kept sample was refused or cut off by the service ({', '.join(sorted(service_drops))}); "
+                "nothing is written for this input and a rerun redoes it")
         return out
 
     def process_shard(self, in_path, out_path):
@@ -204,11 +253,12 @@ class ParaphraseGenerator:
             if os.path.exists(out_path):
                 self.counts["shards_skipped"] += 1
                 self._repair_sizes(out_path)
-            elif is_caption_file(in_path):
-                self.counts["samples_out"] += self.process_caption_file(in_path, out_path)
-                self.counts["shards_written"] += 1
             else:
-                self.counts["samples_out"] += self.process_shard(in_path, out_path)
+                process = self.process_caption_file if is_caption_file(in_path) else self.process_shard
+                try:
+                    self.counts["samples_out"] += process(in_path, out_path)
+                except GenerationError as e:
+                    raise GenerationError(f"{in_path}: {e}") from None
                 self.counts["shards_written"] += 1
             samples_bar.update(self.counts["samples_in"] - before)
             samples_bar.set_postfix(requests=self.counts["requests"], cache_hits=self.counts["cache_hits"])
@@ -241,6 +291,8 @@ class ParaphraseGenerator:
             "duplicate_captions": self.counts["duplicate_captions"],
             "requests": self.counts["requests"], "cache_hits": self.counts["cache_hits"],
             "prompt_tokens": self.counts["prompt_tokens"], "completion_tokens": self.counts["completion_tokens"],
+            "settings": self.settings,
+            "rate_limit_wait_seconds": round(sum(getattr(self.backend, "rate_limit_waits", ())), 3),
             "estimated_cost_usd": round(cost, 6), "wall_seconds": round(wall_seconds, 3),
             "samples_per_second": round(self.counts["samples_in"] / wall_seconds, 2) if wall_seconds else None,
         }
