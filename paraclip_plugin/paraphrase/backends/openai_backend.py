@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import random
+import time
 import urllib.parse
 
 import openai
@@ -126,10 +127,10 @@ class OpenAIBackend:
         # batches; the client is created inside it because its connection pool binds to a loop.
         self._loop = asyncio.new_event_loop()
         self._client = None
-        self._paused_until = 0.0  # loop time until which every request waits out a rate limit
+        self._paused_until = 0.0  # clock time until which every request waits out a rate limit
         self._waited = 0.0  # seconds waited in the current stretch of rate limiting
         self.rate_limit_waits = []  # seconds of each wait, for the stats
-        self._sleep = asyncio.sleep
+        self._clock, self._sleep = time.monotonic, asyncio.sleep  # the rate-limit waits' time (tests fast-forward it)
         self.requests = 0
 
     def generate(self, prompts, on_result=None, seeds=None):
@@ -168,7 +169,7 @@ class OpenAIBackend:
     async def _complete(self, prompt):
         malformed = 0
         while True:
-            pause = self._paused_until - self._loop.time()
+            pause = self._paused_until - self._clock()
             if pause > 0:
                 await self._sleep(pause)
             self.requests += 1
@@ -216,7 +217,7 @@ class OpenAIBackend:
         return True
 
     async def _wait_out(self, error):
-        now = self._loop.time()
+        now = self._clock()
         if self._paused_until > now:
             return  # another request already waits this one out; the loop's pause covers this request
         # The client's own Retry-After parser (retry-after-ms, seconds, HTTP date).
