@@ -42,10 +42,19 @@ def settings_key(settings):
     return json.dumps(settings, sort_keys=True, separators=(",", ":"))
 
 
-def request_seed(model, prompt_version, settings, step, attempt, input_text):
-    """A 31-bit seed that is a function of the cache key alone (not of batch composition)."""
+def request_key(model, prompt_version, settings, step, attempt, input_text):
+    """A hex digest of the cache key: names one request (vLLM's seed, a Batch API ``custom_id``)."""
     key = "\0".join((model, prompt_version, settings_key(settings), str(step), str(attempt), input_text))
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") & 0x7FFFFFFF
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def seed_of(key):
+    """A 31-bit seed from a ``request_key``: a function of the cache key alone, not of batch composition."""
+    return int(key[:8], 16) & 0x7FFFFFFF
+
+
+def request_seed(model, prompt_version, settings, step, attempt, input_text):
+    return seed_of(request_key(model, prompt_version, settings, step, attempt, input_text))
 
 
 class CompletionCache:

@@ -49,8 +49,9 @@ def parse_args(argv=None):
     io.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
     gen = p.add_argument_group("generation")
-    gen.add_argument("--backend", choices=("openai", "vllm"), default="openai",
-                     help="openai: the API or any OpenAI-compatible server (vllm serve); vllm: the offline engine")
+    gen.add_argument("--backend", choices=("openai", "openai-batch", "vllm"), default="openai",
+                     help="openai: the API or any OpenAI-compatible server (vllm serve); openai-batch: the OpenAI "
+                          "Batch API (half price, within 24 h); vllm: the offline engine")
     gen.add_argument("--model", required=True, help="API model name, or vLLM model path")
     gen.add_argument("--prompts", default=None,
                      help='JSON file {"step1": "...{text}...", "step2": "...{text}...", "version": optional} '
@@ -90,6 +91,15 @@ def parse_args(argv=None):
     api.add_argument("--price-per-1k-prompt", type=float, default=0.0, help="USD per 1k prompt tokens, for the cost estimate")
     api.add_argument("--price-per-1k-completion", type=float, default=0.0, help="USD per 1k completion tokens")
 
+    bt = p.add_argument_group("openai-batch backend (also takes --base-url, --api-key-env, --token-param, "
+                              "--timeout, --max-retries)")
+    bt.add_argument("--batch-poll-interval", type=float, default=60.0, help="seconds between status checks")
+    bt.add_argument("--batch-max-requests", type=int, default=50_000, help="requests per batch file (the API's limit)")
+    bt.add_argument("--batch-max-bytes", type=int, default=200_000_000, help="bytes per batch file (the API's limit)")
+    bt.add_argument("--batch-rounds", type=int, default=3,
+                    help="rounds of batches for expired or failed requests before the job stops (rerun resumes)")
+    bt.add_argument("--batch-discount", type=float, default=0.5, help="price factor of batch requests, for the cost estimate")
+
     vl = p.add_argument_group("vllm backend")
     vl.add_argument("--tensor-parallel-size", type=int, default=1)
     vl.add_argument("--seed", type=int, default=0,
@@ -112,7 +122,7 @@ def parse_args(argv=None):
     return args
 
 
-def build_backend(args, environ=os.environ):
+def build_backend(args, cache_path, environ=os.environ):
     sampling = dict(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
     if args.backend == "vllm":
         template = None
@@ -125,7 +135,14 @@ def build_backend(args, environ=os.environ):
         return make_backend("vllm", model=args.model, tensor_parallel_size=args.tensor_parallel_size,
                             seed=args.seed, chat_template=template, **sampling)
     base_url = resolve_base_url(args.base_url, environ)
-    return make_backend("openai", model=args.model, api_key=api_key_for(base_url, args.api_key_env, environ),
+    api_key = api_key_for(base_url, args.api_key_env, environ)
+    if args.backend == "openai-batch":
+        return make_backend("openai-batch", model=args.model, api_key=api_key, state_path=cache_path, base_url=base_url,
+                            token_param=args.token_param, poll_interval=args.batch_poll_interval,
+                            max_rounds=args.batch_rounds, max_requests=args.batch_max_requests,
+                            max_bytes=args.batch_max_bytes, timeout=args.timeout, max_retries=args.max_retries,
+                            **sampling)
+    return make_backend("openai", model=args.model, api_key=api_key,
                         base_url=base_url, concurrency=args.concurrency, timeout=args.timeout,
                         max_retries=args.max_retries, malformed_retries=args.malformed_retries,
                         token_param=args.token_param, max_wait=args.max_wait, **sampling)
@@ -134,6 +151,7 @@ def build_backend(args, environ=os.environ):
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s make_shards: %(message)s")
+    logging.getLogger("paraclip_plugin").setLevel(logging.INFO)  # our progress lines; the client's stay quiet
     try:
         inputs = split_for_job(expand_inputs(args.input), args.num_jobs, args.job_index)
         prompts = load_prompts(args.prompts) if args.prompts else PromptSet()
@@ -146,13 +164,17 @@ def main(argv=None):
                                 max_length_ratio=args.max_length_ratio, caption_field=args.caption_field,
                                 price_per_1k_prompt=args.price_per_1k_prompt,
                                 price_per_1k_completion=args.price_per_1k_completion, progress=not args.no_progress,
-                                max_refused_fraction=args.max_refused_fraction)
+                                max_refused_fraction=args.max_refused_fraction,
+                                price_factor=args.batch_discount if args.backend == "openai-batch" else 1.0)
+    os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
     try:
-        backend = build_backend(args)
+        backend = build_backend(args, cache_path)
     except ValueError as e:
         sys.exit(f"error: {e}")
     generator = ParaphraseGenerator(backend, args.model, prompts, CompletionCache(cache_path), options, args.backend)
     try:
+        if args.backend == "openai-batch":  # few large batches for the whole job, then shards from the cache
+            generator.prefill(inputs, args.output)
         stats = generator.run(inputs, args.output, stats_path, args.export_sft, job=(args.num_jobs, args.job_index))
     except (InputError, GenerationError) as e:
         sys.exit(f"error: {e}")

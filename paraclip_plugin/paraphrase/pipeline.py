@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from . import cleaning
 from .backends.base import FINAL_FINISH_REASONS, GenerationError
-from .cache import CompletionCache, request_seed
+from .cache import CompletionCache, request_key
 from .inputs import is_caption_file, read_caption_file
 from .prompts import PromptSet
 from ..shards import (CAPTION, IMAGE_EXTENSIONS, METADATA, PARA1, PARA2, atomic_file, atomic_write_text,
@@ -42,6 +42,7 @@ class GenerationOptions:
     caption_field: str = "caption"
     progress: bool = True
     max_refused_fraction: float = 0.5  # more refused requests in one batch (of >= 4) stop the job
+    price_factor: float = 1.0  # 0.5 for the Batch API's discount
 
 
 class RefusalGuard:
@@ -119,8 +120,8 @@ class ParaphraseGenerator:
                     raw[source] = completion
 
                 self.counts["requests"] += len(misses)
-                seeds = [request_seed(*key[:3], step, attempt, s) for s in misses]
-                self.backend.generate([self.prompts.render(step, s) for s in misses], on_result, seeds=seeds)
+                keys = [request_key(*key[:3], step, attempt, s) for s in misses]
+                self.backend.generate([self.prompts.render(step, s) for s in misses], on_result, keys=keys)
                 self.refusals.check(step, len(misses), refused)
             retry = []
             for source in pending:
@@ -240,6 +241,27 @@ class ParaphraseGenerator:
 
     # --- a run ---------------------------------------------------------------------------------
 
+    def prefill(self, inputs, output_dir):
+        """Both steps for every kept caption of ``inputs`` not yet written, in one backend call per step
+        and attempt (the Batch API's way: few large batches); ``run`` then writes shards from the cache."""
+        captions = []
+        for in_path in inputs:
+            if os.path.exists(os.path.join(output_dir, output_name(in_path))):
+                continue
+            if is_caption_file(in_path):
+                records = read_caption_file(in_path, self.options.caption_field)
+            else:
+                records = [{"caption": s[CAPTION].decode("utf-8", "replace").strip()}
+                           for s in read_tar_samples(in_path) if CAPTION in s]
+            captions.extend(r["caption"] for r in records if not self._keep_caption(r["caption"]))
+        if captions:
+            self.paraphrase(captions)
+        # What run() counts again from the cache is not counted twice; requests and tokens stay.
+        for name in ("cache_hits", "duplicate_captions"):
+            self.counts[name] = 0
+        self.retried.clear()
+        self.sft_pairs.clear()
+
     def run(self, inputs, output_dir, stats_path=None, export_sft=None, job=(1, 0)):
         os.makedirs(output_dir, exist_ok=True)
         start = time.time()
@@ -281,7 +303,7 @@ class ParaphraseGenerator:
     def stats(self, wall_seconds, job=(1, 0)):
         o = self.options
         cost = (self.counts["prompt_tokens"] * o.price_per_1k_prompt
-                + self.counts["completion_tokens"] * o.price_per_1k_completion) / 1000
+                + self.counts["completion_tokens"] * o.price_per_1k_completion) / 1000 * o.price_factor
         return {
             "model": self.model, "backend": self.backend_name, "prompt_version": self.prompts.version,
             "num_jobs": job[0], "job_index": job[1],
@@ -293,7 +315,7 @@ class ParaphraseGenerator:
             "prompt_tokens": self.counts["prompt_tokens"], "completion_tokens": self.counts["completion_tokens"],
             "settings": self.settings,
             "rate_limit_wait_seconds": round(sum(getattr(self.backend, "rate_limit_waits", ())), 3),
-            "estimated_cost_usd": round(cost, 6), "wall_seconds": round(wall_seconds, 3),
+            "estimated_cost_usd": round(cost, 6), "price_factor": o.price_factor, "wall_seconds": round(wall_seconds, 3),
             "samples_per_second": round(self.counts["samples_in"] / wall_seconds, 2) if wall_seconds else None,
         }
 

@@ -133,7 +133,7 @@ class OpenAIBackend:
         self._clock, self._sleep = time.monotonic, asyncio.sleep  # the rate-limit waits' time (tests fast-forward it)
         self.requests = 0
 
-    def generate(self, prompts, on_result=None, seeds=None):
+    def generate(self, prompts, on_result=None, keys=None):
         return self._loop.run_until_complete(self._generate(prompts, on_result))
 
     async def _generate(self, prompts, on_result):

@@ -19,6 +19,7 @@ and ``sampling_params_cls`` let a caller hand in an engine built elsewhere (or a
 """
 import hashlib
 
+from ..cache import seed_of
 from .base import Completion, GenerationError
 
 
@@ -52,8 +53,9 @@ class VLLMBackend:
             self.output_settings["chat_template_sha256"] = hashlib.sha256(chat_template.encode()).hexdigest()[:16]
         self.requests = 0
 
-    def generate(self, prompts, on_result=None, seeds=None):
-        seeds = list(seeds) if seeds is not None else [self.seed + i for i in range(len(prompts))]
+    def generate(self, prompts, on_result=None, keys=None):
+        """``keys`` (one ``cache.request_key`` per prompt) give each request its own seed."""
+        seeds = [seed_of(k) for k in keys] if keys is not None else [self.seed + i for i in range(len(prompts))]
         results = []
         for start in range(0, len(prompts), self.chunk_size):
             chunk = prompts[start:start + self.chunk_size]
