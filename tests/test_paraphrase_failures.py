@@ -184,22 +184,24 @@ def test_reasoning_model_think_blocks_are_stripped(server, tmp_path):
 
 # --- (6) every output-changing setting is in the cache key and in each sample's json -----------------
 
-@pytest.mark.parametrize("setting, value", [("temperature", 0.5), ("top_p", 0.9), ("max_tokens", 64)])
-def test_changed_sampling_makes_new_requests_and_is_recorded(server, tmp_path, setting, value):
+def test_changed_sampling_makes_new_requests_and_is_recorded(server, tmp_path):
     pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=8)
-    flag = "--" + setting.replace("_", "-")
-    rc, _, stderr = cli(server, pattern, tmp_path / "a", "--cache", str(tmp_path / "cache.sqlite"))
+    cache = ("--cache", str(tmp_path / "cache.sqlite"))
+    rc, _, stderr = cli(server, pattern, tmp_path / "paper", *cache)
     assert rc == 0, stderr
     first = server.requests
-    rc, _, stderr = cli(server, pattern, tmp_path / "b", "--cache", str(tmp_path / "cache.sqlite"), flag, str(value))
-    assert rc == 0, stderr
-    assert server.requests == 2 * first  # nothing replayed from the other sampling
-    assert {b[setting if setting != "max_tokens" else "max_tokens"] for b in server.bodies[first:]} == {value}
-    for fields in samples_of(tmp_path / "b" / "00000.tar").values():
-        assert json.loads(fields["json"])["paraphrase_settings"][setting] == value
-    rc, _, _ = cli(server, pattern, tmp_path / "c", "--cache", str(tmp_path / "cache.sqlite"))
-    assert rc == 0 and server.requests == 2 * first  # the first settings again: all from the cache
-    assert tar_contents(tmp_path / "c") == tar_contents(tmp_path / "a")
+    for setting, value in (("temperature", 0.5), ("top_p", 0.9), ("max_tokens", 64)):
+        before = server.requests
+        rc, _, stderr = cli(server, pattern, tmp_path / setting, *cache, "--" + setting.replace("_", "-"), str(value))
+        assert rc == 0, stderr
+        assert server.requests - before == first  # nothing replayed from the other sampling
+        assert {b[setting] for b in server.bodies[before:]} == {value}
+        for fields in samples_of(tmp_path / setting / "00000.tar").values():
+            assert json.loads(fields["json"])["paraphrase_settings"][setting] == value
+    before = server.requests
+    rc, _, _ = cli(server, pattern, tmp_path / "again", *cache)
+    assert rc == 0 and server.requests == before  # the paper's settings again: all from the cache
+    assert tar_contents(tmp_path / "again") == tar_contents(tmp_path / "paper")
 
 
 # --- (7) the API key goes to the host it is meant for only ---------------------------------------------

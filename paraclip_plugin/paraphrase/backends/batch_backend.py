@@ -27,7 +27,7 @@ from openai.types.chat import ChatCompletion
 
 from ..cleaning import REQUEST_REJECTED
 from .base import Completion, GenerationError
-from .openai_backend import TOKEN_PARAMS, MalformedResponse, is_openai_host, read_completion
+from .openai_backend import MalformedResponse, read_completion, resolve_token_param
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +51,7 @@ class OpenAIBatchBackend:
                  token_param="auto", poll_interval=60.0, max_rounds=3, max_requests=MAX_REQUESTS_PER_FILE,
                  max_bytes=MAX_BYTES_PER_FILE, timeout=60.0, max_retries=8):
         base_url = base_url or "https://api.openai.com/v1"
-        if token_param == "auto":
-            token_param = "max_completion_tokens" if is_openai_host(base_url) else "max_tokens"
-        if token_param not in TOKEN_PARAMS:
-            raise ValueError(f"token_param {token_param!r}: choose auto, max_tokens or max_completion_tokens")
+        token_param = resolve_token_param(token_param, base_url)
         self.model = model
         self.body = {"model": model, "temperature": temperature, "top_p": top_p, token_param: max_tokens}
         # The same outputs as the openai backend's: the same cache entries.

@@ -66,6 +66,15 @@ def api_key_for(base_url, key_env, environ):
     return "EMPTY"
 
 
+def resolve_token_param(token_param, base_url):
+    """``auto``: ``max_completion_tokens`` for api.openai.com (``max_tokens`` is deprecated there), else ``max_tokens``."""
+    if token_param == "auto":
+        return "max_completion_tokens" if is_openai_host(base_url) else "max_tokens"
+    if token_param not in TOKEN_PARAMS:
+        raise ValueError(f"token_param {token_param!r}: choose auto, max_tokens or max_completion_tokens")
+    return token_param
+
+
 class MalformedResponse(ValueError):
     pass
 
@@ -107,10 +116,7 @@ class OpenAIBackend:
                  malformed_retries=5, temperature=1.0, top_p=0.1, max_tokens=512, token_param="auto",
                  max_wait=900.0):
         base_url = base_url or f"https://{OPENAI_HOST}/v1"
-        if token_param == "auto":
-            token_param = "max_completion_tokens" if is_openai_host(base_url) else "max_tokens"
-        if token_param not in TOKEN_PARAMS:
-            raise ValueError(f"token_param {token_param!r}: choose auto, max_tokens or max_completion_tokens")
+        token_param = resolve_token_param(token_param, base_url)
         self.model = model
         self.concurrency = concurrency
         self.malformed_retries = malformed_retries
