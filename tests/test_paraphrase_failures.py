@@ -228,3 +228,14 @@ def test_api_key_env_names_the_variable_and_must_be_set(server, tmp_path):
     rc, _, stderr = cli(server, pattern, tmp_path / "out2", "--api-key-env", "PARACLIP_UNSET_KEY")
     assert rc != 0 and "--api-key-env PARACLIP_UNSET_KEY" in stderr and no_traceback(stderr)
     assert server.requests == len(server.bodies)  # the failing run sent nothing
+
+
+def test_refusing_server_is_stopped_after_the_first_answers_not_the_whole_batch(server, tmp_path):
+    # One shard of many captions at concurrency 1: the job stops after its first 8 refusals, not after 40.
+    pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=60)
+    server.no_chat_template = True
+    generator = make_generator(server, tmp_path, concurrency=1)
+    with pytest.raises(GenerationError, match=r"refused 8 of the job's first 8 step-1 requests"):
+        generator.run(expand_inputs(pattern), str(tmp_path / "out"))
+    generator.backend.close()
+    assert server.requests == 8 and not list((tmp_path / "out").glob("*.tar"))

@@ -57,17 +57,30 @@ class RefusalGuard:
 
     def __init__(self, max_fraction=0.5, probe=8, min_batch=4):
         self.max_fraction, self.probe, self.min_batch = max_fraction, probe, min_batch
-        self.answered = self.refused = 0  # over the job's first ``probe`` requests
+        self.answered = 0  # of the job's first ``probe`` requests, as they arrive
+        self.refused = []  # their refusal messages
+
+    def observe(self, step, completion):
+        """Each answer as it arrives: stop at once (in-flight requests are cancelled) when the job's
+        first ``probe`` answers were all refusals."""
+        if self.answered >= self.probe:
+            return
+        self.answered += 1
+        if completion.error == cleaning.REQUEST_REJECTED:
+            self.refused.append(completion.message)
+        if len(self.refused) == self.answered == self.probe:
+            self._stop(step, f"the job's first {self.probe}", self.refused)
 
     def check(self, step, requests, messages):
-        if self.answered < self.probe:
-            self.answered += requests
-            self.refused += len(messages)
-        everything = self.refused == self.answered >= self.probe
-        if everything or (requests >= self.min_batch and len(messages) > self.max_fraction * requests):
-            raise GenerationError(
-                f"the server refused {len(messages)} of {requests} step-{step} requests, systematically "
-                f"(first refusal: {messages[0] if messages else '?'}); stopping: nothing is written for this input and a rerun redoes it")
+        """A finished batch of ``requests`` with these refusal ``messages``."""
+        if requests >= self.min_batch and len(messages) > self.max_fraction * requests:
+            self._stop(step, str(requests), messages)
+
+    @staticmethod
+    def _stop(step, requests, messages):
+        raise GenerationError(
+            f"the server refused {len(messages)} of {requests} step-{step} requests, systematically "
+            f"(first refusal: {messages[0]}); stopping: nothing is written for this input and a rerun redoes it")
 
 
 def output_name(input_path):
@@ -109,6 +122,7 @@ class ParaphraseGenerator:
 
                 def on_result(index, completion, misses=misses, raw=raw, refused=refused):
                     source = misses[index]
+                    self.refusals.observe(step, completion)
                     self.counts["prompt_tokens"] += completion.prompt_tokens
                     self.counts["completion_tokens"] += completion.completion_tokens
                     if completion.error == cleaning.REQUEST_REJECTED:  # not cached: a rerun asks again

@@ -154,13 +154,12 @@ class OpenAIBackend:
                 if failed.is_set():
                     return
                 try:
-                    completion = await self._complete(prompt)
+                    results[index] = completion = await self._complete(prompt)
+                    if on_result is not None:
+                        on_result(index, completion)  # may stop the job (a systematic refusal)
                 except BaseException:
                     failed.set()
                     raise
-            results[index] = completion
-            if on_result is not None:
-                on_result(index, completion)
 
         tasks = [asyncio.ensure_future(one(i, p)) for i, p in enumerate(prompts)]
         try:
