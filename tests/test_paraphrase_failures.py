@@ -211,9 +211,11 @@ def test_openai_key_is_not_sent_to_another_host(server, tmp_path):
     rc, _, stderr = cli(server, pattern, tmp_path / "out")  # OPENAI_API_KEY is set in the environment
     assert rc == 0, stderr
     assert server.authorizations == {"Bearer EMPTY"}
-    # Nor when the host comes from OPENAI_BASE_URL, which the client would read by itself.
+    # Nor when the host comes from OPENAI_BASE_URL, which the client would read by itself, nor through
+    # OPENAI_CUSTOM_HEADERS, whose Authorization the client would send to any host.
     out = tmp_path / "env"
-    rc, _, stderr = cli(server, pattern, out, env={"OPENAI_BASE_URL": server.base_url})
+    rc, _, stderr = cli(server, pattern, out, env={"OPENAI_BASE_URL": server.base_url,
+                                                   "OPENAI_CUSTOM_HEADERS": f"Authorization: Bearer {SENTINEL_KEY}"})
     assert rc == 0, stderr
     assert server.authorizations == {"Bearer EMPTY"}
     assert all(SENTINEL_KEY not in json.dumps(b) for b in server.bodies)

@@ -169,7 +169,7 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
     try:
         backend = build_backend(args, cache_path)
-    except ValueError as e:
+    except (ValueError, ImportError) as e:
         sys.exit(f"error: {e}")
     generator = ParaphraseGenerator(backend, args.model, prompts, CompletionCache(cache_path), options, args.backend)
     try:

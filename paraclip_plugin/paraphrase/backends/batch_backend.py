@@ -27,7 +27,7 @@ from openai.types.chat import ChatCompletion
 
 from ..cleaning import REQUEST_REJECTED
 from .base import Completion, GenerationError
-from .openai_backend import MalformedResponse, read_completion, resolve_token_param
+from .openai_backend import MalformedResponse, client_kwargs, read_completion, resolve_token_param
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class OpenAIBatchBackend:
         self.output_settings = dict(backend="openai", temperature=temperature, top_p=top_p, max_tokens=max_tokens)
         self.poll_interval, self.max_rounds = poll_interval, max_rounds
         self.max_requests, self.max_bytes = max_requests, max_bytes
-        self.client = openai.OpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries)
+        self.client = openai.OpenAI(**client_kwargs(api_key, base_url, timeout=timeout, max_retries=max_retries))
         self.db = sqlite3.connect(state_path, timeout=120.0, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(_SCHEMA)

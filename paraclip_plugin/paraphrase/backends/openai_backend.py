@@ -66,6 +66,12 @@ def api_key_for(base_url, key_env, environ):
     return "EMPTY"
 
 
+def client_kwargs(api_key, base_url, **kwargs):
+    """The client's arguments, credentials explicit: an Authorization header of our own replaces one the
+    client would take from OPENAI_CUSTOM_HEADERS (which would go to any host)."""
+    return dict(api_key=api_key, base_url=base_url, default_headers={"Authorization": f"Bearer {api_key}"}, **kwargs)
+
+
 def resolve_token_param(token_param, base_url):
     """``auto``: ``max_completion_tokens`` for api.openai.com (``max_tokens`` is deprecated there), else ``max_tokens``."""
     if token_param == "auto":
@@ -128,7 +134,7 @@ class OpenAIBackend:
         # Every setting that changes an output: the cache keys on it and each sample's json records it.
         self.output_settings = dict(backend="openai", temperature=temperature, top_p=top_p, max_tokens=max_tokens)
         self.endpoint = f"POST {base_url.rstrip('/')}/chat/completions"
-        self._client_kwargs = dict(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries)
+        self._client_kwargs = client_kwargs(api_key, base_url, timeout=timeout, max_retries=max_retries)
         # One loop for the backend's life, so the client's keep-alive connections are reused across
         # batches; the client is created inside it because its connection pool binds to a loop.
         self._loop = asyncio.new_event_loop()
