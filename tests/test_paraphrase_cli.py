@@ -10,9 +10,10 @@ from test_paraphrase_support import MAKE_SHARDS, PYTHON, read_tar, samples_of, s
 SENTINEL_KEY = "sk-SENTINEL-4e1f0c9a-never-write-me"
 
 
-def cli(server, pattern, out, *extra, env_key=SENTINEL_KEY, wait=True):
-    env = {**os.environ, "OPENAI_API_KEY": env_key}
-    for var in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
+def cli(server, pattern, out, *extra, env_key=SENTINEL_KEY, wait=True, env=None):
+    env = {**os.environ, "OPENAI_API_KEY": env_key, "PARACLIP_TEST_KEY": env_key, **(env or {})}
+    for var in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX",
+                "OPENAI_BASE_URL"):
         env.pop(var, None)
     cmd = [PYTHON, str(MAKE_SHARDS), "--input", pattern, "--output", str(out), "--model", "local-paraphraser",
            "--base-url", server.base_url, "--no-progress", *extra]
@@ -31,9 +32,9 @@ def test_api_key_never_written_anywhere(server, tmp_path):
     pattern = write_input_shards(tmp_path / "in", num_shards=2)
     out = tmp_path / "out"
     rc, stdout, stderr = cli(server, pattern, out, "--export-sft", str(out / "sft.jsonl"),
-                             "--stats", str(out / "stats.json"), "--concurrency", "4")
+                             "--stats", str(out / "stats.json"), "--concurrency", "4", "--api-key-env", "PARACLIP_TEST_KEY")
     assert rc == 0, stderr
-    assert f"Bearer {SENTINEL_KEY}" in server.authorizations  # the key was really used...
+    assert server.authorizations == {f"Bearer {SENTINEL_KEY}"}  # the key was really used...
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert {"00000.tar", "sizes.json", "cache.sqlite", "sft.jsonl", "stats.json"} <= {p.name for p in files}
     for path in files:  # ...and is in no file written, nor in what the script printed
@@ -118,6 +119,32 @@ def test_help_lists_every_flag():
     for flag in ("--input", "--output", "--backend", "--model", "--base-url", "--concurrency", "--cache",
                  "--num-jobs", "--job-index", "--prompts", "--temperature", "--top-p", "--min-words", "--max-words",
                  "--export-sft", "--price-per-1k-prompt", "--price-per-1k-completion", "--tensor-parallel-size",
-                 "--timeout", "--max-retries", "--max-attempts", "--stats"):
+                 "--timeout", "--max-retries", "--max-attempts", "--stats", "--api-key-env", "--token-param",
+                 "--max-wait", "--chat-template", "--max-refused-fraction", "--seed"):
         assert flag in result.stdout
-    assert "api-key" not in result.stdout.lower().replace("openai_api_key", "")
+    # No flag takes a key itself: only the NAME of an environment variable.
+    assert "--api-key " not in result.stdout and "--api-key-env NAME" in result.stdout
+
+
+def test_sbatch_example_logs_where_slurm_can_open_and_splits_explicitly(monkeypatch):
+    import re
+    import shlex
+
+    from paraclip_plugin.paraphrase.cli import parse_args
+    from paraclip_plugin.paraphrase.inputs import split_for_job
+    text = (MAKE_SHARDS.parent / "slurm" / "make_shards_vllm.sbatch").read_text()
+    # Slurm opens --output before the script runs: no folder the script would have to create first.
+    (output,) = re.findall(r"^#SBATCH --output=(\S+)", text, re.M)
+    assert "/" not in output
+    line = next(l for l in text.replace("\\\n", " ").splitlines() if l.startswith("srun "))
+    argv = shlex.split(line.split("scripts/make_shards.py", 1)[1])
+    # `sbatch --array=5,17`: a resubmission of two tasks of the default 32.
+    env = {"INPUT": "/d/{00000..00099}.tar", "OUTPUT": "/o", "MODEL": "/m", "NUM_JOBS": "32", "SLURM_ARRAY_TASK_ID": "17"}
+    argv = [re.sub(r"\$\{?(\w+)\}?", lambda m: env[m.group(1)], a) for a in argv if a != "${TEMPLATE_ARGS[@]}"]
+    for name, value in {"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_MAX": "17",
+                        "SLURM_ARRAY_TASK_ID": "17"}.items():
+        monkeypatch.setenv(name, value)
+    args = parse_args(argv)
+    assert (args.num_jobs, args.job_index, args.backend) == (32, 17, "vllm")
+    paths = [f"{i:05d}.tar" for i in range(100)]
+    assert split_for_job(paths, args.num_jobs, args.job_index) == ["00017.tar", "00049.tar", "00081.tar"]

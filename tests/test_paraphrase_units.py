@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from paraclip_plugin.paraphrase import cleaning
-from paraclip_plugin.paraphrase.cache import CompletionCache
+from paraclip_plugin.paraphrase.backends.base import Completion
+from paraclip_plugin.paraphrase.cache import CompletionCache, request_seed
 from paraclip_plugin.paraphrase.inputs import read_caption_file, slurm_job_defaults, split_for_job
 from paraclip_plugin.paraphrase.prompts import PAPER_VERSION, PromptSet, load_prompts
 from paraclip_plugin.paraphrase.shard_io import InputError, atomic_tar_writer, read_tar_samples
@@ -43,6 +44,11 @@ def test_prompts_replaced_from_a_file(tmp_path):
     ("Here is a concise paraphrase: A dog runs.\n\nThis keeps the meaning.", "A dog runs."),
     ("  “A dog runs”.  ", "A dog runs"),
     ("Rephrased:   a   dog\truns", "a dog runs"),
+    # reasoning models: the <think> block goes, the answer stays; a cut-off <think> leaves nothing
+    ("<think>\nThe user wants a paraphrase.\nOK.\n</think>\n\nA dog dashes along the shore.", "A dog dashes along the shore."),
+    ("<THINK>x</THINK>Paraphrase: \"A dog runs\"", "A dog runs"),
+    ("reasoning whose opening tag was in the prompt\n</think>\nA dog runs", "A dog runs"),
+    ("<think>\nThe user wants a paraphrase, let me consider every wor", ""),
 ])
 def test_cleaning_strips_wrappers(raw, expected):
     assert cleaning.clean(raw) == expected
@@ -63,16 +69,34 @@ def test_rejection_reasons():
 def test_cache_persists_and_keys_on_everything(tmp_path):
     path = str(tmp_path / "c.sqlite")
     cache = CompletionCache(path)
-    cache.put("m", "v1", 1, 0, "a cat", "a feline", 5, 3)
+    paper = {"backend": "openai", "temperature": 1.0, "top_p": 0.1, "max_tokens": 512}
+    cache.put("m", "v1", paper, 1, 0, "a cat", Completion("a feline", 5, 3, finish_reason="stop"))
+    cache.put("m", "v1", paper, 1, 0, "a gun", Completion.from_service(None, "content_filter", 5, 0))
     cache.close()
     cache = CompletionCache(path)  # a new process would see the same
-    assert cache.get_many("m", "v1", 1, 0, ["a cat", "a dog"]) == {"a cat": "a feline"}
-    for other in (("m2", "v1", 1, 0), ("m", "v2", 1, 0), ("m", "v1", 2, 0), ("m", "v1", 1, 1)):
-        assert cache.get_many(*other, ["a cat"]) == {}
+    found = cache.get_many("m", "v1", dict(reversed(paper.items())), 1, 0, ["a cat", "a dog", "a gun"])
+    assert sorted(found) == ["a cat", "a gun"]  # settings key is canonical: dict order does not matter
+    assert (found["a cat"].text, found["a cat"].prompt_tokens, found["a cat"].completion_tokens) == ("a feline", 5, 3)
+    assert found["a gun"].text is None and found["a gun"].error == "content_filter"  # a final answer, replayed
+    changed = [{**paper, name: value} for name, value in
+               (("temperature", 0.7), ("top_p", 0.9), ("max_tokens", 64), ("backend", "vllm"))]
+    for model, version, settings, step, attempt in (("m2", "v1", paper, 1, 0), ("m", "v2", paper, 1, 0),
+                                                    ("m", "v1", paper, 2, 0), ("m", "v1", paper, 1, 1),
+                                                    *(("m", "v1", c, 1, 0) for c in changed)):
+        assert cache.get_many(model, version, settings, step, attempt, ["a cat"]) == {}
     many = [f"caption {i}" for i in range(1200)]  # more than one sqlite parameter chunk
     for text in many:
-        cache.put("m", "v1", 1, 0, text, text.upper())
-    assert len(cache.get_many("m", "v1", 1, 0, many)) == 1200
+        cache.put("m", "v1", paper, 1, 0, text, Completion(text.upper()))
+    assert len(cache.get_many("m", "v1", paper, 1, 0, many)) == 1200
+
+
+def test_request_seed_is_a_function_of_the_cache_key():
+    settings = {"backend": "vllm", "seed": 0}
+    seed = request_seed("m", "v1", settings, 1, 0, "a cat")
+    assert seed == request_seed("m", "v1", dict(settings), 1, 0, "a cat") and 0 <= seed < 2 ** 31
+    others = {request_seed("m", "v1", settings, 1, 1, "a cat"), request_seed("m", "v1", settings, 2, 0, "a cat"),
+              request_seed("m", "v1", {**settings, "seed": 1}, 1, 0, "a cat"), request_seed("m", "v1", settings, 1, 0, "a dog")}
+    assert seed not in others and len(others) == 4
 
 
 def test_job_splitting_and_slurm_defaults():
@@ -81,6 +105,12 @@ def test_job_splitting_and_slurm_defaults():
     assert sorted(sum(parts, [])) == paths and all(len(p) >= 3 for p in parts)
     assert slurm_job_defaults({}) == (1, 0)
     assert slurm_job_defaults({"SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_ID": "3"}) == (4, 3)
+    contiguous = {"SLURM_ARRAY_TASK_COUNT": "8", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "8"}
+    assert slurm_job_defaults({**contiguous, "SLURM_ARRAY_TASK_ID": "8"}) == (8, 7)
+    # `sbatch --array=5,17` (resubmitting two failed tasks of 32): count 2, min 5 say nothing about the split.
+    with pytest.raises(ValueError, match="--num-jobs and --job-index explicitly"):
+        slurm_job_defaults({"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_MAX": "17",
+                            "SLURM_ARRAY_TASK_ID": "17"})
     with pytest.raises(ValueError, match="job-index"):
         split_for_job(paths, 3, 3)
 
@@ -111,7 +141,8 @@ def test_tar_round_trip_in_webdataset_layout(tmp_path):
 
 def test_generation_path_does_not_import_torch():
     code = ("import sys; import paraclip_plugin.paraphrase.pipeline, paraclip_plugin.paraphrase.backends.openai_backend, "
-            "paraclip_plugin.paraphrase.backends.vllm_backend, paraclip_plugin.paraphrase.local_server; "
+            "paraclip_plugin.paraphrase.backends.vllm_backend, paraclip_plugin.paraphrase.backends.batch_backend, "
+            "paraclip_plugin.paraphrase.local_server, paraclip_plugin.paraphrase.cli; "
             "import runpy; sys.argv = ['make_shards', '--help']\n"
             "try: runpy.run_path('scripts/make_shards.py', run_name='__main__')\n"
             "except SystemExit: pass\n"

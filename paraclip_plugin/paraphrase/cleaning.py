@@ -1,7 +1,9 @@
 """Normalise raw LLM outputs, and name why an output is not a usable paraphrase.
 
 Chat models wrap answers in quotes, prefix them ("Paraphrase: ...") or add a second line of
-commentary; those are stripped. What is left is rejected with a reason name when it is empty, a
+commentary; reasoning models (DeepSeek-R1 style, Qwen3) put their reasoning in ``<think>...</think>``
+before the answer; those are stripped (an unclosed ``<think>``, cut off by the token limit, leaves
+nothing). What is left is rejected with a reason name when it is empty, a
 refusal, far longer than its input, or (step 2) the same as step 1's output. Reason names are the
 keys of the run's "dropped" statistics.
 """
@@ -12,12 +14,15 @@ REFUSAL = "refusal"
 TOO_LONG = "too_long"
 SAME_AS_STEP1 = "same_as_step1"
 REQUEST_REJECTED = "request_rejected"  # the API refused the request itself (4xx), not its output
+CONTENT_FILTER = "content_filter"  # finish_reason: the service withheld the output
+LENGTH = "length"  # finish_reason: the token limit cut the output off
 
 _PREFIX = re.compile(
     r"^\s*(?:here(?:'s| is) (?:a |the )?(?:concise )?paraphrase[^:]*:|"
     r"(?:concise )?(?:paraphrased? (?:text|caption|version)|paraphrase|rephrased|answer|output)\s*:)\s*",
     re.IGNORECASE,
 )
+_THINK = re.compile(r"<think>.*?(?:</think>|\Z)", re.IGNORECASE | re.DOTALL)
 _QUOTES = "\"'“”‘’`«»"
 _REFUSAL = re.compile(
     r"^\s*(?:i'?m sorry|i am sorry|sorry,|i apologi[sz]e|i can(?:'|no)t|i cannot|i am unable|"
@@ -30,6 +35,10 @@ def clean(text):
     """First non-empty line, without a "Paraphrase:"-style prefix or surrounding quotes."""
     if text is None:
         return ""
+    text = _THINK.sub("", text)
+    # Templates that open <think> in the prompt (Qwen3, R1 distills) leave only the closing tag.
+    close = text.lower().rfind("</think>")
+    text = text[close + len("</think>"):] if close >= 0 else text
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     out = lines[0] if lines else ""
     out = _PREFIX.sub("", out, count=1)

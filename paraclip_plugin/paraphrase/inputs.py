@@ -35,12 +35,20 @@ def expand_inputs(spec):
 
 
 def slurm_job_defaults(environ=os.environ):
-    """(num_jobs, job_index) from a SLURM array (ids may start anywhere, e.g. --array=1-8)."""
+    """(num_jobs, job_index) from a contiguous SLURM array (ids may start anywhere, e.g. --array=1-8).
+
+    A resubmission of some tasks (``--array=5,17``) is not contiguous: its count and minimum say
+    nothing about the original split, so it is refused; pass --num-jobs/--job-index explicitly.
+    """
     if "SLURM_ARRAY_TASK_ID" not in environ:
         return 1, 0
     count = int(environ.get("SLURM_ARRAY_TASK_COUNT", 1))
-    index = int(environ["SLURM_ARRAY_TASK_ID"]) - int(environ.get("SLURM_ARRAY_TASK_MIN", 0))
-    return count, index
+    low = int(environ.get("SLURM_ARRAY_TASK_MIN", 0))
+    high = int(environ.get("SLURM_ARRAY_TASK_MAX", low + count - 1))
+    if high - low + 1 != count:
+        raise ValueError(f"SLURM array {low}..{high} has {count} tasks, not contiguous (a resubmission of some "
+                         "tasks?): pass --num-jobs and --job-index explicitly")
+    return count, int(environ["SLURM_ARRAY_TASK_ID"]) - low
 
 
 def split_for_job(paths, num_jobs, job_index):

@@ -4,14 +4,19 @@ It stands in for a hosted API at the network edge: the generator talks to it ove
 official client, exactly as it talks to api.openai.com or ``vllm serve``. Its answers are a
 deterministic function of the prompt (the quoted text, words reversed, plus a tag hashed from the
 prompt; some wrapped as ``Paraphrase: "..."`` so cleaning is exercised). It can be told to
-misbehave: a fixed latency, and a queue of faults for the next requests (``429`` with Retry-After,
-``500``, ``400`` (a request refused for good), ``malformed`` 200 bodies, ``slow`` replies, ``refusal``, ``empty``), plus refusals for
-prompts containing given texts. It counts requests and reports ``usage`` tokens.
+misbehave the ways real servers do (see ``FAULTS``): a fixed latency; a queue of faults for the
+next requests; refusals for prompts containing given texts; and whole-server modes: refusing
+every request as OpenAI's reasoning models refuse ``max_tokens`` (``reject_max_tokens``) or as
+``vllm serve`` refuses a model without a chat template (``no_chat_template``), and answering like a
+reasoning model (``reasoning``: ``<think>...</think>`` before the answer). It counts requests,
+keeps each request's JSON body (``bodies``) and Authorization header, and reports ``usage`` tokens.
 
     python -m paraclip_plugin.paraphrase.local_server --port 8000 --latency 0.2
 """
 import argparse
 import collections
+import email.parser
+import email.policy
 import hashlib
 import json
 import sys
@@ -20,6 +25,30 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 REFUSAL_TEXT = "I'm sorry, but I can't help with that request."
+FAULTS = {
+    "429": "HTTP 429 with Retry-After: retry_after (seconds)",
+    "429-long": "HTTP 429 with Retry-After: long_retry_after (above the client's 120 s cap)",
+    "500": "HTTP 500",
+    "400": "HTTP 400: this request refused for good (a content policy)",
+    "malformed": "200, JSON content type, truncated JSON body",
+    "html": "200 with Content-Type text/html (a proxy's page): the client returns the body as a str",
+    "choices-dict": "200, valid JSON whose 'choices' is an object, not a list",
+    "bad-utf8": "200, JSON content type, a body that is not UTF-8",
+    "slow": "a reply after slow_seconds",
+    "refusal": "200, the model declines in words",
+    "empty": "200, empty content",
+    "length": "200, content null, finish_reason 'length' (a reasoning model cut off by the token limit)",
+    "content_filter": "200, content null, finish_reason 'content_filter'",
+}
+# What the real services answer (bodies as OpenAI and vLLM's OpenAI-compatible server send them).
+OPENAI_MAX_TOKENS_ERROR = {"error": {
+    "message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+               "Use 'max_completion_tokens' instead.",
+    "type": "invalid_request_error", "param": "max_tokens", "code": "unsupported_parameter"}}
+VLLM_NO_TEMPLATE_ERROR = {
+    "object": "error", "type": "BadRequestError", "param": None, "code": 400,
+    "message": "As of transformers v4.44, default chat template is no longer allowed, so you must provide "
+               "a chat template if the tokenizer does not define one."}
 
 
 def quoted_text(prompt):
@@ -43,6 +72,14 @@ class LocalChatServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", port), _Handler)
         self.latency = latency
         self.retry_after = retry_after
+        self.long_retry_after = "121"
+        self.reject_max_tokens = False
+        self.no_chat_template = False
+        self.reasoning = False
+        self.bodies = []  # JSON body of every chat request
+        self.files, self.batches = {}, {}  # the Batch API's state: id -> record
+        self.batch_seconds = 0.0  # how long a batch stays in_progress
+        self.expire_next = 0  # the next batch's last N requests expire unanswered
         self.slow_seconds = slow_seconds
         self.lock = threading.Lock()
         self.faults = collections.deque()
@@ -62,7 +99,10 @@ class LocalChatServer(ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}/v1"
 
     def inject(self, *faults):
-        """Queue faults for the next requests, in order: '429', '500', '400', 'malformed', 'slow', 'refusal', 'empty'."""
+        """Queue faults (names in ``FAULTS``) for the next requests, in order."""
+        unknown = [f for f in faults if f not in FAULTS]
+        if unknown:
+            raise ValueError(f"unknown faults {unknown}; choose from {sorted(FAULTS)}")
         with self.lock:
             self.faults.extend(faults)
 
@@ -89,10 +129,15 @@ class LocalChatServer(ThreadingHTTPServer):
     def __exit__(self, *exc):
         self.stop()
 
-    def _decide(self, prompt):
+    def _decide(self, prompt, body):
         with self.lock:
             self.requests += 1
+            self.bodies.append(body)
             fault = self.faults.popleft() if self.faults else None
+            if self.no_chat_template:
+                fault = "no-template"
+            elif self.reject_max_tokens and "max_tokens" in body:
+                fault = "max-tokens"
             if fault is None:
                 for text, times in self.refuse.items():
                     if times > 0 and text in prompt:
@@ -102,6 +147,118 @@ class LocalChatServer(ThreadingHTTPServer):
             self.log.append((time.monotonic(), prompt, fault or "ok"))
         return fault
 
+    def answer(self, body):
+        """``(status, body bytes, content type, headers)`` for one chat-completions request body."""
+        prompt = "\n".join(m.get("content", "") for m in body.get("messages", []) if m.get("role") == "user")
+        fault = self._decide(prompt, body)
+        time.sleep(self.slow_seconds if fault == "slow" else self.latency)
+        errors = {
+            "429": (429, {"error": {"message": "rate limited", "type": "rate_limit"}}),
+            "429-long": (429, {"error": {"message": "quota window: retry later", "type": "rate_limit"}}),
+            "400": (400, {"error": {"message": "content policy", "type": "invalid_request_error"}}),
+            "500": (500, {"error": {"message": "internal error", "type": "server_error"}}),
+            "max-tokens": (400, OPENAI_MAX_TOKENS_ERROR),
+            "no-template": (400, VLLM_NO_TEMPLATE_ERROR),
+        }
+        if fault in errors:
+            retry_after = {"429": self.retry_after, "429-long": self.long_retry_after}.get(fault)
+            status, payload = errors[fault]
+            headers = [("Retry-After", retry_after)] if retry_after else []
+            return status, json.dumps(payload).encode(), "application/json", headers
+        odd_bodies = {
+            "malformed": (b'{"id": "chatcmpl-broken", "choices": [{"index": 0, "mess', "application/json"),
+            "html": (b"<html><body><h1>200 OK</h1>upstream returned nothing</body></html>", "text/html"),
+            "choices-dict": (json.dumps({"id": "chatcmpl-odd", "object": "chat.completion",
+                                         "choices": {"0": {"message": {"content": "x"}}}}).encode(),
+                             "application/json"),
+            "bad-utf8": (b'{"id": "chatcmpl-\xff\xfe", "choices": []}', "application/json"),
+        }
+        if fault in odd_bodies:
+            data, content_type = odd_bodies[fault]
+            return 200, data, content_type, []
+        content = {"refusal": REFUSAL_TEXT, "empty": "", "length": None, "content_filter": None}.get(
+            fault, raw_reply(prompt))
+        if self.reasoning and content:
+            content = f"<think>\nThe user wants a paraphrase of {quoted_text(prompt)!r}. Let me reword it.\n</think>\n\n{content}"
+        finish_reason = fault if fault in ("length", "content_filter") else "stop"
+        completion_tokens = len((content or "").split()) or (body.get("max_completion_tokens") or 0)
+        return 200, json.dumps({
+            "id": "chatcmpl-local",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body.get("model", "local"),
+            "choices": [{"index": 0, "finish_reason": finish_reason,
+                         "message": {"role": "assistant", "content": content, "refusal": None}}],
+            "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": completion_tokens,
+                      "total_tokens": len(prompt.split()) + completion_tokens},
+        }).encode(), "application/json", []
+
+    # --- the Batch API: /v1/files and /v1/batches, as OpenAI's (upload, create, retrieve, output file) ---
+
+    def store_upload(self, content_type, raw):
+        """A multipart/form-data upload (``file``, ``purpose``), as the client sends it."""
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
+        fields = {part.get_param("name", header="content-disposition"): part for part in message.iter_parts()}
+        data = fields["file"].get_payload(decode=True)
+        return self._add_file(data, fields["file"].get_filename(), fields["purpose"].get_content().strip())
+
+    def _add_file(self, data, filename, purpose):
+        with self.lock:
+            file_id = f"file-{len(self.files) + 1:04d}"
+            record = {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
+                      "filename": filename, "purpose": purpose, "status": "processed"}
+            self.files[file_id] = {**record, "data": data}
+        return record
+
+    def create_batch(self, body):
+        with self.lock:
+            batch_id = f"batch_{len(self.batches) + 1:04d}"
+            lines = self.files[body["input_file_id"]]["data"].decode().splitlines()
+            batch = {"id": batch_id, "object": "batch", "endpoint": body["endpoint"], "errors": None,
+                     "input_file_id": body["input_file_id"], "completion_window": body["completion_window"],
+                     "status": "validating", "output_file_id": None, "error_file_id": None,
+                     "created_at": int(time.time()), "request_counts": {"total": len(lines), "completed": 0, "failed": 0}}
+            self.batches[batch_id] = batch
+            expire, self.expire_next = self.expire_next, 0
+        threading.Thread(target=self._run_batch, args=(batch_id, lines, expire), daemon=True).start()
+        return dict(batch)
+
+    def _run_batch(self, batch_id, lines, expire):
+        """Answer every line as /chat/completions would; the last ``expire`` lines expire unanswered."""
+        with self.lock:
+            self.batches[batch_id]["status"] = "in_progress"
+        created = time.monotonic()
+        while time.monotonic() < created + self.batch_seconds:  # re-read: a test may shorten a running batch
+            time.sleep(0.01)
+        out, err = [], []
+        for number, line in enumerate(lines):
+            request = json.loads(line)
+            record = {"id": f"batch_req_{batch_id}_{number}", "custom_id": request["custom_id"]}
+            if number >= len(lines) - expire:
+                err.append({**record, "response": None, "error": {
+                    "code": "batch_expired",
+                    "message": "This request could not be executed before the completion window expired."}})
+                continue
+            status, data, _, _ = self.answer(request["body"])
+            try:
+                payload = json.loads(data)
+            except ValueError:
+                payload = data.decode("utf-8", "replace")
+            response = {"status_code": status, "request_id": f"req_{number}", "body": payload}
+            (out if status == 200 else err).append({**record, "response": response, "error": None})
+        files = {}
+        for name, records in (("output", out), ("error", err)):
+            if records:
+                data = "".join(json.dumps(r) + "\n" for r in records).encode()
+                files[name] = self._add_file(data, f"{batch_id}_{name}.jsonl", "batch_output")["id"]
+        with self.lock:
+            self.batches[batch_id].update(
+                status="expired" if expire else "completed", output_file_id=files.get("output"),
+                error_file_id=files.get("error"),
+                request_counts={"total": len(lines), "completed": len(out), "failed": len(err)})
+
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the client's connection pool expects
@@ -109,10 +266,10 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):  # quiet: tests and benchmarks read their own output
         pass
 
-    def _send(self, status, body, headers=()):
+    def _send(self, status, body, headers=(), content_type="application/json"):
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         for name, value in headers:
             self.send_header(name, value)
@@ -120,40 +277,32 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self):
-        if self.path.rstrip("/").endswith("/models"):
+        server, path = self.server, self.path.rstrip("/")
+        if path.endswith("/models"):
             return self._send(200, {"object": "list", "data": [{"id": "local-paraphraser", "object": "model"}]})
-        self._send(404, {"error": {"message": "not found"}})
+        parts = path.split("/")
+        with server.lock:
+            if parts[-2:-1] == ["batches"] and parts[-1] in server.batches:
+                return self._send(200, server.batches[parts[-1]])
+            if parts[-1] == "content" and parts[-2] in server.files:
+                return self._send(200, server.files[parts[-2]]["data"], content_type="application/octet-stream")
+        self._send(404, {"error": {"message": f"no route {self.path}"}})
 
     def do_POST(self):
         server = self.server
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-        if not self.path.rstrip("/").endswith("/chat/completions"):
-            return self._send(404, {"error": {"message": f"no route {self.path}"}})
+        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         with server.lock:
             server.authorizations.add(self.headers.get("Authorization", ""))
-        prompt = "\n".join(m.get("content", "") for m in body.get("messages", []) if m.get("role") == "user")
-        fault = server._decide(prompt)
-        time.sleep(server.slow_seconds if fault == "slow" else server.latency)
-        if fault == "429":
-            return self._send(429, {"error": {"message": "rate limited", "type": "rate_limit"}},
-                              [("Retry-After", server.retry_after)])
-        if fault == "400":
-            return self._send(400, {"error": {"message": "content policy", "type": "invalid_request_error"}})
-        if fault == "500":
-            return self._send(500, {"error": {"message": "internal error", "type": "server_error"}})
-        if fault == "malformed":
-            return self._send(200, b'{"id": "chatcmpl-broken", "choices": [{"index": 0, "mess')
-        content = {"refusal": REFUSAL_TEXT, "empty": ""}.get(fault, raw_reply(prompt))
-        self._send(200, {
-            "id": "chatcmpl-local",
-            "object": "chat.completion",
-            "created": 0,
-            "model": body.get("model", "local"),
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": content}}],
-            "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(content.split()),
-                      "total_tokens": len(prompt.split()) + len(content.split())},
-        })
+        path = self.path.rstrip("/")
+        if path.endswith("/files"):
+            return self._send(200, server.store_upload(self.headers.get("Content-Type", ""), raw))
+        body = json.loads(raw or b"{}")
+        if path.endswith("/batches"):
+            return self._send(200, server.create_batch(body))
+        if not path.endswith("/chat/completions"):
+            return self._send(404, {"error": {"message": f"no route {self.path}"}})
+        status, data, content_type, headers = server.answer(body)
+        self._send(status, data, headers, content_type)
 
 
 def main(argv=None):

@@ -16,12 +16,19 @@ import time
 from tqdm import tqdm
 
 from . import cleaning
-from .cache import CompletionCache
+from .backends.base import FINAL_FINISH_REASONS, GenerationError
+from .cache import CompletionCache, request_key
 from .inputs import is_caption_file, read_caption_file
 from .prompts import PromptSet
 from ..shards import (CAPTION, IMAGE_EXTENSIONS, METADATA, PARA1, PARA2, atomic_file, atomic_write_text,
                       read_sizes_json, update_sizes_json)
 from .shard_io import InputError, atomic_tar_writer, count_tar_samples, read_tar_samples
+
+
+# Drops that say more about the service (or its settings) than about one caption: an input whose
+# every sample ends this way is never written as an empty output.
+_SERVICE_DROPS = {f"step{step}_{reason}" for step in (1, 2)
+                  for reason in (cleaning.REQUEST_REJECTED, *FINAL_FINISH_REASONS)}
 
 
 @dataclasses.dataclass
@@ -34,6 +41,46 @@ class GenerationOptions:
     price_per_1k_completion: float = 0.0
     caption_field: str = "caption"
     progress: bool = True
+    max_refused_fraction: float = 0.5  # more refused requests in one batch (of >= 4) stop the job
+    price_factor: float = 1.0  # 0.5 for the Batch API's discount
+
+
+class RefusalGuard:
+    """Tells a per-sample refusal from a service that refuses the job's requests systematically.
+
+    A 400/422 on one caption (a content filter) drops that sample; a 400 on every request (a
+    parameter the model rejects, no chat template, a wrong model name) must stop the job with the
+    server's own message instead of dropping every sample into empty shards. Stops when the first
+    ``probe`` requests of the job were all refused, or when more than ``max_fraction`` of a batch of
+    at least ``min_batch`` requests was.
+    """
+
+    def __init__(self, max_fraction=0.5, probe=8, min_batch=4):
+        self.max_fraction, self.probe, self.min_batch = max_fraction, probe, min_batch
+        self.answered = 0  # of the job's first ``probe`` requests, as they arrive
+        self.refused = []  # their refusal messages
+
+    def observe(self, step, completion):
+        """Each answer as it arrives: stop at once (in-flight requests are cancelled) when the job's
+        first ``probe`` answers were all refusals."""
+        if self.answered >= self.probe:
+            return
+        self.answered += 1
+        if completion.error == cleaning.REQUEST_REJECTED:
+            self.refused.append(completion.message)
+        if len(self.refused) == self.answered == self.probe:
+            self._stop(step, f"the job's first {self.probe}", self.refused)
+
+    def check(self, step, requests, messages):
+        """A finished batch of ``requests`` with these refusal ``messages``."""
+        if requests >= self.min_batch and len(messages) > self.max_fraction * requests:
+            self._stop(step, str(requests), messages)
+
+    @staticmethod
+    def _stop(step, requests, messages):
+        raise GenerationError(
+            f"the server refused {len(messages)} of {requests} step-{step} requests, systematically "
+            f"(first refusal: {messages[0]}); stopping: nothing is written for this input and a rerun redoes it")
 
 
 def output_name(input_path):
@@ -49,6 +96,9 @@ class ParaphraseGenerator:
         self.cache = cache if cache is not None else CompletionCache(":memory:")
         self.options = options or GenerationOptions()
         self.backend_name = backend_name
+        # Every setting that changes an output: part of the cache key and of each sample's json.
+        self.settings = dict(getattr(backend, "output_settings", None) or {"backend": backend_name})
+        self.refusals = RefusalGuard(self.options.max_refused_fraction)
         self.counts = collections.Counter()  # samples, requests, tokens
         self.dropped = collections.Counter()  # samples dropped, by reason
         self.retried = collections.Counter()  # rejected outputs that got another attempt, by reason
@@ -59,33 +109,42 @@ class ParaphraseGenerator:
     def _run_step(self, step, sources):
         """``({source: paraphrase}, {source: reason})`` for unique ``sources`` of one step."""
         opts, accepted, reasons = self.options, {}, {}
+        key = (self.model, self.prompts.version, self.settings, step)
         pending = list(dict.fromkeys(sources))
         for attempt in range(opts.max_attempts):
             if not pending:
                 break
-            raw = self.cache.get_many(self.model, self.prompts.version, step, attempt, pending)
+            raw = self.cache.get_many(*key[:3], step, attempt, pending)
             self.counts["cache_hits"] += len(raw)
             misses = [s for s in pending if s not in raw]
             if misses:
-                def on_result(index, completion, misses=misses, raw=raw):
+                refused = []
+
+                def on_result(index, completion, misses=misses, raw=raw, refused=refused):
                     source = misses[index]
+                    self.refusals.observe(step, completion)
                     self.counts["prompt_tokens"] += completion.prompt_tokens
                     self.counts["completion_tokens"] += completion.completion_tokens
-                    if completion.text is None:
+                    if completion.error == cleaning.REQUEST_REJECTED:  # not cached: a rerun asks again
+                        refused.append(completion.message)
                         reasons[source] = completion.error
                         return
                     # Cached before use: a crash after this line never pays for this request again.
-                    self.cache.put(self.model, self.prompts.version, step, attempt, source, completion.text,
-                                   completion.prompt_tokens, completion.completion_tokens)
-                    raw[source] = completion.text
+                    self.cache.put(*key[:3], step, attempt, source, completion)
+                    raw[source] = completion
 
                 self.counts["requests"] += len(misses)
-                self.backend.generate([self.prompts.render(step, s) for s in misses], on_result)
+                keys = [request_key(*key[:3], step, attempt, s) for s in misses]
+                self.backend.generate([self.prompts.render(step, s) for s in misses], on_result, keys=keys)
+                self.refusals.check(step, len(misses), refused)
             retry = []
             for source in pending:
                 if source not in raw:  # the service refused the request itself: no retry helps
                     continue
-                output = cleaning.clean(raw[source])
+                if raw[source].error:  # content_filter / length / refusal: the same input fails alike
+                    reasons[source] = raw[source].error
+                    continue
+                output = cleaning.clean(raw[source].text)
                 reason = cleaning.reject_reason(output, source, opts.max_length_ratio,
                                                 step1_output=source if step == 2 else None)
                 if reason is None:
@@ -125,7 +184,7 @@ class ParaphraseGenerator:
 
     def _metadata(self):
         return {"paraphrase_model": self.model, "paraphrase_prompt_version": self.prompts.version,
-                "paraphrase_backend": self.backend_name}
+                "paraphrase_backend": self.backend_name, "paraphrase_settings": self.settings}
 
     # --- one input -> one output ---------------------------------------------------------------
 
@@ -150,6 +209,11 @@ class ParaphraseGenerator:
                 self.dropped[result] += 1
             else:
                 out.append((item, *result))
+        service_drops = {r for r in results.values() if isinstance(r, str)}
+        if items and not out and service_drops <= _SERVICE_DROPS:
+            raise GenerationError(
+                f"every kept sample was refused or cut off by the service ({', '.join(sorted(service_drops))}); "
+                "nothing is written for this input and a rerun redoes it")
         return out
 
     def process_shard(self, in_path, out_path):
@@ -191,6 +255,27 @@ class ParaphraseGenerator:
 
     # --- a run ---------------------------------------------------------------------------------
 
+    def prefill(self, inputs, output_dir):
+        """Both steps for every kept caption of ``inputs`` not yet written, in one backend call per step
+        and attempt (the Batch API's way: few large batches); ``run`` then writes shards from the cache."""
+        captions = []
+        for in_path in inputs:
+            if os.path.exists(os.path.join(output_dir, output_name(in_path))):
+                continue
+            if is_caption_file(in_path):
+                records = read_caption_file(in_path, self.options.caption_field)
+            else:
+                records = [{"caption": s[CAPTION].decode("utf-8", "replace").strip()}
+                           for s in read_tar_samples(in_path) if CAPTION in s]
+            captions.extend(r["caption"] for r in records if not self._keep_caption(r["caption"]))
+        if captions:
+            self.paraphrase(captions)
+        # What run() counts again from the cache is not counted twice; requests and tokens stay.
+        for name in ("cache_hits", "duplicate_captions"):
+            self.counts[name] = 0
+        self.retried.clear()
+        self.sft_pairs.clear()
+
     def run(self, inputs, output_dir, stats_path=None, export_sft=None, job=(1, 0)):
         os.makedirs(output_dir, exist_ok=True)
         start = time.time()
@@ -204,11 +289,12 @@ class ParaphraseGenerator:
             if os.path.exists(out_path):
                 self.counts["shards_skipped"] += 1
                 self._repair_sizes(out_path)
-            elif is_caption_file(in_path):
-                self.counts["samples_out"] += self.process_caption_file(in_path, out_path)
-                self.counts["shards_written"] += 1
             else:
-                self.counts["samples_out"] += self.process_shard(in_path, out_path)
+                process = self.process_caption_file if is_caption_file(in_path) else self.process_shard
+                try:
+                    self.counts["samples_out"] += process(in_path, out_path)
+                except GenerationError as e:
+                    raise GenerationError(f"{in_path}: {e}") from None
                 self.counts["shards_written"] += 1
             samples_bar.update(self.counts["samples_in"] - before)
             samples_bar.set_postfix(requests=self.counts["requests"], cache_hits=self.counts["cache_hits"])
@@ -231,7 +317,7 @@ class ParaphraseGenerator:
     def stats(self, wall_seconds, job=(1, 0)):
         o = self.options
         cost = (self.counts["prompt_tokens"] * o.price_per_1k_prompt
-                + self.counts["completion_tokens"] * o.price_per_1k_completion) / 1000
+                + self.counts["completion_tokens"] * o.price_per_1k_completion) / 1000 * o.price_factor
         return {
             "model": self.model, "backend": self.backend_name, "prompt_version": self.prompts.version,
             "num_jobs": job[0], "job_index": job[1],
@@ -241,7 +327,9 @@ class ParaphraseGenerator:
             "duplicate_captions": self.counts["duplicate_captions"],
             "requests": self.counts["requests"], "cache_hits": self.counts["cache_hits"],
             "prompt_tokens": self.counts["prompt_tokens"], "completion_tokens": self.counts["completion_tokens"],
-            "estimated_cost_usd": round(cost, 6), "wall_seconds": round(wall_seconds, 3),
+            "settings": self.settings,
+            "rate_limit_wait_seconds": round(sum(getattr(self.backend, "rate_limit_waits", ())), 3),
+            "estimated_cost_usd": round(cost, 6), "price_factor": o.price_factor, "wall_seconds": round(wall_seconds, 3),
             "samples_per_second": round(self.counts["samples_in"] / wall_seconds, 2) if wall_seconds else None,
         }
 

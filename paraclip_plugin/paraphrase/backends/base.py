@@ -2,15 +2,28 @@
 import dataclasses
 from typing import Optional
 
+# finish_reason values that end a sample for good: the same input with the same sampling fails the
+# same way again, so the sample is dropped by this reason (and the answer cached), never retried.
+FINAL_FINISH_REASONS = ("content_filter", "length")
+
 
 @dataclasses.dataclass
 class Completion:
-    text: Optional[str]  # None when the service refused the request itself (see ``error``)
+    text: Optional[str]  # None when there is no usable output (see ``error``)
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    error: Optional[str] = None  # a cleaning.py reason name when text is None
+    error: Optional[str] = None  # a cleaning.py reason name (or finish_reason) when text is None
+    finish_reason: Optional[str] = None  # as the service reported it ("stop", "length", "content_filter")
+    message: Optional[str] = None  # the service's own words when it refused the request (never cached)
+
+    @classmethod
+    def from_service(cls, text, finish_reason, prompt_tokens=0, completion_tokens=0):
+        """An answer as a service gives it: a final finish_reason drops the sample whatever the text."""
+        if finish_reason in FINAL_FINISH_REASONS:
+            return cls(None, prompt_tokens, completion_tokens, error=finish_reason, finish_reason=finish_reason)
+        return cls(text, prompt_tokens, completion_tokens, finish_reason=finish_reason)
 
 
 class GenerationError(RuntimeError):
-    """Retries are exhausted on a transient failure: stop the job (a rerun resumes from the cache)
-    rather than drop samples because the service was down."""
+    """Stop the job with a one-line message (a rerun resumes from the cache): retries of a transient
+    failure are exhausted, or the service refuses the job's requests systematically."""

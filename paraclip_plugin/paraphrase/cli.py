@@ -1,0 +1,188 @@
+"""Turn image-caption WebDataset shards into ParaCLIP four-field shards with two-step LLM paraphrases.
+
+    OPENAI_API_KEY=... paraclip-make-shards \\
+        --input '/data/laion/{00000..09999}.tar' --output /data/para/ \\
+        --backend openai --model gpt-4o-mini [--concurrency 256]
+    VLLM_KEY=... paraclip-make-shards ... --base-url http://host:8000/v1 [--api-key-env VLLM_KEY]
+    paraclip-make-shards ... --backend vllm --model /models/llama-7b-paraphraser [--chat-template FILE]
+
+(``python scripts/make_shards.py`` is the same program.) Keys come from the environment only, never
+from flags: OPENAI_API_KEY is sent to api.openai.com only; another --base-url gets the variable
+named by --api-key-env, or no key. Keys never appear in logs, shards, the cache or the stats.
+
+Failures: a server that refuses requests systematically (most of a batch, or the job's first 8)
+stops the job with its own message and a non-zero exit, writing nothing for that input; a rerun
+redoes it. One refused caption, a content filter or a token-limit cut-off drops that sample by
+reason. 429/5xx/timeouts are retried by the openai client; a Retry-After beyond its 120 s cap is
+waited out up to --max-wait, then the job stops. Every stop keeps the cache: rerun to resume.
+"""
+import argparse
+import os
+import sys
+import time
+
+import logging
+
+from .backends import GenerationError, make_backend
+from .backends.openai_backend import api_key_for, resolve_base_url
+from .cache import CompletionCache
+from .inputs import expand_inputs, slurm_job_defaults, split_for_job
+from .pipeline import GenerationOptions, ParaphraseGenerator
+from .prompts import PromptSet, load_prompts
+from .shard_io import InputError
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="paraclip-make-shards", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = p.add_argument_group("input / output")
+    io.add_argument("--input", required=True,
+                    help="input shards (img2dataset .tar) or caption files (.txt one per line, .jsonl): "
+                         "brace patterns and globs, several joined with '::'")
+    io.add_argument("--output", required=True, help="output folder: one shard (or .jsonl) per input, same base name, + sizes.json")
+    io.add_argument("--caption-field", default="caption", help="caption field of .jsonl inputs")
+    io.add_argument("--cache", default=None,
+                    help="sqlite cache of completions (default OUTPUT/cache.sqlite); '{job_index}' is replaced, "
+                         "for one file per job on file systems without POSIX locks")
+    io.add_argument("--stats", default=None, help="stats JSON of this run (default OUTPUT/stats/<time>-job<I>of<N>.json)")
+    io.add_argument("--export-sft", default=None, metavar="FILE",
+                    help="also write this run's (prompt, paraphrase) pairs as chat-format JSONL for instruction tuning")
+    io.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--backend", choices=("openai", "openai-batch", "vllm"), default="openai",
+                     help="openai: the API or any OpenAI-compatible server (vllm serve); openai-batch: the OpenAI "
+                          "Batch API (half price, within 24 h); vllm: the offline engine")
+    gen.add_argument("--model", required=True, help="API model name, or vLLM model path")
+    gen.add_argument("--prompts", default=None,
+                     help='JSON file {"step1": "...{text}...", "step2": "...{text}...", "version": optional} '
+                          "replacing the paper's prompts")
+    gen.add_argument("--temperature", type=float, default=1.0, help="paper: 1.0")
+    gen.add_argument("--top-p", type=float, default=0.1, help="paper: 0.1")
+    gen.add_argument("--max-tokens", type=int, default=512,
+                     help="token limit per output (sent as --token-param); part of the cache key, like "
+                          "--temperature, --top-p and --seed: changing one makes new requests")
+    gen.add_argument("--min-words", type=int, default=2, help="keep captions of at least this many words")
+    gen.add_argument("--max-words", type=int, default=15, help="keep captions of at most this many words")
+    gen.add_argument("--max-attempts", type=int, default=3, help="attempts per step before a rejected sample is dropped")
+    gen.add_argument("--max-length-ratio", type=float, default=3.0,
+                     help="reject outputs longer than this times the input (+20 characters)")
+    gen.add_argument("--max-refused-fraction", type=float, default=0.5,
+                     help="stop the job when the server refuses (400/422) more than this fraction of a batch of "
+                          ">= 4 requests (or the job's first 8): a systematic refusal, not one bad caption")
+
+    api = p.add_argument_group("openai backend")
+    api.add_argument("--base-url", default=None,
+                     help="any OpenAI-compatible server, e.g. http://host:8000/v1 (vllm serve); default OPENAI_BASE_URL, "
+                          "else https://api.openai.com/v1")
+    api.add_argument("--api-key-env", default=None, metavar="NAME",
+                     help="environment variable holding the key for --base-url; without it OPENAI_API_KEY is sent "
+                          "to api.openai.com only and other hosts get no key")
+    api.add_argument("--token-param", choices=("auto", "max_tokens", "max_completion_tokens"), default="auto",
+                     help="name of the token-limit field: auto sends max_completion_tokens to api.openai.com and "
+                          "max_tokens elsewhere, and switches once if the server rejects the name")
+    api.add_argument("--concurrency", type=int, default=64, help="requests in flight")
+    api.add_argument("--timeout", type=float, default=60.0, help="seconds per request attempt")
+    api.add_argument("--max-retries", type=int, default=8,
+                     help="client retries of 429/5xx/timeouts (honours Retry-After up to 120 s)")
+    api.add_argument("--max-wait", type=float, default=900.0,
+                     help="seconds to wait out a rate limit whose Retry-After exceeds the client's 120 s, per "
+                          "stretch of rate limiting; beyond it the job stops (rerun to resume)")
+    api.add_argument("--malformed-retries", type=int, default=5, help="retries of unparseable 200 responses")
+    api.add_argument("--price-per-1k-prompt", type=float, default=0.0, help="USD per 1k prompt tokens, for the cost estimate")
+    api.add_argument("--price-per-1k-completion", type=float, default=0.0, help="USD per 1k completion tokens")
+
+    bt = p.add_argument_group("openai-batch backend (also takes --base-url, --api-key-env, --token-param, "
+                              "--timeout, --max-retries)")
+    bt.add_argument("--batch-poll-interval", type=float, default=60.0, help="seconds between status checks")
+    bt.add_argument("--batch-max-requests", type=int, default=50_000, help="requests per batch file (the API's limit)")
+    bt.add_argument("--batch-max-bytes", type=int, default=200_000_000, help="bytes per batch file (the API's limit)")
+    bt.add_argument("--batch-rounds", type=int, default=3,
+                    help="rounds of batches for expired or failed requests before the job stops (rerun resumes)")
+    bt.add_argument("--batch-discount", type=float, default=0.5, help="price factor of batch requests, for the cost estimate")
+
+    vl = p.add_argument_group("vllm backend")
+    vl.add_argument("--tensor-parallel-size", type=int, default=1)
+    vl.add_argument("--seed", type=int, default=0,
+                    help="base of the per-request seeds (each derived from the request's cache key)")
+    vl.add_argument("--chat-template", default=None, metavar="FILE",
+                    help="Jinja chat template for models whose tokenizer has none (LLaMA-1-style paraphrasers)")
+
+    jobs = p.add_argument_group("splitting (defaults from a contiguous SLURM array: SLURM_ARRAY_TASK_COUNT / "
+                                "SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN; pass both when resubmitting some tasks)")
+    jobs.add_argument("--num-jobs", type=int, default=None)
+    jobs.add_argument("--job-index", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.num_jobs is None or args.job_index is None:
+        try:
+            num_jobs, job_index = slurm_job_defaults()
+        except ValueError as e:
+            p.error(str(e))
+        args.num_jobs = num_jobs if args.num_jobs is None else args.num_jobs
+        args.job_index = job_index if args.job_index is None else args.job_index
+    return args
+
+
+def build_backend(args, cache_path, environ=os.environ):
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
+    if args.backend == "vllm":
+        template = None
+        if args.chat_template:
+            try:
+                with open(args.chat_template, encoding="utf-8") as f:
+                    template = f.read()
+            except OSError as e:
+                raise ValueError(f"--chat-template {args.chat_template}: {e.strerror}") from None
+        return make_backend("vllm", model=args.model, tensor_parallel_size=args.tensor_parallel_size,
+                            seed=args.seed, chat_template=template, **sampling)
+    base_url = resolve_base_url(args.base_url, environ)
+    api_key = api_key_for(base_url, args.api_key_env, environ)
+    if args.backend == "openai-batch":
+        return make_backend("openai-batch", model=args.model, api_key=api_key, state_path=cache_path, base_url=base_url,
+                            token_param=args.token_param, poll_interval=args.batch_poll_interval,
+                            max_rounds=args.batch_rounds, max_requests=args.batch_max_requests,
+                            max_bytes=args.batch_max_bytes, timeout=args.timeout, max_retries=args.max_retries,
+                            **sampling)
+    return make_backend("openai", model=args.model, api_key=api_key,
+                        base_url=base_url, concurrency=args.concurrency, timeout=args.timeout,
+                        max_retries=args.max_retries, malformed_retries=args.malformed_retries,
+                        token_param=args.token_param, max_wait=args.max_wait, **sampling)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s make_shards: %(message)s")
+    logging.getLogger("paraclip_plugin").setLevel(logging.INFO)  # our progress lines; the client's stay quiet
+    try:
+        inputs = split_for_job(expand_inputs(args.input), args.num_jobs, args.job_index)
+        prompts = load_prompts(args.prompts) if args.prompts else PromptSet()
+    except (InputError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    cache_path = (args.cache or os.path.join(args.output, "cache.sqlite")).replace("{job_index}", str(args.job_index))
+    stats_path = args.stats or os.path.join(
+        args.output, "stats", time.strftime("%Y%m%dT%H%M%S") + f"-job{args.job_index}of{args.num_jobs}.json")
+    options = GenerationOptions(min_words=args.min_words, max_words=args.max_words, max_attempts=args.max_attempts,
+                                max_length_ratio=args.max_length_ratio, caption_field=args.caption_field,
+                                price_per_1k_prompt=args.price_per_1k_prompt,
+                                price_per_1k_completion=args.price_per_1k_completion, progress=not args.no_progress,
+                                max_refused_fraction=args.max_refused_fraction,
+                                price_factor=args.batch_discount if args.backend == "openai-batch" else 1.0)
+    os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
+    try:
+        backend = build_backend(args, cache_path)
+    except (ValueError, ImportError) as e:
+        sys.exit(f"error: {e}")
+    generator = ParaphraseGenerator(backend, args.model, prompts, CompletionCache(cache_path), options, args.backend)
+    try:
+        if args.backend == "openai-batch":  # few large batches for the whole job, then shards from the cache
+            generator.prefill(inputs, args.output)
+        stats = generator.run(inputs, args.output, stats_path, args.export_sft, job=(args.num_jobs, args.job_index))
+    except (InputError, GenerationError) as e:
+        sys.exit(f"error: {e}")
+    finally:
+        backend.close()
+    print(f"{stats['samples_out']}/{stats['samples_in']} samples written, {stats['requests']} requests, "
+          f"{stats['cache_hits']} cache hits, dropped {stats['dropped']}; stats: {stats_path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""``--backend openai-batch`` end to end over real HTTP: the local server's /v1/files and /v1/batches."""
+import json
+import os
+import signal
+import sqlite3
+import time
+
+from test_paraphrase_cli import cli
+from test_paraphrase_pipeline import input_captions
+from test_paraphrase_support import samples_of, server, write_input_shards  # noqa: F401
+
+BATCH = ("--backend", "openai-batch", "--batch-poll-interval", "0.05", "--batch-max-requests", "5")
+
+
+def texts(folder):
+    """The caption and paraphrases of every written sample (the json differs: it names the backend)."""
+    return {p.name: {k: (f["txt"], f["para1.txt"], f["para2.txt"]) for k, f in samples_of(p).items()}
+            for p in sorted(folder.glob("*.tar"))}
+
+
+def request_files(server):
+    return {i: f["data"].decode().splitlines() for i, f in server.files.items() if f["purpose"] == "batch"}
+
+
+def test_batch_backend_fills_the_cache_and_writes_the_same_shards(server, tmp_path):
+    pattern = write_input_shards(tmp_path / "in", num_shards=2, per_shard=10)
+    rc, _, stderr = cli(server, pattern, tmp_path / "sync")
+    assert rc == 0, stderr
+    sync_requests = server.requests
+    server.expire_next = 2  # the first batch's last two requests expire unanswered
+    out = tmp_path / "out"
+    rc, _, stderr = cli(server, pattern, out, *BATCH, "--price-per-1k-prompt", "1", "--price-per-1k-completion", "2",
+                        "--stats", str(tmp_path / "stats.json"))
+    assert rc == 0, stderr
+    assert texts(out) == texts(tmp_path / "sync") and texts(out)
+    files = request_files(server)
+    assert all(len(lines) <= 5 for lines in files.values())  # split at --batch-max-requests
+    requests = [json.loads(line) for lines in files.values() for line in lines]
+    assert {(r["method"], r["url"], r["body"]["max_tokens"], r["body"]["top_p"]) for r in requests} == {
+        ("POST", "/v1/chat/completions", 512, 0.1)}
+    assert all(b["completion_window"] == "24h" and b["endpoint"] == "/v1/chat/completions" for b in server.batches.values())
+    # The two expired requests went into a later batch; nothing else was asked twice.
+    ids = [r["custom_id"] for r in requests]
+    assert len(ids) == len(set(ids)) + 2
+    assert server.requests - sync_requests == sync_requests  # each answered once: the same bill, at half price
+    assert "expired" in {b["status"] for b in server.batches.values()}
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    expected = (stats["prompt_tokens"] * 1 + stats["completion_tokens"] * 2) / 1000 * 0.5
+    assert stats["price_factor"] == 0.5 and abs(stats["estimated_cost_usd"] - expected) < 1e-6 and expected > 0
+    assert "batch batch_0001: 5 requests submitted" in stderr and "completed, 5/5 done" in stderr
+
+
+def test_sigkill_while_a_batch_is_in_flight_then_rerun_submits_nothing_new(server, tmp_path):
+    pattern = write_input_shards(tmp_path / "in", num_shards=2, per_shard=10)
+    kept = {c for c in input_captions(pattern).values() if 2 <= len(c.split()) <= 15}
+    step1_batches = -(-len(kept) // 5)
+    server.batch_seconds = 60  # in flight until the test says otherwise
+    out = tmp_path / "out"
+    proc = cli(server, pattern, out, *BATCH, wait=False)
+    deadline = time.time() + 30
+    recorded = []
+    while time.time() < deadline and len(recorded) < step1_batches:
+        time.sleep(0.05)
+        if (out / "cache.sqlite").exists():
+            try:
+                recorded = sqlite3.connect(str(out / "cache.sqlite")).execute(
+                    "SELECT batch_id, state FROM batches").fetchall()
+            except sqlite3.OperationalError:  # the table is not there yet
+                pass
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # Every batch the server accepted was recorded before the job waited for it.
+    assert len(recorded) == step1_batches == len(server.batches)
+    assert {b for b, _ in recorded} == set(server.batches) and {s for _, s in recorded} == {"submitted"}
+    assert not list(out.glob("*.tar"))
+
+    step1_files = set(request_files(server))
+    server.batch_seconds = 0  # the batches in flight finish
+    rc, _, stderr = cli(server, pattern, out, *BATCH)
+    assert rc == 0, stderr
+    assert "batch batch_0001: resuming" in stderr
+    # The rerun submitted no step-1 request again: its new files hold step-2 requests only.
+    new = [json.loads(l) for i, lines in request_files(server).items() if i not in step1_files for l in lines]
+    assert new and all(r["body"]["messages"][0]["content"].startswith("Paraphrase the given text") for r in new)
+    assert server.requests == 2 * len(kept)  # every caption paid for once per step
+    assert sum(len(samples_of(p)) for p in out.glob("*.tar")) == sum(
+        1 for c in input_captions(pattern).values() if 2 <= len(c.split()) <= 15)

@@ -1,0 +1,243 @@
+"""Failures a 5M-caption job meets, each over real HTTP against the local OpenAI-compatible server.
+
+Numbers refer to issue 9's cases: (1) systematic refusals, (2) finish_reason, (3) odd 200 bodies,
+(4) Retry-After above the client's 120 s, (5) max_completion_tokens and <think>, (6) the cache key,
+(7) the API key's host.
+"""
+import json
+
+import pytest
+
+from paraclip_plugin.paraphrase import cleaning
+from paraclip_plugin.paraphrase.backends import GenerationError
+from paraclip_plugin.paraphrase.backends.openai_backend import OpenAIBackend
+from paraclip_plugin.paraphrase.inputs import expand_inputs
+from paraclip_plugin.paraphrase.local_server import OPENAI_MAX_TOKENS_ERROR, VLLM_NO_TEMPLATE_ERROR, raw_reply
+from paraclip_plugin.paraphrase.prompts import PromptSet
+from test_paraphrase_cli import SENTINEL_KEY, cli, tar_contents
+from test_paraphrase_pipeline import make_generator, run
+from test_paraphrase_support import read_tar, samples_of, server, write_input_shards  # noqa: F401
+
+
+def no_traceback(stderr):
+    return "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+# --- (1) a server that refuses every request ------------------------------------------------------
+
+def test_server_refusing_everything_stops_nonzero_writes_nothing_and_rerun_redoes(server, tmp_path):
+    pattern = write_input_shards(tmp_path / "in", num_shards=2, per_shard=10)
+    out = tmp_path / "out"
+    server.no_chat_template = True  # `vllm serve` of a model without a chat template: 400 on every request
+    rc, _, stderr = cli(server, pattern, out)
+    assert rc != 0 and no_traceback(stderr)
+    assert "00000.tar" in stderr and VLLM_NO_TEMPLATE_ERROR["message"] in stderr  # the server's own words
+    assert not list(out.glob("*.tar")) and not (out / "sizes.json").exists()
+    refused = server.requests
+    assert refused <= 10  # it stopped at the first batch, not after asking for every caption
+
+    server.no_chat_template = False  # fixed: the rerun redoes the shards
+    rc, _, stderr = cli(server, pattern, out)
+    assert rc == 0, stderr
+    assert all(len(samples_of(p)) > 0 for p in out.glob("*.tar")) and len(list(out.glob("*.tar"))) == 2
+
+
+def test_reasoning_model_refusing_max_tokens_stops_with_its_message(server, tmp_path):
+    pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=10)
+    server.reject_max_tokens = True
+    # Forced to the old parameter name: every request is refused; the job says why and stops.
+    rc, _, stderr = cli(server, pattern, tmp_path / "out", "--token-param", "max_tokens")
+    assert rc != 0 and no_traceback(stderr) and OPENAI_MAX_TOKENS_ERROR["error"]["message"] in stderr
+    assert not list((tmp_path / "out").glob("*.tar"))
+
+
+def test_small_batches_refused_by_the_service_never_give_an_empty_shard(server, tmp_path):
+    # Batches below the fraction rule's minimum (4): the shard rule still refuses to write "nothing".
+    pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=3)
+    server.no_chat_template = True
+    generator = make_generator(server, tmp_path)
+    with pytest.raises(GenerationError, match=r"00000\.tar: .*refused"):
+        generator.run(expand_inputs(pattern), str(tmp_path / "out"))
+    generator.backend.close()
+    assert 0 < server.requests < 4 and not list((tmp_path / "out").glob("*.tar"))
+
+
+def test_one_refused_caption_is_dropped_and_the_job_goes_on(server, tmp_path):
+    pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=12)
+    server.inject("400")  # one request refused for good (a content policy)
+    _, stats = run(server, tmp_path, pattern, concurrency=1)
+    assert stats["dropped"]["step1_request_rejected"] >= 1 and stats["samples_out"] > 0
+    assert len(samples_of(tmp_path / "out" / "00000.tar")) == stats["samples_out"]
+
+
+# --- (2) finish_reason ------------------------------------------------------------------------------
+
+def test_content_filter_and_length_are_dropped_once_and_replayed_from_the_cache(server, tmp_path):
+    pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=12)
+    server.inject("content_filter", "length")  # content null, as the API sends them
+    _, stats = run(server, tmp_path, pattern, concurrency=1)
+    filtered, cut = (p for _, p, o in server.log[:2])
+    assert stats["dropped"]["step1_content_filter"] >= 1 and stats["dropped"]["step1_length"] >= 1
+    assert not set(stats["retried"]) & {"content_filter", "length"}
+    prompts = [p for _, p, _ in server.log]
+    assert prompts.count(filtered) == 1 and prompts.count(cut) == 1  # never asked again
+    before = server.requests
+    (tmp_path / "out" / "00000.tar").unlink()
+    _, again = run(server, tmp_path, pattern, concurrency=1)  # same cache: the same drops, nothing paid
+    assert server.requests == before and again["dropped"] == stats["dropped"]
+
+
+# --- (3) odd 200 bodies -----------------------------------------------------------------------------
+
+def test_odd_200_bodies_are_retried_like_malformed_ones(server, tmp_path):
+    pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=6)
+    run(server, tmp_path, pattern, out="reference")
+    sub = tmp_path / "odd"
+    sub.mkdir()
+    server.inject("html", "choices-dict", "bad-utf8", "malformed")
+    start = len(server.log)
+    run(server, sub, pattern, concurrency=1)
+    assert [o for _, _, o in server.log[start:start + 5]] == ["html", "choices-dict", "bad-utf8", "malformed", "ok"]
+    assert read_tar(sub / "out" / "00000.tar") == read_tar(tmp_path / "reference" / "00000.tar")
+
+
+@pytest.mark.parametrize("fault", ["html", "choices-dict", "bad-utf8"])
+def test_odd_bodies_past_the_bound_stop_with_one_line_naming_the_request(server, tmp_path, fault):
+    pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=4)
+    server.inject(*[fault] * 3)
+    rc, _, stderr = cli(server, pattern, tmp_path / "out", "--malformed-retries", "2", "--concurrency", "1")
+    assert rc != 0 and no_traceback(stderr)
+    last = stderr.strip().splitlines()[-1]
+    assert "malformed 200 responses 3 times in a row" in last and f"POST {server.base_url}/chat/completions" in last
+    assert "(prompt 'Paraphrase the given caption" in last
+    assert server.requests == 3 and not list((tmp_path / "out").glob("*.tar"))
+
+
+# --- (4) Retry-After above the client's 120 s cap ---------------------------------------------------
+
+def test_long_retry_after_is_waited_out(server, tmp_path):
+    pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=6)
+    run(server, tmp_path, pattern, out="reference")
+    sub = tmp_path / "limited"
+    sub.mkdir()
+    generator = make_generator(server, sub, concurrency=1)
+    waits, clock = [], [1000.0]
+
+    async def fast_forward(seconds):  # the wait is recorded and the clock moved on, not slept (2 minutes)
+        waits.append(seconds)
+        clock[0] += seconds
+
+    generator.backend._clock, generator.backend._sleep = (lambda: clock[0]), fast_forward
+    server.long_retry_after = "121"
+    server.inject("429-long")
+    start = len(server.log)
+    stats = generator.run(expand_inputs(pattern), str(sub / "out"))
+    generator.backend.close()
+    # The client gave up at once (no retry of its own past its 120 s cap); we waited what the server asked.
+    assert [o for _, _, o in server.log[start:start + 2]] == ["429-long", "ok"]
+    assert len(waits) == 1 and 120.0 < waits[0] <= 121.0 and stats["rate_limit_wait_seconds"] == 121.0
+    assert read_tar(sub / "out" / "00000.tar") == read_tar(tmp_path / "reference" / "00000.tar")
+
+
+def test_retry_after_beyond_max_wait_stops_cleanly(server, tmp_path):
+    pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=6)
+    server.long_retry_after = "3600"
+    server.inject("429-long")
+    rc, _, stderr = cli(server, pattern, tmp_path / "out", "--max-wait", "600", "--concurrency", "1")
+    assert rc != 0 and no_traceback(stderr)
+    assert "3600 s" in stderr and "--max-wait 600" in stderr
+    assert server.requests == 1 and not list((tmp_path / "out").glob("*.tar"))
+
+
+# --- (5) max_completion_tokens and <think> -----------------------------------------------------------
+
+def test_token_param_switches_once_when_the_server_refuses_max_tokens(server, tmp_path):
+    pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=10)
+    server.reject_max_tokens = True  # OpenAI's reasoning models
+    rc, _, stderr = cli(server, pattern, tmp_path / "out", "--concurrency", "1")  # auto: max_tokens off OpenAI
+    assert rc == 0, stderr
+    assert "sending 'max_completion_tokens' from now on" in stderr
+    assert "max_tokens" in server.bodies[0]
+    assert all("max_tokens" not in b and b["max_completion_tokens"] == 512 for b in server.bodies[2:])
+    assert len(samples_of(tmp_path / "out" / "00000.tar")) > 0
+
+
+def test_openai_host_gets_max_completion_tokens_by_default():
+    assert OpenAIBackend("m", "k").token_param == "max_completion_tokens"
+    assert OpenAIBackend("m", "k", base_url="https://api.openai.com/v1").token_param == "max_completion_tokens"
+    assert OpenAIBackend("m", "k", base_url="http://gpu-node:8000/v1").token_param == "max_tokens"
+    assert OpenAIBackend("m", "k", base_url="http://gpu-node:8000/v1",
+                         token_param="max_completion_tokens").token_param == "max_completion_tokens"
+
+
+def test_reasoning_model_think_blocks_are_stripped(server, tmp_path):
+    pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=8)
+    server.reasoning = True
+    run(server, tmp_path, pattern)
+    samples = samples_of(tmp_path / "out" / "00000.tar").values()
+    assert samples
+    for fields in samples:
+        para1 = fields["para1.txt"].decode()
+        assert "think" not in para1.lower() and "<" not in para1
+        assert para1 == cleaning.clean(raw_reply(PromptSet().render(1, fields["txt"].decode())))
+
+
+# --- (6) every output-changing setting is in the cache key and in each sample's json -----------------
+
+def test_changed_sampling_makes_new_requests_and_is_recorded(server, tmp_path):
+    pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=8)
+    cache = ("--cache", str(tmp_path / "cache.sqlite"))
+    rc, _, stderr = cli(server, pattern, tmp_path / "paper", *cache)
+    assert rc == 0, stderr
+    first = server.requests
+    for setting, value in (("temperature", 0.5), ("top_p", 0.9), ("max_tokens", 64)):
+        before = server.requests
+        rc, _, stderr = cli(server, pattern, tmp_path / setting, *cache, "--" + setting.replace("_", "-"), str(value))
+        assert rc == 0, stderr
+        assert server.requests - before == first  # nothing replayed from the other sampling
+        assert {b[setting] for b in server.bodies[before:]} == {value}
+        for fields in samples_of(tmp_path / setting / "00000.tar").values():
+            assert json.loads(fields["json"])["paraphrase_settings"][setting] == value
+    before = server.requests
+    rc, _, _ = cli(server, pattern, tmp_path / "again", *cache)
+    assert rc == 0 and server.requests == before  # the paper's settings again: all from the cache
+    assert tar_contents(tmp_path / "again") == tar_contents(tmp_path / "paper")
+
+
+# --- (7) the API key goes to the host it is meant for only ---------------------------------------------
+
+def test_openai_key_is_not_sent_to_another_host(server, tmp_path):
+    pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=4)
+    rc, _, stderr = cli(server, pattern, tmp_path / "out")  # OPENAI_API_KEY is set in the environment
+    assert rc == 0, stderr
+    assert server.authorizations == {"Bearer EMPTY"}
+    # Nor when the host comes from OPENAI_BASE_URL, which the client would read by itself, nor through
+    # OPENAI_CUSTOM_HEADERS, whose Authorization the client would send to any host.
+    out = tmp_path / "env"
+    rc, _, stderr = cli(server, pattern, out, env={"OPENAI_BASE_URL": server.base_url,
+                                                   "OPENAI_CUSTOM_HEADERS": f"Authorization: Bearer {SENTINEL_KEY}"})
+    assert rc == 0, stderr
+    assert server.authorizations == {"Bearer EMPTY"}
+    assert all(SENTINEL_KEY not in json.dumps(b) for b in server.bodies)
+
+
+def test_api_key_env_names_the_variable_and_must_be_set(server, tmp_path):
+    pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=4)
+    rc, _, stderr = cli(server, pattern, tmp_path / "out", "--api-key-env", "PARACLIP_NODE_KEY",
+                        env={"PARACLIP_NODE_KEY": "node-key-1"})
+    assert rc == 0, stderr
+    assert server.authorizations == {"Bearer node-key-1"}
+    rc, _, stderr = cli(server, pattern, tmp_path / "out2", "--api-key-env", "PARACLIP_UNSET_KEY")
+    assert rc != 0 and "--api-key-env PARACLIP_UNSET_KEY" in stderr and no_traceback(stderr)
+    assert server.requests == len(server.bodies)  # the failing run sent nothing
+
+
+def test_refusing_server_is_stopped_after_the_first_answers_not_the_whole_batch(server, tmp_path):
+    # One shard of many captions at concurrency 1: the job stops after its first 8 refusals, not after 40.
+    pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=60)
+    server.no_chat_template = True
+    generator = make_generator(server, tmp_path, concurrency=1)
+    with pytest.raises(GenerationError, match=r"refused 8 of the job's first 8 step-1 requests"):
+        generator.run(expand_inputs(pattern), str(tmp_path / "out"))
+    generator.backend.close()
+    assert server.requests == 8 and not list((tmp_path / "out").glob("*.tar"))
