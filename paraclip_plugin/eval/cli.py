@@ -43,20 +43,29 @@ def _add_paraphrased_retrieval(subparsers):
     parser = subparsers.add_parser(
         "paraphrased-retrieval",
         help="AO@k / JS@k between rankings of queries and their paraphrases, and recall@1/5/10",
-        description="Gallery: all distinct images of --images referenced by the pairs file.")
+        description="Gallery: with --gallery DIR every image file in DIR (the paper: all 5,000 images of "
+                    "COCO's val2017/); with --images DIR only the distinct images the pairs name, which "
+                    "scores higher than the paper's protocol. The result records 'gallery' and its size "
+                    "'num_images'.")
     _add_model_arguments(parser)
     _add_output_file(parser)
     parser.add_argument("--pairs", required=True,
-                        help="JSON lines with 'query', 'paraphrase' and gold 'image' (file name in --images)")
-    parser.add_argument("--images", required=True, help="folder holding the images the pairs name")
+                        help="JSON lines with 'query', 'paraphrase' and gold 'image' (file name in the folder)")
+    folder = parser.add_mutually_exclusive_group(required=True)
+    folder.add_argument("--gallery", metavar="DIR",
+                        help="folder whose every image is a candidate, e.g. COCO val2017/ (the paper's protocol); "
+                             "the pairs' images must be in it")
+    folder.add_argument("--images", metavar="DIR",
+                        help="folder holding the pairs' images; only those images are candidates")
     parser.add_argument("--k", type=positive_int, default=10, help="depth of AO@k and JS@k (default 10)")
     parser.set_defaults(run=_run_paraphrased_retrieval)
 
 
 def _run_paraphrased_retrieval(args):
     result = evaluate_checkpoint(
-        args.model, args.pretrained, args.pairs, args.images, k=args.k, model_config=args.model_config,
-        device=args.device, batch_size=args.batch_size, progress=args.progress)
+        args.model, args.pretrained, args.pairs, args.gallery or args.images, k=args.k,
+        model_config=args.model_config, device=args.device, batch_size=args.batch_size, progress=args.progress,
+        whole_folder=args.gallery is not None)
     _emit(result, args.output)
     return 0
 
