@@ -3,11 +3,10 @@ import json
 import os
 
 import pytest
+import torch
 
 from conftest import TINY_CONFIG, TINY_MODEL
 from eval_fixtures import StandIn, coco_preprocess, imagenet_preprocess, write_coco, write_imagenet
-import torch
-
 from paraclip_plugin.eval.benchmark import (
     TIE_RULE, check_coco_root, classification_scores, evaluate_coco, evaluate_imagenet, topk_hits)
 from paraclip_plugin.eval.cli import main

@@ -22,6 +22,13 @@ Every selected task's inputs are checked before the model is loaded, so a missin
 seconds, naming the file. The model is loaded once; each task embeds each distinct image (crop) and
 text once. All numbers in the JSON are fractions (accuracy, recall, AO/JS in [0, 1], Spearman in
 [-1, 1]); the Markdown table shows them x100 like the paper.
+
+What can move a number is recorded in both outputs: the paraphrased-retrieval gallery and its size,
+each STS task's scored test pairs, the COCO split, ImageNet's tie rule (a tied logit counts against
+the true class) and each task's precision (device, weights dtype, autocast: clip_benchmark's tasks
+use float16 autocast on CUDA, the others float32). Counts that differ from the paper's benchmarks
+(gallery 5,000; SentEval's STS test sizes; COCO 5,000 images) are printed as warnings and listed in
+the JSON (``warnings`` per task) and under the table.
 """
 import hashlib
 import os
