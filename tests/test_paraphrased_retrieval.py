@@ -7,7 +7,9 @@ import torch
 from PIL import Image
 
 from conftest import BIN, TINY_CONFIG, TINY_MODEL
+from eval_fixtures import StandIn, mean_colour
 from paraclip_plugin.eval.cli import main
+from paraclip_plugin.eval.metrics import average_overlap, jaccard_at_k
 from paraclip_plugin.eval.paraphrased_retrieval import (
     InputError, build_gallery, evaluate_paraphrased_retrieval, load_model, read_pairs)
 
@@ -162,8 +164,6 @@ def _colour_world(folder, num_pairs=6, num_distractors=20, seed=0):
 
 def _direct_ao_js(features, images, names, k):
     """AO@k / JS@k computed here: per-image colour features, a full sort, the per-list metric functions."""
-    from paraclip_plugin.eval.metrics import average_overlap, jaccard_at_k
-    from eval_fixtures import mean_colour
     vectors = torch.nn.functional.normalize(torch.stack([mean_colour(Image.open(images / n)) for n in names]), dim=-1)
     ao, js = [], []
     for n in range(len(features) // 2):
@@ -177,7 +177,6 @@ def _direct_ao_js(features, images, names, k):
 
 
 def test_distractors_change_ao_js_exactly_as_a_direct_computation_over_the_bigger_gallery(tmp_path):
-    from eval_fixtures import StandIn, mean_colour
     pairs_path, images, features = _colour_world(tmp_path)
     model = StandIn(features, mean_colour)
     pairs = read_pairs(pairs_path)

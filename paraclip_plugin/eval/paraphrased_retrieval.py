@@ -96,10 +96,10 @@ def warn(result, message):
 
 
 def folder_images(folder):
-    """Sorted names of the image files directly in ``folder`` (extensions PIL can open, no hidden files)."""
+    """Sorted names of the image files directly in ``folder`` (extensions PIL opens, e.g. not .pdf; no hidden files)."""
     if not os.path.isdir(folder):
         raise InputError(f"{folder}: gallery folder not found")
-    readable = {ext.lower() for ext in Image.registered_extensions()}
+    readable = {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
     with os.scandir(folder) as entries:
         names = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_file()
                        and os.path.splitext(e.name)[1].lower() in readable)
