@@ -44,8 +44,8 @@ def _add_paraphrased_retrieval(subparsers):
         "paraphrased-retrieval",
         help="AO@k / JS@k between rankings of queries and their paraphrases, and recall@1/5/10",
         description="Gallery: with --gallery DIR every image file in DIR (the paper: all 5,000 images of "
-                    "COCO's val2017/); with --images DIR only the distinct images the pairs name, which "
-                    "scores higher than the paper's protocol. The result records 'gallery' and its size "
+                    "COCO's val2017/); with --images DIR only the distinct images the pairs name: fewer "
+                    "distractors, so the scores differ from the paper's protocol. The result records 'gallery' and its size "
                     "'num_images'.")
     _add_model_arguments(parser)
     _add_output_file(parser)

@@ -10,8 +10,8 @@ Two galleries, recorded in the result as ``gallery`` with its size ``num_images`
     sub-folders are not candidates) is a candidate, in sorted file-name order; the pairs' images must
     be among them. With COCO 2017's ``val2017/`` this is the paper's 5,000-image gallery.
 ``pairs`` (``--images DIR``)
-    only the distinct images the pairs file names. Smaller than the paper's gallery, so AO/JS and
-    recall come out higher than the paper's (fewer distractors can enter a top-k).
+    only the distinct images the pairs file names. Smaller than the paper's gallery: fewer
+    distractors can enter a top-k, so AO/JS and recall differ from the paper's protocol.
 
 Images are embedded once, texts in batches; the result holds AO@k and JS@k between the query's and
 the paraphrase's rankings (metrics.py) and recall@1/5/10 of the gold image for both kinds of query.

@@ -5,8 +5,8 @@ Expected layout under ``--data-root`` (each task reads only its own folder; see 
     paraphrased_retrieval/pairs.jsonl        {"query", "paraphrase", "image"} per line (Cheng et al. 2024)
     paraphrased_retrieval/val2017/           gallery: every image in it is a candidate (the paper: COCO
                                              2017 val, 5,000 images; a symlink to it will do)
-      or paraphrased_retrieval/images/       only the images the pairs name (scores above the paper's
-                                             protocol; used, with a warning, when val2017/ is absent)
+      or paraphrased_retrieval/images/       only the images the pairs name (fewer distractors than the
+                                             paper's; used, with a warning, when val2017/ is absent)
     aro/visual_genome_relation.json          ARO's VG-Relation release
     aro/visual_genome_attribution.json       ARO's VG-Attribution release
     aro/images/                              ARO's image folder (vgr_vga_images.zip)
