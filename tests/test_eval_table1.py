@@ -1,16 +1,17 @@
 """``paraclip-eval table1``: every task on the fixtures with the tiny model, both outputs, --compare, errors."""
 import hashlib
 import json
+import shutil
 import subprocess
 
 import pytest
 import torch
 
 from conftest import BIN, TINY_CONFIG, TINY_MODEL
-from eval_fixtures import write_data_root
+from eval_fixtures import WORDS, StandIn, mean_colour, write_data_root
 from paraclip_plugin.eval.cli import main
 from paraclip_plugin.eval.paraphrased_retrieval import load_model
-from paraclip_plugin.eval.table1 import COLUMNS, TASKS
+from paraclip_plugin.eval.table1 import COLUMNS, TASKS, prepare, run_task, task_paths
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +113,21 @@ def test_compare_names_a_file_that_is_not_a_result(tmp_path, capsys):
     (tmp_path / "a.json").write_text("[]")
     assert main(["table1", "--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 2
     assert "a.json: not a table1 result" in capsys.readouterr().err
+
+
+def test_paraphrased_retrieval_gallery_follows_the_layout(data_root, tmp_path):
+    """``val2017/`` present: the whole folder is the gallery; absent: ``images/``, pairs-only."""
+    shutil.copytree(data_root[0] / "paraphrased_retrieval", tmp_path / "paraphrased_retrieval")
+    model = StandIn({text: [float(i), 1.0, float(i % 3)] for i, w in enumerate(WORDS)
+                     for text in (f"a {w} thing", f"something {w}")}, mean_colour)
+    results = {}
+    for layout in ("val2017", "images"):
+        if layout == "images":
+            (tmp_path / "paraphrased_retrieval" / "val2017").rename(tmp_path / "paraphrased_retrieval" / "images")
+        paths = task_paths(str(tmp_path))["paraphrased-retrieval"]
+        prepared = prepare("paraphrased-retrieval", paths)
+        results[layout] = run_task("paraphrased-retrieval", paths, prepared, model, mean_colour, model.tokenizer,
+                                   "cpu", 4, False)
+    assert (results["val2017"]["gallery"], results["val2017"]["num_images"]) == ("folder", 10)
+    assert (results["images"]["gallery"], results["images"]["num_images"]) == ("pairs", 6)
+    assert "not a whole folder" in results["images"]["warnings"][0]
