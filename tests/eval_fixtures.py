@@ -102,6 +102,68 @@ def write_sts(path, rows, extra_column=True):
         f.write("\n".join(lines) + "\n")
 
 
+def write_senteval_sts(folder, name, rows):
+    """SentEval's STS12-16 test folder ``folder/STS1x-en-test/``: per subset ``STS.input.<subset>.txt``
+    (sentence1<TAB>sentence2) and ``STS.gs.<subset>.txt`` (score, or an empty line for an unscored pair).
+    ``rows`` (sentence1, sentence2, score or "") are dealt round-robin over SentEval's subsets."""
+    from paraclip_plugin.eval.sts import SENTEVAL_SUBSETS
+    test_folder, subsets = SENTEVAL_SUBSETS[name]
+    path = _mkdir(os.path.join(folder, test_folder))
+    for i, subset in enumerate(subsets):
+        mine = rows[i::len(subsets)]
+        with open(os.path.join(path, f"STS.input.{subset}.txt"), "w", encoding="utf-8") as f:
+            f.write("".join(f"{a}\t{b}\n" for a, b, _ in mine))
+        with open(os.path.join(path, f"STS.gs.{subset}.txt"), "w", encoding="utf-8") as f:
+            f.write("".join(f"{score}\n" for _, _, score in mine))
+    return path
+
+
+def write_stsb_csv(path, rows, sources=True):
+    """STS-B's ``sts-test.csv``: no header, tab-separated genre, file, year, id, score, sentence1,
+    sentence2 and (``sources``) the two source columns some lines of the release carry."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for i, (first, second, score) in enumerate(rows):
+            fields = ["main-captions", "MSRvid", "2012test", f"{i:04d}", f"{float(score):.3f}", first, second]
+            f.write("\t".join(fields + (["none", "none"] if sources and i % 2 else [])) + "\n")
+    return path
+
+
+SICK_TEST_HEADER = ("pair_ID", "sentence_A", "sentence_B", "relatedness_score", "entailment_judgment")
+SICK_FULL_HEADER = ("pair_ID", "sentence_A", "sentence_B", "entailment_label", "relatedness_score", "entailment_AB",
+                    "entailment_BA", "sentence_A_original", "sentence_B_original", "sentence_A_dataset",
+                    "sentence_B_dataset", "SemEval_set")
+
+
+def write_sick(path, rows, sets=None):
+    """SICK: ``SICK_test_annotated.txt`` (SentEval's file) or, with ``sets`` (TRAIN/TRIAL/TEST per row),
+    the full release's ``SICK.txt`` with its 12 columns, relatedness in the fifth."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    lines = ["\t".join(SICK_FULL_HEADER if sets else SICK_TEST_HEADER)]
+    for i, (first, second, score) in enumerate(rows):
+        if sets:
+            lines.append("\t".join([str(i + 1), first, second, "NEUTRAL", str(score), "A_neutral_B", "B_neutral_A",
+                                    first, second, "FLICKR", "FLICKR", sets[i]]))
+        else:
+            lines.append("\t".join([str(i + 1), first, second, str(score), "NEUTRAL"]))
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def write_senteval_downstream(folder, rows_per_task):
+    """SentEval's ``data/downstream``: ``STS/STS1x-en-test/``, ``STS/STSBenchmark/sts-test.csv``,
+    ``SICK/SICK_test_annotated.txt``; ``rows_per_task[task]`` as in the writers above."""
+    for name, rows in rows_per_task.items():
+        if name == "stsb":
+            write_stsb_csv(os.path.join(folder, "STS", "STSBenchmark", "sts-test.csv"), rows)
+        elif name == "sickr":
+            write_sick(os.path.join(folder, "SICK", "SICK_test_annotated.txt"), rows)
+        else:
+            write_senteval_sts(os.path.join(folder, "STS"), name, rows)
+    return folder
+
+
 # ------------------------------------------------------------------------------------------ ImageNet
 
 def class_colour(index):
@@ -140,19 +202,23 @@ def _mkdir(path):
 
 # ------------------------------------------------------------------------------------------ COCO
 
-def write_coco(root, captions_per_image):
-    """clip_benchmark's ``mscoco_captions`` test layout: ``val2014/`` + ``coco_test_karpathy.json``.
+def write_coco(root, captions_per_image, split="karpathy-test"):
+    """A COCO split's layout: ``val2014/`` + ``coco_test_karpathy.json`` (clip_benchmark's
+    ``mscoco_captions`` test files), or ``val2017/`` + ``annotations/captions_val2017.json`` (COCO's zips).
 
     ``captions_per_image[i]`` lists image i's captions. Image i shows grey level ``20 * i + 10``.
     """
+    karpathy = split == "karpathy-test"
     images, annotations = [], []
     for i, captions in enumerate(captions_per_image):
-        file_name = f"COCO_val2014_{i + 1:012d}.jpg"
-        _save(Image.new("RGB", (16, 16), (20 * i + 10,) * 3), os.path.join(root, "val2014", file_name))
+        file_name = f"COCO_val2014_{i + 1:012d}.jpg" if karpathy else f"{i + 1:012d}.jpg"
+        _save(Image.new("RGB", (16, 16), (20 * i + 10,) * 3),
+              os.path.join(root, "val2014" if karpathy else "val2017", file_name))
         images.append({"id": i + 1, "file_name": file_name, "height": 16, "width": 16})
         for caption in captions:
             annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "caption": caption})
-    path = os.path.join(root, "coco_test_karpathy.json")
+    path = os.path.join(root, "coco_test_karpathy.json") if karpathy else \
+        os.path.join(_mkdir(os.path.join(root, "annotations")), "captions_val2017.json")
     with open(path, "w") as f:
         json.dump({"images": images, "annotations": annotations}, f)
     return path
@@ -171,12 +237,14 @@ WORDS = ("red", "blue", "green", "square", "circle", "small", "large", "dog", "c
 
 
 def write_data_root(root):
-    """A complete ``--data-root`` with a few samples per task, for the tiny real model."""
+    """A complete ``--data-root`` with a few samples per task, for the tiny real model: the paraphrased
+    retrieval gallery has 4 images no pair names, STS is in SentEval's layout, COCO has both splits."""
     pr = os.path.join(root, "paraphrased_retrieval")
     lines = []
-    for i, word in enumerate(WORDS[:6]):
-        _save(Image.new("RGB", (32, 32), (40 * i, 255 - 40 * i, 90)), os.path.join(pr, "images", f"{i}.png"))
-        lines.append(json.dumps({"query": f"a {word} thing", "paraphrase": f"something {word}", "image": f"{i}.png"}))
+    for i, word in enumerate(WORDS):
+        _save(Image.new("RGB", (32, 32), (25 * i, 255 - 25 * i, 90)), os.path.join(pr, "val2017", f"{i}.png"))
+        if i < 6:
+            lines.append(json.dumps({"query": f"a {word} thing", "paraphrase": f"something {word}", "image": f"{i}.png"}))
     with open(os.path.join(pr, "pairs.jsonl"), "w") as f:
         f.write("\n".join(lines) + "\n")
     aro = os.path.join(root, "aro")
@@ -185,11 +253,12 @@ def write_data_root(root):
                                    ("near", "red car near house", "blue house near car")])
     write_aro(aro, "vg-attribution", [("red_blue", f"red cube and blue ball {i}", f"blue cube and red ball {i}")
                                       for i in range(25)] + [("small_large", "red small dog", "blue large dog")])
-    for n, name in enumerate(STS_NAMES):
-        write_sts(os.path.join(root, "sts", f"{name}.tsv"),
-                  [(f"a {a} {b}", f"the {b} {a}", (3 * n + 7 * i) % 6) for i, (a, b) in enumerate(zip(WORDS, WORDS[1:]))])
+    write_senteval_downstream(os.path.join(root, "sts"), {
+        name: [(f"a {a} {b}", f"the {b} {a}", (3 * n + 7 * i) % 6) for i, (a, b) in enumerate(zip(WORDS, WORDS[1:]))]
+        for n, name in enumerate(STS_NAMES)})
     write_imagenet(os.path.join(root, "imagenet"))
-    write_coco(os.path.join(root, "coco"), [[f"a {w} picture", f"{w} again"] for w in WORDS[:8]])
+    for split, count in (("karpathy-test", 8), ("val2017", 9)):
+        write_coco(os.path.join(root, "coco"), [[f"a {w} picture", f"{w} again"] for w in WORDS[:count]], split)
     templates = os.path.join(root, "imagenet_templates.json")
     with open(templates, "w") as f:
         json.dump({"imagenet1k": ["a photo of a {c}."]}, f)  # one prompt, not 80: keeps CPU runs short

@@ -3,10 +3,12 @@ import json
 import os
 
 import pytest
+import torch
 
 from conftest import TINY_CONFIG, TINY_MODEL
 from eval_fixtures import StandIn, coco_preprocess, imagenet_preprocess, write_coco, write_imagenet
-from paraclip_plugin.eval.benchmark import check_coco_root, evaluate_coco, evaluate_imagenet
+from paraclip_plugin.eval.benchmark import (
+    TIE_RULE, check_coco_root, classification_scores, evaluate_coco, evaluate_imagenet, topk_hits)
 from paraclip_plugin.eval.cli import main
 from paraclip_plugin.eval.paraphrased_retrieval import InputError
 
@@ -26,29 +28,46 @@ def _one_template(tmp_path, template="{c}"):
 @pytest.fixture(scope="module")
 def imagenet_with_known_errors(tmp_path_factory):
     """1000 classes; the image of every class in ``wrong`` shows class ``decoy`` instead."""
-    names = _imagenet_classnames()
-    # A name shared by two classes gives two identical classifier columns: either could win the
-    # tie, so those classes' images show the decoy too and are wrong whatever the tie-break.
-    shared = {i for i, n in enumerate(names) if names.count(n) > 1}
-    decoy = 500
-    assert decoy not in shared
-    wrong = shared | {0, 7, 999}
+    decoy, wrong = 500, {0, 7, 999}
     root = tmp_path_factory.mktemp("imagenet")
     write_imagenet(root, shows={c: decoy for c in wrong})
-    return root, names, wrong
+    return root, _imagenet_classnames(), wrong
 
 
-def test_imagenet_top1_counts_exactly_the_wrong_images(imagenet_with_known_errors, tmp_path):
+def test_imagenet_ties_count_as_wrong_on_the_real_tied_classifier(imagenet_with_known_errors, tmp_path):
     root, names, wrong = imagenet_with_known_errors
-    # Text of class c -> one-hot at c (first class of that name); image -> one-hot at the class it shows.
+    # Text of class c -> one-hot at the first class of that name; image -> one-hot at the class it shows.
+    # clip_benchmark's names repeat ("missile" 657/744, "sunglasses" 836/837), so those columns are
+    # identical: the images of 657 and 836 tie with 744 and 837 (top-1 wrong, top-5 right), and the
+    # images of 744 and 837 score 0 against every class (a 1000-way tie: wrong at top-1 and top-5).
     features = {}
     for i, name in enumerate(names):
         features.setdefault(name, [float(j == i) for j in range(1000)])
+    assert [i for i, n in enumerate(names) if names.count(n) > 1] == [657, 744, 836, 837]
     model = StandIn(features, imagenet_preprocess)
     result = evaluate_imagenet(model, model.preprocess, model.tokenizer, str(root), batch_size=250,
                                templates=_one_template(tmp_path))
     assert result["num_images"] == 1000 and result["num_classes"] == 1000 and result["num_templates"] == 1
-    assert result["acc1"] == pytest.approx(1 - len(wrong) / 1000)
+    assert result["acc1"] == pytest.approx(1 - (len(wrong) + 4) / 1000)
+    assert result["acc5"] == pytest.approx(1 - (len(wrong) + 2) / 1000)
+    assert result["mean_per_class_recall"] == pytest.approx(result["acc1"])  # one image per class
+    assert result["tied_top1_images"] == 4 and result["tie_rule"] == TIE_RULE
+    assert result["precision"] == {"device": "cpu", "weights": None, "autocast": None}
+
+
+def test_tie_rule_by_hand():
+    logits = torch.tensor([[5., 5., 1., 0., 0., 0., 0.],    # true 0 tied with 1
+                           [1., 3., 0., 0., 0., 0., 0.],    # true 1 alone on top
+                           [2., 2., 2., 2., 2., 0., 1.],    # true 6: five classes above it
+                           [2., 2., 2., 2., 1., 1., 1.]])   # true 6: four above, two tied with it
+    target = torch.tensor([0, 1, 6, 6])
+    assert topk_hits(logits, target, 1).tolist() == [False, True, False, False]
+    assert topk_hits(logits, target, 2).tolist() == [True, True, False, False]
+    assert topk_hits(logits, target, 5).tolist() == [True, True, False, False]  # ties with 6 outrank it
+    assert topk_hits(logits, target, 7).tolist() == [True, True, True, True]
+    scores = classification_scores(logits, target)
+    assert scores["acc1"] == 0.25 and scores["tied_top1_images"] == 3
+    assert scores["mean_per_class_recall"] == pytest.approx((0 + 1 + 0) / 3)  # classes 0, 1, 6 have images
 
 
 # COCO: 8 images, two captions each. A "good" caption points at its image (cosine 1), a "bad" one
@@ -67,14 +86,30 @@ def _coco_stand_in():
     return captions, StandIn(features, coco_preprocess(8))
 
 
-def test_coco_recall_at_5_both_directions(tmp_path):
+@pytest.mark.parametrize("split, folder, annotations", [
+    ("karpathy-test", "val2014", "coco_test_karpathy.json"),
+    ("val2017", "val2017", os.path.join("annotations", "captions_val2017.json")),
+])
+def test_coco_recall_at_5_both_directions_on_either_split(tmp_path, split, folder, annotations):
     captions, model = _coco_stand_in()
-    write_coco(tmp_path, captions)
-    result = evaluate_coco(model, model.preprocess, model.tokenizer, str(tmp_path), batch_size=3)
+    write_coco(tmp_path, captions, split)
+    result = evaluate_coco(model, model.preprocess, model.tokenizer, str(tmp_path), batch_size=3, split=split)
     # Text->image: 13 of 16 captions have a good vector. Image->text: images 0-5 and 7 have one.
     assert result["image_retrieval_recall@5"] == pytest.approx(13 / 16)
     assert result["text_retrieval_recall@5"] == pytest.approx(7 / 8)
     assert result["num_images"] == 8 and result["num_captions"] == 16
+    assert result["split"] == split and result["images"] == str(tmp_path / folder)
+    assert result["annotations"] == str(tmp_path / annotations)
+    assert sorted(os.listdir(tmp_path)) == sorted({folder, annotations.split(os.sep)[0]})  # nothing renamed or linked
+    expected = "5000 / 25010" if split == "karpathy-test" else "5000 / 25014"
+    assert result["warnings"] == [f"{tmp_path / annotations}: 8 images / 16 captions; COCO {split} has {expected}"]
+
+
+def test_coco_split_reads_its_own_folder(tmp_path, capsys):
+    captions, _ = _coco_stand_in()
+    write_coco(tmp_path, captions, "karpathy-test")
+    code = main(["coco-retrieval", "--model", TINY_MODEL, "--root", str(tmp_path), "--coco-split", "val2017"])
+    assert code == 2 and f"{tmp_path / 'val2017'}: COCO image folder not found" in capsys.readouterr().err
 
 
 def test_coco_with_the_tiny_model_through_the_cli(tmp_path, capsys):

@@ -86,3 +86,125 @@ def test_missing_task_file_is_named(tmp_path, capsys):
     write_sts(tmp_path / "sts12.tsv", PAIRS_A)
     code = main(["sts", "--model", TINY_MODEL, "--folder", str(tmp_path)])
     assert code == 2 and str(tmp_path / "sts13.tsv") in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the benchmarks' own files (SentEval's layout)
+
+def _angle_rows(seed, count, unscored=0):
+    """(sentence1, sentence2, gold) rows whose cosines (stand-in model) fall with a distinct angle gap
+    per pair; the second sentence has a double space SentEval's word split removes. The last
+    ``unscored`` rows have an empty gold score. Returns the rows and the rho a direct computation gives."""
+    import random
+    from scipy.stats import spearmanr
+    rng = random.Random(seed)
+    gaps = rng.sample(range(0, 180), count)
+    rows = [(f"u{i} s{seed}.{i}", f"u{i + gap}  t{seed}.{i}", round(rng.uniform(0, 5), 1)) for i, gap in enumerate(gaps)]
+    rows = rows[:count - unscored] + [(a, b, "") for a, b, _ in rows[count - unscored:]]
+    scored = count - unscored
+    return rows, float(spearmanr([-g for g in gaps[:scored]], [r[2] for r in rows[:scored]]).statistic)
+
+
+def _angle_model(rows):
+    return StandIn(_angle_features([(a, " ".join(b.split()), g) for a, b, g in rows]), None)
+
+
+def test_senteval_download_layout_scores_the_seven_test_sets(tmp_path, capsys):
+    from eval_fixtures import write_senteval_downstream
+    data = {name: _angle_rows(n, 12 + n, unscored=3 if name in ("sts15", "sts16") else 0)
+            for n, name in enumerate(STS_NAMES)}
+    write_senteval_downstream(tmp_path, {name: rows for name, (rows, _) in data.items()})
+    tasks = read_tasks(tmp_path)
+    err = capsys.readouterr().err
+    model = _angle_model([row for rows, _ in data.values() for row in rows])
+    result = evaluate_sts(model, model.tokenizer, tasks)
+    for n, name in enumerate(STS_NAMES):
+        rows, rho = data[name]
+        unscored = 3 if name in ("sts15", "sts16") else 0
+        task = result["tasks"][name]
+        assert task["spearman"] == pytest.approx(rho)
+        assert (task["num_pairs"], task["skipped_unscored"]) == (12 + n - unscored, unscored)
+        assert f"paraclip-eval: {name}: {12 + n - unscored} scored test pairs ({unscored} unscored skipped)" in err
+    assert [result["tasks"][n]["layout"] for n in STS_NAMES] == ["senteval-sts"] * 5 + ["stsb-csv", "sick"]
+    assert result["tasks"]["sts12"]["path"] == str(tmp_path / "STS" / "STS12-en-test")
+    assert result["tasks"]["sickr"]["path"] == str(tmp_path / "SICK" / "SICK_test_annotated.txt")
+    # None of these tiny files has SentEval's test size: each is warned about, on stderr and in the result.
+    assert len(result["warnings"]) == 7 and "sts12: 12 scored pairs" in result["warnings"][0]
+    assert "SentEval's test set has 3108" in result["warnings"][0] and err.count("warning:") == 7
+
+
+def test_senteval_sts_folder_without_the_sts_parent_and_sick_full_release(tmp_path):
+    """``FOLDER/STS12-en-test`` directly; SICK.txt's 12 columns, only its TEST rows scored."""
+    from eval_fixtures import write_senteval_sts, write_sick
+    rows, rho = _angle_rows(1, 10)
+    write_senteval_sts(tmp_path, "sts12", rows)
+    test_rows, test_rho = _angle_rows(2, 9)
+    other_rows, _ = _angle_rows(3, 6)
+    write_sick(tmp_path / "SICK" / "SICK.txt", other_rows[:3] + test_rows + other_rows[3:],
+               sets=["TRAIN", "TRIAL", "TRAIN"] + ["TEST"] * 9 + ["TRAIN"] * 3)
+    tasks = read_tasks(tmp_path, ["sts12", "sickr"])
+    model = _angle_model(rows + test_rows + other_rows)
+    result = evaluate_sts(model, model.tokenizer, tasks)
+    assert result["tasks"]["sts12"]["spearman"] == pytest.approx(rho)
+    assert result["tasks"]["sickr"]["spearman"] == pytest.approx(test_rho)
+    assert result["tasks"]["sickr"]["num_pairs"] == 9 and result["tasks"]["sickr"]["other_splits_left_out"] == 6
+
+
+def test_a_tsv_with_a_split_column_scores_its_test_rows_only(tmp_path, capsys):
+    train, _ = _angle_rows(4, 10)
+    test, test_rho = _angle_rows(5, 8)
+    path = tmp_path / "stsb.tsv"
+    path.write_text("split\tsentence1\tsentence2\tscore\n" + "".join(
+        f"{split}\t{a}\t{b}\t{g}\n" for split, rows in (("train", train[:5]), ("test", test), ("dev", train[5:]))
+        for a, b, g in rows))
+    model = _angle_model(train + test)
+    result = evaluate_sts(model, model.tokenizer, read_tasks(tmp_path, ["stsb"]))
+    assert result["tasks"]["stsb"]["spearman"] == pytest.approx(test_rho)
+    assert result["tasks"]["stsb"]["num_pairs"] == 8 and result["tasks"]["stsb"]["other_splits_left_out"] == 10
+    assert "(0 unscored skipped, 10 rows of other splits left out)" in capsys.readouterr().err
+
+
+def test_senteval_test_size_gives_no_warning(tmp_path, capsys):
+    from eval_fixtures import write_stsb_csv
+    rows = [(f"u0 a{i}", f"u{i % 90} b{i}", i % 5) for i in range(1379)]  # STS-B's test size
+    write_stsb_csv(tmp_path / "STSBenchmark" / "sts-test.csv", rows)
+    model = StandIn(_angle_features(rows), None)
+    result = evaluate_sts(model, model.tokenizer, read_tasks(tmp_path, ["stsb"]))
+    assert result["tasks"]["stsb"]["num_pairs"] == 1379 and "warnings" not in result
+    assert "warning" not in capsys.readouterr().err
+
+
+def _write_sts12(folder):
+    from eval_fixtures import write_senteval_sts
+    return write_senteval_sts(folder, "sts12", _angle_rows(6, 10)[0])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: (f / "STS12-en-test" / "STS.gs.MSRvid.txt").write_text("1.0\n2.0\n3.0\n"),
+     "STS.gs.MSRvid.txt: 3 lines but"),
+    (lambda f: (f / "STS12-en-test" / "STS.input.MSRpar.txt").write_text("only one sentence\nx\ty\n"),
+     "STS.input.MSRpar.txt:1: expected two tab-separated sentences"),
+    (lambda f: (f / "STS12-en-test" / "STS.gs.SMTeuroparl.txt").write_text("4.0\nhigh\n"),
+     "STS.gs.SMTeuroparl.txt:2: score 'high' is not a number"),
+    (lambda f: (f / "STS12-en-test" / "STS.input.surprise.OnWN.txt").unlink(), "STS.input.surprise.OnWN.txt: cannot read"),
+    (lambda f: (f / "sts12.tsv").write_text("sentence1\tsentence2\tscore\na\tb\t1\n"), "keep one"),
+    (lambda f: (f / "STS12-en-test").rename(f / "STS12-test"), "sts12: no test file under"),
+])
+def test_senteval_file_errors_name_the_file(tmp_path, capsys, damage, message):
+    _write_sts12(tmp_path)
+    damage(tmp_path)
+    code = main(["sts", "--model", TINY_MODEL, "--folder", str(tmp_path), "--sts-tasks", "sts12"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and str(tmp_path) in err
+
+
+@pytest.mark.parametrize("line, message", [
+    ("main\tMSRvid\t2012test\t0001\t2.5\tonly six fields", ":2: 6 tab-separated fields, expected at least 7"),
+    ("main\tMSRvid\t2012test\t0001\t\ta\tb", ":2: empty score"),
+])
+def test_stsb_csv_errors_name_the_line(tmp_path, capsys, line, message):
+    from eval_fixtures import write_stsb_csv
+    path = write_stsb_csv(tmp_path / "STSBenchmark" / "sts-test.csv", [("a b", "c d", 1.0)])
+    with open(path, "a") as f:
+        f.write(line + "\n")
+    assert main(["sts", "--model", TINY_MODEL, "--folder", str(tmp_path), "--sts-tasks", "stsb"]) == 2
+    assert f"{path}{message}" in capsys.readouterr().err

@@ -1,16 +1,17 @@
 """``paraclip-eval table1``: every task on the fixtures with the tiny model, both outputs, --compare, errors."""
 import hashlib
 import json
+import shutil
 import subprocess
 
 import pytest
 import torch
 
 from conftest import BIN, TINY_CONFIG, TINY_MODEL
-from eval_fixtures import write_data_root
+from eval_fixtures import WORDS, StandIn, mean_colour, write_data_root
 from paraclip_plugin.eval.cli import main
 from paraclip_plugin.eval.paraphrased_retrieval import load_model
-from paraclip_plugin.eval.table1 import COLUMNS, TASKS
+from paraclip_plugin.eval.table1 import COLUMNS, TASKS, prepare, run_task, task_paths
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def test_table1_writes_json_and_markdown_for_every_task(data_root, checkpoint, t
     proc = subprocess.run(
         [str(BIN / "paraclip-eval"), "table1", "--model", TINY_MODEL, "--model-config", str(TINY_CONFIG),
          "--pretrained", str(checkpoint), "--data-root", str(root), "--output", str(out),
-         "--imagenet-templates", templates, "--device", "cpu"],
+         "--imagenet-templates", templates, "--device", "cpu", "--coco-split", "val2017"],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "table1.json").read_text())
@@ -42,10 +43,17 @@ def test_table1_writes_json_and_markdown_for_every_task(data_root, checkpoint, t
     assert inputs["tasks"] == list(TASKS) and inputs["data_root"] == str(root)
     counts = result["results"]
     assert counts["paraphrased-retrieval"]["num_pairs"] == 6
+    # The whole val2017/ folder is the gallery: 6 pair images + 4 no pair names.
+    assert counts["paraphrased-retrieval"]["gallery"] == "folder" and counts["paraphrased-retrieval"]["num_images"] == 10
     assert counts["vg-relation"]["num_cases"] == 3 and counts["vg-attribution"]["num_cases"] == 26
-    assert len(counts["sts"]["tasks"]) == 7
+    assert [t["num_pairs"] for t in counts["sts"]["tasks"].values()] == [9] * 7  # SentEval's layout, per task
+    assert len(counts["sts"]["warnings"]) == 7  # none is SentEval's test size
     assert counts["zeroshot-imagenet"]["num_images"] == 1000 and counts["zeroshot-imagenet"]["num_templates"] == 1
-    assert counts["coco-retrieval"]["num_images"] == 8 and counts["coco-retrieval"]["num_captions"] == 16
+    assert counts["coco-retrieval"]["num_images"] == 9 and counts["coco-retrieval"]["num_captions"] == 18
+    assert counts["coco-retrieval"]["split"] == inputs["coco_split"] == "val2017"
+    assert counts["zeroshot-imagenet"]["tie_rule"].startswith("ties count as wrong")
+    for task in TASKS:  # every result says what it was computed in
+        assert counts[task]["precision"] == {"device": "cpu", "weights": "float32", "autocast": None}, task
     assert counts["sts"]["inputs"]["folder"] == str(root / "sts")
     # Every Table 1 cell is filled, is a fraction, and is the number its task reported.
     row = result["table1"]
@@ -59,6 +67,13 @@ def test_table1_writes_json_and_markdown_for_every_task(data_root, checkpoint, t
     assert lines[2].startswith("| OpenAI's CLIP (400M), paper | 67.2 | 57.7 | 59.7")
     assert "epoch_1.pt" in lines[4] and f"{100 * row['STS Avg.']:.1f}" in lines[4]
     assert inputs["pretrained_sha256"] in table
+    assert "- Paraphrased retrieval: 6 pairs, gallery of 10 images (every image in the folder)." in lines
+    assert "- STS pairs: sts12 9, sts13 9, sts14 9, sts15 9, sts16 9, stsb 9, sickr 9." in lines
+    assert "- COCO split: val2017 (9 images, 18 captions)." in lines
+    assert f"- Precision: cpu, float32 weights, no autocast ({', '.join(TASKS)})." in lines
+    assert sum(line.startswith("- Warning (") for line in lines) == 7 + 1 + 1  # STS, gallery size, COCO counts
+    assert "pair counts" not in proc.stdout  # the table on stdout, counts and warnings on stderr
+    assert "sts12: 9 scored test pairs" in proc.stderr
 
 
 def test_compare_reports_changed_numbers(data_root, tmp_path, capsys):
@@ -98,3 +113,21 @@ def test_compare_names_a_file_that_is_not_a_result(tmp_path, capsys):
     (tmp_path / "a.json").write_text("[]")
     assert main(["table1", "--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 2
     assert "a.json: not a table1 result" in capsys.readouterr().err
+
+
+def test_paraphrased_retrieval_gallery_follows_the_layout(data_root, tmp_path):
+    """``val2017/`` present: the whole folder is the gallery; absent: ``images/``, pairs-only."""
+    shutil.copytree(data_root[0] / "paraphrased_retrieval", tmp_path / "paraphrased_retrieval")
+    model = StandIn({text: [float(i), 1.0, float(i % 3)] for i, w in enumerate(WORDS)
+                     for text in (f"a {w} thing", f"something {w}")}, mean_colour)
+    results = {}
+    for layout in ("val2017", "images"):
+        if layout == "images":
+            (tmp_path / "paraphrased_retrieval" / "val2017").rename(tmp_path / "paraphrased_retrieval" / "images")
+        paths = task_paths(str(tmp_path))["paraphrased-retrieval"]
+        prepared = prepare("paraphrased-retrieval", paths)
+        results[layout] = run_task("paraphrased-retrieval", paths, prepared, model, mean_colour, model.tokenizer,
+                                   "cpu", 4, False)
+    assert (results["val2017"]["gallery"], results["val2017"]["num_images"]) == ("folder", 10)
+    assert (results["images"]["gallery"], results["images"]["num_images"]) == ("pairs", 6)
+    assert "not a whole folder" in results["images"]["warnings"][0]

@@ -7,7 +7,9 @@ import torch
 from PIL import Image
 
 from conftest import BIN, TINY_CONFIG, TINY_MODEL
+from eval_fixtures import StandIn, mean_colour
 from paraclip_plugin.eval.cli import main
+from paraclip_plugin.eval.metrics import average_overlap, jaccard_at_k
 from paraclip_plugin.eval.paraphrased_retrieval import (
     InputError, build_gallery, evaluate_paraphrased_retrieval, load_model, read_pairs)
 
@@ -131,3 +133,79 @@ def test_console_script_exit_code_without_traceback(tmp_path):
     done = subprocess.run([str(BIN / "paraclip-eval"), *_cli(pairs, images)], capture_output=True, text=True)
     assert done.returncode == 2
     assert f"{pairs}:5: malformed JSON" in done.stderr and "Traceback" not in done.stderr
+
+
+# ------------------------------------------------------------------ --gallery: the whole folder is the gallery
+
+def _colour_world(folder, num_pairs=6, num_distractors=20, seed=0):
+    """Uniform-colour PNGs (a stand-in model reads an image's feature off its colour): one per pair,
+    plus ``num_distractors`` no pair names, plus files that are not gallery images. Returns the pairs
+    file, the folder and the StandIn's text features."""
+    rng = torch.Generator().manual_seed(seed)
+    images = folder / "val2017"
+    (images / "sub").mkdir(parents=True)
+    colours = torch.randperm(200, generator=rng)[:num_pairs + num_distractors]
+    for n, c in enumerate(colours.tolist()):
+        name = f"{n:012d}.png" if n < num_pairs else f"{n:012d}_distractor.png"
+        Image.new("RGB", (8, 8), (30 + c, 255 - c, (7 * c) % 256)).save(images / name)
+    (images / "notes.txt").write_text("not an image")
+    (images / ".hidden.png").write_bytes((images / "000000000000.png").read_bytes())
+    (images / "sub" / "nested.png").write_bytes((images / "000000000000.png").read_bytes())
+    features, lines = {}, []
+    for n in range(num_pairs):
+        query = torch.randn(3, generator=rng)
+        features[f"query {n}"] = query.tolist()
+        features[f"paraphrase {n}"] = (query + 0.8 * torch.randn(3, generator=rng)).tolist()
+        lines.append(json.dumps({"query": f"query {n}", "paraphrase": f"paraphrase {n}", "image": f"{n:012d}.png"}))
+    pairs = folder / "pairs.jsonl"
+    pairs.write_text("\n".join(lines) + "\n")
+    return pairs, images, features
+
+
+def _direct_ao_js(features, images, names, k):
+    """AO@k / JS@k computed here: per-image colour features, a full sort, the per-list metric functions."""
+    vectors = torch.nn.functional.normalize(torch.stack([mean_colour(Image.open(images / n)) for n in names]), dim=-1)
+    ao, js = [], []
+    for n in range(len(features) // 2):
+        rankings = []
+        for text in (f"query {n}", f"paraphrase {n}"):
+            scores = (vectors @ torch.nn.functional.normalize(torch.tensor(features[text]), dim=0)).tolist()
+            rankings.append(sorted(range(len(names)), key=lambda i: -scores[i]))
+        ao.append(average_overlap(*rankings, k))
+        js.append(jaccard_at_k(*rankings, k))
+    return sum(ao) / len(ao), sum(js) / len(js)
+
+
+def test_distractors_change_ao_js_exactly_as_a_direct_computation_over_the_bigger_gallery(tmp_path):
+    pairs_path, images, features = _colour_world(tmp_path)
+    model = StandIn(features, mean_colour)
+    pairs = read_pairs(pairs_path)
+    small = evaluate_paraphrased_retrieval(model, mean_colour, model.tokenizer, pairs, str(images))
+    big = evaluate_paraphrased_retrieval(model, mean_colour, model.tokenizer, pairs, str(images), whole_folder=True)
+    assert (small["gallery"], small["num_images"]) == ("pairs", 6)
+    # 26 PNGs; notes.txt, the hidden file and the sub-folder's image are not candidates.
+    assert (big["gallery"], big["num_images"]) == ("folder", 26)
+    names = sorted(p.name for p in images.glob("*.png") if not p.name.startswith("."))
+    assert len(names) == 26
+    expected_big = _direct_ao_js(features, images, names, 10)
+    expected_small = _direct_ao_js(features, images, [n for n in names if "distractor" not in n], 10)
+    assert (big["AO@10"], big["JS@10"]) == pytest.approx(expected_big)
+    assert (small["AO@10"], small["JS@10"]) == pytest.approx(expected_small)
+    assert abs(big["AO@10"] - small["AO@10"]) > 0.05 and abs(big["JS@10"] - small["JS@10"]) > 0.05
+    assert big["precision"] == {"device": "cpu", "weights": None, "autocast": None}  # StandIn has no weights
+    assert "whole folder" in small["warnings"][0] and "has 26 images" in big["warnings"][0]
+
+
+def test_gallery_flag_through_the_cli(tmp_path, capsys):
+    pairs, images, _ = _colour_world(tmp_path)
+    assert main(["paraphrased-retrieval", "--model", TINY_MODEL, "--model-config", str(TINY_CONFIG),
+                 "--pairs", str(pairs), "--gallery", str(images)]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["gallery"] == "folder" and result["num_images"] == 26 and result["gallery_dir"] == str(images)
+    assert result["precision"] == {"device": "cpu", "weights": "float32", "autocast": None}
+    assert "warning: gallery" in captured.err and "has 26 images; the paper's (COCO val2017) has 5000" in captured.err
+    (images / "000000000003.png").rename(images / "sub" / "000000000003.png")
+    assert main(["paraphrased-retrieval", "--model", TINY_MODEL, "--pairs", str(pairs), "--gallery", str(images)]) == 2
+    assert (f"{images / '000000000003.png'}: image file not found in the gallery folder (referenced by {pairs}:4)"
+            in capsys.readouterr().err)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .paraphrased_retrieval import InputError, load_json, _load_image, distinct, embed_images, embed_texts
+from .paraphrased_retrieval import InputError, load_json, _load_image, distinct, embed_images, embed_texts, precision
 
 BOX_KEYS = ("bbox_x", "bbox_y", "bbox_w", "bbox_h")
 CASE_KEYS = ("image_path", *BOX_KEYS, "true_caption", "false_caption")
@@ -140,4 +140,5 @@ def summarize(task, cases, scores):
 
 def evaluate_aro(model, preprocess, tokenizer, task, cases, device="cpu", batch_size=64, progress=False):
     model.eval()
-    return summarize(task, cases, case_scores(model, preprocess, tokenizer, cases, device, batch_size, progress))
+    result = summarize(task, cases, case_scores(model, preprocess, tokenizer, cases, device, batch_size, progress))
+    return {**result, "precision": precision(model, device)}

@@ -1,27 +1,33 @@
 """Zero-shot ImageNet-1k top-1 and COCO image/text retrieval R@5 through clip_benchmark.
 
-Nothing here scores anything itself: datasets come from ``clip_benchmark.datasets.builder.build_dataset``,
-the zero-shot classifier and logits from ``clip_benchmark.metrics.zeroshot_classification`` (top-1 from
-scikit-learn, see ``evaluate_imagenet``), retrieval recalls from ``clip_benchmark.metrics.zeroshot_retrieval``:
-the calls clip_benchmark's own CLI makes, so results match ``clip_benchmark eval``. What this module adds is a check of the local layout first,
-because clip_benchmark downloads (wget) whatever it does not find, and this command must never do that.
+The ImageNet dataset comes from ``clip_benchmark.datasets.builder.build_dataset``, the zero-shot
+classifier and logits from ``clip_benchmark.metrics.zeroshot_classification``, retrieval recalls from
+``clip_benchmark.metrics.zeroshot_retrieval``: the calls clip_benchmark's own CLI makes. What this module
+adds is a check of the local layout first (clip_benchmark downloads (wget) whatever it does not find,
+and this command must never do that), a choice of COCO split, and one stated rule for tied logits.
 
-Layouts clip_benchmark reads (verified against clip_benchmark 1.6.2 / torchvision):
+Layouts read (verified against clip_benchmark 1.6.2 / torchvision):
 
 ``imagenet/`` (torchvision ``ImageNet``, split ``val``)
     ``meta.bin`` (torchvision writes it from ``ILSVRC2012_devkit_t12.tar.gz`` on first use, so either
     file will do) and ``val/<wnid>/<image>`` with all 1000 wnid folders. Labels are the sorted wnid
     order, matched against clip_benchmark's 1000 OpenAI class names, so a partial folder would
     silently shift every label: it is refused.
-``coco/`` (torchvision ``CocoCaptions``, clip_benchmark ``mscoco_captions``, split ``test``)
-    ``val2014/<file_name>`` (clip_benchmark fixes this folder name for the val/test splits) and the
-    annotation file ``coco_test_karpathy.json`` (COCO captions format: ``images`` with ``id`` and
-    ``file_name``, ``annotations`` with ``image_id`` and ``caption``): the 5k Karpathy test split that
-    clip_benchmark uses by default. ``annotation_file`` may name another file in that format (e.g.
-    COCO 2017's ``captions_val2017.json`` with its images placed in ``val2014/``).
+``coco/`` (torchvision ``CocoCaptions``, the dataset clip_benchmark's ``mscoco_captions`` builds), by split:
+    ``karpathy-test``: ``val2014/`` and ``coco_test_karpathy.json``, clip_benchmark's default 5k
+    Karpathy test split (5,000 images, 25,010 captions). ``val2017``: ``val2017/`` and
+    ``annotations/captions_val2017.json`` as COCO's own zips unpack (5,000 images, 25,014 captions).
+    clip_benchmark's builder hard-codes ``val2014/``, so the dataset is built here with the same
+    ``CocoCaptions(root=<image folder>, annFile=..., transform=...)`` call on the split's own folder.
 
 Text retrieval ("T Rtrv." in Table 1) is image-to-text: clip_benchmark's ``text_retrieval_recall@5``;
 image retrieval is text-to-image: ``image_retrieval_recall@5``.
+
+ImageNet ties: clip_benchmark's ``accuracy`` takes ``torch.topk``, whose order among equal logits is
+unspecified, and its class names repeat ("missile" 657/744, "sunglasses" 836/837), so those classes
+get identical classifier columns and tied logits, many more under float16 autocast. Here a tie
+counts against the true class (``TIE_RULE``), the rule ARO uses for its captions: the number does not
+depend on class order or on the backend's topk.
 """
 import contextlib
 import json
@@ -30,11 +36,17 @@ import sys
 
 import torch
 
-from .paraphrased_retrieval import InputError, load_json
+from .paraphrased_retrieval import InputError, load_json, precision, warn
 
 IMAGENET_CLASSES = 1000
-COCO_IMAGE_FOLDER = "val2014"  # what clip_benchmark's mscoco_captions reads for split val/test
-COCO_DEFAULT_ANNOTATIONS = "coco_test_karpathy.json"
+TIE_RULE = ("ties count as wrong: an image is a top-k hit only if fewer than k other classes "
+            "have a logit >= its true class's")
+# split -> (image folder, default annotation file, images, captions), relative to the COCO root.
+COCO_SPLITS = {
+    "karpathy-test": ("val2014", "coco_test_karpathy.json", 5000, 25010),
+    "val2017": ("val2017", os.path.join("annotations", "captions_val2017.json"), 5000, 25014),
+}
+COCO_DEFAULT_SPLIT = "karpathy-test"
 
 
 def _clip_benchmark():
@@ -77,12 +89,16 @@ def _read_templates(path):
     return templates
 
 
-def check_coco_root(root, annotation_file=None):
-    images = os.path.join(root, COCO_IMAGE_FOLDER)
+def check_coco_root(root, annotation_file=None, split=COCO_DEFAULT_SPLIT):
+    """Raise ``InputError`` naming the missing piece unless ``root`` has ``split``'s layout (above);
+    returns the paths and counts."""
+    if split not in COCO_SPLITS:
+        raise InputError(f"unknown COCO split '{split}' (choose from {', '.join(COCO_SPLITS)})")
+    folder, default_annotations, _, _ = COCO_SPLITS[split]
+    images = os.path.join(root, folder)
     if not os.path.isdir(images):
-        raise InputError(f"{images}: COCO image folder not found (clip_benchmark reads images from "
-                         f"<root>/{COCO_IMAGE_FOLDER} for the test split)")
-    annotations = annotation_file or os.path.join(root, COCO_DEFAULT_ANNOTATIONS)
+        raise InputError(f"{images}: COCO image folder not found (split {split} reads images from <root>/{folder})")
+    annotations = annotation_file or os.path.join(root, default_annotations)
     data = load_json(annotations, "COCO captions")
     if not (isinstance(data, dict) and isinstance(data.get("images"), list) and isinstance(data.get("annotations"), list)):
         raise InputError(f"{annotations}: expected COCO captions format with 'images' and 'annotations' lists")
@@ -92,7 +108,8 @@ def check_coco_root(root, annotation_file=None):
         path = os.path.join(images, str(image.get("file_name")))
         if not os.path.isfile(path):
             raise InputError(f"{path}: image file not found (listed in {annotations})")
-    return {"root": os.path.abspath(root), "annotations": os.path.abspath(annotations),
+    return {"root": os.path.abspath(root), "split": split, "images": os.path.abspath(images),
+            "annotations": os.path.abspath(annotations),
             "num_images": len(data["images"]), "num_captions": len(data["annotations"])}
 
 
@@ -106,18 +123,41 @@ def _amp(device):
     return str(device).startswith("cuda")
 
 
+def _precision(model, device):
+    """``precision`` of the clip_benchmark calls below: autocast (CUDA's default, float16) on CUDA only."""
+    return precision(model, device, str(torch.get_autocast_dtype("cuda")).removeprefix("torch.") if _amp(device) else None)
+
+
+def topk_hits(logits, target, k):
+    """Per image, True when it is a top-``k`` hit under ``TIE_RULE``: fewer than ``k`` classes other than
+    the true one have a logit >= the true class's, so a class tied with the true one outranks it."""
+    true = logits.gather(1, target.view(-1, 1))
+    return (logits >= true).sum(dim=1) - 1 < k
+
+
+def classification_scores(logits, target):
+    """acc1, acc5 and mean per-class recall (over the classes that have images) under ``TIE_RULE``,
+    plus how many images have a top logit shared by several classes."""
+    top1 = topk_hits(logits, target, 1).float()
+    count = torch.bincount(target, minlength=logits.shape[1]).float()
+    per_class = torch.zeros(logits.shape[1]).index_add_(0, target, top1)[count > 0] / count[count > 0]
+    return {"acc1": top1.mean().item(),
+            "acc5": topk_hits(logits, target, min(5, logits.shape[1])).float().mean().item(),
+            "mean_per_class_recall": per_class.mean().item(),
+            "tie_rule": TIE_RULE,
+            "tied_top1_images": int(((logits == logits.max(dim=1, keepdim=True).values).sum(dim=1) > 1).sum())}
+
+
 def evaluate_imagenet(model, preprocess, tokenizer, root, device="cpu", batch_size=64, templates=None):
     """clip_benchmark's zero-shot ``imagenet1k`` on ``root``; ``templates`` is an optional JSON file
     ``{"imagenet1k": [...]}`` replacing clip_benchmark's 80 OpenAI prompts (passed as its
     ``custom_template_file``).
 
     The classifier and the logits come from clip_benchmark (``zero_shot_classifier``,
-    ``run_classification``, the two halves of its ``evaluate``); the scores from scikit-learn, which
-    clip_benchmark itself uses for balanced accuracy. Why not ``evaluate`` itself: its ``accuracy``
-    calls ``float()`` on a one-element array, which NumPy >= 2.4 refuses (TypeError).
+    ``run_classification``, the two halves of its ``evaluate``); the scores from ``classification_scores``
+    with ``TIE_RULE``. Why not ``evaluate`` itself: its ``accuracy`` breaks ties by ``torch.topk``'s
+    unspecified order, and calls ``float()`` on a one-element array, which NumPy >= 2.4 refuses.
     """
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, top_k_accuracy_score
-
     inputs = check_imagenet_root(root, templates)
     builder, zeroshot_classification, _ = _clip_benchmark()
     model.eval()
@@ -127,27 +167,32 @@ def evaluate_imagenet(model, preprocess, tokenizer, root, device="cpu", batch_si
         model, tokenizer, dataset.classes, dataset.templates, device, amp=_amp(device))
     logits, target = zeroshot_classification.run_classification(
         model, classifier, _loader(builder, dataset, "imagenet1k", batch_size), device, amp=_amp(device))
-    labels = list(range(len(dataset.classes)))
     return {"task": "zeroshot_imagenet", **inputs, "num_images": len(dataset),
             "num_templates": len(dataset.templates), "templates": os.path.abspath(templates) if templates else None,
-            "acc1": float(accuracy_score(target, logits.argmax(dim=1))),
-            "acc5": float(top_k_accuracy_score(target, logits, k=5, labels=labels)),
-            "mean_per_class_recall": float(balanced_accuracy_score(target, logits.argmax(dim=1)))}
+            **classification_scores(logits, target), "precision": _precision(model, device)}
 
 
-def evaluate_coco(model, preprocess, tokenizer, root, device="cpu", batch_size=64, annotation_file=None):
-    """clip_benchmark's ``mscoco_captions`` retrieval (split test) on ``root``: recall@1/5/10 both ways,
-    straight from ``zeroshot_retrieval.evaluate``."""
-    inputs = check_coco_root(root, annotation_file)
+def evaluate_coco(model, preprocess, tokenizer, root, device="cpu", batch_size=64, annotation_file=None,
+                  split=COCO_DEFAULT_SPLIT):
+    """COCO retrieval on ``split`` (``COCO_SPLITS``) of ``root``: recall@1/5/10 both ways, straight from
+    clip_benchmark's ``zeroshot_retrieval.evaluate``; a warning when the counts are not the split's."""
+    from torchvision.datasets import CocoCaptions
+
+    inputs = check_coco_root(root, annotation_file, split)
     builder, _, zeroshot_retrieval = _clip_benchmark()
     model.eval()
     # pycocotools prints "loading annotations..." to stdout, where the CLI writes its JSON.
     with contextlib.redirect_stdout(sys.stderr):
-        dataset = builder.build_dataset("mscoco_captions", root=root, transform=preprocess, split="test",
-                                        annotation_file=inputs["annotations"], download=False, task="zeroshot_retrieval")
+        dataset = CocoCaptions(root=inputs["images"], annFile=inputs["annotations"], transform=preprocess)
     # torch.topk needs k <= the number of images (tiny test sets); COCO's 5k images allow all three.
     recall_ks = [k for k in (1, 5, 10) if k <= inputs["num_images"]]
     metrics = zeroshot_retrieval.evaluate(
         model, _loader(builder, dataset, "mscoco_captions", batch_size), tokenizer, device=device,
         amp=_amp(device), recall_k_list=recall_ks)
-    return {"task": "coco_retrieval", **inputs, **{k: float(v) for k, v in metrics.items()}}
+    result = {"task": "coco_retrieval", **inputs, **{k: float(v) for k, v in metrics.items()},
+              "precision": _precision(model, device)}
+    _, _, images, captions = COCO_SPLITS[split]
+    if (inputs["num_images"], inputs["num_captions"]) != (images, captions):
+        warn(result, f"{inputs['annotations']}: {inputs['num_images']} images / {inputs['num_captions']} captions; "
+                     f"COCO {split} has {images} / {captions}")
+    return result

@@ -43,20 +43,29 @@ def _add_paraphrased_retrieval(subparsers):
     parser = subparsers.add_parser(
         "paraphrased-retrieval",
         help="AO@k / JS@k between rankings of queries and their paraphrases, and recall@1/5/10",
-        description="Gallery: all distinct images of --images referenced by the pairs file.")
+        description="Gallery: with --gallery DIR every image file in DIR (the paper: all 5,000 images of "
+                    "COCO's val2017/); with --images DIR only the distinct images the pairs name: fewer "
+                    "distractors, so the scores differ from the paper's protocol. The result records 'gallery' and its size "
+                    "'num_images'.")
     _add_model_arguments(parser)
     _add_output_file(parser)
     parser.add_argument("--pairs", required=True,
-                        help="JSON lines with 'query', 'paraphrase' and gold 'image' (file name in --images)")
-    parser.add_argument("--images", required=True, help="folder holding the images the pairs name")
+                        help="JSON lines with 'query', 'paraphrase' and gold 'image' (file name in the folder)")
+    folder = parser.add_mutually_exclusive_group(required=True)
+    folder.add_argument("--gallery", metavar="DIR",
+                        help="folder whose every image is a candidate, e.g. COCO val2017/ (the paper's protocol); "
+                             "the pairs' images must be in it")
+    folder.add_argument("--images", metavar="DIR",
+                        help="folder holding the pairs' images; only those images are candidates")
     parser.add_argument("--k", type=positive_int, default=10, help="depth of AO@k and JS@k (default 10)")
     parser.set_defaults(run=_run_paraphrased_retrieval)
 
 
 def _run_paraphrased_retrieval(args):
     result = evaluate_checkpoint(
-        args.model, args.pretrained, args.pairs, args.images, k=args.k, model_config=args.model_config,
-        device=args.device, batch_size=args.batch_size, progress=args.progress)
+        args.model, args.pretrained, args.pairs, args.gallery or args.images, k=args.k,
+        model_config=args.model_config, device=args.device, batch_size=args.batch_size, progress=args.progress,
+        whole_folder=args.gallery is not None)
     _emit(result, args.output)
     return 0
 
@@ -92,16 +101,16 @@ def _run_aro(args):
 
 
 def _add_sts(subparsers):
-    from .sts import STS_FILES
+    from .sts import TASKS, __doc__ as layouts
     parser = subparsers.add_parser(
-        "sts", help="STS12-16, STS-B, SICK-R: Spearman of text-embedding cosines ('all' aggregation), macro average",
-        description="FOLDER holds one tab-separated file per task with a header naming sentence1, sentence2, "
-                    f"score: {', '.join(STS_FILES.values())}.")
+        "sts", help="STS12-16, STS-B, SICK-R test sets: Spearman of text-embedding cosines ('all'), macro average",
+        description=layouts, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_arguments(parser)
     _add_output_file(parser)
-    parser.add_argument("--folder", required=True, help="folder with the STS .tsv files")
-    parser.add_argument("--sts-tasks", nargs="+", default=None, choices=list(STS_FILES), metavar="TASK",
-                        help=f"subset of tasks (default: all of {', '.join(STS_FILES)})")
+    parser.add_argument("--folder", required=True,
+                        help="SentEval's data/downstream folder (STS/, SICK/), or a folder of the per-task files above")
+    parser.add_argument("--sts-tasks", nargs="+", default=None, choices=list(TASKS), metavar="TASK",
+                        help=f"subset of tasks (default: all of {', '.join(TASKS)})")
     parser.set_defaults(run=_run_sts)
 
 
@@ -132,24 +141,33 @@ def _run_imagenet(args):
         model, preprocess, tokenizer, args.root, device, args.batch_size, args.templates))
 
 
+def _add_coco_split(parser):
+    from .benchmark import COCO_DEFAULT_SPLIT, COCO_SPLITS
+    parser.add_argument("--coco-split", choices=list(COCO_SPLITS), default=COCO_DEFAULT_SPLIT,
+                        help="karpathy-test: val2014/ + coco_test_karpathy.json (5,000 images, 25,010 captions); "
+                             "val2017: val2017/ + annotations/captions_val2017.json (5,000 images, 25,014 "
+                             f"captions), as COCO's zips unpack (default {COCO_DEFAULT_SPLIT})")
+
+
 def _add_coco(subparsers):
     parser = subparsers.add_parser(
         "coco-retrieval", help="COCO image->text and text->image recall@1/5/10 through clip_benchmark",
-        description="ROOT: val2014/ (images) and coco_test_karpathy.json (COCO captions format), "
-                    "clip_benchmark's mscoco_captions layout. Nothing is downloaded.")
+        description="ROOT holds the --coco-split's image folder and captions JSON (COCO captions format). "
+                    "The split is recorded in the result. Nothing is downloaded.")
     _add_model_arguments(parser)
     _add_output_file(parser)
     parser.add_argument("--root", required=True, help="COCO folder")
+    _add_coco_split(parser)
     parser.add_argument("--annotations", default=None,
-                        help="captions JSON (default ROOT/coco_test_karpathy.json); images are read from ROOT/val2014")
+                        help="captions JSON replacing the split's default file; images are read from the split's folder")
     parser.set_defaults(run=_run_coco)
 
 
 def _run_coco(args):
     from .benchmark import check_coco_root, evaluate_coco
-    check_coco_root(args.root, args.annotations)
+    check_coco_root(args.root, args.annotations, args.coco_split)
     return _run_on_model(args, lambda model, preprocess, tokenizer, device: evaluate_coco(
-        model, preprocess, tokenizer, args.root, device, args.batch_size, args.annotations))
+        model, preprocess, tokenizer, args.root, device, args.batch_size, args.annotations, args.coco_split))
 
 
 def _add_table1(subparsers):
@@ -164,6 +182,7 @@ def _add_table1(subparsers):
     parser.add_argument("--output", default="table1-output", help="folder for table1.json and table1.md")
     parser.add_argument("--imagenet-templates", default=None,
                         help="prompt JSON for zeroshot-imagenet (default: clip_benchmark's 80 OpenAI prompts)")
+    _add_coco_split(parser)
     parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
                         help="print how run B differs from run A (no model is loaded)")
     parser.set_defaults(run=_run_table1)
@@ -179,7 +198,8 @@ def _run_table1(args):
     if not args.model or not args.data_root:
         raise InputError("table1 needs --model and --data-root (or --compare A.json B.json)")
     result = run_table1(args.model, args.pretrained, args.data_root, args.tasks, args.model_config,
-                        args.device or default_device(), args.batch_size, args.progress, args.imagenet_templates)
+                        args.device or default_device(), args.batch_size, args.progress, args.imagenet_templates,
+                        args.coco_split)
     table = markdown_table(result)
     os.makedirs(args.output, exist_ok=True)
     atomic_write_text(os.path.join(args.output, "table1.json"), json.dumps(result, indent=1) + "\n")

@@ -3,14 +3,23 @@
 Input is a pairs file (JSON lines, one object per line with ``query``, ``paraphrase`` and the gold
 ``image`` file name relative to an image folder; other keys are ignored, blank lines skipped).
 
-The gallery is every distinct image the pairs file references, in sorted file-name order, not every
-file in the folder: the pairs file alone defines the task, so a folder with extra files (or shared
-by several pairs files) scores the same. Images are embedded once, texts in batches; the result
-holds AO@k and JS@k between the query's and the paraphrase's rankings (metrics.py) and recall@1/5/10
-of the gold image for both kinds of query. All scores are fractions in [0, 1].
+Two galleries, recorded in the result as ``gallery`` with its size ``num_images``:
+
+``folder`` (``--gallery DIR``, the paper's protocol)
+    every image file directly in ``DIR`` (a file whose extension PIL reads; hidden files and
+    sub-folders are not candidates) is a candidate, in sorted file-name order; the pairs' images must
+    be among them. With COCO 2017's ``val2017/`` this is the paper's 5,000-image gallery.
+``pairs`` (``--images DIR``)
+    only the distinct images the pairs file names. Smaller than the paper's gallery: fewer
+    distractors can enter a top-k, so AO/JS and recall differ from the paper's protocol.
+
+Images are embedded once, texts in batches; the result holds AO@k and JS@k between the query's and
+the paraphrase's rankings (metrics.py) and recall@1/5/10 of the gold image for both kinds of query.
+All scores are fractions in [0, 1].
 """
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +30,8 @@ from .metrics import average_overlap_from_scores, jaccard_at_k_from_scores, reca
 
 PAIR_KEYS = ("query", "paraphrase", "image")
 RECALL_KS = (1, 5, 10)
+PAPER_GALLERY_SIZE = 5000  # COCO 2017 val, the paper's gallery
+PROG = "paraclip-eval"
 
 
 class InputError(ValueError):
@@ -78,19 +89,41 @@ def _parse_pair(line, path, number):
     return RetrievalPair(record["query"], record["paraphrase"], record["image"], number)
 
 
-def build_gallery(pairs, images_dir, pairs_path="pairs"):
-    """Sorted distinct image names of ``pairs`` and, per pair, the gallery index of its gold image.
+def warn(result, message):
+    """Print ``message`` as a warning and keep it in ``result["warnings"]``, so the JSON says it too."""
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+    result.setdefault("warnings", []).append(message)
 
-    Raises ``InputError`` naming the missing file and the first line that references it.
+
+def folder_images(folder):
+    """Sorted names of the image files directly in ``folder`` (extensions PIL opens, e.g. not .pdf; no hidden files)."""
+    if not os.path.isdir(folder):
+        raise InputError(f"{folder}: gallery folder not found")
+    readable = {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    with os.scandir(folder) as entries:
+        names = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_file()
+                       and os.path.splitext(e.name)[1].lower() in readable)
+    if not names:
+        raise InputError(f"{folder}: no image files in the gallery folder")
+    return names
+
+
+def build_gallery(pairs, images_dir, pairs_path="pairs", whole_folder=False):
+    """Sorted gallery image names and, per pair, the gallery index of its gold image.
+
+    The gallery is every image file in ``images_dir`` with ``whole_folder``, else the distinct images
+    of ``pairs``. Raises ``InputError`` naming the missing file and the first line that references it.
     """
     first_reference = {}
     for pair in pairs:
         first_reference.setdefault(pair.image, pair.line)
+    present = set(folder_images(images_dir)) if whole_folder else None
     for name, line in first_reference.items():
-        if not os.path.isfile(os.path.join(images_dir, name)):
+        if (name not in present) if whole_folder else not os.path.isfile(os.path.join(images_dir, name)):
+            where = " in the gallery folder" if whole_folder else ""
             raise InputError(
-                f"{os.path.join(images_dir, name)}: image file not found (referenced by {pairs_path}:{line})")
-    names = sorted(first_reference)
+                f"{os.path.join(images_dir, name)}: image file not found{where} (referenced by {pairs_path}:{line})")
+    names = sorted(present) if whole_folder else sorted(first_reference)
     index = {name: i for i, name in enumerate(names)}
     gold = torch.tensor([index[pair.image] for pair in pairs])
     return names, gold
@@ -145,12 +178,14 @@ def distinct(items):
     return unique, torch.tensor([position[item] for item in items], dtype=torch.long)
 
 
-def summarize(query_scores, paraphrase_scores, gold, k=10):
-    """The result dict from two ``[pairs, images]`` similarity matrices and the gold image index per pair."""
+def summarize(query_scores, paraphrase_scores, gold, k=10, gallery="pairs"):
+    """The result dict from two ``[pairs, images]`` similarity matrices and the gold image index per pair;
+    ``gallery`` says which gallery the columns are ("folder" or "pairs")."""
     result = {
         "task": "paraphrased_retrieval",
         "num_pairs": int(query_scores.shape[0]),
-        "num_images": int(query_scores.shape[1]),
+        "gallery": gallery,
+        "num_images": int(query_scores.shape[1]),  # the gallery size
         "k": k,
         f"AO@{k}": average_overlap_from_scores(query_scores, paraphrase_scores, k).mean().item(),
         f"JS@{k}": jaccard_at_k_from_scores(query_scores, paraphrase_scores, k).mean().item(),
@@ -162,19 +197,40 @@ def summarize(query_scores, paraphrase_scores, gold, k=10):
 
 def evaluate_paraphrased_retrieval(
         model, preprocess, tokenizer, pairs, images_dir, k=10, device="cpu", batch_size=64,
-        pairs_path="pairs", progress=False):
-    """Score a loaded open_clip model on ``pairs`` (from ``read_pairs``); returns ``summarize``'s dict."""
-    names, gold = build_gallery(pairs, images_dir, pairs_path)
+        pairs_path="pairs", progress=False, whole_folder=False):
+    """Score a loaded open_clip model on ``pairs`` (from ``read_pairs``); returns ``summarize``'s dict.
+    ``whole_folder``: every image in ``images_dir`` is a candidate (``build_gallery``)."""
+    names, gold = build_gallery(pairs, images_dir, pairs_path, whole_folder)
     model.eval()
     image_features = embed_images(
         model, preprocess, [os.path.join(images_dir, n) for n in names], device, batch_size, progress)
     query_features = embed_texts(model, tokenizer, [p.query for p in pairs], device, progress=progress)
     paraphrase_features = embed_texts(model, tokenizer, [p.paraphrase for p in pairs], device, progress=progress)
-    return summarize(query_features @ image_features.T, paraphrase_features @ image_features.T, gold, k)
+    result = summarize(query_features @ image_features.T, paraphrase_features @ image_features.T, gold, k,
+                       "folder" if whole_folder else "pairs")
+    result.update(gallery_dir=os.path.abspath(images_dir), precision=precision(model, device))
+    if not whole_folder:
+        warn(result, f"gallery = the {len(names)} images the pairs name, not a whole folder; the paper ranks "
+                     f"all {PAPER_GALLERY_SIZE} COCO val2017 images (--gallery DIR)")
+    elif len(names) != PAPER_GALLERY_SIZE:
+        warn(result, f"gallery {images_dir} has {len(names)} images; the paper's (COCO val2017) has {PAPER_GALLERY_SIZE}")
+    return result
 
 
 def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def precision(model, device, autocast=None):
+    """What the numbers were computed in: the device, the weights' dtype and the autocast dtype (None:
+    no autocast), plus, on CUDA, whether TF32 was allowed. Exact score ties, which some tasks count as
+    wrong, are far more frequent in float16 than in float32."""
+    weight = next(iter(model.parameters()), None)
+    record = {"device": str(device), "weights": str(weight.dtype).removeprefix("torch.") if weight is not None else None,
+              "autocast": autocast}
+    if str(device).startswith("cuda"):
+        record.update(tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32)
+    return record
 
 
 def load_model(model_name, pretrained=None, model_config=None, device="cpu"):
@@ -204,13 +260,13 @@ def load_model(model_name, pretrained=None, model_config=None, device="cpu"):
 
 def evaluate_checkpoint(
         model_name, pretrained, pairs_path, images_dir, k=10, model_config=None, device=None,
-        batch_size=64, progress=False):
+        batch_size=64, progress=False, whole_folder=False):
     """Load a model and evaluate it on a pairs file: the one call the demo and the CLI make."""
     device = device or default_device()
     pairs = read_pairs(pairs_path)
-    build_gallery(pairs, images_dir, pairs_path)  # fail on a missing image before loading the model
+    build_gallery(pairs, images_dir, pairs_path, whole_folder)  # fail on a missing image before loading the model
     model, preprocess, tokenizer = load_model(model_name, pretrained, model_config, device)
     result = evaluate_paraphrased_retrieval(
-        model, preprocess, tokenizer, pairs, images_dir, k, device, batch_size, pairs_path, progress)
+        model, preprocess, tokenizer, pairs, images_dir, k, device, batch_size, pairs_path, progress, whole_folder)
     result.update(model=model_name, pretrained=pretrained)
     return result

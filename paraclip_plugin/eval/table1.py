@@ -3,18 +3,32 @@
 Expected layout under ``--data-root`` (each task reads only its own folder; see the task modules)::
 
     paraphrased_retrieval/pairs.jsonl        {"query", "paraphrase", "image"} per line (Cheng et al. 2024)
-    paraphrased_retrieval/images/            the images the pairs name (COCO 2017 val)
+    paraphrased_retrieval/val2017/           gallery: every image in it is a candidate (the paper: COCO
+                                             2017 val, 5,000 images; a symlink to it will do)
+      or paraphrased_retrieval/images/       only the images the pairs name (fewer distractors than the
+                                             paper's; used, with a warning, when val2017/ is absent)
     aro/visual_genome_relation.json          ARO's VG-Relation release
     aro/visual_genome_attribution.json       ARO's VG-Attribution release
     aro/images/                              ARO's image folder (vgr_vga_images.zip)
-    sts/{sts12,sts13,sts14,sts15,sts16,stsb,sickr}.tsv   sentence1<TAB>sentence2<TAB>score, with header
+    sts/STS/STS12-en-test/ ... STS16-en-test/, sts/STS/STSBenchmark/sts-test.csv, sts/SICK/SICK_test_annotated.txt
+                                             SentEval's data/downstream as its download script leaves it
+                                             (or, per task, sts/<task>.tsv: sentence1, sentence2, score header;
+                                             see ``paraclip-eval sts --help``); test sets only
     imagenet/meta.bin (or ILSVRC2012_devkit_t12.tar.gz), imagenet/val/<wnid>/*.JPEG
-    coco/val2014/*.jpg, coco/coco_test_karpathy.json     clip_benchmark's mscoco_captions layout
+    coco/val2014/*.jpg, coco/coco_test_karpathy.json     --coco-split karpathy-test (default)
+    coco/val2017/*.jpg, coco/annotations/captions_val2017.json   --coco-split val2017
 
 Every selected task's inputs are checked before the model is loaded, so a missing file fails in
 seconds, naming the file. The model is loaded once; each task embeds each distinct image (crop) and
 text once. All numbers in the JSON are fractions (accuracy, recall, AO/JS in [0, 1], Spearman in
 [-1, 1]); the Markdown table shows them x100 like the paper.
+
+What can move a number is recorded in both outputs: the paraphrased-retrieval gallery and its size,
+each STS task's scored test pairs, the COCO split, ImageNet's tie rule (a tied logit counts against
+the true class) and each task's precision (device, weights dtype, autocast: clip_benchmark's tasks
+use float16 autocast on CUDA, the others float32). Counts that differ from the paper's benchmarks
+(gallery 5,000; SentEval's STS test sizes; COCO 5,000 images) are printed as warnings and listed in
+the JSON (``warnings`` per task) and under the table.
 """
 import hashlib
 import os
@@ -22,7 +36,7 @@ import time
 from importlib import metadata
 
 from .aro import ANNOTATION_FILES, evaluate_aro, read_cases
-from .benchmark import check_coco_root, check_imagenet_root, evaluate_coco, evaluate_imagenet
+from .benchmark import COCO_DEFAULT_SPLIT, check_coco_root, check_imagenet_root, evaluate_coco, evaluate_imagenet
 from .paraphrased_retrieval import InputError, load_json, build_gallery, evaluate_paraphrased_retrieval, load_model, read_pairs
 from .sts import evaluate_sts, read_tasks
 
@@ -48,10 +62,12 @@ PAPER_ROWS = (
 
 def task_paths(data_root):
     """Every input path of every task under ``data_root`` (the layout in the module docstring)."""
-    aro = os.path.join(data_root, "aro")
+    aro, retrieval = os.path.join(data_root, "aro"), os.path.join(data_root, "paraphrased_retrieval")
+    gallery = os.path.join(retrieval, "val2017")
     return {
-        "paraphrased-retrieval": {"pairs": os.path.join(data_root, "paraphrased_retrieval", "pairs.jsonl"),
-                                  "images": os.path.join(data_root, "paraphrased_retrieval", "images")},
+        "paraphrased-retrieval": {"pairs": os.path.join(retrieval, "pairs.jsonl"),
+                                  **({"gallery": gallery} if os.path.isdir(gallery)
+                                     else {"images": os.path.join(retrieval, "images")})},
         "vg-relation": {"annotations": os.path.join(aro, ANNOTATION_FILES["vg-relation"]),
                         "images": os.path.join(aro, "images")},
         "vg-attribution": {"annotations": os.path.join(aro, ANNOTATION_FILES["vg-attribution"]),
@@ -62,11 +78,17 @@ def task_paths(data_root):
     }
 
 
-def prepare(task, paths, imagenet_templates=None):
+def _gallery(paths):
+    """(folder, whole_folder) of the paraphrased-retrieval paths: ``gallery`` when the layout has one."""
+    return (paths["gallery"], True) if "gallery" in paths else (paths["images"], False)
+
+
+def prepare(task, paths, imagenet_templates=None, coco_split=COCO_DEFAULT_SPLIT):
     """Read and validate one task's inputs (no model needed); returns what ``run_task`` consumes."""
     if task == "paraphrased-retrieval":
         pairs = read_pairs(paths["pairs"])
-        build_gallery(pairs, paths["images"], paths["pairs"])
+        folder, whole_folder = _gallery(paths)
+        build_gallery(pairs, folder, paths["pairs"], whole_folder)
         return pairs
     if task in ("vg-relation", "vg-attribution"):
         return read_cases(task, paths["annotations"], paths["images"])
@@ -74,20 +96,22 @@ def prepare(task, paths, imagenet_templates=None):
         return read_tasks(paths["folder"])
     if task == "zeroshot-imagenet":
         return check_imagenet_root(paths["root"], imagenet_templates)
-    return check_coco_root(paths["root"])
+    return check_coco_root(paths["root"], split=coco_split)
 
 
-def run_task(task, paths, prepared, model, preprocess, tokenizer, device, batch_size, progress, imagenet_templates=None):
+def run_task(task, paths, prepared, model, preprocess, tokenizer, device, batch_size, progress, imagenet_templates=None,
+             coco_split=COCO_DEFAULT_SPLIT):
     if task == "paraphrased-retrieval":
-        return evaluate_paraphrased_retrieval(model, preprocess, tokenizer, prepared, paths["images"], 10, device,
-                                              batch_size, paths["pairs"], progress)
+        folder, whole_folder = _gallery(paths)
+        return evaluate_paraphrased_retrieval(model, preprocess, tokenizer, prepared, folder, 10, device,
+                                              batch_size, paths["pairs"], progress, whole_folder)
     if task in ("vg-relation", "vg-attribution"):
         return evaluate_aro(model, preprocess, tokenizer, task, prepared, device, batch_size, progress)
     if task == "sts":
         return evaluate_sts(model, tokenizer, prepared, device, progress)
     if task == "zeroshot-imagenet":
         return evaluate_imagenet(model, preprocess, tokenizer, paths["root"], device, batch_size, imagenet_templates)
-    return evaluate_coco(model, preprocess, tokenizer, paths["root"], device, batch_size)
+    return evaluate_coco(model, preprocess, tokenizer, paths["root"], device, batch_size, split=coco_split)
 
 
 def sha256_of(path):
@@ -106,7 +130,7 @@ def _version(package):
 
 
 def run_table1(model_name, pretrained, data_root, tasks=TASKS, model_config=None, device="cpu", batch_size=64,
-               progress=False, imagenet_templates=None):
+               progress=False, imagenet_templates=None, coco_split=COCO_DEFAULT_SPLIT):
     """The whole Table 1 result dict: ``inputs`` (exact model, hashes, paths, versions), ``results``
     per task (each with its counts and paths) and ``table1`` (the row's numbers, None where not run)."""
     if not os.path.isdir(data_root):
@@ -115,13 +139,13 @@ def run_table1(model_name, pretrained, data_root, tasks=TASKS, model_config=None
     if unknown or not tasks:
         raise InputError(f"unknown or no task(s) {', '.join(unknown)} (choose from {', '.join(TASKS)})")
     paths = task_paths(data_root)
-    prepared = {task: prepare(task, paths[task], imagenet_templates) for task in tasks}  # fail before loading
+    prepared = {task: prepare(task, paths[task], imagenet_templates, coco_split) for task in tasks}  # fail before loading
     model, preprocess, tokenizer = load_model(model_name, pretrained, model_config, device)
     results, seconds = {}, {}
     for task in tasks:
         start = time.perf_counter()
         results[task] = run_task(task, paths[task], prepared[task], model, preprocess, tokenizer, device,
-                                 batch_size, progress, imagenet_templates)
+                                 batch_size, progress, imagenet_templates, coco_split)
         results[task]["inputs"] = {k: os.path.abspath(v) for k, v in paths[task].items()}
         seconds[task] = round(time.perf_counter() - start, 3)
     pretrained_file = pretrained if pretrained and os.path.isfile(pretrained) else None
@@ -134,6 +158,7 @@ def run_table1(model_name, pretrained, data_root, tasks=TASKS, model_config=None
         "data_root": os.path.abspath(data_root),
         "tasks": list(tasks),
         "imagenet_templates": os.path.abspath(imagenet_templates) if imagenet_templates else None,
+        "coco_split": coco_split,
         "device": str(device),
         "batch_size": batch_size,
         "versions": {p: _version(p) for p in ("paraclip-plugin", "open_clip_torch", "clip_benchmark", "torch")},
@@ -170,7 +195,38 @@ def markdown_table(result):
               f"Data root: `{inputs['data_root']}`; tasks: {', '.join(inputs['tasks'])}.",
               "Numbers x100. VG-R/VG-A: ARO's macro accuracy; STS: macro average of Spearman (\"all\"); "
               "'–': task not run or undefined."]
+    lines += protocol_lines(result["results"])
     return "\n".join(lines) + "\n"
+
+
+def _precision_text(record):
+    text = f"{record['device']}, {record['weights'] or 'no'} weights"
+    return text + (f", {record['autocast']} autocast" if record["autocast"] else ", no autocast")
+
+
+def protocol_lines(results):
+    """What each number was computed on: gallery, pairs, split, tie rule, precision, and every warning."""
+    lines = []
+    retrieval = results.get("paraphrased-retrieval")
+    if retrieval:
+        lines.append(f"Paraphrased retrieval: {retrieval['num_pairs']} pairs, gallery of {retrieval['num_images']} "
+                     + ("images (every image in the folder)." if retrieval["gallery"] == "folder"
+                        else "images (only those the pairs name; the paper ranks all 5,000 of COCO val2017)."))
+    sts = results.get("sts")
+    if sts:
+        lines.append("STS pairs: " + ", ".join(f"{name} {t['num_pairs']}" for name, t in sts["tasks"].items()) + ".")
+    coco = results.get("coco-retrieval")
+    if coco:
+        lines.append(f"COCO split: {coco['split']} ({coco['num_images']} images, {coco['num_captions']} captions).")
+    imagenet = results.get("zeroshot-imagenet")
+    if imagenet:
+        lines.append(f"ImageNet: {imagenet['tie_rule']} ({imagenet['tied_top1_images']} images with a tied top logit).")
+    precisions = {}
+    for task, result in results.items():
+        precisions.setdefault(_precision_text(result["precision"]), []).append(task)
+    lines.append("Precision: " + "; ".join(f"{text} ({', '.join(tasks)})" for text, tasks in precisions.items()) + ".")
+    lines += [f"Warning ({task}): {message}" for task, result in results.items() for message in result.get("warnings", [])]
+    return [""] + [f"- {line}" for line in lines]
 
 
 def _flatten(value, prefix=""):
