@@ -14,6 +14,7 @@ import os
 import sys
 import time
 
+from paraclip_plugin.extras import require_extra
 from paraclip_plugin.paraphrase.backends import GenerationError, make_backend
 from paraclip_plugin.paraphrase.cache import CompletionCache
 from paraclip_plugin.paraphrase.inputs import expand_inputs, slurm_job_defaults, split_for_job
@@ -90,6 +91,8 @@ def build_backend(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    # before any input is read or any request sent
+    require_extra("make_shards.py", f"--backend {args.backend}", args.backend)
     try:
         inputs = split_for_job(expand_inputs(args.input), args.num_jobs, args.job_index)
         prompts = load_prompts(args.prompts) if args.prompts else PromptSet()
