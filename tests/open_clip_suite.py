@@ -28,6 +28,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 DESELECTED = HERE / "open_clip_deselected.txt"
 PACKAGE = "open_clip_torch"
+REASON_TAGS = ("[hub]", "[gpu]", "[time]")
 HOOKS = ("add_arguments", "configure", "wrap_model", "wds_decode_stages", "create_loss")
 # hooks each test file's tests reach through the patched open_clip_train (parse_args, get_wds_dataset, main)
 REACHES = {
@@ -45,8 +46,8 @@ def read_deselected(path=DESELECTED, include_slow=False):
         if not line or line.startswith("#"):
             continue
         node, _, reason = line.partition(" ")
-        if not reason.strip():
-            raise SystemExit(f"{path}:{number}: '{node}' has no reason (write the reason after the node id)")
+        if not reason.strip().startswith(REASON_TAGS):
+            raise SystemExit(f"{path}:{number}: '{node}' needs a reason starting with one of {', '.join(REASON_TAGS)}")
         if not (include_slow and reason.strip().startswith("[time]")):
             entries.append((node, reason.strip()))
     return entries
