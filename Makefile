@@ -1,12 +1,13 @@
 # `make demo`: fresh machine -> virtual environment -> patched open_clip_train -> the whole ParaCLIP demo.
-# `make test`: fresh machine -> virtual environment -> the test suite.
+# `make test`: fresh machine -> virtual environment -> the test suite, then open_clip's own tests on the
+# patched install (tests/open_clip_suite.py); both always run, each reports on its own, either failing fails.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # torch first and pinned: the CPU machines here install torch 2.14.1 from local disk.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv demo test clean wheelhouse gpu-check
+.PHONY: venv demo test test-open-clip clean wheelhouse gpu-check
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +22,13 @@ demo: venv
 	$(BIN)/python -m paraclip_plugin.demo $(DEMO_ARGS)
 
 test: venv
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	status=0; \
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS) || status=$$?; \
+	$(BIN)/python tests/open_clip_suite.py -q $(OPEN_CLIP_TEST_ARGS) || status=$$?; \
+	exit $$status
+
+test-open-clip: venv
+	$(BIN)/python tests/open_clip_suite.py -q $(OPEN_CLIP_TEST_ARGS)
 
 # the GPU proof (scripts/gpu_check.sh): `make wheelhouse` here, then `make gpu-check` on the GPU
 # machine with .whl/ carried along (it has no package index); OUT= names the results folder

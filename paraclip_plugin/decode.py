@@ -13,12 +13,13 @@ import logging
 import os
 import tarfile
 
+import torch
 import webdataset as wds
-from open_clip_train.data import log_and_continue
+from open_clip_train.data import expand_urls, get_dataset_size
 
 from paraclip_plugin.embeddings import EMBEDDING_FIELD, CachedImageEmbedding, MissingEmbeddings
 from paraclip_plugin.pretokenized import TextTokens
-from paraclip_plugin.shards import CAPTION, IMAGE_EXTENSIONS, PARA1, PARA2
+from paraclip_plugin.shards import CAPTION, IMAGE_EXTENSIONS, PARA1, PARA2, SIZES_FILE, read_sizes_json
 
 REQUIRED_TEXTS = (CAPTION, PARA1, PARA2)
 
@@ -48,6 +49,27 @@ class NotAParaCLIPShard(ValueError):
     pass
 
 
+class SkippedSamples:
+    """One data worker's count of the samples it left out, by reason, logged as they happen.
+
+    Every stage that drops a sample goes through ``skip``, so one line says how many were dropped
+    and why (the first ``log_first``, then every ``log_every``-th).
+    """
+
+    def __init__(self, log_first=10, log_every=1000):
+        self.log_first, self.log_every = log_first, log_every
+        self.count = 0
+        self.reasons = collections.Counter()
+
+    def skip(self, sample, reason, kind=None):
+        self.count += 1
+        self.reasons[kind or reason] += 1
+        if self.count <= self.log_first or self.count % self.log_every == 0:
+            logging.warning(
+                f"ParaCLIP: skipped sample '{sample.get('__key__')}' of {sample.get('__url__', '?')}: {reason} "
+                f"({self.count} skipped so far in this data worker; by reason: {dict(self.reasons)})")
+
+
 class SkipIncomplete:
     """Keep samples with an image and all three texts; skip and count the rest.
 
@@ -57,12 +79,10 @@ class SkipIncomplete:
     (stop with an error that names the shard).
     """
 
-    def __init__(self, log_first=10, log_every=1000, image_fields=IMAGE_EXTENSIONS):
-        self.log_first, self.log_every = log_first, log_every
+    def __init__(self, skipped, image_fields=IMAGE_EXTENSIONS):
+        self.skipped = skipped
         # an image file, or with --image-embeddings the stored embedding instead
         self.image_fields = tuple(image_fields)
-        self.skipped_samples = 0
-        self.missing = collections.Counter()
         self.checked_shards = {}
 
     def missing_fields(self, sample):
@@ -94,36 +114,159 @@ class SkipIncomplete:
                 self.require_in_shard(url, (f".{EMBEDDING_FIELD}",), MissingEmbeddings(
                     f"shard {url} has no '{EMBEDDING_FIELD}' member in any sample: add image embeddings "
                     f"with scripts/embed_images.py, or drop --image-embeddings"))
-            self.skipped_samples += 1
-            self.missing.update(missing)
-            if self.skipped_samples <= self.log_first or self.skipped_samples % self.log_every == 0:
-                logging.warning(
-                    f"ParaCLIP: skipped sample '{sample.get('__key__')}' of {url}: missing {', '.join(missing)} "
-                    f"({self.skipped_samples} skipped so far in this data worker; "
-                    f"missing fields: {dict(self.missing)})")
+            self.skipped.skip(sample, f"missing {', '.join(missing)}", "missing " + "+".join(missing))
 
 
-def paraclip_decode_stages(preprocess_img, tokenizer, embedding_sha256=None, embedding_label="", precision="fp32"):
+class SkipBadText:
+    """Skip samples whose caption or paraphrase is not UTF-8, or is empty or only white space."""
+
+    def __init__(self, skipped):
+        self.skipped = skipped
+
+    def __call__(self, samples):
+        for sample in samples:
+            problem = next(filter(None, (text_problem(field, sample[field]) for field in REQUIRED_TEXTS)), None)
+            if problem is None:
+                yield sample
+            else:
+                self.skipped.skip(sample, problem)
+
+
+def text_problem(field, data):
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"{field} is not UTF-8"
+    return None if text.strip() else f"{field} is empty"
+
+
+class DecodeOrSkip:
+    """webdataset's decoder (``wds.decode``) per sample; a sample it can't decode (a truncated JPEG, a
+    broken .npy) is skipped and counted under its own key, where ``wds.decode``'s handler sees only the error."""
+
+    def __init__(self, skipped, *handlers):
+        self.skipped = skipped
+        self.decoder = wds.autodecode.Decoder([wds.autodecode.imagehandler(h) if isinstance(h, str) else h
+                                               for h in handlers])
+
+    def __call__(self, samples):
+        for sample in samples:
+            try:
+                decoded = self.decoder(sample)
+            except Exception as e:
+                self.skipped.skip(sample, f"not decodable ({type(e).__name__}: {e})", "not decodable")
+                continue
+            yield decoded
+
+
+class SkipBadEmbedding:
+    """Skip samples whose stored image embedding is not a finite vector of the image tower's output size."""
+
+    def __init__(self, skipped, dim=None):
+        self.skipped, self.dim = skipped, dim
+
+    def __call__(self, samples):
+        for sample in samples:
+            embedding = sample["image"]
+            if embedding.ndim != 1 or (self.dim is not None and embedding.shape[0] != self.dim):
+                self.skipped.skip(sample, f"{EMBEDDING_FIELD} has shape {tuple(embedding.shape)}, "
+                                          f"the image tower gives ({self.dim},)", f"{EMBEDDING_FIELD} wrong size")
+            elif not torch.isfinite(embedding).all():
+                self.skipped.skip(sample, f"{EMBEDDING_FIELD} is not finite (NaN or inf)")
+            else:
+                yield sample
+
+
+def paraclip_decode_stages(preprocess_img, tokenizer, embedding_sha256=None, embedding_label="", embedding_dim=None,
+                           precision="fp32"):
     """Per-sample stages -> ``(image, texts)``; with ``embedding_sha256`` (``--image-embeddings``)
-    ``image`` is the stored embedding checked against that fingerprint, and no image is decoded."""
+    ``image`` is the stored embedding checked against that fingerprint, and no image is decoded.
+    Incomplete, undecodable and otherwise bad samples are skipped and counted (``SkippedSamples``)."""
+    skipped = SkippedSamples()
     if embedding_sha256 is None:
         return [
-            SkipIncomplete(),
-            wds.decode("pilrgb", handler=log_and_continue),
+            SkipIncomplete(skipped),
+            SkipBadText(skipped),
+            DecodeOrSkip(skipped, "pilrgb"),
             wds.map(TextTokens(tokenizer)),
             wds.rename(image=";".join(IMAGE_EXTENSIONS)),
             wds.map_dict(image=preprocess_img),
             wds.to_tuple("image", "texts"),
         ]
     return [
-        SkipIncomplete(image_fields=(EMBEDDING_FIELD,)),
+        SkipIncomplete(skipped, image_fields=(EMBEDDING_FIELD,)),
+        SkipBadText(skipped),
         wds.map(drop_images),
         # no image handler: text, json and npy members only
-        wds.decode(handler=log_and_continue),
+        DecodeOrSkip(skipped),
         wds.map(CachedImageEmbedding(embedding_sha256, embedding_label, precision)),
+        SkipBadEmbedding(skipped, embedding_dim),
         wds.map(TextTokens(tokenizer)),
         wds.to_tuple("image", "texts"),
     ]
+
+
+def own_folder_sizes(shards):
+    """{shard url: sample count} from the sizes.json in each local shard's own folder."""
+    urls, _ = expand_urls(shards)
+    sizes, folders = {}, {}
+    for url in urls:
+        path = local_path(url)
+        if path is None:
+            continue
+        folder, name = os.path.split(path)
+        if folder not in folders:
+            folders[folder] = read_sizes_json(folder)
+        if name in folders[folder]:
+            sizes[url] = int(folders[folder][name])
+    return sizes, urls
+
+
+class CheckShardSizes:
+    """Count each shard's samples as they arrive; where the count disagrees with the shard's sizes.json
+    entry (more samples than listed, or fewer once the worker has read all its shards), say so once."""
+
+    def __init__(self, expected):
+        self.expected = expected
+        self.reported = set()
+
+    def __call__(self, samples):
+        seen = collections.Counter()
+        finished = False
+        try:
+            for sample in samples:
+                seen[sample.get("__url__")] += 1
+                yield sample
+            finished = True
+        finally:
+            for url, count in seen.items():
+                listed = self.expected.get(url)
+                if listed is None or url in self.reported or not (count > listed or finished and count != listed):
+                    continue
+                self.reported.add(url)
+                logging.warning(
+                    f"ParaCLIP: shard {url} has {count if finished else f'more than {listed}'} samples, but its "
+                    f"{SIZES_FILE} says {listed}: {SIZES_FILE} is stale, so open_clip plans the epoch for another "
+                    f"number of samples; rewrite {SIZES_FILE} or pass --train-num-samples")
+
+
+def shard_size_stages(args, is_train):
+    """With the epoch planned from sizes.json (no --train-num-samples): warn now when open_clip's total
+    (it reads the sizes.json of the first shard's folder for every shard) differs from the shards' own
+    folders' sizes.json, and count samples per shard while reading (without --dataset-resampled)."""
+    if not is_train or args.train_num_samples is not None:
+        return []
+    expected, urls = own_folder_sizes(args.train_data)
+    try:
+        open_clip_total, _ = get_dataset_size(args.train_data)
+    except (KeyError, ValueError, OSError):
+        open_clip_total = None
+    if open_clip_total is not None and len(expected) == len(urls) and sum(expected.values()) != open_clip_total:
+        logging.warning(
+            f"ParaCLIP: open_clip plans each epoch for {open_clip_total} samples (it reads the {SIZES_FILE} of the "
+            f"first shard's folder for every shard of --train-data), but the {SIZES_FILE} files of the shards' own "
+            f"folders add up to {sum(expected.values())}: pass --train-num-samples {sum(expected.values())}")
+    return [] if args.dataset_resampled else [CheckShardSizes(expected)]
 
 
 def drop_images(sample):

@@ -160,3 +160,17 @@ def logged_losses(log):
 def final_state(logs, name, epoch=1):
     ckpt = torch.load(Path(logs) / name / "checkpoints" / f"epoch_{epoch}.pt", map_location="cpu", weights_only=False)
     return {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
+
+
+def stock_open_clip_loads(checkpoint):
+    """Load ``checkpoint`` with stock open_clip in a process that never imports the plugin; its class name."""
+    code = (
+        "import sys, open_clip, torch\n"
+        f"open_clip.add_model_config({str(TINY_CONFIG)!r})\n"
+        f"m, _, _ = open_clip.create_model_and_transforms({TINY_MODEL!r}, pretrained=sys.argv[1])\n"
+        "sd = torch.load(sys.argv[1], weights_only=False)['state_dict']\n"
+        "assert torch.equal(m.text_projection, sd['module.text_projection'])\n"
+        "assert not any(n.startswith('paraclip') for n in sys.modules), 'plugin imported'\n"
+        "print('loaded', type(m).__name__)\n")
+    out = run([PYTHON, "-c", code, checkpoint])
+    return out.stdout.split("loaded ", 1)[1].strip()

@@ -31,3 +31,11 @@ def test_sbatch_flags_parse_to_the_paper_recipe(patched_install):
 def test_logs_dir_alias_reaches_the_same_setting(patched_install):
     from open_clip_train.params import parse_args
     assert parse_args(["--logs-dir", "/x", "--model", "RN50"]).logs == "/x"
+
+
+def test_sbatch_is_requeue_safe(patched_install):
+    from open_clip_train.params import parse_args
+    args = parse_args(recipe_flags())
+    assert "#SBATCH --requeue" in SBATCH.read_text()
+    # every attempt: the same run name, continuing from the newest epoch_latest.pt
+    assert args.resume == "latest" and args.save_most_recent and args.name == "paraclip-vit-b32-1"

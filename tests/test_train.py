@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import (BIN, PYTHON, TINY_CONFIG, TINY_MODEL, final_state, logged_losses, read_log, run,
-                      save_init_checkpoint, torchrun, train_args, write_shards)
+                      save_init_checkpoint, stock_open_clip_loads, torchrun, train_args, write_shards)
 
 TERMS = ("Image_para2_loss", "Caption_para1_loss", "Para1_para2_loss")
 
@@ -60,16 +60,7 @@ def test_checkpoint_keys_match_stock_run_and_load_without_plugin(world, paraclip
     assert list(ours["state_dict"]) == list(stock["state_dict"])
     assert set(ours) == set(stock)
     # stock open_clip, in a process that never imports the plugin
-    code = (
-        "import sys, open_clip, torch\n"
-        f"open_clip.add_model_config({str(TINY_CONFIG)!r})\n"
-        f"m, _, _ = open_clip.create_model_and_transforms({TINY_MODEL!r}, pretrained=sys.argv[1])\n"
-        "sd = torch.load(sys.argv[1], weights_only=False)['state_dict']\n"
-        "assert torch.equal(m.text_projection, sd['module.text_projection'])\n"
-        "assert not any(n.startswith('paraclip') for n in sys.modules), 'plugin imported'\n"
-        "print('loaded', type(m).__name__)\n")
-    out = run([PYTHON, "-c", code, world["logs"] / "paraclip" / "checkpoints" / "epoch_1.pt"])
-    assert "loaded CLIP" in out.stdout
+    assert stock_open_clip_loads(world["logs"] / "paraclip" / "checkpoints" / "epoch_1.pt") == "CLIP"
 
 
 def test_resume_paraclip_run(world, paraclip_run):

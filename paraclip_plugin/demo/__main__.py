@@ -76,6 +76,8 @@ def training_flags(world, logs, name, batch_size, lr, epochs, workers, seed):
 
 def main(argv=None):
     args = parse_args(argv)
+    from paraclip_plugin.extras import require_extra
+    require_extra("paraclip_plugin.demo", "the demo's chart (results.png)", "plot")
     from paraclip_plugin.demo.world import build_world
     from paraclip_plugin.eval.paraphrased_retrieval import evaluate_checkpoint
 

@@ -9,10 +9,13 @@ import json
 import os
 import sys
 
+from ..extras import require_extra
 from ..shards import atomic_write_text
 from .paraphrased_retrieval import InputError, default_device, evaluate_checkpoint, load_model
 
 PROG = "paraclip-eval"
+# tasks that run through clip_benchmark (the 'eval' extra)
+EVAL_EXTRA_TASKS = ("zeroshot-imagenet", "coco-retrieval")
 
 
 def positive_int(text):
@@ -135,6 +138,7 @@ def _add_imagenet(subparsers):
 
 
 def _run_imagenet(args):
+    require_extra(PROG, "zeroshot-imagenet", "eval")
     from .benchmark import check_imagenet_root, evaluate_imagenet
     check_imagenet_root(args.root, args.templates)
     return _run_on_model(args, lambda model, preprocess, tokenizer, device: evaluate_imagenet(
@@ -164,6 +168,7 @@ def _add_coco(subparsers):
 
 
 def _run_coco(args):
+    require_extra(PROG, "coco-retrieval", "eval")
     from .benchmark import check_coco_root, evaluate_coco
     check_coco_root(args.root, args.annotations, args.coco_split)
     return _run_on_model(args, lambda model, preprocess, tokenizer, device: evaluate_coco(
@@ -197,6 +202,9 @@ def _run_table1(args):
         return 0
     if not args.model or not args.data_root:
         raise InputError("table1 needs --model and --data-root (or --compare A.json B.json)")
+    needing = [task for task in args.tasks if task in EVAL_EXTRA_TASKS]
+    if needing:
+        require_extra(PROG, f"table1's {' and '.join(needing)} (leave out with --tasks)", "eval")
     result = run_table1(args.model, args.pretrained, args.data_root, args.tasks, args.model_config,
                         args.device or default_device(), args.batch_size, args.progress, args.imagenet_templates,
                         args.coco_split)

@@ -23,6 +23,7 @@ import time
 
 import logging
 
+from ..extras import require_extra
 from .backends import GenerationError, make_backend
 from .backends.openai_backend import api_key_for, resolve_base_url
 from .cache import CompletionCache
@@ -150,6 +151,8 @@ def build_backend(args, cache_path, environ=os.environ):
 
 def main(argv=None):
     args = parse_args(argv)
+    # before any input is read or any request sent
+    require_extra("make_shards.py", f"--backend {args.backend}", "vllm" if args.backend == "vllm" else "openai")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s make_shards: %(message)s")
     logging.getLogger("paraclip_plugin").setLevel(logging.INFO)  # our progress lines; the client's stay quiet
     try:
