@@ -59,28 +59,27 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-class ImageBytes(torch.utils.data.Dataset):
-    """Decode + preprocess one sample's image in a worker; None where it can't be decoded."""
-
-    def __init__(self, images, preprocess):
-        self.images, self.preprocess = images, preprocess
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, index):
-        try:
-            with Image.open(io.BytesIO(self.images[index])) as image:
-                return index, self.preprocess(image.convert("RGB"))
-        except Exception as e:  # a broken image loses its embedding, not the shard
-            logging.warning(f"image {index} not decodable: {e}")
-            return index, None
+def decode_image(data, preprocess):
+    with Image.open(io.BytesIO(data)) as image:
+        return preprocess(image.convert("RGB"))
 
 
-def collate(items):
-    kept = [(i, x) for i, x in items if x is not None]
-    indices = [i for i, _ in kept]
-    return indices, torch.stack([x for _, x in kept]) if kept else None
+def image_bytes(sample):
+    return next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+
+
+class ShardImages(torch.utils.data.IterableDataset):
+    """What the data workers do, one item per shard: read it, add the token ids, decode and preprocess
+    its images. The workers live for the whole job (a new pool per shard cost more than the shard)."""
+
+    def __init__(self, jobs, embedder):
+        self.jobs, self.embedder = jobs, embedder
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        jobs = self.jobs if info is None else self.jobs[info.id::info.num_workers]
+        for src, dst in jobs:
+            yield (src, dst, *self.embedder.prepare(src))
 
 
 class ShardEmbedder:
@@ -115,51 +114,100 @@ class ShardEmbedder:
             return done
         return False
 
-    @torch.no_grad()
-    def embed(self, images):
-        """float16 [n, dim] per image (rows of undecodable images are None)."""
-        loader = torch.utils.data.DataLoader(
-            ImageBytes(images, self.preprocess), batch_size=self.args.batch_size, num_workers=self.args.workers,
-            collate_fn=collate, pin_memory=self.device.type == "cuda")
-        features = [None] * len(images)
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.precision == "amp")
-        for indices, batch in loader:
-            if batch is None:
-                continue
-            with autocast:
-                out = self.visual(batch.to(self.device, non_blocking=True))
-            out = torch.nn.functional.normalize(out.float(), dim=-1).half().cpu().numpy()
-            for i, row in zip(indices, out):
-                features[i] = row
-        return features
+    def add_tokens(self, sample, meta):
+        if self.tokenizer is not None and all(f in sample for f in TEXT_FIELDS):
+            texts = [sample[f].decode("utf-8") for f in TEXT_FIELDS]
+            buf = io.BytesIO()
+            np.save(buf, stored_tokens(self.tokenizer, texts, self.pad_id))
+            sample[TOKENS_FIELD] = buf.getvalue()
+            meta[TOKENS_KEY] = self.tokens_record
 
-    def process(self, src, dst):
+    def prepare(self, src):
+        """(samples with token ids added, indices of the samples whose image decoded, those images as
+        one preprocessed batch or None). The CPU part of a shard."""
         samples = list(read_tar_samples(src))
-        with_image = [s for s in samples if any(ext in s for ext in IMAGE_EXTENSIONS)]
-        images = [next(s[ext] for ext in IMAGE_EXTENSIONS if ext in s) for s in with_image]
-        features = self.embed(images)
-        embedded = 0
-        for sample, feature in zip(with_image, features):
+        rows, images = [], []
+        for i, sample in enumerate(samples):
+            data = image_bytes(sample)
+            if data is None:
+                continue
             meta = json.loads(sample[METADATA]) if METADATA in sample else {}
             meta.pop(EMBEDDING_KEY, None)
             sample.pop(EMBEDDING_FIELD, None)  # never keep an embedding of other weights
-            if feature is not None:
-                sample[EMBEDDING_FIELD] = encode_embedding(feature)
-                meta[EMBEDDING_KEY] = self.record
-                embedded += 1
-            if self.tokenizer is not None and all(f in sample for f in TEXT_FIELDS):
-                texts = [sample[f].decode("utf-8") for f in TEXT_FIELDS]
-                buf = io.BytesIO()
-                np.save(buf, stored_tokens(self.tokenizer, texts, self.pad_id))
-                sample[TOKENS_FIELD] = buf.getvalue()
-                meta[TOKENS_KEY] = self.tokens_record
+            self.add_tokens(sample, meta)
             sample[METADATA] = json.dumps(meta).encode()
+            try:
+                images.append(decode_image(data, self.preprocess))
+                rows.append(i)
+            except Exception as e:  # a broken image loses its embedding, not the shard
+                logging.warning(f"{src}: sample '{sample.get('__key__')}': image not decodable: {e}")
+        return samples, rows, torch.stack(images) if images else None
+
+    @torch.no_grad()
+    def encode(self, images):
+        """float16 numpy [n, dim]: encode_image(images, normalize=True), ``--batch-size`` at a time."""
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.precision == "amp")
+        out = []
+        for batch in images.split(self.args.batch_size):
+            with autocast:
+                features = self.visual(batch.to(self.device, non_blocking=True))
+            out.append(torch.nn.functional.normalize(features.float(), dim=-1).half().cpu())
+        return torch.cat(out).numpy()
+
+    def embed(self, images):
+        """float16 [dim] per image (None where it can't be decoded), from encoded image bytes."""
+        decoded = {}
+        for i, data in enumerate(images):
+            try:
+                decoded[i] = decode_image(data, self.preprocess)
+            except Exception as e:
+                logging.warning(f"image {i} not decodable: {e}")
+        features = self.encode(torch.stack(list(decoded.values()))) if decoded else []
+        rows = dict(zip(decoded, features))
+        return [rows.get(i) for i in range(len(images))]
+
+    def write(self, src, dst, samples, rows, features):
+        """Add the embeddings to the prepared samples; write ``dst`` atomically. Returns (samples, embedded)."""
+        for i, feature in zip(rows, features):
+            samples[i][EMBEDDING_FIELD] = encode_embedding(feature)
+            meta = json.loads(samples[i][METADATA])
+            meta[EMBEDDING_KEY] = self.record
+            samples[i][METADATA] = json.dumps(meta).encode()
         # an integer mtime (the source shard's): webdataset's default float time.time() makes every
         # member carry an extra pax header, which readers then parse (measurably slower loading)
         with atomic_tar_writer(dst, mtime=int(os.path.getmtime(src))) as sink:
             for sample in samples:
                 sink.write({k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")})
-        return len(samples), embedded
+        return len(samples), len(rows)
+
+    def process(self, src, dst):
+        """One shard, all in this process (``embed`` may be replaced, e.g. by bench_loader.py)."""
+        samples = list(read_tar_samples(src))
+        with_image = [i for i, s in enumerate(samples) if image_bytes(s) is not None]
+        features = self.embed([image_bytes(samples[i]) for i in with_image])
+        for i in with_image:
+            meta = json.loads(samples[i][METADATA]) if METADATA in samples[i] else {}
+            meta.pop(EMBEDDING_KEY, None)
+            samples[i].pop(EMBEDDING_FIELD, None)
+            self.add_tokens(samples[i], meta)
+            samples[i][METADATA] = json.dumps(meta).encode()
+        done = [(i, f) for i, f in zip(with_image, features) if f is not None]
+        return self.write(src, dst, samples, [i for i, _ in done], [f for _, f in done])
+
+    def run(self, jobs):
+        """Every (src, dst) shard: the CPU part in ``--workers`` processes that live for the whole job,
+        the image tower here; each shard written as soon as its embeddings are there."""
+        loader = torch.utils.data.DataLoader(
+            ShardImages(jobs, self), batch_size=None, num_workers=min(self.args.workers, len(jobs)),
+            pin_memory=self.device.type == "cuda",
+            # one shard in flight per worker: bounds memory (a 1,024-image shard is 0.6 GB preprocessed)
+            prefetch_factor=1 if self.args.workers and jobs else None)
+        start = time.time()
+        for src, dst, samples, rows, images in loader:
+            features = self.encode(images) if images is not None else []
+            count, embedded = self.write(src, dst, samples, rows, features)
+            yield dst, count, embedded, time.time() - start
+            start = time.time()
 
 
 def main(argv=None):
@@ -175,17 +223,20 @@ def main(argv=None):
     if args.output:
         os.makedirs(args.output, exist_ok=True)
     embedder = ShardEmbedder(args)
+    jobs, started = [], time.time()
     for src in shards:
         dst = os.path.join(args.output, os.path.basename(src)) if args.output else src
         if embedder.is_done(dst):
             logging.info(f"{dst}: already embedded with these weights, skipped")
-            continue
-        start = time.time()
-        count, embedded = embedder.process(src, dst)
+        else:
+            jobs.append((src, dst))
+    total = 0
+    for dst, count, embedded, seconds in embedder.run(jobs):
         if args.output:
             update_sizes_json(args.output, {os.path.basename(dst): count})
-        logging.info(f"{dst}: {embedded}/{count} samples embedded in {time.time() - start:.1f}s "
-                     f"({embedded / max(time.time() - start, 1e-9):.0f} images/s)")
+        total += embedded
+        logging.info(f"{dst}: {embedded}/{count} samples embedded in {seconds:.1f}s "
+                     f"({total / max(time.time() - started, 1e-9):.0f} images/s so far)")
     return 0
 
 

@@ -60,7 +60,7 @@ if [ "$SMOKE" = 0 ]; then
     want step && stage step 150 $PY scripts/bench_step.py --steps 10 --warmup 3 \
         --steps-only naive,plugin-img,plugin-emb,plugin-emb+compile --json "$WORK/step.json"
     want e2e && stage e2e 210 $PY scripts/bench_e2e.py --folder "$WORK/e2e" --json "$WORK/e2e.json" \
-        --run-timeout 90 --cases stock,paraclip,embed,cached,accum
+        --run-timeout 90 --cases "${GPU_CHECK_E2E_CASES:-stock,paraclip,embed,cached,accum}"
 else
     want tests && stage tests 600 env PARACLIP_TEST_DEVICE=cpu $PY -m pytest -p no:cacheprovider -q -m gpu tests/test_gpu.py \
         --junitxml "$WORK/tests.xml" -o junit_family=xunit1
