@@ -25,7 +25,6 @@ import logging
 
 from ..extras import require_extra
 from .backends import GenerationError, make_backend
-from .backends.openai_backend import api_key_for, resolve_base_url
 from .cache import CompletionCache
 from .inputs import expand_inputs, slurm_job_defaults, split_for_job
 from .pipeline import GenerationOptions, ParaphraseGenerator
@@ -135,6 +134,8 @@ def build_backend(args, cache_path, environ=os.environ):
                 raise ValueError(f"--chat-template {args.chat_template}: {e.strerror}") from None
         return make_backend("vllm", model=args.model, tensor_parallel_size=args.tensor_parallel_size,
                             seed=args.seed, chat_template=template, **sampling)
+    # imported here: the openai extra is checked (require_extra) before anything imports it
+    from .backends.openai_backend import api_key_for, resolve_base_url
     base_url = resolve_base_url(args.base_url, environ)
     api_key = api_key_for(base_url, args.api_key_env, environ)
     if args.backend == "openai-batch":
