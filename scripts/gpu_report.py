@@ -5,8 +5,8 @@
         gpu_check.sh's stage results (stages.jsonl, tests.xml, step.json, e2e.json in DIR)
         -> OUT/gpu_check.json + OUT/gpu_check.md, with every target of the fast path checked
     python scripts/gpu_report.py publish OUT/gpu_check.json
-        -> benchmarks/<gpu>-<date>.json + .md, and the README section between the
-           gpu-benchmark markers regenerated from the newest file in benchmarks/
+        -> benchmarks/<gpu>-<date>-<HHMM>.json + .md, and the README section between the
+           gpu-benchmark markers regenerated from the files of the newest day in benchmarks/
     python scripts/gpu_report.py readme
         regenerate the README section only (what `publish` does last)
 
@@ -163,6 +163,10 @@ def render(result, source):
              f"torch {env.get('torch')}, commit {(result.get('commit') or '?')[:10]}; source: `{source}`"
              + (" (CPU smoke run: checks the scripts, measures nothing)" if result["kind"] == "cpu-smoke" else "") + ".",
              ""]
+    if result.get("stages"):
+        lines += ["Stages: " + "; ".join(
+            f"{st['stage']} exit {st['rc']} in {st['seconds']} s of {st['budget']}"
+            + (" (stopped at its time budget)" if st["rc"] in (124, 137) else "") for st in result["stages"]) + ".", ""]
     tests = result.get("tests")
     if tests:
         lines += [f"**Correctness on the device** (`pytest -m gpu`): {tests['passed']} passed, {tests['failed']} failed.", "",
@@ -195,20 +199,24 @@ def render(result, source):
                   f"synthetic LAION-like samples on local disk; open_clip's own samples/s over steps "
                   f"{e2e['skip_steps'] + 1}-{e2e['steps']}, data waits included):", "",
                   "| run | samples/s | x stock | GPU util % | GPU memory in use, max GiB | exit |", "|---|---|---|---|---|---|"]
+        stock = e2e["cases"].get("stock", {}).get("samples_per_s")
         for name, case in e2e["cases"].items():
+            ratio = case["samples_per_s"] / stock if stock and case.get("samples_per_s") else None
             rate = fmt(case.get("samples_per_s")) if name != "embed" else f"{fmt(case.get('images_per_s'))} images/s"
             label = {"stock": "stock `--lock-image`, JPEG + caption", "paraclip": "`--paraclip-loss`, JPEG",
                      "embed": "`embed_images.py` (whole run, start-up included)",
                      "cached": "`--paraclip-loss --image-embeddings`",
                      "cached+compile": "`--paraclip-loss --image-embeddings --torchcompile`",
                      "accum": f"the same, {case.get('batch', 0):,} per step via `--accum-freq`"}.get(name, name)
-            lines.append(f"| {label} | {rate} | {fmt(case.get('x_stock'), '.2f')} | {fmt(case.get('gpu_util_mean_pct'), '.0f')} "
+            lines.append(f"| {label} | {rate} | {fmt(ratio, '.2f')} | {fmt(case.get('gpu_util_mean_pct'), '.0f')} "
                          f"| {fmt(case.get('gpu_memory_max_gib'), '.1f')} | {case['exit']} |")
         lines.append("")
     lines += ["**Targets:**", "", "| target | measured | goal | met | |", "|---|---|---|---|---|"]
     for t in result["targets"]:
         met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
-        value = t["value"] if not isinstance(t["value"], float) else fmt(t["value"], ",.2f")
+        value = t["value"]
+        if value is None or isinstance(value, float):
+            value = fmt(value, ",.0f" if value is not None and value >= 100 else ",.2f")
         lines.append(f"| {t['target']} | {value} | {t['goal']} | {met} | {t['note']} |")
     return "\n".join(lines) + "\n"
 
@@ -217,16 +225,19 @@ def slug(text):
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def newest_benchmark():
-    files = sorted(glob.glob(os.path.join(BENCHMARKS, "*.json")), key=lambda p: read_json(p)["date"])
-    return files[-1] if files else None
+def filed_benchmarks():
+    """benchmarks/*.json, oldest first."""
+    return sorted(glob.glob(os.path.join(BENCHMARKS, "*.json")), key=lambda p: read_json(p)["date"])
 
 
 def readme_section():
-    path = newest_benchmark()
-    if path is None:
+    """Every call of the newest day (a day's calls often split the stages), each with its file."""
+    files = filed_benchmarks()
+    if not files:
         return "No GPU measurement is filed in `benchmarks/` yet.\n"
-    return render(read_json(path), os.path.relpath(path, REPO))
+    day = read_json(files[-1])["date"][:10]
+    blocks = [render(read_json(p), os.path.relpath(p, REPO)) for p in files if read_json(p)["date"][:10] == day]
+    return "\n".join(blocks)
 
 
 def update_readme(_args=None):
@@ -246,7 +257,7 @@ def publish(args):
     result = read_json(args.result)
     if result is None or result["kind"] != "gpu":
         raise SystemExit(f"gpu_report: {args.result} is not the result of a GPU run")
-    name = f"{slug(result['environment'].get('gpu', 'gpu'))}-{result['date'][:10]}"
+    name = f"{slug(result['environment'].get('gpu', 'gpu'))}-{result['date'][:10]}-{result['date'][11:16].replace(':', '')}"
     os.makedirs(BENCHMARKS, exist_ok=True)
     with open(os.path.join(BENCHMARKS, f"{name}.json"), "w") as f:
         json.dump(result, f, indent=1)
