@@ -17,6 +17,7 @@ import torch
 import webdataset as wds
 from open_clip_train.data import expand_urls, get_dataset_size
 
+from paraclip_plugin.compact import COMPACT_FIELD, RequireCompact, UnpackCompact
 from paraclip_plugin.embeddings import EMBEDDING_FIELD, CachedImageEmbedding, MissingEmbeddings
 from paraclip_plugin.pretokenized import TextTokens
 from paraclip_plugin.shards import CAPTION, IMAGE_EXTENSIONS, PARA1, PARA2, SIZES_FILE, read_sizes_json
@@ -204,6 +205,27 @@ def paraclip_decode_stages(preprocess_img, tokenizer, embedding_sha256=None, emb
         wds.map(TextTokens(tokenizer)),
         wds.to_tuple("image", "texts"),
     ]
+
+
+def compact_decode_stages(tokenizer, embedding_sha256, embedding_label="", embedding_dim=None, precision="fp32"):
+    """``--image-embeddings`` on compact shards (``compact.py``): one ``.pcl`` member (embedding and
+    token ids) and the json records per sample, checked as in ``paraclip_decode_stages``."""
+    skipped = SkippedSamples()
+    return [
+        RequireCompact(skipped, shard_has_member),
+        DecodeOrSkip(skipped),  # the json; .pcl stays bytes
+        UnpackCompact(skipped),
+        wds.map(CachedImageEmbedding(embedding_sha256, embedding_label, precision)),
+        SkipBadEmbedding(skipped, embedding_dim),
+        wds.map(TextTokens(tokenizer, stored_only=True)),
+        wds.to_tuple("image", "texts"),
+    ]
+
+
+def is_compact(shards):
+    """True when the first shard of ``shards`` (a --train-data value) is a local compact shard."""
+    urls, _ = expand_urls(shards)
+    return bool(urls) and shard_has_member(urls[0], (f".{COMPACT_FIELD}",)) is True
 
 
 def own_folder_sizes(shards):

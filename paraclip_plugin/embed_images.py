@@ -30,6 +30,7 @@ import open_clip
 import torch
 from PIL import Image
 
+from paraclip_plugin.compact import COMPACT_FIELD, pack
 from paraclip_plugin.embeddings import (EMBEDDING_FIELD, METADATA_KEY as EMBEDDING_KEY, embedding_record,
                                         encode_embedding, precision_fingerprints, visual_fingerprint)
 from paraclip_plugin.paraphrase.inputs import expand_inputs, split_for_job
@@ -54,6 +55,10 @@ def parse_args(argv=None):
                    help="amp: bf16 autocast on CUDA (faster; features differ from fp32 by bf16 rounding)")
     p.add_argument("--tokens", action=argparse.BooleanOptionalAction, default=True,
                    help="also store the token ids of the three texts (default on)")
+    p.add_argument("--compact", action="store_true",
+                   help="write compact training shards to --output (paraclip_plugin/compact.py): per sample only "
+                        "the embedding and token ids (one .pcl member) and the json records, no image bytes and no "
+                        "texts; ~10x less to store and read with --image-embeddings. Keep the four-field shards.")
     p.add_argument("--num-jobs", type=int, default=1, help="split the shards over this many jobs")
     p.add_argument("--job-index", type=int, default=0)
     return p.parse_args(argv)
@@ -103,6 +108,11 @@ class ShardEmbedder:
         """True when ``path`` was written by a run with the same image weights (and tokenizer)."""
         if not os.path.exists(path):
             return False
+        if self.args.compact:
+            sample = next(iter(read_tar_samples(path)), None)
+            meta = json.loads(sample[METADATA]) if sample and METADATA in sample else {}
+            return (sample is not None and COMPACT_FIELD in sample and meta.get(EMBEDDING_KEY) == self.record
+                    and meta.get(TOKENS_KEY) == self.tokens_record)
         for sample in read_tar_samples(path):
             if not any(ext in sample for ext in IMAGE_EXTENSIONS):
                 continue
@@ -168,6 +178,10 @@ class ShardEmbedder:
 
     def write(self, src, dst, samples, rows, features):
         """Add the embeddings to the prepared samples; write ``dst`` atomically. Returns (samples, embedded)."""
+        if self.args.compact:
+            samples = self.compact(src, samples, rows, features)
+            rows = range(len(samples))
+            features = ()
         for i, feature in zip(rows, features):
             samples[i][EMBEDDING_FIELD] = encode_embedding(feature)
             meta = json.loads(samples[i][METADATA])
@@ -179,6 +193,21 @@ class ShardEmbedder:
             for sample in samples:
                 sink.write({k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")})
         return len(samples), len(rows)
+
+    def compact(self, src, samples, rows, features):
+        """The compact samples (``compact.py``) of those with an embedding and token ids."""
+        out = []
+        for i, feature in zip(rows, features):
+            sample = samples[i]
+            if TOKENS_FIELD not in sample:
+                logging.warning(f"{src}: sample '{sample.get('__key__')}' lacks a caption or paraphrase: "
+                                f"not in the compact shard")
+                continue
+            meta = json.loads(sample[METADATA])
+            meta[EMBEDDING_KEY] = self.record
+            out.append({"__key__": sample["__key__"], METADATA: json.dumps(meta).encode(),
+                        COMPACT_FIELD: pack(feature, np.load(io.BytesIO(sample[TOKENS_FIELD])))})
+        return out
 
     def process(self, src, dst):
         """One shard, all in this process (``embed`` may be replaced, e.g. by bench_loader.py)."""
@@ -219,6 +248,10 @@ def main(argv=None):
         shards = split_for_job(expand_inputs(args.shards), args.num_jobs, args.job_index)
     except InputError as e:
         print(f"embed_images: error: {e}", file=sys.stderr)
+        return 2
+    if args.compact and (not args.output or not args.tokens):
+        print("embed_images: error: --compact writes shards without images and texts: it needs --output DIR "
+              "(the four-field shards stay the source) and the token ids (drop --no-tokens)", file=sys.stderr)
         return 2
     if args.output:
         os.makedirs(args.output, exist_ok=True)

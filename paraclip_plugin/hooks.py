@@ -11,7 +11,7 @@ import sys
 
 import open_clip
 
-from paraclip_plugin.decode import paraclip_decode_stages, shard_size_stages
+from paraclip_plugin.decode import compact_decode_stages, is_compact, paraclip_decode_stages, shard_size_stages
 from paraclip_plugin.embeddings import visual_fingerprint
 from paraclip_plugin.loss import DEFAULT_TERMS, ParaCLIPLoss, parse_terms, parse_weights
 from paraclip_plugin.model import enable_paraphrase_forward, freeze_visual
@@ -132,10 +132,12 @@ def wds_decode_stages(args, preprocess_img, tokenizer, is_train):
         logging.info(f"ParaCLIP: reading cached image embeddings; image tower sha256 "
                      f"{_frozen_visual['visual_sha256']} ({args.model}, pretrained {args.pretrained}, "
                      f"precision {args.precision}).")
-    return shard_size_stages(args, is_train) + paraclip_decode_stages(
-        preprocess_img, tokenizer, embedding_sha256=_frozen_visual["visual_sha256"],
-        embedding_label=f"('{args.model}', pretrained '{args.pretrained}') ",
-        embedding_dim=getattr(_frozen_visual["visual"], "output_dim", None), precision=args.precision)
+    checks = dict(embedding_sha256=_frozen_visual["visual_sha256"],
+                  embedding_label=f"('{args.model}', pretrained '{args.pretrained}') ",
+                  embedding_dim=getattr(_frozen_visual["visual"], "output_dim", None), precision=args.precision)
+    if is_compact(args.train_data if is_train else args.val_data):
+        return shard_size_stages(args, is_train) + compact_decode_stages(tokenizer, **checks)
+    return shard_size_stages(args, is_train) + paraclip_decode_stages(preprocess_img, tokenizer, **checks)
 
 
 def keep_torch_logs(args):

@@ -60,14 +60,20 @@ def stored_tokens(tokenizer, texts, pad_id):
     return ids[:, :length].numpy().astype(np.int32)
 
 
+class TokenizerMismatch(ValueError):
+    pass
+
+
 class TextTokens:
     """Decode stage: ``sample["texts"]`` = [3, context] ids of caption, para1, para2.
 
-    From ``tokens.npy`` when its record matches this tokenizer, else by tokenizing the texts.
+    From ``tokens.npy`` when its record matches this tokenizer, else by tokenizing the texts; with
+    ``stored_only`` (compact shards, which hold no texts) a mismatch stops training instead.
     """
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, stored_only=False):
         self.tokenizer = tokenizer
+        self.stored_only = stored_only
         self.fingerprint = tokenizer_fingerprint(tokenizer)
         self.pad_id = tokenizer_pad_id(tokenizer)
         self.context_length = int(tokenizer([""]).shape[1])
@@ -84,6 +90,13 @@ class TextTokens:
             texts[:, :ids.shape[1]] = ids
             sample["texts"] = torch.from_numpy(texts)
             self.stored_used += 1
+        elif self.stored_only:
+            record = (sample.get(METADATA) or {}).get(METADATA_KEY) or {}
+            raise TokenizerMismatch(
+                f"shard {sample.get('__url__', '?')}: sample '{sample.get('__key__')}' holds token ids of "
+                f"tokenizer '{record.get('tokenizer')}' (context {record.get('context_length')}), not of this "
+                f"run's tokenizer, and a compact shard has no texts to tokenize again: re-run "
+                f"paraclip-embed-images --compact with this run's --model, or train on the four-field shards")
         else:
             sample["texts"] = self.tokenizer([sample[field] for field in TEXT_FIELDS])
             self.tokenized += 1

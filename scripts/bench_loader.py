@@ -4,14 +4,15 @@
     python scripts/bench_loader.py [--samples 1024] [--workers 1] [--seconds 10]
 
 It writes LAION-like four-field shards (256 px JPEGs of ~15 KiB, captions and paraphrases of 8-16
-words), adds img_emb.npy + tokens.npy to a copy with scripts/embed_images.py's writer, then times
+words), adds img_emb.npy + tokens.npy to a copy with scripts/embed_images.py's writer (and a compact copy, --compact), then times
 open_clip_train's own ``get_wds_dataset`` (the real training loader: shard shuffling, sample
-shuffle buffer, WebLoader worker processes) three ways:
+shuffle buffer, WebLoader worker processes) four ways:
 
     stock          no plugin flags: JPEG decode + train transform + one caption tokenized
     plugin-jpeg    --paraclip-loss: JPEG decode + train transform + three texts tokenized
     plugin-cached  --paraclip-loss --image-embeddings on the embedded copy: stored embeddings and
                    token ids, no image decoding, no tokenizing
+    plugin-compact the same on compact shards (embed_images --compact): one packed member per sample
 
 samples/s are counted after the first batch (worker start-up) for ``--seconds`` each, in
 ``--rounds`` interleaved rounds (median reported), with
@@ -34,13 +35,14 @@ from paraclip_plugin.embeddings import embedding_record, visual_fingerprint
 from paraclip_plugin.shards import update_sizes_json
 from synthetic_shards import write_shards
 
-def embed_shards(src_pattern, dst_folder, model_name, model, pretrained):
+def embed_shards(src_pattern, dst_folder, model_name, model, pretrained, compact=False):
     """embed_images.py's shard writer, with random unit vectors in place of the image tower's output."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("embed_images", os.path.join(os.path.dirname(__file__), "embed_images.py"))
     embed_images = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(embed_images)
-    args = embed_images.parse_args(["--shards", src_pattern, "--model", model_name, "--output", dst_folder])
+    args = embed_images.parse_args(["--shards", src_pattern, "--model", model_name, "--output", dst_folder]
+                                   + (["--compact"] if compact else []))
     embedder = embed_images.ShardEmbedder.__new__(embed_images.ShardEmbedder)
     embedder.args, embedder.visual = args, model.visual
     embedder.record = embedding_record(model_name, pretrained, visual_fingerprint(model.visual))
@@ -65,7 +67,7 @@ def loader_args(data, samples, args, **plugin):
     return SimpleNamespace(
         train_data=data, val_data=None, train_num_samples=10 ** 9, dataset_resampled=True,
         train_data_upsampling_factors=None, batch_size=args.batch_size, workers=args.workers, seed=0,
-        world_size=1, rank=0, model=args.model, pretrained=None, paraclip_loss=False, image_embeddings=False,
+        world_size=1, rank=0, model=args.model, pretrained=None, precision="amp", paraclip_loss=False, image_embeddings=False,
         frozen_visual=False, text_trimming=True, **plugin)
 
 
@@ -93,7 +95,7 @@ def main():
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--seconds", type=float, default=8.0, help="timed seconds per loader and round")
     p.add_argument("--rounds", type=int, default=3,
-                   help="rounds over the three loaders (interleaved, so load from other processes hits all); "
+                   help="rounds over the loaders (interleaved, so load from other processes hits all); "
                         "the median round is reported")
     p.add_argument("--folder", default=None, help="where to write the shards (default: a temporary folder)")
     args = p.parse_args()
@@ -105,6 +107,7 @@ def main():
     model, preprocess_train, _ = open_clip.create_model_and_transforms(args.model)
     tokenizer = open_clip.get_tokenizer(args.model)
     cached = embed_shards(plain, os.path.join(folder, "embedded"), args.model, model, None)
+    compact = embed_shards(plain, os.path.join(folder, "compact"), args.model, model, None, compact=True)
     print(f"shards: {args.samples} samples in {folder} ({args.per_shard}/shard, mean JPEG {mean_jpeg / 1024:.1f} KiB, "
           f"256 px), written in {time.time() - start:.0f}s; {os.cpu_count()} CPU cores visible; "
           f"{args.workers} data worker(s), batch {args.batch_size}, {args.seconds:g}s per loader")
@@ -113,6 +116,8 @@ def main():
         ("stock open_clip (JPEG + one caption)", plain, {}),
         ("plugin, JPEG + three texts (--paraclip-loss)", plain, dict(paraclip_loss=True, frozen_visual=True)),
         ("plugin, cached embeddings + token ids (--image-embeddings)", cached,
+         dict(paraclip_loss=True, frozen_visual=True, image_embeddings=True)),
+        ("plugin, compact shards (embed_images --compact, --image-embeddings)", compact,
          dict(paraclip_loss=True, frozen_visual=True, image_embeddings=True)),
     ]
     rounds = {name: [] for name, _, _ in cases}

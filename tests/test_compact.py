@@ -1,0 +1,102 @@
+"""Compact training shards (embed_images --compact): two members per sample, the same batches as the
+four-field embedded shards, and the same checks."""
+import json
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import webdataset as wds
+
+from conftest import TINY_MODEL, logged_losses, read_log
+from paraclip_plugin.compact import COMPACT_FIELD, pack, unpack
+from paraclip_plugin.decode import compact_decode_stages, is_compact, paraclip_decode_stages
+from paraclip_plugin.embeddings import EmbeddingMismatch, MissingEmbeddings, visual_fingerprint
+from paraclip_plugin.paraphrase.shard_io import read_tar_samples
+from paraclip_plugin.pretokenized import TokenizerMismatch
+from test_fast_embeddings import embed, embed_images, one_step, pipeline, tiny_model, world  # noqa: F401
+from test_train import TERMS
+
+
+@pytest.fixture(scope="module")
+def compact(world):  # noqa: F811
+    embed(str(world["plain"] / "*.tar"), world["init"], "--output", world["root"] / "compact", "--compact")
+    return world["root"] / "compact"
+
+
+def test_pack_round_trip_and_refuses_other_bytes():
+    embedding = np.random.default_rng(0).standard_normal(64).astype(np.float16)
+    tokens = np.arange(3 * 9, dtype=np.int32).reshape(3, 9)
+    e, t = unpack(pack(embedding, tokens))
+    assert np.array_equal(e, embedding) and np.array_equal(t, tokens) and e.flags.writeable
+    data = pack(embedding, tokens)
+    for bad in (data[:-1], b"PCL2" + data[4:], b"xy"):
+        with pytest.raises(ValueError):
+            unpack(bad)
+
+
+def test_compact_shards_hold_two_members_and_the_records(world, compact):  # noqa: F811
+    assert json.loads((compact / "sizes.json").read_text()) == {"00000.tar": 16, "00001.tar": 16}
+    for name in ("00000.tar", "00001.tar"):
+        full = list(read_tar_samples(world["embedded"] / name))
+        small = list(read_tar_samples(compact / name))
+        assert [s["__key__"] for s in small] == [s["__key__"] for s in full]
+        for a, b in zip(full, small):
+            assert sorted(k for k in b if not k.startswith("__")) == ["json", COMPACT_FIELD]
+            embedding, tokens = unpack(b[COMPACT_FIELD])
+            assert np.array_equal(embedding, np.load(__import__("io").BytesIO(a["img_emb.npy"])))
+            assert np.array_equal(tokens, np.load(__import__("io").BytesIO(a["tokens.npy"])))
+            assert json.loads(b["json"]) == json.loads(a["json"])
+    assert (compact / "00000.tar").stat().st_size * 2 < (world["embedded"] / "00000.tar").stat().st_size
+
+
+def test_compact_batches_equal_the_embedded_ones(world, compact):  # noqa: F811
+    model, preprocess_train, _ = tiny_model(world["init"])
+    tokenizer = open_clip.get_tokenizer(TINY_MODEL)
+    checks = dict(embedding_sha256=visual_fingerprint(model.visual), embedding_dim=model.visual.output_dim)
+    assert is_compact(str(compact / "{00000..00001}.tar")) and not is_compact(str(world["embedded"] / "00000.tar"))
+    full = pipeline(world["embedded"] / "00000.tar", paraclip_decode_stages(preprocess_train, tokenizer, **checks))
+    small = pipeline(compact / "00000.tar", compact_decode_stages(tokenizer, **checks))
+    assert len(small) == len(full) == 16
+    for (image_a, texts_a), (image_b, texts_b) in zip(full, small):
+        assert torch.equal(image_a, image_b) and torch.equal(texts_a, texts_b)
+
+
+def test_compact_shards_are_refused_for_other_weights_tokenizers_or_missing_members(world, compact, tmp_path):  # noqa: F811,E501
+    model, preprocess_train, _ = tiny_model(world["init"])
+    tokenizer = open_clip.get_tokenizer(TINY_MODEL)
+    with pytest.raises(EmbeddingMismatch, match=f"shard {compact / '00000.tar'} holds image embeddings"):
+        pipeline(compact / "00000.tar", compact_decode_stages(tokenizer, embedding_sha256="0" * 64))
+    other_tokenizer = open_clip.get_tokenizer(TINY_MODEL, context_length=16)
+    with pytest.raises(TokenizerMismatch, match=f"shard {compact / '00000.tar'}: .*re-run paraclip-embed-images "
+                                                f"--compact"):
+        pipeline(compact / "00000.tar", compact_decode_stages(other_tokenizer, visual_fingerprint(model.visual)))
+    with pytest.raises(MissingEmbeddings, match=f"shard {world['embedded'] / '00000.tar'} has no 'pcl' member"):
+        pipeline(world["embedded"] / "00000.tar", compact_decode_stages(tokenizer, visual_fingerprint(model.visual)))
+    # one sample without its member, one with a broken one: skipped and counted, the rest kept
+    holes = tmp_path / "holes.tar"
+    with wds.TarWriter(str(holes)) as sink:
+        for i, sample in enumerate(read_tar_samples(compact / "00000.tar")):
+            sample = {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
+            if i == 3:
+                sample.pop(COMPACT_FIELD)
+            if i == 5:
+                sample[COMPACT_FIELD] = sample[COMPACT_FIELD][:-2]
+            sink.write(sample)
+    assert len(pipeline(holes, compact_decode_stages(tokenizer, visual_fingerprint(model.visual)))) == 14
+
+
+def test_compact_needs_an_output_folder(world, capsys):  # noqa: F811
+    code = embed_images.main(["--shards", str(world["plain"] / "00000.tar"), "--model", TINY_MODEL,
+                              "--model-config", str(world["root"].parent), "--compact"])
+    assert code == 2 and "--compact writes shards without images and texts: it needs --output" in capsys.readouterr().err
+
+
+def test_open_clip_train_on_compact_shards_matches_the_embedded_ones(world, compact, patched_install):  # noqa: F811
+    for name, data in (("emb_full", world["embedded"] / "00000.tar"), ("emb_compact", compact / "00000.tar")):
+        proc = one_step(world, name, data, "--image-embeddings")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    full, small = (logged_losses(read_log(world["logs"], n)) for n in ("emb_full", "emb_compact"))
+    assert len(full) == len(small) == 1
+    for key in ("Loss", *TERMS):
+        assert small[0][key] == pytest.approx(full[0][key], abs=1e-5), key
