@@ -11,6 +11,8 @@
      embed        scripts/embed_images.py on the GPU (adds img_emb.npy + tokens.npy; images/s)
      cached       --paraclip-loss --image-embeddings (no image decoding, no image tower)
      cached+compile  the same with --torchcompile
+     compact      embed_images.py --compact (timed like embed), then --paraclip-loss --image-embeddings
+                  on those compact shards (one packed member per sample)
      accum        --paraclip-loss --image-embeddings, --batch-size x --accum-freq = --accum-batch
                   (one optimizer step of e.g. 32,768 samples on one GPU)
    samples/s come from open_clip's own 'Train Epoch' log lines (one per step: batch / step time, data
@@ -39,7 +41,7 @@ from synthetic_shards import write_shards
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO, "paraclip_plugin", "model_configs", "paraclip-tiny.json")
 STEP_RE = re.compile(r"^(\S+) \|.*Train Epoch: \d+ \[.*Batch \(t\): [0-9.]+, ([0-9.e+]+)/s, ([0-9.e+]+)/s/gpu")
-CASES = ("stock", "paraclip", "embed", "cached", "cached+compile", "accum")
+CASES = ("stock", "paraclip", "embed", "cached", "cached+compile", "compact", "accum")
 
 
 def parse_args(argv=None):
@@ -174,14 +176,14 @@ def save_init(args):
     torch.save(open_clip.create_model(args.model).state_dict(), args.init)
 
 
-def embed(args, plain, embedded):
+def embed(args, plain, embedded, *extra):
     cmd = [sys.executable, os.path.join(REPO, "scripts", "embed_images.py"), "--shards", plain,
            "--output", embedded, "--model", args.model, "--pretrained", args.init, "--batch-size", "512" if not args.cpu_smoke else "64",
            "--workers", str(args.workers), "--precision", "amp" if not args.cpu_smoke else "fp32"]
     if args.cpu_smoke:
         cmd += ["--model-config", TINY_CONFIG]
     with GpuSampler() as gpu:
-        code, seconds = run(cmd, os.path.join(args.folder, "embed.log"), args.run_timeout)
+        code, seconds = run(cmd + list(extra), os.path.join(args.folder, f"embed{''.join(extra)}.log"), args.run_timeout)
     return {"exit": code, "seconds": round(seconds, 1), "images_per_s": round(args.samples / seconds, 1),
             **gpu.summary()}
 
@@ -230,6 +232,11 @@ def main(argv=None):
             r = embed(args, plain, embedded)
         elif name == "cached":
             r = train(args, name, emb_pattern, "--paraclip-loss", "--image-embeddings")
+        elif name == "compact":
+            compact = os.path.join(args.folder, "compact")
+            made = embed(args, plain, compact, "--compact")
+            r = train(args, name, os.path.join(compact, os.path.basename(plain)), "--paraclip-loss", "--image-embeddings")
+            r["embed"] = made
         elif name == "cached+compile":
             r = train(args, name, emb_pattern, "--paraclip-loss", "--image-embeddings", "--torchcompile")
         else:  # accum

@@ -8,7 +8,9 @@
 #   3. e2e          scripts/bench_e2e.py: real open_clip_train runs from shards on local disk
 #
 # Each stage has a hard time budget (120 + 150 + 210 s), so the whole check ends inside one
-# 10-minute device call; GPU_CHECK_STAGES="e2e" (say) reruns only some stages.
+# 10-minute device call; GPU_CHECK_STAGES="e2e" (say) reruns only some stages, GPU_CHECK_E2E_CASES
+# picks bench_e2e.py's cases (e.g. stock,cached,cached+compile,compact,accum) and GPU_CHECK_E2E_BUDGET
+# its seconds.
 # Results: $OUT/gpu_check.json and gpu_check.md (+ logs.tar.gz), made by scripts/gpu_report.py;
 # `python scripts/gpu_report.py publish $OUT/gpu_check.json` files them under benchmarks/ and
 # regenerates the README's performance section.
@@ -59,7 +61,7 @@ if [ "$SMOKE" = 0 ]; then
         tests/test_gpu.py --junitxml "$WORK/tests.xml" -o junit_family=xunit1
     want step && stage step 150 $PY scripts/bench_step.py --steps 10 --warmup 3 \
         --steps-only naive,plugin-img,plugin-emb,plugin-emb+compile --json "$WORK/step.json"
-    want e2e && stage e2e 210 $PY scripts/bench_e2e.py --folder "$WORK/e2e" --json "$WORK/e2e.json" \
+    want e2e && stage e2e "${GPU_CHECK_E2E_BUDGET:-210}" $PY scripts/bench_e2e.py --folder "$WORK/e2e" --json "$WORK/e2e.json" \
         --run-timeout 90 --cases "${GPU_CHECK_E2E_CASES:-stock,paraclip,embed,cached,accum}"
 else
     want tests && stage tests 600 env PARACLIP_TEST_DEVICE=cpu $PY -m pytest -p no:cacheprovider -q -m gpu tests/test_gpu.py \

@@ -207,6 +207,7 @@ def render(result, source):
                      "embed": "`embed_images.py` (whole run, start-up included)",
                      "cached": "`--paraclip-loss --image-embeddings`",
                      "cached+compile": "`--paraclip-loss --image-embeddings --torchcompile`",
+                     "compact": "`--paraclip-loss --image-embeddings`, compact shards",
                      "accum": f"the same, {case.get('batch', 0):,} per step via `--accum-freq`"}.get(name, name)
             lines.append(f"| {label} | {rate} | {fmt(ratio, '.2f')} | {fmt(case.get('gpu_util_mean_pct'), '.0f')} "
                          f"| {fmt(case.get('gpu_memory_max_gib'), '.1f')} | {case['exit']} |")

@@ -26,9 +26,9 @@ def test_gpu_check_cpu_smoke_runs_every_stage(tmp_path, patched_install):
     assert {(c["step"], c["batch"]) for c in result["step"]["cases"]} == {
         (s, b) for s in ("naive", "plugin-img", "plugin-emb") for b in (16, 32)}
     cases = result["e2e"]["cases"]
-    assert list(cases) == ["stock", "paraclip", "embed", "cached", "accum"]
+    assert list(cases) == ["stock", "paraclip", "embed", "cached", "compact", "accum"]
     assert all(c["exit"] == 0 for c in cases.values())
-    for name in ("stock", "paraclip", "cached"):
+    for name in ("stock", "paraclip", "cached", "compact"):
         assert cases[name]["samples_per_s"] > 0 and cases[name]["steps_logged"] == result["e2e"]["steps"]
     assert cases["accum"]["optimizer_steps"] == 2 and cases["accum"]["batch"] == 64
     assert {t["target"] for t in result["targets"]} >= {"end to end, cached vs stock",
