@@ -7,7 +7,7 @@
     <key>.json    the sample's metadata with the records training checks: the image weights the
                   embedding was made with (embeddings.py) and the tokenizer of the ids (pretokenized.py)
 
-No image bytes and no texts: ~10x less to store and read than the four-field shard, and a loader
+No image bytes and no texts: ~8x less to store and read than the four-field shard, and a loader
 that parses 2 tar members and no ``.npy`` header per sample. The checks stay: other image weights,
 another tokenizer (the texts are not there to tokenize again) and missing members are refused with
 an error naming the shard. Keep the four-field shards: they are the source of truth, and the only

@@ -58,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--compact", action="store_true",
                    help="write compact training shards to --output (paraclip_plugin/compact.py): per sample only "
                         "the embedding and token ids (one .pcl member) and the json records, no image bytes and no "
-                        "texts; ~10x less to store and read with --image-embeddings. Keep the four-field shards.")
+                        "texts; ~8x less to store and read with --image-embeddings. Keep the four-field shards.")
     p.add_argument("--num-jobs", type=int, default=1, help="split the shards over this many jobs")
     p.add_argument("--job-index", type=int, default=0)
     return p.parse_args(argv)
