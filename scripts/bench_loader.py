@@ -30,8 +30,8 @@ import numpy as np
 import open_clip
 import torch
 
-from paraclip_plugin import hooks
-from paraclip_plugin.embeddings import embedding_record, visual_fingerprint
+from paraclip_plugin.train import hooks
+from paraclip_plugin.train.embeddings import embedding_record, visual_fingerprint
 from paraclip_plugin.shards import update_sizes_json
 from synthetic_shards import write_shards
 

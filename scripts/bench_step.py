@@ -26,8 +26,8 @@ import open_clip
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from paraclip_plugin.loss import ParaCLIPLoss, parse_terms, DEFAULT_TERMS
-from paraclip_plugin.model import enable_paraphrase_forward, freeze_visual
+from paraclip_plugin.train.loss import ParaCLIPLoss, parse_terms, DEFAULT_TERMS
+from paraclip_plugin.train.model import enable_paraphrase_forward, freeze_visual
 
 # dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets
 BF16_PEAK_TFLOPS = {"H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0,

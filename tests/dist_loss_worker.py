@@ -9,8 +9,8 @@ import open_clip
 import torch
 import torch.distributed as dist
 
-from paraclip_plugin.loss import ParaCLIPLoss, parse_terms, DEFAULT_TERMS
-from paraclip_plugin.model import enable_paraphrase_forward, freeze_visual
+from paraclip_plugin.train.loss import ParaCLIPLoss, parse_terms, DEFAULT_TERMS
+from paraclip_plugin.train.model import enable_paraphrase_forward, freeze_visual
 
 TINY_CONFIG, OUT, LOCAL_LOSS, GATHER_WITH_GRAD = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4] == "1"
 GLOBAL_BATCH = 8

@@ -86,7 +86,7 @@ class HookCheck:
 
     def pytest_sessionstart(self, session):
         from open_clip_train import plugins
-        from paraclip_plugin import hooks
+        from paraclip_plugin.train import hooks
         if hooks not in plugins.get_plugins():
             raise pytest.UsageError("the paraclip plugin is not registered in the open_clip_train.plugins entry points")
         for name in HOOKS:

@@ -9,11 +9,11 @@ import torch
 import webdataset as wds
 
 from conftest import TINY_MODEL, logged_losses, read_log
-from paraclip_plugin.compact import COMPACT_FIELD, pack, unpack
-from paraclip_plugin.decode import compact_decode_stages, is_compact, paraclip_decode_stages
-from paraclip_plugin.embeddings import EmbeddingMismatch, MissingEmbeddings, visual_fingerprint
+from paraclip_plugin.train.compact import COMPACT_FIELD, pack, unpack
+from paraclip_plugin.train.decode import compact_decode_stages, is_compact, paraclip_decode_stages
+from paraclip_plugin.train.embeddings import EmbeddingMismatch, MissingEmbeddings, visual_fingerprint
 from paraclip_plugin.paraphrase.shard_io import read_tar_samples
-from paraclip_plugin.pretokenized import TokenizerMismatch
+from paraclip_plugin.train.pretokenized import TokenizerMismatch
 from test_fast_embeddings import embed, embed_images, one_step, pipeline, tiny_model, world  # noqa: F401
 from test_train import TERMS
 

@@ -15,11 +15,11 @@ from PIL import Image
 
 from conftest import (PYTHON, REPO, TINY_CONFIG, TINY_MODEL, logged_losses, read_log, run, save_init_checkpoint,
                       train_args, write_shards)
-from paraclip_plugin.decode import paraclip_decode_stages
-from paraclip_plugin.embeddings import EmbeddingMismatch, MissingEmbeddings, visual_fingerprint
-from paraclip_plugin.model import enable_paraphrase_forward, freeze_visual
+from paraclip_plugin.train.decode import paraclip_decode_stages
+from paraclip_plugin.train.embeddings import EmbeddingMismatch, MissingEmbeddings, visual_fingerprint
+from paraclip_plugin.train.model import enable_paraphrase_forward, freeze_visual
 from paraclip_plugin.paraphrase.shard_io import read_tar_samples
-from paraclip_plugin.pretokenized import TextTokens
+from paraclip_plugin.train.pretokenized import TextTokens
 from test_train import TERMS, optimizer_first_moments
 
 def load_script(name):

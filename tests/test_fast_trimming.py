@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 
 from conftest import TINY_CONFIG, TINY_MODEL
-from paraclip_plugin.model import enable_paraphrase_forward
-from paraclip_plugin.trimming import TextTrimming
+from paraclip_plugin.train.model import enable_paraphrase_forward
+from paraclip_plugin.train.trimming import TextTrimming
 
 TINY = json.loads(TINY_CONFIG.read_text())
 CONTEXT = TINY["text_cfg"]["context_length"]

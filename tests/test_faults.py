@@ -20,8 +20,8 @@ from PIL import Image
 
 from conftest import (BIN, PYTHON, REPO, TINY_CONFIG, TINY_MODEL, WORDS, final_state, free_port, png_bytes,
                       read_log, run, save_init_checkpoint, stock_open_clip_loads, torchrun, train_args, write_shards)
-from paraclip_plugin.decode import paraclip_decode_stages
-from paraclip_plugin.embeddings import encode_embedding, visual_fingerprint
+from paraclip_plugin.train.decode import paraclip_decode_stages
+from paraclip_plugin.train.embeddings import encode_embedding, visual_fingerprint
 from paraclip_plugin.paraphrase.shard_io import read_tar_samples
 from paraclip_plugin.shards import atomic_tar_writer, update_sizes_json
 from test_fast_embeddings import embed, pipeline, tiny_model

@@ -15,8 +15,8 @@ import torch
 
 from conftest import TINY_CONFIG, TINY_MODEL, final_state, logged_losses, read_log, torchrun, train_args, \
     save_init_checkpoint, write_shards
-from paraclip_plugin.model import enable_paraphrase_forward, freeze_visual
-from paraclip_plugin.trimming import TextTrimming
+from paraclip_plugin.train.model import enable_paraphrase_forward, freeze_visual
+from paraclip_plugin.train.trimming import TextTrimming
 from test_train import TERMS, split
 
 pytestmark = pytest.mark.gpu
@@ -100,7 +100,7 @@ def test_trimmed_text_features_and_gradients_match_stock_under_autocast(device, 
 @pytest.mark.parametrize("precision", ["amp_bf16", "amp"])
 def test_frozen_image_tower_gets_no_gradient_and_stays_bit_identical(device, model_name, precision):
     """Three optimizer steps as open_clip_train takes them (autocast; GradScaler for fp16 'amp')."""
-    from paraclip_plugin.loss import DEFAULT_TERMS, ParaCLIPLoss, parse_terms
+    from paraclip_plugin.train.loss import DEFAULT_TERMS, ParaCLIPLoss, parse_terms
     torch.manual_seed(0)
     model = enable_paraphrase_forward(freeze_visual(open_clip.create_model(model_name, device=device, output_dict=True)))
     model.train()

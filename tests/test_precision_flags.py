@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import TINY_CONFIG, TINY_MODEL, final_state, logged_losses, read_log, torchrun, train_args
-from paraclip_plugin.decode import paraclip_decode_stages
-from paraclip_plugin.embeddings import EmbeddingMismatch, precision_fingerprints, visual_fingerprint
+from paraclip_plugin.train.decode import paraclip_decode_stages
+from paraclip_plugin.train.embeddings import EmbeddingMismatch, precision_fingerprints, visual_fingerprint
 from paraclip_plugin.paraphrase.shard_io import read_tar_samples
 from test_fast_embeddings import one_step, pipeline, tiny_model, world  # noqa: F401 (fixture)
 from test_train import TERMS, split

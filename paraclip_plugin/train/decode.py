@@ -17,9 +17,9 @@ import torch
 import webdataset as wds
 from open_clip_train.data import expand_urls, get_dataset_size
 
-from paraclip_plugin.compact import COMPACT_FIELD, RequireCompact, UnpackCompact
-from paraclip_plugin.embeddings import EMBEDDING_FIELD, CachedImageEmbedding, MissingEmbeddings
-from paraclip_plugin.pretokenized import TextTokens
+from paraclip_plugin.train.compact import COMPACT_FIELD, RequireCompact, UnpackCompact
+from paraclip_plugin.train.embeddings import EMBEDDING_FIELD, CachedImageEmbedding, MissingEmbeddings
+from paraclip_plugin.train.pretokenized import TextTokens
 from paraclip_plugin.shards import CAPTION, IMAGE_EXTENSIONS, PARA1, PARA2, SIZES_FILE, read_sizes_json
 
 REQUIRED_TEXTS = (CAPTION, PARA1, PARA2)

@@ -11,10 +11,10 @@ import sys
 
 import open_clip
 
-from paraclip_plugin.decode import compact_decode_stages, is_compact, paraclip_decode_stages, shard_size_stages
-from paraclip_plugin.embeddings import visual_fingerprint
-from paraclip_plugin.loss import DEFAULT_TERMS, ParaCLIPLoss, parse_terms, parse_weights
-from paraclip_plugin.model import enable_paraphrase_forward, freeze_visual
+from paraclip_plugin.train.decode import compact_decode_stages, is_compact, paraclip_decode_stages, shard_size_stages
+from paraclip_plugin.train.embeddings import visual_fingerprint
+from paraclip_plugin.train.loss import DEFAULT_TERMS, ParaCLIPLoss, parse_terms, parse_weights
+from paraclip_plugin.train.model import enable_paraphrase_forward, freeze_visual
 
 
 def _terms(spec):

@@ -17,8 +17,8 @@ import struct
 
 import numpy as np
 
-from paraclip_plugin.embeddings import EMBEDDING_FIELD, MissingEmbeddings
-from paraclip_plugin.pretokenized import TOKENS_FIELD
+from paraclip_plugin.train.embeddings import EMBEDDING_FIELD, MissingEmbeddings
+from paraclip_plugin.train.pretokenized import TOKENS_FIELD
 
 COMPACT_FIELD = "pcl"
 MAGIC = b"PCL1"

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from paraclip_plugin.trimming import TextTrimming, pad_to_context
+from paraclip_plugin.train.trimming import TextTrimming, pad_to_context
 
 
 @functools.cache

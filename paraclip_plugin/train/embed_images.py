@@ -8,7 +8,7 @@ of the frozen image tower) and, unless ``--no-tokens``, ``<key>.tokens.npy`` (th
 para1 and para2 from ``--model``'s tokenizer), and records both sources in ``<key>.json``
 (``paraclip_image_embedding``: model, pretrained tag, sha256 of the image weights, also as
 training's 16-bit ``--precision`` choices convert them;
-``paraclip_tokens``: tokenizer and its fingerprint); see paraclip_plugin/embeddings.py and
+``paraclip_tokens``: tokenizer and its fingerprint); see paraclip_plugin/train/embeddings.py and
 pretokenized.py. All other members are copied unchanged. (``python scripts/embed_images.py`` is the
 same program.)
 
@@ -30,12 +30,12 @@ import open_clip
 import torch
 from PIL import Image
 
-from paraclip_plugin.compact import COMPACT_FIELD, pack
-from paraclip_plugin.embeddings import (EMBEDDING_FIELD, METADATA_KEY as EMBEDDING_KEY, embedding_record,
+from paraclip_plugin.train.compact import COMPACT_FIELD, pack
+from paraclip_plugin.train.embeddings import (EMBEDDING_FIELD, METADATA_KEY as EMBEDDING_KEY, embedding_record,
                                         encode_embedding, precision_fingerprints, visual_fingerprint)
 from paraclip_plugin.paraphrase.inputs import expand_inputs, split_for_job
 from paraclip_plugin.paraphrase.shard_io import InputError, read_tar_samples
-from paraclip_plugin.pretokenized import (METADATA_KEY as TOKENS_KEY, TEXT_FIELDS, TOKENS_FIELD, stored_tokens,
+from paraclip_plugin.train.pretokenized import (METADATA_KEY as TOKENS_KEY, TEXT_FIELDS, TOKENS_FIELD, stored_tokens,
                                           tokenizer_pad_id, tokens_record)
 from paraclip_plugin.shards import IMAGE_EXTENSIONS, METADATA, atomic_tar_writer, update_sizes_json
 
@@ -56,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--tokens", action=argparse.BooleanOptionalAction, default=True,
                    help="also store the token ids of the three texts (default on)")
     p.add_argument("--compact", action="store_true",
-                   help="write compact training shards to --output (paraclip_plugin/compact.py): per sample only "
+                   help="write compact training shards to --output (paraclip_plugin/train/compact.py): per sample only "
                         "the embedding and token ids (one .pcl member) and the json records, no image bytes and no "
                         "texts; ~8x less to store and read with --image-embeddings. Keep the four-field shards.")
     p.add_argument("--num-jobs", type=int, default=1, help="split the shards over this many jobs")
