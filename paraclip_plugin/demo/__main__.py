@@ -8,6 +8,7 @@ No network, no GPU. ``make demo`` runs it after setting up the environment and t
 import argparse
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "model_configs" / "paraclip-tiny.json"
 MODEL = "paraclip-tiny"
-PERCENT = re.compile(r"Train Epoch: (\d+) \[\s*\d+/\d+ \((\d+)%\)\]")
+PROGRESS = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+) \(\d+%\)\]")
 LOSS = re.compile(r" Loss: ([-+0-9.e]+) \(")
 
 
@@ -25,14 +26,19 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m paraclip_plugin.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default="demo_output", help="folder for the world, logs, checkpoints and results")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the first run (world and training)")
+    p.add_argument("--runs", type=int, default=1,
+                   help="independent runs with seeds SEED, SEED+1, ...: each builds its own world, baseline and "
+                        "ParaCLIP model; the report gives the mean and the spread (min..max) over runs")
     p.add_argument("--num-train", type=int, default=4096, help="training samples in the synthetic world")
     p.add_argument("--num-shards", type=int, default=8)
     p.add_argument("--num-eval", type=int, default=100, help="held-out query/paraphrase pairs")
     p.add_argument("--baseline-epochs", type=int, default=6)
     p.add_argument("--baseline-lr", type=float, default=2e-3)
-    p.add_argument("--paraclip-epochs", type=int, default=2)
-    p.add_argument("--paraclip-lr", type=float, default=1e-4)
+    # A random-init tiny text tower has never seen the synonyms: their token embeddings must be learned
+    # from scratch, which takes ~200 steps at 1e-3 (the paper's 5e-7 is for a pretrained CLIP).
+    p.add_argument("--paraclip-epochs", type=int, default=6)
+    p.add_argument("--paraclip-lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--nproc", type=int, default=2, help="torchrun processes for the ParaCLIP stage")
@@ -43,17 +49,29 @@ def stage(number, text):
     print(f"[{number}/5] {text}", flush=True)
 
 
-def train(command, logs, name, epochs, label):
-    """Run one open_clip_train job, show a progress bar from its output, return [(step, loss)] from its log."""
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
+def check_plot_support():
+    """Fail before any training when the chart can't be drawn, naming the extra that installs it."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit("demo: the chart needs matplotlib, which is not installed; "
+                         "install the plot extra first: pip install -e '.[plot]'  (or: pip install matplotlib)")
+
+
+def train(command, logs, name, epochs, label, threads=1):
+    """Run one open_clip_train job, count its training samples on a progress bar, return [(step, loss)] from its log."""
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(threads)), PYTHONUNBUFFERED="1")
     tail = []
-    with tqdm(total=100 * epochs, desc=label, unit="%", leave=False) as bar, \
+    with tqdm(desc=label, unit=" samples", leave=False, dynamic_ncols=True) as bar, \
             subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
         for line in proc.stdout:
             tail = (tail + [line])[-40:]
-            progress = PERCENT.search(line)
+            progress = PROGRESS.search(line)
             if progress:
-                bar.n = 100 * int(progress.group(1)) + int(progress.group(2))
+                # "Train Epoch: E [seen/per_epoch (p%)]": samples seen in epoch E (0-based), all processes together
+                epoch, seen, per_epoch = map(int, progress.groups())
+                bar.total = per_epoch * epochs
+                bar.n = epoch * per_epoch + seen
                 bar.refresh()
     log = Path(logs) / name / "out.log"
     if proc.returncode != 0:
@@ -62,6 +80,13 @@ def train(command, logs, name, epochs, label):
     # one "Train Epoch" line per step (--log-every-n-steps 1), total loss at " Loss: "
     losses = [float(m.group(1)) for m in map(LOSS.search, log.read_text().splitlines()) if m and "Train Epoch" in m.string]
     return list(enumerate(losses, start=1))
+
+
+def free_port():
+    """A TCP port free right now on 127.0.0.1, so concurrent demos (or test runs) don't share torchrun's."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def training_flags(world, logs, name, batch_size, lr, epochs, workers, seed):
@@ -74,51 +99,68 @@ def training_flags(world, logs, name, batch_size, lr, epochs, workers, seed):
     ]
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def run_once(args, seed, out, label=""):
+    """World, baseline, ParaCLIP fine-tuning and evaluation for one seed; returns (before, after, loss curves)."""
     from paraclip_plugin.demo.world import build_world
     from paraclip_plugin.eval.paraphrased_retrieval import evaluate_checkpoint
 
-    out = Path(args.output).resolve()
     logs = out / "logs"
-    started = time.time()
-    stage(1, f"building the synthetic world in {out / 'world'}")
+    stage(1, f"{label}building the synthetic world (seed {seed}) in {out / 'world'}")
     world = build_world(out / "world", num_train=args.num_train, num_shards=args.num_shards,
-                        num_eval=args.num_eval, seed=args.seed)
+                        num_eval=args.num_eval, seed=seed)
     print(f"      {world.num_train} training samples in {world.num_shards} four-field shards, "
           f"{world.num_eval} held-out query/paraphrase pairs")
 
     run_id = time.strftime("%Y%m%d-%H%M%S")
     baseline, paraclip = f"baseline-{run_id}", f"paraclip-{run_id}"
-    stage(2, f"training the baseline CLIP with stock open_clip_train on the noisy captions "
-             f"({args.baseline_epochs} epochs)")
+    global_batch = args.batch_size * args.nproc
+    stage(2, f"{label}training the baseline CLIP with stock open_clip_train on the noisy captions "
+             f"({args.baseline_epochs} epochs of {args.num_train // global_batch} steps, lr {args.baseline_lr:g})")
     baseline_curve = train(
         [sys.executable, "-m", "open_clip_train.main",
-         *training_flags(world, logs, baseline, args.batch_size * args.nproc, args.baseline_lr,
-                         args.baseline_epochs, args.workers, args.seed)],
-        logs, baseline, args.baseline_epochs, "baseline")
+         *training_flags(world, logs, baseline, global_batch, args.baseline_lr,
+                         args.baseline_epochs, args.workers, seed)],
+        logs, baseline, args.baseline_epochs, "baseline", threads=args.nproc)
     baseline_ckpt = logs / baseline / "checkpoints" / f"epoch_{args.baseline_epochs}.pt"
 
-    stage(3, f"fine-tuning it with --paraclip-loss --frozen-visual under torchrun ({args.nproc} processes, "
-             f"{args.paraclip_epochs} epochs)")
+    stage(3, f"{label}fine-tuning it with --paraclip-loss --frozen-visual under torchrun ({args.nproc} processes, "
+             f"{args.paraclip_epochs} epochs of {args.num_train // global_batch} steps, lr {args.paraclip_lr:g})")
     paraclip_curve = train(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-         "-m", "open_clip_train.main",
+         "--master_port", str(free_port()), "-m", "open_clip_train.main",
          *training_flags(world, logs, paraclip, args.batch_size, args.paraclip_lr, args.paraclip_epochs,
-                         args.workers, args.seed),
+                         args.workers, seed),
          "--pretrained", str(baseline_ckpt), "--paraclip-loss", "--frozen-visual"],
         logs, paraclip, args.paraclip_epochs, "paraclip")
     paraclip_ckpt = logs / paraclip / "checkpoints" / f"epoch_{args.paraclip_epochs}.pt"
 
-    stage(4, "evaluating both checkpoints on held-out paraphrased queries (AO@10, JS@10, recall@k)")
+    stage(4, f"{label}evaluating both checkpoints on held-out paraphrased queries (AO@10, JS@10, recall@k)")
     before, after = (evaluate_checkpoint(MODEL, str(ckpt), world.eval_pairs, world.eval_images, k=10,
                                          model_config=str(TINY_CONFIG), device="cpu")
                      for ckpt in (baseline_ckpt, paraclip_ckpt))
+    return before, after, {"baseline CLIP": baseline_curve, "ParaCLIP fine-tuning": paraclip_curve}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.runs < 1:
+        raise SystemExit(f"demo: --runs must be at least 1, got {args.runs}")
+    check_plot_support()
+    from paraclip_plugin.demo.report import write_report
+
+    out = Path(args.output).resolve()
+    started = time.time()
+    runs = []
+    for number in range(args.runs):
+        seed = args.seed + number
+        label = f"run {number + 1}/{args.runs}: " if args.runs > 1 else ""
+        runs.append((seed, *run_once(args, seed, out / f"seed-{seed}" if args.runs > 1 else out, label)))
 
     stage(5, f"report in {out}")
-    from paraclip_plugin.demo.report import write_report
-    write_report(before, after, {"baseline CLIP": baseline_curve, "ParaCLIP fine-tuning": paraclip_curve}, out,
-                 names=("baseline CLIP", "after ParaCLIP"))
+    write_report([(seed, before, after) for seed, before, after, _ in runs],
+                 {f"{name} (seed {seed})" if args.runs > 1 else name: curve
+                  for seed, _, _, curves in runs for name, curve in curves.items()},
+                 out, names=("baseline CLIP", "after ParaCLIP"))
     print(f"done in {time.time() - started:.0f} s")
 
 

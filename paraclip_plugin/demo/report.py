@@ -1,8 +1,10 @@
 """The demo's before/after report: a table on the terminal, ``results.json`` and ``results.png``.
 
-Inputs are two results of ``paraclip-eval paraphrased-retrieval`` (dicts or paths to its JSON output),
-one for the checkpoint before ParaCLIP fine-tuning and one after, and the training loss curves as
-``{run name: [(step, loss), ...]}``. Nothing here asserts a number: it reports what was measured.
+Inputs are one or more runs ``(seed, before, after)``, where before and after are results of
+``paraclip-eval paraphrased-retrieval`` (dicts or paths to its JSON output) for the checkpoint before
+ParaCLIP fine-tuning and the one after, and the training loss curves as ``{run name: [(step, loss), ...]}``.
+Over several runs the table and chart give the mean and the range (smallest, largest run). Nothing here
+asserts a number: it reports what was measured.
 """
 import json
 import os
@@ -31,52 +33,93 @@ def metric_rows(result):
     return rows
 
 
-def format_table(before, after, names=("before", "after")):
-    """Plain-text table: one metric per line, both values and the change, three decimals."""
-    label_width = max(len(label) for label, _ in metric_rows(before)) + 2
-    column = max(8, *(len(n) + 2 for n in names))
+def change_rows(before, after):
+    """{label: after - before} for every metric row."""
+    return {label: new - old for (label, old), (_, new) in zip(metric_rows(before), metric_rows(after))}
+
+
+def spread(rows):
+    """{label: (mean, min, max)} over runs, from one {label: value} dict per run."""
+    return {label: (sum(r[label] for r in rows) / len(rows), min(r[label] for r in rows), max(r[label] for r in rows))
+            for label in rows[0]}
+
+
+def summarize_runs(runs):
+    """(before, after, change), each {label: (mean, min, max)} over ``runs`` = [(seed, before, after), ...]."""
+    return (spread([dict(metric_rows(b)) for _, b, _ in runs]), spread([dict(metric_rows(a)) for _, _, a in runs]),
+            spread([change_rows(b, a) for _, b, a in runs]))
+
+
+def _cell(stats, width, sign=""):
+    mean, low, high = stats
+    text = f"{mean:{sign}.3f}" if low == high else f"{mean:{sign}.3f} [{low:{sign}.2f}, {high:{sign}.2f}]"
+    return f"{text:>{width}}"
+
+
+def format_table(runs, names=("before", "after")):
+    """Plain-text table: one metric per line, before, after and the change; over several runs the mean
+    and, in brackets, the smallest and largest value of the runs."""
+    before, after, change = summarize_runs(runs)
+    label_width = max(len(label) for label in before) + 2
+    column = max(8, *(len(n) + 2 for n in names)) if len(runs) == 1 else 24
     lines = [f"{'metric':<{label_width}}{names[0]:>{column}}{names[1]:>{column}}{'change':>{column}}"]
-    for (label, old), (_, new) in zip(metric_rows(before), metric_rows(after)):
-        lines.append(f"{label:<{label_width}}{old:>{column}.3f}{new:>{column}.3f}{new - old:>+{column}.3f}")
+    for label in before:
+        lines.append(f"{label:<{label_width}}{_cell(before[label], column)}{_cell(after[label], column)}"
+                     f"{_cell(change[label], column, '+')}")
+    if len(runs) > 1:
+        lines.append(f"mean over {len(runs)} runs (seeds {', '.join(str(seed) for seed, _, _ in runs)}), "
+                     f"[smallest, largest] run")
+    k = runs[0][1]["k"]
+    for kind in ("paraphrased", "original"):
+        ratios = [a[kind][f"recall@{k}"] / b[kind][f"recall@{k}"] if b[kind][f"recall@{k}"] else float("inf")
+                  for _, b, a in runs]
+        lines.append(f"recall@{k} {kind}, after / before: " + ", ".join(f"{r:.2f}x" for r in ratios))
     return "\n".join(lines)
 
 
 def chart_metrics(result):
-    """The bars of the chart: AO@k, JS@k and recall@1 for original and paraphrased queries."""
+    """The bars of the chart: AO@k, JS@k and recall@1/5/10 for original and paraphrased queries."""
     k = result["k"]
-    return {f"AO@{k}": result[f"AO@{k}"], f"JS@{k}": result[f"JS@{k}"],
-            "R@1 original": result["original"]["recall@1"], "R@1 paraphrased": result["paraphrased"]["recall@1"]}
+    bars = {f"AO@{k}": result[f"AO@{k}"], f"JS@{k}": result[f"JS@{k}"]}
+    for kind, short in (("original", "orig."), ("paraphrased", "para.")):
+        bars.update({f"{name.replace('recall', 'R')}\n{short}": value for name, value in result[kind].items()})
+    return bars
 
 
-def plot_chart(before, after, loss_curves, path, names=("before", "after")):
-    """Write a PNG: grouped before/after bars (left) and every run's training loss against step (right)."""
+def plot_chart(runs, loss_curves, path, names=("before", "after")):
+    """Write a PNG: grouped before/after bars with the runs' range as error bars (left), training losses (right)."""
     # The Agg canvas directly, without pyplot: no global figure state, no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(11, 4.2), layout="constrained")
+    figure = Figure(figsize=(13, 4.6), layout="constrained")
     FigureCanvasAgg(figure)
     bars, losses = figure.subplots(1, 2, width_ratios=(3, 2))
-    labels = list(chart_metrics(before))
+    labels = list(chart_metrics(runs[0][1]))
     width = 0.38
-    for offset, name, result in ((-width / 2, names[0], before), (width / 2, names[1], after)):
-        values = list(chart_metrics(result).values())
-        drawn = bars.bar([i + offset for i in range(len(labels))], values, width, label=name)
-        bars.bar_label(drawn, fmt="%.2f", fontsize=8)
-    bars.set_xticks(range(len(labels)), labels)
-    bars.set_ylim(0, 1.1)
-    bars.set_title(f"Paraphrased retrieval ({before['num_pairs']} pairs, {before['num_images']} images)")
+    for offset, name, side in ((-width / 2, names[0], 1), (width / 2, names[1], 2)):
+        per_run = [list(chart_metrics(run[side]).values()) for run in runs]
+        means = [sum(values) / len(values) for values in zip(*per_run)]
+        spread = [[m - min(v) for m, v in zip(means, zip(*per_run))], [max(v) - m for m, v in zip(means, zip(*per_run))]]
+        drawn = bars.bar([i + offset for i in range(len(labels))], means, width, label=name,
+                         yerr=spread if len(runs) > 1 else None, capsize=3)
+        bars.bar_label(drawn, fmt="%.2f", fontsize=7, padding=2)
+    bars.set_xticks(range(len(labels)), labels, fontsize=8)
+    bars.set_ylim(0, 1.12)
+    first = runs[0][1]
+    over = f", mean of {len(runs)} runs, bars: range" if len(runs) > 1 else ""
+    bars.set_title(f"Paraphrased retrieval ({first['num_pairs']} pairs, {first['num_images']} images{over})")
     bars.legend(loc="upper left")
 
     for run, curve in loss_curves.items():
         if curve:
             steps, values = zip(*curve)
-            losses.plot(steps, values, label=run)
+            losses.plot(steps, values, label=run, linewidth=1)
     losses.set_xlabel("step")
     losses.set_ylabel("training loss")
     losses.set_title("Training loss (each run's own loss)")
     if loss_curves:
-        losses.legend()
+        losses.legend(fontsize=7)
 
     partial = f"{path}.partial"
     figure.savefig(partial, format="png", dpi=110)
@@ -91,27 +134,33 @@ def _checked_curve(run, curve):
     return points
 
 
-def write_report(before, after, loss_curves, out_dir, names=("before", "after"), stream=sys.stdout):
+def write_report(runs, loss_curves, out_dir, names=("before", "after"), stream=sys.stdout):
     """Print the table to ``stream`` and write ``results.json`` and ``results.png`` in ``out_dir``.
 
-    Returns ``{"table": str, "results": path, "chart": path}``.
+    ``runs`` is ``[(seed, before, after), ...]``, one entry per run. Returns
+    ``{"table": str, "results": path, "chart": path}``.
     """
-    before, after = load_result(before), load_result(after)
+    if not runs:
+        raise ValueError("no runs to report")
+    runs = [(seed, load_result(before), load_result(after)) for seed, before, after in runs]
     loss_curves = {run: _checked_curve(run, curve) for run, curve in loss_curves.items()}
-    if before["k"] != after["k"]:
-        raise ValueError(f"results use different k: {before['k']} and {after['k']}")
+    for seed, before, after in runs:
+        if before["k"] != after["k"] or before["k"] != runs[0][1]["k"]:
+            raise ValueError(f"results use different k: {before['k']} and {after['k']} (seed {seed})")
     os.makedirs(out_dir, exist_ok=True)
-    table = format_table(before, after, names)
+    table = format_table(runs, names)
     print(table, file=stream)
+    summary = dict(zip(("before", "after", "change"), summarize_runs(runs)))
     results = {
         "names": list(names),
-        "before": before,
-        "after": after,
-        "change": {label: new - old for (label, old), (_, new) in zip(metric_rows(before), metric_rows(after))},
+        "runs": [{"seed": seed, "before": b, "after": a, "change": change_rows(b, a)} for seed, b, a in runs],
+        # mean, smallest and largest value over the runs, per metric
+        "summary": {side: {label: dict(zip(("mean", "min", "max"), stats)) for label, stats in rows.items()}
+                    for side, rows in summary.items()},
         "loss_curves": {run: [[step, loss] for step, loss in curve] for run, curve in loss_curves.items()},
     }
     results_path = os.path.join(out_dir, RESULTS_FILE)
     atomic_write_text(results_path, json.dumps(results, indent=1) + "\n")
     chart_path = os.path.join(out_dir, CHART_FILE)
-    plot_chart(before, after, loss_curves, chart_path, names)
+    plot_chart(runs, loss_curves, chart_path, names)
     return {"table": table, "results": results_path, "chart": chart_path}
