@@ -35,10 +35,11 @@ def test_report_writes_table_json_and_chart(tmp_path):
         assert _row(printed, label)[-3:] == [f"{old:.3f}", f"{new:.3f}", f"{new - old:+.3f}"]
     ratio = after["paraphrased"]["recall@10"] / before["paraphrased"]["recall@10"]
     assert f"recall@10 paraphrased, after / before: {ratio:.2f}x" in printed
+    assert printed.splitlines()[0].split() == ["metric", "before", "after", "change"]
 
     saved = json.loads(open(paths["results"]).read())
-    assert saved["runs"][0]["before"] == before and saved["runs"][0]["after"] == after
-    assert saved["runs"][0]["change"]["AO@10"] == pytest.approx(after["AO@10"] - before["AO@10"])
+    assert saved["runs"][0]["results"] == {"before": before, "after": after}
+    assert saved["runs"][0]["change"]["after"]["AO@10"] == pytest.approx(after["AO@10"] - before["AO@10"])
     assert saved["summary"]["after"]["AO@10"] == {"mean": after["AO@10"], "min": after["AO@10"], "max": after["AO@10"]}
     assert saved["loss_curves"]["ParaCLIP"] == [[0, 9.0], [10, 7.7]]
 
@@ -59,6 +60,21 @@ def test_several_runs_give_mean_and_range(tmp_path):
     summary = json.loads(open(paths["results"]).read())["summary"]
     assert summary["after"]["AO@10"] == pytest.approx({"mean": mean, "min": min(values), "max": max(values)})
     assert [r["seed"] for r in json.loads(open(paths["results"]).read())["runs"]] == [5, 6, 7]
+
+
+def test_a_third_result_gets_its_own_columns_and_bars(tmp_path):
+    runs = [(0, _result(0, 2.0), _result(1, 0.3), _result(2, 1.0))]
+    out = io.StringIO()
+    paths = write_report(runs, {}, tmp_path, names=("baseline", "full", "image:para2 only"), stream=out)
+    printed = out.getvalue()
+    assert printed.splitlines()[0].split() == ["metric", "baseline", "full", "change", "image:para2", "only", "change"]
+    old, third = runs[0][1]["JS@10"], runs[0][3]["JS@10"]
+    assert _row(printed, "JS@10")[-2:] == [f"{third:.3f}", f"{third - old:+.3f}"]
+    assert "recall@10 original, image:para2 only / baseline:" in printed
+    saved = json.loads(open(paths["results"]).read())
+    assert saved["summary_change"]["image:para2 only"]["JS@10"]["mean"] == pytest.approx(third - old)
+    with pytest.raises(ValueError, match="has 3 results for 2 names"):
+        write_report(runs, {}, tmp_path, stream=io.StringIO())
 
 
 def test_results_with_different_k_are_refused(tmp_path):

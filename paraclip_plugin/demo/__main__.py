@@ -39,6 +39,9 @@ def parse_args(argv):
     # from scratch, which takes ~200 steps at 1e-3 (the paper's 5e-7 is for a pretrained CLIP).
     p.add_argument("--paraclip-epochs", type=int, default=6)
     p.add_argument("--paraclip-lr", type=float, default=1e-3)
+    p.add_argument("--ablation", metavar="TERMS", default=None,
+                   help="also fine-tune each baseline with --paraclip-terms TERMS (e.g. image:para2, a row of the "
+                        "paper's Table 2) and report it beside the full loss")
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--nproc", type=int, default=2, help="torchrun processes for the ParaCLIP stage")
@@ -100,7 +103,10 @@ def training_flags(world, logs, name, batch_size, lr, epochs, workers, seed):
 
 
 def run_once(args, seed, out, label=""):
-    """World, baseline, ParaCLIP fine-tuning and evaluation for one seed; returns (before, after, loss curves)."""
+    """World, baseline, ParaCLIP fine-tuning (and the ablation) and evaluation for one seed.
+
+    Returns ([baseline result, ParaCLIP result, ablation result if any], {title: loss curve}).
+    """
     from paraclip_plugin.demo.world import build_world
     from paraclip_plugin.eval.paraphrased_retrieval import evaluate_checkpoint
 
@@ -124,21 +130,27 @@ def run_once(args, seed, out, label=""):
     baseline_ckpt = logs / baseline / "checkpoints" / f"epoch_{args.baseline_epochs}.pt"
 
     stage(3, f"{label}fine-tuning it with --paraclip-loss --frozen-visual under torchrun ({args.nproc} processes, "
-             f"{args.paraclip_epochs} epochs of {args.num_train // global_batch} steps, lr {args.paraclip_lr:g})")
-    paraclip_curve = train(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-         "--master_port", str(free_port()), "-m", "open_clip_train.main",
-         *training_flags(world, logs, paraclip, args.batch_size, args.paraclip_lr, args.paraclip_epochs,
-                         args.workers, seed),
-         "--pretrained", str(baseline_ckpt), "--paraclip-loss", "--frozen-visual"],
-        logs, paraclip, args.paraclip_epochs, "paraclip")
-    paraclip_ckpt = logs / paraclip / "checkpoints" / f"epoch_{args.paraclip_epochs}.pt"
+             f"{args.paraclip_epochs} epochs of {args.num_train // global_batch} steps, lr {args.paraclip_lr:g})"
+             + (f"; then the same with --paraclip-terms {args.ablation}" if args.ablation else ""))
+    finetuned = {"ParaCLIP fine-tuning": (paraclip, [])}
+    if args.ablation:
+        finetuned[f"ParaCLIP, {args.ablation} only"] = (f"ablation-{run_id}", ["--paraclip-terms", args.ablation])
+    curves = {"baseline CLIP": baseline_curve}
+    for title, (name, terms) in finetuned.items():
+        curves[title] = train(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
+             "--master_port", str(free_port()), "-m", "open_clip_train.main",
+             *training_flags(world, logs, name, args.batch_size, args.paraclip_lr, args.paraclip_epochs,
+                             args.workers, seed),
+             "--pretrained", str(baseline_ckpt), "--paraclip-loss", "--frozen-visual", *terms],
+            logs, name, args.paraclip_epochs, "paraclip" if not terms else f"{args.ablation} only")
+    checkpoints = [baseline_ckpt] + [logs / name / "checkpoints" / f"epoch_{args.paraclip_epochs}.pt"
+                                     for name, _ in finetuned.values()]
 
-    stage(4, f"{label}evaluating both checkpoints on held-out paraphrased queries (AO@10, JS@10, recall@k)")
-    before, after = (evaluate_checkpoint(MODEL, str(ckpt), world.eval_pairs, world.eval_images, k=10,
-                                         model_config=str(TINY_CONFIG), device="cpu")
-                     for ckpt in (baseline_ckpt, paraclip_ckpt))
-    return before, after, {"baseline CLIP": baseline_curve, "ParaCLIP fine-tuning": paraclip_curve}
+    stage(4, f"{label}evaluating the checkpoints on held-out paraphrased queries (AO@10, JS@10, recall@k)")
+    results = [evaluate_checkpoint(MODEL, str(ckpt), world.eval_pairs, world.eval_images, k=10,
+                                   model_config=str(TINY_CONFIG), device="cpu") for ckpt in checkpoints]
+    return results, curves
 
 
 def main(argv=None):
@@ -146,6 +158,12 @@ def main(argv=None):
     if args.runs < 1:
         raise SystemExit(f"demo: --runs must be at least 1, got {args.runs}")
     check_plot_support()
+    if args.ablation:
+        from paraclip_plugin.loss import parse_terms
+        try:
+            parse_terms(args.ablation)
+        except ValueError as e:
+            raise SystemExit(f"demo: --ablation: {e}")
     from paraclip_plugin.demo.report import write_report
 
     out = Path(args.output).resolve()
@@ -157,10 +175,11 @@ def main(argv=None):
         runs.append((seed, *run_once(args, seed, out / f"seed-{seed}" if args.runs > 1 else out, label)))
 
     stage(5, f"report in {out}")
-    write_report([(seed, before, after) for seed, before, after, _ in runs],
+    names = ("baseline CLIP", "after ParaCLIP") + ((f"{args.ablation} only",) if args.ablation else ())
+    write_report([(seed, *results) for seed, results, _ in runs],
                  {f"{name} (seed {seed})" if args.runs > 1 else name: curve
-                  for seed, _, _, curves in runs for name, curve in curves.items()},
-                 out, names=("baseline CLIP", "after ParaCLIP"))
+                  for seed, _, curves in runs for name, curve in curves.items()},
+                 out, names=names)
     print(f"done in {time.time() - started:.0f} s")
 
 

@@ -1,10 +1,11 @@
 """The demo's before/after report: a table on the terminal, ``results.json`` and ``results.png``.
 
-Inputs are one or more runs ``(seed, before, after)``, where before and after are results of
-``paraclip-eval paraphrased-retrieval`` (dicts or paths to its JSON output) for the checkpoint before
-ParaCLIP fine-tuning and the one after, and the training loss curves as ``{run name: [(step, loss), ...]}``.
-Over several runs the table and chart give the mean and the range (smallest, largest run). Nothing here
-asserts a number: it reports what was measured.
+Inputs are one or more runs ``(seed, before, after, *more)``: results of ``paraclip-eval
+paraphrased-retrieval`` (dicts or paths to its JSON output) for the checkpoint before ParaCLIP fine-tuning,
+the one after, and optionally further fine-tuned checkpoints (an ablation), each compared with ``before``;
+and the training loss curves as ``{run name: [(step, loss), ...]}``. Over several runs the table and chart
+give the mean and the range (smallest, largest run). Nothing here asserts a number: it reports what was
+measured.
 """
 import json
 import os
@@ -44,10 +45,12 @@ def spread(rows):
             for label in rows[0]}
 
 
-def summarize_runs(runs):
-    """(before, after, change), each {label: (mean, min, max)} over ``runs`` = [(seed, before, after), ...]."""
-    return (spread([dict(metric_rows(b)) for _, b, _ in runs]), spread([dict(metric_rows(a)) for _, _, a in runs]),
-            spread([change_rows(b, a) for _, b, a in runs]))
+def summarize_runs(runs, names):
+    """({name: {label: (mean, min, max)}}, {name: the same for the change from names[0]}) over ``runs``."""
+    values = {name: spread([dict(metric_rows(run[1 + i])) for run in runs]) for i, name in enumerate(names)}
+    changes = {name: spread([change_rows(run[1], run[1 + i]) for run in runs])
+               for i, name in enumerate(names) if i > 0}
+    return values, changes
 
 
 def _cell(stats, width, sign=""):
@@ -57,23 +60,28 @@ def _cell(stats, width, sign=""):
 
 
 def format_table(runs, names=("before", "after")):
-    """Plain-text table: one metric per line, before, after and the change; over several runs the mean
-    and, in brackets, the smallest and largest value of the runs."""
-    before, after, change = summarize_runs(runs)
-    label_width = max(len(label) for label in before) + 2
-    column = max(8, *(len(n) + 2 for n in names)) if len(runs) == 1 else 24
-    lines = [f"{'metric':<{label_width}}{names[0]:>{column}}{names[1]:>{column}}{'change':>{column}}"]
-    for label in before:
-        lines.append(f"{label:<{label_width}}{_cell(before[label], column)}{_cell(after[label], column)}"
-                     f"{_cell(change[label], column, '+')}")
+    """Plain-text table: one metric per line, the value for each name and, after each but the first, its
+    change from the first; over several runs the mean and, in brackets, the smallest and largest run."""
+    values, changes = summarize_runs(runs, names)
+    labels = list(values[names[0]])
+    label_width = max(len(label) for label in labels) + 2
+    column = max(8, *(len(n) + 2 for n in names)) if len(runs) == 1 else max(24, *(len(n) + 2 for n in names))
+    header = [names[0]] + [text for name in names[1:] for text in (name, "change")]
+    lines = [f"{'metric':<{label_width}}" + "".join(f"{text:>{column}}" for text in header)]
+    for label in labels:
+        cells = [_cell(values[names[0]][label], column)]
+        for name in names[1:]:
+            cells += [_cell(values[name][label], column), _cell(changes[name][label], column, "+")]
+        lines.append(f"{label:<{label_width}}" + "".join(cells))
     if len(runs) > 1:
-        lines.append(f"mean over {len(runs)} runs (seeds {', '.join(str(seed) for seed, _, _ in runs)}), "
+        lines.append(f"mean over {len(runs)} runs (seeds {', '.join(str(run[0]) for run in runs)}), "
                      f"[smallest, largest] run")
     k = runs[0][1]["k"]
-    for kind in ("paraphrased", "original"):
-        ratios = [a[kind][f"recall@{k}"] / b[kind][f"recall@{k}"] if b[kind][f"recall@{k}"] else float("inf")
-                  for _, b, a in runs]
-        lines.append(f"recall@{k} {kind}, after / before: " + ", ".join(f"{r:.2f}x" for r in ratios))
+    for i, name in enumerate(names[1:], start=2):
+        for kind in ("paraphrased", "original"):
+            ratios = [run[i][kind][f"recall@{k}"] / run[1][kind][f"recall@{k}"] if run[1][kind][f"recall@{k}"]
+                      else float("inf") for run in runs]
+            lines.append(f"recall@{k} {kind}, {name} / {names[0]}: " + ", ".join(f"{r:.2f}x" for r in ratios))
     return "\n".join(lines)
 
 
@@ -87,7 +95,7 @@ def chart_metrics(result):
 
 
 def plot_chart(runs, loss_curves, path, names=("before", "after")):
-    """Write a PNG: grouped before/after bars with the runs' range as error bars (left), training losses (right)."""
+    """Write a PNG: grouped bars per name with the runs' range as error bars (left), training losses (right)."""
     # The Agg canvas directly, without pyplot: no global figure state, no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -96,14 +104,15 @@ def plot_chart(runs, loss_curves, path, names=("before", "after")):
     FigureCanvasAgg(figure)
     bars, losses = figure.subplots(1, 2, width_ratios=(3, 2))
     labels = list(chart_metrics(runs[0][1]))
-    width = 0.38
-    for offset, name, side in ((-width / 2, names[0], 1), (width / 2, names[1], 2)):
-        per_run = [list(chart_metrics(run[side]).values()) for run in runs]
-        means = [sum(values) / len(values) for values in zip(*per_run)]
-        spread = [[m - min(v) for m, v in zip(means, zip(*per_run))], [max(v) - m for m, v in zip(means, zip(*per_run))]]
-        drawn = bars.bar([i + offset for i in range(len(labels))], means, width, label=name,
-                         yerr=spread if len(runs) > 1 else None, capsize=3)
-        bars.bar_label(drawn, fmt="%.2f", fontsize=7, padding=2)
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        per_metric = list(zip(*(chart_metrics(run[1 + i]).values() for run in runs)))
+        means = [sum(values) / len(values) for values in per_metric]
+        errors = [[m - min(v) for m, v in zip(means, per_metric)], [max(v) - m for m, v in zip(means, per_metric)]]
+        offset = (i - (len(names) - 1) / 2) * width
+        drawn = bars.bar([x + offset for x in range(len(labels))], means, width, label=name,
+                         yerr=errors if len(runs) > 1 else None, capsize=3)
+        bars.bar_label(drawn, fmt="%.2f", fontsize=7 if len(names) < 3 else 6, padding=2)
     bars.set_xticks(range(len(labels)), labels, fontsize=8)
     bars.set_ylim(0, 1.12)
     first = runs[0][1]
@@ -137,26 +146,34 @@ def _checked_curve(run, curve):
 def write_report(runs, loss_curves, out_dir, names=("before", "after"), stream=sys.stdout):
     """Print the table to ``stream`` and write ``results.json`` and ``results.png`` in ``out_dir``.
 
-    ``runs`` is ``[(seed, before, after), ...]``, one entry per run. Returns
-    ``{"table": str, "results": path, "chart": path}``.
+    ``runs`` is ``[(seed, before, after, *more), ...]``, one entry per run, one result per name in ``names``.
+    Returns ``{"table": str, "results": path, "chart": path}``.
     """
     if not runs:
         raise ValueError("no runs to report")
-    runs = [(seed, load_result(before), load_result(after)) for seed, before, after in runs]
+    if len(set(names)) != len(names) or len(names) < 2:
+        raise ValueError(f"names must be at least two distinct names, got {names!r}")
+    runs = [(run[0], *map(load_result, run[1:])) for run in runs]
+    for run in runs:
+        if len(run) != 1 + len(names):
+            raise ValueError(f"run with seed {run[0]} has {len(run) - 1} results for {len(names)} names")
+        ks = sorted({result["k"] for result in run[1:]} | {runs[0][1]["k"]})
+        if len(ks) > 1:
+            raise ValueError(f"results use different k: {', '.join(map(str, ks))} (seed {run[0]})")
     loss_curves = {run: _checked_curve(run, curve) for run, curve in loss_curves.items()}
-    for seed, before, after in runs:
-        if before["k"] != after["k"] or before["k"] != runs[0][1]["k"]:
-            raise ValueError(f"results use different k: {before['k']} and {after['k']} (seed {seed})")
     os.makedirs(out_dir, exist_ok=True)
     table = format_table(runs, names)
     print(table, file=stream)
-    summary = dict(zip(("before", "after", "change"), summarize_runs(runs)))
+    values, changes = summarize_runs(runs, names)
+    as_dict = lambda rows: {label: dict(zip(("mean", "min", "max"), stats)) for label, stats in rows.items()}
     results = {
         "names": list(names),
-        "runs": [{"seed": seed, "before": b, "after": a, "change": change_rows(b, a)} for seed, b, a in runs],
-        # mean, smallest and largest value over the runs, per metric
-        "summary": {side: {label: dict(zip(("mean", "min", "max"), stats)) for label, stats in rows.items()}
-                    for side, rows in summary.items()},
+        "runs": [{"seed": run[0], "results": dict(zip(names, run[1:])),
+                  "change": {name: change_rows(run[1], result) for name, result in zip(names[1:], run[2:])}}
+                 for run in runs],
+        # mean, smallest and largest value over the runs, per name and metric; changes are from names[0]
+        "summary": {name: as_dict(rows) for name, rows in values.items()},
+        "summary_change": {name: as_dict(rows) for name, rows in changes.items()},
         "loss_curves": {run: [[step, loss] for step, loss in curve] for run, curve in loss_curves.items()},
     }
     results_path = os.path.join(out_dir, RESULTS_FILE)
