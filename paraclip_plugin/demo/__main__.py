@@ -61,9 +61,10 @@ def check_plot_support():
                          "install the plot extra first: pip install -e '.[plot]'  (or: pip install matplotlib)")
 
 
-def train(command, logs, name, epochs, label, threads=1):
+def train(command, logs, name, epochs, label):
     """Run one open_clip_train job, count its training samples on a progress bar, return [(step, loss)] from its log."""
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(threads)), PYTHONUNBUFFERED="1")
+    # One thread per process: on a busy machine several OpenMP threads per process slow training down.
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
     tail = []
     with tqdm(desc=label, unit=" samples", leave=False, dynamic_ncols=True) as bar, \
             subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
@@ -126,7 +127,7 @@ def run_once(args, seed, out, label=""):
         [sys.executable, "-m", "open_clip_train.main",
          *training_flags(world, logs, baseline, global_batch, args.baseline_lr,
                          args.baseline_epochs, args.workers, seed)],
-        logs, baseline, args.baseline_epochs, "baseline", threads=args.nproc)
+        logs, baseline, args.baseline_epochs, "baseline")
     baseline_ckpt = logs / baseline / "checkpoints" / f"epoch_{args.baseline_epochs}.pt"
 
     stage(3, f"{label}fine-tuning it with --paraclip-loss --frozen-visual under torchrun ({args.nproc} processes, "
