@@ -3,7 +3,9 @@
 Stages (one line each): build the world's four-field shards -> train a baseline CLIP with stock
 open_clip_train on the noisy captions -> fine-tune it with ``--paraclip-loss`` under torchrun (2
 processes) -> evaluate both checkpoints on held-out paraphrased queries -> table, JSON and chart.
-No network, no GPU. ``make demo`` runs it after setting up the environment and the patch.
+With --runs N the first four stages run once per seed and the report gives the mean and range.
+No network, no GPU; the chart needs matplotlib (pip install -e '.[plot]'), checked before any work.
+``make demo`` runs it after setting up the environment and the patch.
 """
 import argparse
 import os
@@ -22,28 +24,33 @@ PROGRESS = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+) \(\d+%\)\]")
 LOSS = re.compile(r" Loss: ([-+0-9.e]+) \(")
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m paraclip_plugin.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=_HelpFormatter)
     p.add_argument("--output", default="demo_output", help="folder for the world, logs, checkpoints and results")
     p.add_argument("--seed", type=int, default=0, help="seed of the first run (world and training)")
     p.add_argument("--runs", type=int, default=1,
                    help="independent runs with seeds SEED, SEED+1, ...: each builds its own world, baseline and "
-                        "ParaCLIP model; the report gives the mean and the spread (min..max) over runs")
+                        "ParaCLIP model; the report gives the mean and the range (smallest, largest run)")
     p.add_argument("--num-train", type=int, default=4096, help="training samples in the synthetic world")
-    p.add_argument("--num-shards", type=int, default=8)
-    p.add_argument("--num-eval", type=int, default=100, help="held-out query/paraphrase pairs")
-    p.add_argument("--baseline-epochs", type=int, default=6)
-    p.add_argument("--baseline-lr", type=float, default=2e-3)
+    p.add_argument("--num-shards", type=int, default=8, help="training shards")
+    p.add_argument("--num-eval", type=int, default=100, help="held-out query/paraphrase pairs (and gallery images)")
+    p.add_argument("--baseline-epochs", type=int, default=6, help="epochs of the baseline CLIP (both towers)")
+    p.add_argument("--baseline-lr", type=float, default=2e-3, help="peak learning rate of the baseline")
     # A random-init tiny text tower has never seen the synonyms: their token embeddings must be learned
     # from scratch, which takes ~200 steps at 1e-3 (the paper's 5e-7 is for a pretrained CLIP).
-    p.add_argument("--paraclip-epochs", type=int, default=6)
-    p.add_argument("--paraclip-lr", type=float, default=1e-3)
+    p.add_argument("--paraclip-epochs", type=int, default=6, help="epochs of ParaCLIP fine-tuning (text tower)")
+    p.add_argument("--paraclip-lr", type=float, default=1e-3, help="peak learning rate of ParaCLIP fine-tuning")
     p.add_argument("--ablation", metavar="TERMS", default=None,
                    help="also fine-tune each baseline with --paraclip-terms TERMS (e.g. image:para2, a row of the "
                         "paper's Table 2) and report it beside the full loss")
-    p.add_argument("--batch-size", type=int, default=64, help="per process")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="per process; the baseline's single process takes NPROC times this")
+    p.add_argument("--workers", type=int, default=1, help="data loader workers per process")
     p.add_argument("--nproc", type=int, default=2, help="torchrun processes for the ParaCLIP stage")
     return p.parse_args(argv)
 
