@@ -1,5 +1,6 @@
 """The whole demo at a tiny size: world -> stock baseline -> torchrun ParaCLIP -> evaluation -> report."""
 import json
+import re
 import sys
 
 import pytest
@@ -16,6 +17,8 @@ def test_demo_end_to_end_tiny(tmp_path, patched_install):
     for number in range(1, 5):
         assert f"[{number}/5] run 1/2" in proc.stdout and f"[{number}/5] run 2/2" in proc.stdout
     assert "[5/5]" in proc.stdout and "mean over 2 runs (seeds 7, 8)" in proc.stdout
+    # one summary line per run as it ends, then the table
+    assert len(re.findall(r"recall@10 paraphrased \d\.\d\d -> \d\.\d\d", proc.stdout)) == 2
     results = json.loads((out / "results.json").read_text())
     assert results["names"] == ["baseline CLIP", "after ParaCLIP", "image:para2 only"]
     assert [r["seed"] for r in results["runs"]] == [7, 8]

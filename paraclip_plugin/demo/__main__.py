@@ -162,13 +162,25 @@ def run_once(args, seed, out, label=""):
     return results, curves
 
 
+def run_summary(results):
+    """One line: AO@k and recall@k of both query kinds, before -> after, for a run's results."""
+    before, after = results[:2]
+    k = before["k"]
+    return ", ".join([f"AO@{k} {before[f'AO@{k}']:.3f} -> {after[f'AO@{k}']:.3f}"] + [
+        f"recall@{k} {kind} {before[kind][f'recall@{k}']:.2f} -> {after[kind][f'recall@{k}']:.2f}"
+        for kind in ("paraphrased", "original")])
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.runs < 1:
         raise SystemExit(f"demo: --runs must be at least 1, got {args.runs}")
     check_plot_support()
     if args.ablation:
-        from paraclip_plugin.loss import parse_terms
+        try:  # the training modules moved to paraclip_plugin.train on main; either layout works
+            from paraclip_plugin.train.loss import parse_terms
+        except ImportError:
+            from paraclip_plugin.loss import parse_terms
         try:
             parse_terms(args.ablation)
         except ValueError as e:
@@ -182,6 +194,7 @@ def main(argv=None):
         seed = args.seed + number
         label = f"run {number + 1}/{args.runs}: " if args.runs > 1 else ""
         runs.append((seed, *run_once(args, seed, out / f"seed-{seed}" if args.runs > 1 else out, label)))
+        print("      " + run_summary(runs[-1][1]), flush=True)
 
     stage(5, f"report in {out}")
     names = ("baseline CLIP", "after ParaCLIP") + ((f"{args.ablation} only",) if args.ablation else ())
