@@ -247,11 +247,6 @@ def main(argv=None):
         results["cases"][name] = r
         print(f"{name}: {r}", flush=True)
         save()
-    stock = results["cases"].get("stock", {}).get("samples_per_s")
-    for name, r in results["cases"].items():
-        if stock and r.get("samples_per_s"):
-            r["x_stock"] = round(r["samples_per_s"] / stock, 2)
-    save()
     failed = [name for name, r in results["cases"].items() if r["exit"] != 0]
     if failed:
         print(f"bench_e2e.py: failed: {', '.join(failed)} (logs in {args.folder})", file=sys.stderr)

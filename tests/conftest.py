@@ -59,7 +59,6 @@ def shards(tmp_path):
 
 # ---------------------------------------------------------------- running open_clip_train for real
 
-import hashlib
 import re
 import shutil
 import subprocess

@@ -1,8 +1,6 @@
 """The generation pipeline end to end, in process, over real HTTP to the local OpenAI-compatible server."""
 import json
 import os
-import tarfile
-import time
 
 import pytest
 

@@ -1,11 +1,9 @@
 """ParaCLIP fine-tuning through open_clip_train.main itself: torchrun (gloo, 2 CPU processes), real shards."""
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import (BIN, PYTHON, TINY_CONFIG, TINY_MODEL, final_state, logged_losses, read_log, run,
+from conftest import (BIN, PYTHON, TINY_CONFIG, final_state, logged_losses, read_log, run,
                       save_init_checkpoint, stock_open_clip_loads, torchrun, train_args, write_shards)
 
 TERMS = ("Image_para2_loss", "Caption_para1_loss", "Para1_para2_loss")

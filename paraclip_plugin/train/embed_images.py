@@ -132,11 +132,9 @@ class ShardEmbedder:
             sample[TOKENS_FIELD] = buf.getvalue()
             meta[TOKENS_KEY] = self.tokens_record
 
-    def prepare(self, src):
-        """(samples with token ids added, indices of the samples whose image decoded, those images as
-        one preprocessed batch or None). The CPU part of a shard."""
-        samples = list(read_tar_samples(src))
-        rows, images = [], []
+    def prepare_samples(self, src):
+        """(samples of ``src`` with token ids added and old embeddings dropped, [(index, image bytes)])."""
+        samples, with_image = list(read_tar_samples(src)), []
         for i, sample in enumerate(samples):
             data = image_bytes(sample)
             if data is None:
@@ -146,12 +144,24 @@ class ShardEmbedder:
             sample.pop(EMBEDDING_FIELD, None)  # never keep an embedding of other weights
             self.add_tokens(sample, meta)
             sample[METADATA] = json.dumps(meta).encode()
+            with_image.append((i, data))
+        return samples, with_image
+
+    def decode_images(self, items, src="?"):
+        """(indices whose image decoded, those images preprocessed as one batch or None) of [(index, bytes)]."""
+        rows, images = [], []
+        for i, data in items:
             try:
                 images.append(decode_image(data, self.preprocess))
                 rows.append(i)
             except Exception as e:  # a broken image loses its embedding, not the shard
-                logging.warning(f"{src}: sample '{sample.get('__key__')}': image not decodable: {e}")
-        return samples, rows, torch.stack(images) if images else None
+                logging.warning(f"{src}: image {i} not decodable: {e}")
+        return rows, torch.stack(images) if images else None
+
+    def prepare(self, src):
+        """The CPU part of a shard: (prepared samples, indices of those whose image decoded, the images)."""
+        samples, with_image = self.prepare_samples(src)
+        return (samples, *self.decode_images(with_image, src))
 
     @torch.no_grad()
     def encode(self, images):
@@ -166,15 +176,9 @@ class ShardEmbedder:
 
     def embed(self, images):
         """float16 [dim] per image (None where it can't be decoded), from encoded image bytes."""
-        decoded = {}
-        for i, data in enumerate(images):
-            try:
-                decoded[i] = decode_image(data, self.preprocess)
-            except Exception as e:
-                logging.warning(f"image {i} not decodable: {e}")
-        features = self.encode(torch.stack(list(decoded.values()))) if decoded else []
-        rows = dict(zip(decoded, features))
-        return [rows.get(i) for i in range(len(images))]
+        rows, batch = self.decode_images(enumerate(images))
+        found = dict(zip(rows, self.encode(batch))) if batch is not None else {}
+        return [found.get(i) for i in range(len(images))]
 
     def write(self, src, dst, samples, rows, features):
         """Add the embeddings to the prepared samples; write ``dst`` atomically. Returns (samples, embedded)."""
@@ -211,16 +215,9 @@ class ShardEmbedder:
 
     def process(self, src, dst):
         """One shard, all in this process (``embed`` may be replaced, e.g. by bench_loader.py)."""
-        samples = list(read_tar_samples(src))
-        with_image = [i for i, s in enumerate(samples) if image_bytes(s) is not None]
-        features = self.embed([image_bytes(samples[i]) for i in with_image])
-        for i in with_image:
-            meta = json.loads(samples[i][METADATA]) if METADATA in samples[i] else {}
-            meta.pop(EMBEDDING_KEY, None)
-            samples[i].pop(EMBEDDING_FIELD, None)
-            self.add_tokens(samples[i], meta)
-            samples[i][METADATA] = json.dumps(meta).encode()
-        done = [(i, f) for i, f in zip(with_image, features) if f is not None]
+        samples, with_image = self.prepare_samples(src)
+        features = self.embed([data for _, data in with_image])
+        done = [(i, f) for (i, _), f in zip(with_image, features) if f is not None]
         return self.write(src, dst, samples, [i for i, _ in done], [f for _, f in done])
 
     def run(self, jobs):
