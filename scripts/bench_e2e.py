@@ -10,7 +10,9 @@
      paraclip     --paraclip-loss from JPEGs (image tower frozen, three texts)
      embed        scripts/embed_images.py on the GPU (adds img_emb.npy + tokens.npy; images/s)
      cached       --paraclip-loss --image-embeddings (no image decoding, no image tower)
+     cached+causal   the same with --causal-attention (text attention as causal SDPA: FlashAttention)
      cached+compile  the same with --torchcompile
+     cached+causal+compile  with both
      compact      embed_images.py --compact (timed like embed), then --paraclip-loss --image-embeddings
                   on those compact shards (one packed member per sample)
      accum        --paraclip-loss --image-embeddings, --batch-size x --accum-freq = --accum-batch
@@ -41,7 +43,11 @@ from synthetic_shards import write_shards
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO, "paraclip_plugin", "model_configs", "paraclip-tiny.json")
 STEP_RE = re.compile(r"^(\S+) \|.*Train Epoch: \d+ \[.*Batch \(t\): [0-9.]+, ([0-9.e+]+)/s, ([0-9.e+]+)/s/gpu")
-CASES = ("stock", "paraclip", "embed", "cached", "cached+compile", "compact", "accum")
+CASES = ("stock", "paraclip", "embed", "cached", "cached+causal", "cached+compile", "cached+causal+compile",
+         "compact", "accum")
+# the cached cases' flags beside --paraclip-loss --image-embeddings
+CACHED = {"cached": (), "cached+causal": ("--causal-attention",), "cached+compile": ("--torchcompile",),
+          "cached+causal+compile": ("--causal-attention", "--torchcompile")}
 
 
 def parse_args(argv=None):
@@ -70,7 +76,8 @@ def parse_args(argv=None):
         args.model, args.samples, args.per_shard, args.batch_size = "paraclip-tiny", 512, 128, 32
         args.steps, args.skip_steps, args.workers, args.precision = 6, 2, 2, "fp32"
         args.accum_batch, args.accum_micro_batch, args.accum_steps = 64, 32, 2
-        args.cases = args.cases.replace(",cached+compile", "")  # Inductor on 2 CPU cores: minutes, not a check
+        # Inductor on 2 CPU cores: minutes, not a check
+        args.cases = ",".join(c for c in args.cases.split(",") if not c.endswith("+compile"))
     return args
 
 
@@ -230,15 +237,13 @@ def main(argv=None):
             r = train(args, name, plain, "--paraclip-loss")
         elif name == "embed":
             r = embed(args, plain, embedded)
-        elif name == "cached":
-            r = train(args, name, emb_pattern, "--paraclip-loss", "--image-embeddings")
+        elif name in CACHED:
+            r = train(args, name, emb_pattern, "--paraclip-loss", "--image-embeddings", *CACHED[name])
         elif name == "compact":
             compact = os.path.join(args.folder, "compact")
             made = embed(args, plain, compact, "--compact")
             r = train(args, name, os.path.join(compact, os.path.basename(plain)), "--paraclip-loss", "--image-embeddings")
             r["embed"] = made
-        elif name == "cached+compile":
-            r = train(args, name, emb_pattern, "--paraclip-loss", "--image-embeddings", "--torchcompile")
         else:  # accum
             accum = args.accum_batch // args.accum_micro_batch
             r = train(args, name, emb_pattern, "--paraclip-loss", "--image-embeddings", "--accum-freq", str(accum),

@@ -13,7 +13,9 @@ AdamW on the text tower, the ParaCLIP loss (3 InfoNCE terms):
     plugin-img  the plugin's model (open_clip_train --paraclip-loss): frozen image tower on images +
                 one fused text forward cut to the longest sequence
     plugin-emb  the same with cached image embeddings (--image-embeddings): no image tower at all
-    NAME+compile  that step with the plugin's model under torch.compile (compilation in the warm-up)
+    NAME+causal   that step with --causal-attention (the text attention as causal SDPA, FlashAttention)
+    NAME+compile  that step with the plugin's model under torch.compile (compilation in the warm-up);
+                  both as NAME+causal+compile
 
 TFLOP/s counts the step's FLOPs with torch.utils.flop_counter (matmuls/attention as torch dispatches
 them) and divides by the measured step time; the peak is the card's dense bf16 tensor-core peak.
@@ -26,6 +28,7 @@ import open_clip
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from paraclip_plugin.train.attention import causal_attention
 from paraclip_plugin.train.loss import ParaCLIPLoss, parse_terms, DEFAULT_TERMS
 from paraclip_plugin.train.model import enable_paraphrase_forward, freeze_visual
 
@@ -45,7 +48,8 @@ def parse_args():
     p.add_argument("--compile", action="store_true", help="add plugin-img+compile and plugin-emb+compile")
     p.add_argument("--peak-tflops", type=float, default=None, help="the card's bf16 peak (default: by device name)")
     p.add_argument("--steps-only", default="naive,plugin-img,plugin-emb",
-                   help="cases, comma-separated: naive, plugin-img, plugin-emb, each plugin one also as NAME+compile")
+                   help="cases, comma-separated: naive, plugin-img, plugin-emb, each plugin one also as NAME+compile, "
+                        "NAME+causal and NAME+causal+compile")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="CPU, paraclip-tiny, batches 16,32, 2 steps, float32: checks the script, measures nothing useful")
@@ -58,12 +62,16 @@ def parse_args():
     return args
 
 
-def make_model(args, device, plugin):
+def make_model(args, device, plugin, causal=False):
     torch.manual_seed(0)
     model = open_clip.create_model(args.model, output_dict=True, device=device)
     freeze_visual(model)
     if plugin:
         enable_paraphrase_forward(model)
+    if causal:
+        blocks, why_not = causal_attention(model)
+        if not blocks:
+            raise SystemExit(f"bench_step.py: +causal does not apply to {args.model}: {why_not}")
     model.train()
     return model
 
@@ -103,11 +111,12 @@ def plugin_step(model, loss_fn, images, texts, embeddings, use_embeddings):
 class Case:
     def __init__(self, name, args, device, autocast):
         self.name, self.args, self.device, self.autocast = name, args, device, autocast
-        self.kind, _, compiled = name.partition("+")
-        if self.kind not in ("naive", "plugin-img", "plugin-emb") or compiled not in ("", "compile") or \
-                (compiled and self.kind == "naive"):
+        self.kind, *modifiers = name.split("+")
+        if self.kind not in ("naive", "plugin-img", "plugin-emb") or modifiers not in ([], ["compile"], ["causal"], [
+                "causal", "compile"]) or (modifiers and self.kind == "naive"):
             raise SystemExit(f"bench_step.py: unknown case '{name}' in --steps-only")
-        self.model = make_model(args, device, plugin=self.kind != "naive")
+        compiled = "compile" in modifiers
+        self.model = make_model(args, device, plugin=self.kind != "naive", causal="causal" in modifiers)
         self.callable_model = torch.compile(self.model) if compiled else self.model
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")

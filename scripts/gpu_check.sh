@@ -4,13 +4,15 @@
 #
 #   1. tests        pytest -m gpu tests/test_gpu.py: trimmed vs stock features/gradients under autocast,
 #                   the frozen tower under AMP, open_clip_train --paraclip-loss steps (amp_bf16, --torchcompile)
-#   2. step         scripts/bench_step.py: naive vs plugin step, batches 1,024 and 3,072, eager and compiled
+#   2. step         scripts/bench_step.py: naive vs plugin step, batches 1,024 and 3,072, eager and compiled,
+#                   with the mask and with --causal-attention
 #   3. e2e          scripts/bench_e2e.py: real open_clip_train runs from shards on local disk
 #
 # Each stage has a hard time budget (120 + 150 + 210 s), so the whole check ends inside one
-# 10-minute device call; GPU_CHECK_STAGES="e2e" (say) reruns only some stages, GPU_CHECK_E2E_CASES
-# picks bench_e2e.py's cases (e.g. stock,cached,cached+compile,compact,accum) and GPU_CHECK_E2E_BUDGET
-# its seconds.
+# 10-minute device call; GPU_CHECK_STAGES="e2e" (say) reruns only some stages. GPU_CHECK_STEP_CASES and
+# GPU_CHECK_E2E_CASES pick bench_step.py's and bench_e2e.py's cases (in the order given: results are
+# kept case by case, so a stage stopped at its budget keeps what it measured), GPU_CHECK_STEP_BUDGET
+# and GPU_CHECK_E2E_BUDGET their seconds.
 # Results: $OUT/gpu_check.json and gpu_check.md (+ logs.tar.gz), made by scripts/gpu_report.py;
 # `python scripts/gpu_report.py publish $OUT/gpu_check.json` files them under benchmarks/ and
 # regenerates the README's performance section.
@@ -59,14 +61,15 @@ if [ "$SMOKE" = 0 ]; then
     { nvidia-smi; df -h /dev/shm "$WORK"; nproc; free -g; } > "$WORK/logs/machine.log" 2>&1
     want tests && stage tests 120 env PARACLIP_TEST_DEVICE=cuda $PY -m pytest -p no:cacheprovider -q -m gpu \
         tests/test_gpu.py --junitxml "$WORK/tests.xml" -o junit_family=xunit1
-    want step && stage step 150 $PY scripts/bench_step.py --steps 10 --warmup 3 \
-        --steps-only naive,plugin-img,plugin-emb,plugin-emb+compile --json "$WORK/step.json"
+    want step && stage step "${GPU_CHECK_STEP_BUDGET:-150}" $PY scripts/bench_step.py --steps 10 --warmup 3 --json "$WORK/step.json" \
+        --steps-only "${GPU_CHECK_STEP_CASES:-naive,plugin-emb,plugin-emb+compile,plugin-emb+causal,plugin-emb+causal+compile}"
     want e2e && stage e2e "${GPU_CHECK_E2E_BUDGET:-210}" $PY scripts/bench_e2e.py --folder "$WORK/e2e" --json "$WORK/e2e.json" \
-        --run-timeout 90 --cases "${GPU_CHECK_E2E_CASES:-stock,paraclip,embed,cached,accum}"
+        --run-timeout 120 --cases "${GPU_CHECK_E2E_CASES:-stock,embed,cached+causal+compile,cached,paraclip,accum}"
 else
     want tests && stage tests 600 env PARACLIP_TEST_DEVICE=cpu $PY -m pytest -p no:cacheprovider -q -m gpu tests/test_gpu.py \
         --junitxml "$WORK/tests.xml" -o junit_family=xunit1
-    want step && stage step 300 $PY scripts/bench_step.py --cpu-smoke --json "$WORK/step.json"
+    want step && stage step 300 $PY scripts/bench_step.py --cpu-smoke --json "$WORK/step.json" \
+        --steps-only naive,plugin-img,plugin-emb,plugin-emb+causal
     want e2e && stage e2e 600 $PY scripts/bench_e2e.py --cpu-smoke --folder "$WORK/e2e" --json "$WORK/e2e.json"
 fi
 $PY scripts/gpu_report.py collect --work "$WORK" --out "$OUT" $([ "$SMOKE" = 1 ] && echo --cpu-smoke) || STATUS=1

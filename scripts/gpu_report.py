@@ -87,7 +87,8 @@ def targets(step, e2e):
         out.append({"target": name, "value": value, "goal": goal, "met": met, "note": note})
 
     naive = step_case(step, "naive", 1024)
-    plugin = [c for c in (step_case(step, n, 1024) for n in ("plugin-img", "plugin-emb", "plugin-emb+compile")) if c]
+    plugin = [c for c in (step or {}).get("cases", [])
+              if c["batch"] == 1024 and c["step"] != "naive" and not c.get("oom")]
     if naive and plugin:
         best = max(plugin, key=lambda c: c["samples_per_s"])
         ratio = best["samples_per_s"] / naive["samples_per_s"]
@@ -114,12 +115,18 @@ def targets(step, e2e):
             accum["exit"] == 0 and accum.get("optimizer_steps", 0) >= 1,
             f"exit {accum['exit']}, {accum.get('optimizer_steps')} optimizer steps, GPU memory in use "
             f"max {accum.get('gpu_memory_max_gib')} GiB")
-    stock, para, cached = (cases.get(k, {}).get("samples_per_s") for k in ("stock", "paraclip", "cached"))
-    add("end to end, cached embeddings: samples/s", cached, ">= 10,000", None if cached is None else cached >= 10000)
-    for name, value, goal, floor in (("end to end, cached vs stock", cached, ">= 4x", 4),
-                                     ("end to end, ParaCLIP from JPEGs vs stock", para, ">= 0.9x", 0.9)):
+    stock, para = (cases.get(k, {}).get("samples_per_s") for k in ("stock", "paraclip"))
+    # (c) is --paraclip-loss --image-embeddings with whichever further flags ran fastest
+    cached_runs = {k: c["samples_per_s"] for k, c in cases.items()
+                   if (k.startswith("cached") or k == "compact") and c.get("samples_per_s")}
+    best = max(cached_runs, key=cached_runs.get, default=None)
+    cached, which = (cached_runs[best], f"{best}: {cached_runs[best]:,.0f} samples/s") if best else (None, "")
+    add("end to end, cached embeddings: samples/s", cached, ">= 10,000", None if cached is None else cached >= 10000,
+        which)
+    for name, value, goal, floor, note in (("end to end, cached vs stock", cached, ">= 4x", 4, which),
+                                           ("end to end, ParaCLIP from JPEGs vs stock", para, ">= 0.9x", 0.9, "")):
         ratio = None if not (value and stock) else round(value / stock, 2)
-        add(name, ratio, goal, None if ratio is None else ratio >= floor)
+        add(name, ratio, goal, None if ratio is None else ratio >= floor, note)
     return out
 
 
@@ -206,7 +213,9 @@ def render(result, source):
             label = {"stock": "stock `--lock-image`, JPEG + caption", "paraclip": "`--paraclip-loss`, JPEG",
                      "embed": "`embed_images.py` (whole run, start-up included)",
                      "cached": "`--paraclip-loss --image-embeddings`",
+                     "cached+causal": "`--paraclip-loss --image-embeddings --causal-attention`",
                      "cached+compile": "`--paraclip-loss --image-embeddings --torchcompile`",
+                     "cached+causal+compile": "`--paraclip-loss --image-embeddings --causal-attention --torchcompile`",
                      "compact": "`--paraclip-loss --image-embeddings`, compact shards",
                      "accum": f"the same, {case.get('batch', 0):,} per step via `--accum-freq`"}.get(name, name)
             lines.append(f"| {label} | {rate} | {fmt(ratio, '.2f')} | {fmt(case.get('gpu_util_mean_pct'), '.0f')} "

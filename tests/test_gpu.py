@@ -15,6 +15,7 @@ import torch
 
 from conftest import TINY_CONFIG, TINY_MODEL, final_state, logged_losses, read_log, torchrun, train_args, \
     save_init_checkpoint, write_shards
+from paraclip_plugin.train.attention import causal_attention
 from paraclip_plugin.train.model import enable_paraphrase_forward, freeze_visual
 from paraclip_plugin.train.trimming import TextTrimming
 from test_train import TERMS, split
@@ -97,6 +98,38 @@ def test_trimmed_text_features_and_gradients_match_stock_under_autocast(device, 
     assert stock_grads["positional_embedding"][length:].abs().max() == 0
 
 
+def test_causal_attention_runs_flash_attention_and_matches_the_mask_under_bf16(device, model_name, record_property):
+    """--causal-attention: the text tower runs with only FlashAttention allowed (on CUDA the masked path
+    cannot: FlashAttention takes no mask), and its trimmed features and gradients match the mask's."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    torch.manual_seed(0)
+    model = open_clip.create_model(model_name, device=device)
+    freeze_visual(model)
+    trimming = TextTrimming.for_model(model)[0]
+    generator = torch.Generator().manual_seed(2)
+    text = random_texts(64, model.context_length, generator).reshape(-1, model.context_length).to(device)
+    weights = torch.randn(text.shape[0], model.text_projection.shape[-1], generator=generator).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        masked = trimming.encode_text(model, text)
+        masked_grads = text_grads(model, trimming.encode_text(model, text), weights)
+        if device.type == "cuda":
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), pytest.raises(RuntimeError, match="No available kernel"):
+                trimming.encode_text(model, text)
+    assert causal_attention(model)[0] == len(model.transformer.resblocks)
+    with torch.autocast(device.type, dtype=torch.bfloat16), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        hinted = trimming.encode_text(model, text)
+        hinted_grads = text_grads(model, trimming.encode_text(model, text), weights)
+    feature_diff = (hinted.float() - masked.float()).abs().max().item()
+    rel = {k: ((hinted_grads[k] - masked_grads[k]).norm() / masked_grads[k].norm().clamp_min(1e-12)).item()
+           for k in masked_grads if masked_grads[k].norm() > 0}
+    worst = max(rel, key=rel.get)
+    record_property("causal_feature_max_abs_diff", feature_diff)
+    record_property("causal_grad_max_rel_diff", rel[worst])
+    record_property("causal_grad_worst_param", worst)
+    assert feature_diff <= FEATURE_ATOL
+    assert rel[worst] <= GRAD_RTOL, worst
+
+
 @pytest.mark.parametrize("precision", ["amp_bf16", "amp"])
 def test_frozen_image_tower_gets_no_gradient_and_stays_bit_identical(device, model_name, precision):
     """Three optimizer steps as open_clip_train takes them (autocast; GradScaler for fp16 'amp')."""
@@ -140,21 +173,25 @@ def world(tmp_path_factory):
                 init=save_init_checkpoint(root / "init.pt"), logs=root / "logs")
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "torchcompile"])
-def test_open_clip_train_paraclip_steps_in_amp_bf16(device, world, patched_install, compiled, record_property):
-    """open_clip_train.main --paraclip-loss --precision amp_bf16 on one device, eager and --torchcompile
-    (TORCH_LOGS=recompiles shows through the plugin: the recompiles are counted)."""
-    name = f"amp_bf16_{'compiled' if compiled else 'eager'}"
+@pytest.mark.parametrize("compiled,causal", [(False, False), (True, False), (True, True)],
+                         ids=["eager", "torchcompile", "torchcompile+causal"])
+def test_open_clip_train_paraclip_steps_in_amp_bf16(device, world, patched_install, compiled, causal, record_property):
+    """open_clip_train.main --paraclip-loss --precision amp_bf16 on one device, eager, --torchcompile and
+    --torchcompile --causal-attention (TORCH_LOGS=recompiles shows through the plugin: the recompiles are counted)."""
+    name = f"amp_bf16_{'compiled' if compiled else 'eager'}{'_causal' if causal else ''}"
     args = train_args(world["data"], world["logs"], name, world["init"], "--paraclip-loss",
                       "--precision", "amp_bf16", "--device", device.type, batch_size=16)
     if compiled:
         args += ["--torchcompile"]
+    if causal:
+        args += ["--causal-attention"]
     proc = torchrun(["open_clip_train.main", *args], nproc=1, env_extra={"TORCH_LOGS": "recompiles"}, timeout=600)
     log = read_log(world["logs"], name)
     steps = logged_losses(log)
     assert len(steps) == 4  # 64 samples / 16
     assert all(torch.isfinite(torch.tensor(step[t])).item() for step in steps for t in ("Loss", *TERMS))
     assert f"Running with a single process. Device {device.type}" in log
+    assert ("ParaCLIP: text attention runs as causal SDPA" in log) == causal
     state, init = final_state(world["logs"], name), torch.load(world["init"])
     (visual, text), (init_visual, init_text) = split(state), split(init)
     assert all(torch.equal(visual[k], init_visual[k]) for k in init_visual)

@@ -19,16 +19,16 @@ def test_gpu_check_cpu_smoke_runs_every_stage(tmp_path, patched_install):
     assert result["kind"] == "cpu-smoke"
     assert [(s["stage"], s["rc"]) for s in result["stages"]] == [("tests", 0), ("step", 0), ("e2e", 0)]
     tests = result["tests"]
-    assert (tests["passed"], tests["failed"], tests["skipped"]) == (6, 0, 0)
+    assert (tests["passed"], tests["failed"], tests["skipped"]) == (8, 0, 0)
     trimmed = [c for c in tests["cases"] if c["name"].startswith("test_trimmed")]
     assert all(float(c["properties"]["bfloat16_feature_max_abs_diff" if "dtype0" in c["name"] else
                                      "float16_feature_max_abs_diff"]) >= 0 for c in trimmed)
     assert {(c["step"], c["batch"]) for c in result["step"]["cases"]} == {
-        (s, b) for s in ("naive", "plugin-img", "plugin-emb") for b in (16, 32)}
+        (s, b) for s in ("naive", "plugin-img", "plugin-emb", "plugin-emb+causal") for b in (16, 32)}
     cases = result["e2e"]["cases"]
-    assert list(cases) == ["stock", "paraclip", "embed", "cached", "compact", "accum"]
+    assert list(cases) == ["stock", "paraclip", "embed", "cached", "cached+causal", "compact", "accum"]
     assert all(c["exit"] == 0 for c in cases.values())
-    for name in ("stock", "paraclip", "cached", "compact"):
+    for name in ("stock", "paraclip", "cached", "cached+causal", "compact"):
         assert cases[name]["samples_per_s"] > 0 and cases[name]["steps_logged"] == result["e2e"]["steps"]
     assert cases["accum"]["optimizer_steps"] == 2 and cases["accum"]["batch"] == 64
     assert {t["target"] for t in result["targets"]} >= {"end to end, cached vs stock",

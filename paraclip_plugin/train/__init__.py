@@ -9,6 +9,7 @@
     embed_images.py   paraclip-embed-images: adds embeddings and token ids to shards (or writes compact ones)
     model.py          the frozen image tower and the fused three-text forward
     trimming.py       exact sequence trimming of that forward
+    attention.py      --causal-attention: the text attention as causal SDPA (the is_causal hint)
     loss.py           the ParaCLIP loss
     runner.py         ``python -m paraclip_plugin.train ARGS``: open_clip_train.main with the hooks, for
                       installs whose site-packages can't be patched

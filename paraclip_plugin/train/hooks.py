@@ -11,6 +11,7 @@ import sys
 
 import open_clip
 
+from paraclip_plugin.train.attention import enable_causal_attention
 from paraclip_plugin.train.decode import compact_decode_stages, is_compact, paraclip_decode_stages, shard_size_stages
 from paraclip_plugin.train.embeddings import visual_fingerprint
 from paraclip_plugin.train.loss import DEFAULT_TERMS, ParaCLIPLoss, parse_terms, parse_weights
@@ -54,6 +55,12 @@ def add_arguments(parser):
         "--text-trimming", action=argparse.BooleanOptionalAction, default=True,
         help="With --paraclip-loss: cut each fused text batch to its longest sequence where that is "
              "exact (causal text towers pooling at EOT); --no-text-trimming always runs the full context.")
+    group.add_argument(
+        "--causal-attention", action="store_true", default=False,
+        help="Tell the text tower's attention that its mask is the causal mask (torch's is_causal hint), so "
+             "scaled_dot_product_attention can use FlashAttention instead of reading an additive mask. The same "
+             "attention, other kernels (on a GPU the rounding differs). Works with any loss; open_clip text "
+             "towers with a causal mask only, otherwise a warning says why it has no effect.")
 
 
 # below this, a pure_bf16 weight update is mostly rounded away (bf16 has an 8-bit significand)
@@ -117,6 +124,8 @@ def wrap_model(model, args):
         logging.info("ParaCLIP: image tower frozen (eval mode, no gradients, not optimized).")
     if args.paraclip_loss:
         enable_paraphrase_forward(model, trim=args.text_trimming)
+    if args.causal_attention:
+        enable_causal_attention(model)
     if args.image_embeddings:
         _frozen_visual["visual"] = model.visual
     return model
