@@ -21,7 +21,8 @@
    waits included): the steps after --skip-steps warm-up steps together, i.e. their samples over the
    sum of their step times (the harmonic mean of the per-step rates). Data workers deliver batches in
    bursts (each worker one whole batch), so the window should span several rounds of --workers steps:
-   the defaults skip one round and time four. Where ``nvidia-smi`` exists, GPU utilisation and memory
+   the defaults skip one round and time four. The share of that time spent waiting for the loader
+   (open_clip's 'Data (t)') is reported as data_wait_pct: near 0, the step itself is the bound. Where ``nvidia-smi`` exists, GPU utilisation and memory
    in use are sampled every 0.2 s during each run (memory: what the process holds, allocator cache
    included, so an upper bound of the peak tensor memory).
 Ratios against ``stock`` are measured in the same call, on the same machine.
@@ -42,7 +43,8 @@ from synthetic_shards import write_shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO, "paraclip_plugin", "model_configs", "paraclip-tiny.json")
-STEP_RE = re.compile(r"^(\S+) \|.*Train Epoch: \d+ \[.*Batch \(t\): [0-9.]+, ([0-9.e+]+)/s, ([0-9.e+]+)/s/gpu")
+STEP_RE = re.compile(r"^(\S+) \|.*Train Epoch: \d+ \[.*Data \(t\): ([0-9.]+) Batch \(t\): ([0-9.]+), "
+                     r"([0-9.e+]+)/s, ([0-9.e+]+)/s/gpu")
 CASES = ("stock", "paraclip", "embed", "cached", "cached+causal", "cached+compile", "cached+causal+compile",
          "compact", "accum")
 # the cached cases' flags beside --paraclip-loss --image-embeddings
@@ -132,13 +134,14 @@ def run(cmd, log_path, timeout, env=None):
 
 
 def step_rates(log_text):
-    """Per logged step: (time, samples/s, samples/s/gpu) from open_clip's 'Train Epoch' lines."""
+    """Per logged step: (time, samples/s, seconds waiting for data, step seconds) from open_clip's
+    'Train Epoch' lines (logged every step, open_clip's meters hold that step alone)."""
     rates = []
     for line in log_text.splitlines():
         m = STEP_RE.match(line)
         if m:
             when = datetime.strptime(m.group(1), "%Y-%m-%d,%H:%M:%S").timestamp()
-            rates.append((when, float(m.group(2)), float(m.group(3))))
+            rates.append((when, float(m.group(4)), float(m.group(2)), float(m.group(3))))
     return rates
 
 
@@ -168,6 +171,8 @@ def train(args, name, data, *flags, batch_size=None, steps=None):
               "flags": " ".join(flags)}
     if timed:
         result["samples_per_s"] = round(len(timed) / sum(1 / r[1] for r in timed), 1)
+        # the share of the timed steps' time spent waiting for the loader (the rest: the step itself)
+        result["data_wait_pct"] = round(100 * sum(r[2] for r in timed) / sum(r[3] for r in timed), 1)
         result.update(gpu.summary(timed[0][0], timed[-1][0] + 1))
     else:
         result.update(gpu.summary())

@@ -64,11 +64,15 @@ def embed_shards(src_pattern, dst_folder, model_name, model, pretrained, compact
 
 
 def loader_args(data, samples, args, **plugin):
-    return SimpleNamespace(
-        train_data=data, val_data=None, train_num_samples=10 ** 9, dataset_resampled=True,
-        train_data_upsampling_factors=None, batch_size=args.batch_size, workers=args.workers, seed=0,
-        world_size=1, rank=0, model=args.model, pretrained=None, precision="amp", paraclip_loss=False, image_embeddings=False,
-        frozen_visual=False, text_trimming=True, **plugin)
+    """What open_clip_train.main's args hold for get_wds_dataset and the hooks: the plugin's flags at
+    their defaults (from its own parser), then ``plugin``'s."""
+    parser = argparse.ArgumentParser()
+    hooks.add_arguments(parser)
+    return SimpleNamespace(**{
+        **vars(parser.parse_args([])), "frozen_visual": False,
+        "train_data": data, "val_data": None, "train_num_samples": 10 ** 9, "dataset_resampled": True,
+        "train_data_upsampling_factors": None, "batch_size": args.batch_size, "workers": args.workers, "seed": 0,
+        "world_size": 1, "rank": 0, "model": args.model, "pretrained": None, "precision": "amp", **plugin})
 
 
 def time_loader(name, largs, model, preprocess, tokenizer, seconds):

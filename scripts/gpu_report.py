@@ -205,7 +205,8 @@ def render(result, source):
                   f"batch {e2e['batch']:,}, {e2e['workers']} data workers, {e2e['precision']}, {e2e['samples']:,} "
                   f"synthetic LAION-like samples on local disk; open_clip's own samples/s over steps "
                   f"{e2e['skip_steps'] + 1}-{e2e['steps']}, data waits included):", "",
-                  "| run | samples/s | x stock | GPU util % | GPU memory in use, max GiB | exit |", "|---|---|---|---|---|---|"]
+                  "| run | samples/s | x stock | waiting for data % | GPU util % | GPU memory in use, max GiB | exit |",
+                  "|---|---|---|---|---|---|---|"]
         stock = e2e["cases"].get("stock", {}).get("samples_per_s")
         for name, case in e2e["cases"].items():
             ratio = case["samples_per_s"] / stock if stock and case.get("samples_per_s") else None
@@ -218,7 +219,8 @@ def render(result, source):
                      "cached+causal+compile": "`--paraclip-loss --image-embeddings --causal-attention --torchcompile`",
                      "compact": "`--paraclip-loss --image-embeddings`, compact shards",
                      "accum": f"the same, {case.get('batch', 0):,} per step via `--accum-freq`"}.get(name, name)
-            lines.append(f"| {label} | {rate} | {fmt(ratio, '.2f')} | {fmt(case.get('gpu_util_mean_pct'), '.0f')} "
+            lines.append(f"| {label} | {rate} | {fmt(ratio, '.2f')} | {fmt(case.get('data_wait_pct'), '.0f')} "
+                         f"| {fmt(case.get('gpu_util_mean_pct'), '.0f')} "
                          f"| {fmt(case.get('gpu_memory_max_gib'), '.1f')} | {case['exit']} |")
         lines.append("")
     lines += ["**Targets:**", "", "| target | measured | goal | met | |", "|---|---|---|---|---|"]

@@ -59,6 +59,17 @@ def test_causal_sdpa_gives_the_masks_features_and_gradients(force_custom_text, t
         torch.testing.assert_close(hinted[1][name], masked[1][name], atol=1e-7, rtol=1e-5, msg=name)
 
 
+def test_evaluation_under_inference_mode_is_unchanged():
+    """open_clip_train's zero-shot evaluation: eval mode, inference_mode (MultiheadAttention's fast path)."""
+    model = tiny(9).eval()
+    text = random_tokens(torch.Generator().manual_seed(9), 8)
+    with torch.inference_mode():
+        masked = model.encode_text(text, normalize=True)
+        causal_attention(model)
+        hinted = model.encode_text(text, normalize=True)
+    torch.testing.assert_close(hinted, masked, atol=1e-6, rtol=1e-5)
+
+
 def test_only_the_text_towers_attention_changes_and_state_dict_keys_stay(sdpa_calls):
     model = enable_paraphrase_forward(tiny(5))
     keys = list(model.state_dict())

@@ -30,6 +30,7 @@ def test_gpu_check_cpu_smoke_runs_every_stage(tmp_path, patched_install):
     assert all(c["exit"] == 0 for c in cases.values())
     for name in ("stock", "paraclip", "cached", "cached+causal", "compact"):
         assert cases[name]["samples_per_s"] > 0 and cases[name]["steps_logged"] == result["e2e"]["steps"]
+        assert 0 <= cases[name]["data_wait_pct"] < 100
     assert cases["accum"]["optimizer_steps"] == 2 and cases["accum"]["batch"] == 64
     assert {t["target"] for t in result["targets"]} >= {"end to end, cached vs stock",
                                                          "one optimizer step of 32,768 via --accum-freq"}
