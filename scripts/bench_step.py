@@ -50,15 +50,20 @@ def parse_args():
     p.add_argument("--steps-only", default="naive,plugin-img,plugin-emb",
                    help="cases, comma-separated: naive, plugin-img, plugin-emb, each plugin one also as NAME+compile, "
                         "NAME+causal and NAME+causal+compile")
+    p.add_argument("--profile", default="1024", metavar="BATCHES",
+                   help="batch sizes whose cases are also profiled (3 steps under torch.profiler: kernel time by "
+                        "kind, top kernels, GPU busy share), comma-separated; '' for none (default: %(default)s)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="CPU, paraclip-tiny, batches 16,32, 2 steps, float32: checks the script, measures nothing useful")
     args = p.parse_args()
     if args.cpu_smoke:
         args.model, args.batch_sizes, args.steps, args.warmup = "paraclip-tiny", "16,32", 2, 1
+        args.profile = "16"
         open_clip.add_model_config(TINY_CONFIG)
     if args.compile:
         args.steps_only += ",plugin-img+compile,plugin-emb+compile"
+    args.profile_batches = {int(b) for b in args.profile.split(",") if b.strip()}
     return args
 
 
@@ -144,6 +149,47 @@ class Case:
         return counter.get_total_flops()
 
 
+# kernel (CUDA) or op (CPU) names -> what the time went to; the first match wins
+KINDS = (("attention", ("flash", "fmha", "attention", "attn")),
+         ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "aten::mm", "aten::addmm", "aten::bmm")),
+         ("optimizer", ("adam", "multi_tensor_apply", "_foreach")))
+
+
+def kind_of(name):
+    low = name.lower()
+    return next((kind for kind, marks in KINDS if any(m in low for m in marks)), "other")
+
+
+def profile_case(case, batch, steps=3, top=8):
+    """Where one step's time goes: ``steps`` steps under torch.profiler. On CUDA the kernels' own time,
+    by kind (matmul, attention, optimizer, other: elementwise, norms, reductions, copies) and the top
+    kernels, and the GPU's busy share of the profiled wall time (the profiler's own CPU overhead
+    included, so a lower bound where the step is launch-bound). On CPU, the ops' self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = case.device.type == "cuda"
+    sync(case.device)
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            case.step(batch)
+        sync(case.device)
+    wall = time.perf_counter() - start
+    if cuda:
+        events = [(e.key, e.self_device_time_total) for e in prof.key_averages()
+                  if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
+    else:
+        events = [(e.key, e.self_cpu_time_total) for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(us for _, us in events) or 1.0
+    by_kind = {kind: 0.0 for kind in ("matmul", "attention", "optimizer", "other")}
+    for name, us in events:
+        by_kind[kind_of(name)] += us
+    return {"steps": steps, "time": "kernel" if cuda else "op self CPU",
+            "busy_pct": round(100 * total / 1e6 / wall, 1) if cuda else None,
+            "by_kind_pct": {k: round(100 * us / total, 1) for k, us in by_kind.items()},
+            "top": [{"name": name[:100], "ms_per_step": round(us / 1e3 / steps, 3), "pct": round(100 * us / total, 1)}
+                    for name, us in sorted(events, key=lambda e: -e[1])[:top]]}
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -166,10 +212,14 @@ def run_case(case, batch_size, args):
         seconds = (time.perf_counter() - start) / args.steps
         peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
         flops = case.flops(batch)
+        profiled = profile_case(case, batch) if batch_size in args.profile_batches else None
     except torch.cuda.OutOfMemoryError:
         case.optimizer.zero_grad(set_to_none=True)
         return dict(oom=True)
-    return dict(oom=False, samples_per_s=batch_size / seconds, peak_gib=peak, tflops=flops / seconds / 1e12)
+    result = dict(oom=False, samples_per_s=batch_size / seconds, peak_gib=peak, tflops=flops / seconds / 1e12)
+    if profiled:
+        result["profile"] = profiled
+    return result
 
 
 def device_peak(args, device):
@@ -203,7 +253,10 @@ def main():
             case = Case(name, args, device, autocast)
             results[name, batch_size] = run_case(case, batch_size, args)
             del case
-            print(f"{name} at batch {batch_size}: {results[name, batch_size]}", flush=True)
+            print(f"{name} at batch {batch_size}: "
+                  f"{ {k: v for k, v in results[name, batch_size].items() if k != 'profile'} }", flush=True)
+            if "profile" in results[name, batch_size]:
+                print(f"  profile: {json.dumps(results[name, batch_size]['profile'])}", flush=True)
             if args.json:  # after every case: a run stopped at its time limit keeps what it measured
                 with open(args.json, "w") as f:
                     json.dump({"device": where, "torch": torch.__version__, "model": args.model,

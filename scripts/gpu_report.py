@@ -199,6 +199,20 @@ def render(result, source):
             lines.append(f"| {case['step']} | {case['batch']:,} | {fmt(case['samples_per_s'])} | "
                          f"{fmt(case.get('peak_gib'), '.1f')} | {fmt(case['tflops'], '.3g')} | {share} | {ratio} |")
         lines.append("")
+        profiled = [c for c in step["cases"] if c.get("profile")]
+        if profiled:
+            lines += [f"Where a step's time goes (`bench_step.py --profile`: {profiled[0]['profile']['steps']} steps under "
+                      f"torch.profiler; {profiled[0]['profile']['time']} time by kind; busy: the GPU's share of the "
+                      f"profiled wall time):", "",
+                      "| step | batch | busy % | matmul % | attention % | optimizer % | other % | longest |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for case in profiled:
+                prof = case["profile"]
+                kinds = " | ".join(fmt(prof["by_kind_pct"].get(k), ".0f") for k in ("matmul", "attention", "optimizer", "other"))
+                longest = prof["top"][0] if prof["top"] else None
+                longest = f"`{longest['name'][:60]}` {longest['pct']:.0f}%" if longest else ""
+                lines.append(f"| {case['step']} | {case['batch']:,} | {fmt(prof.get('busy_pct'), '.0f')} | {kinds} | {longest} |")
+            lines.append("")
     e2e = result.get("e2e")
     if e2e:
         lines += [f"**End to end** (`scripts/bench_e2e.py`: `torchrun -m open_clip_train.main` on 1 GPU, {e2e['model']}, "

@@ -25,6 +25,10 @@ def test_gpu_check_cpu_smoke_runs_every_stage(tmp_path, patched_install):
                                      "float16_feature_max_abs_diff"]) >= 0 for c in trimmed)
     assert {(c["step"], c["batch"]) for c in result["step"]["cases"]} == {
         (s, b) for s in ("naive", "plugin-img", "plugin-emb", "plugin-emb+causal") for b in (16, 32)}
+    profiled = [c for c in result["step"]["cases"] if "profile" in c]  # --cpu-smoke profiles batch 16
+    assert {(c["step"], c["batch"]) for c in profiled} == {
+        (s, 16) for s in ("naive", "plugin-img", "plugin-emb", "plugin-emb+causal")}
+    assert all(abs(sum(c["profile"]["by_kind_pct"].values()) - 100) < 0.5 and c["profile"]["top"] for c in profiled)
     cases = result["e2e"]["cases"]
     assert list(cases) == ["stock", "paraclip", "embed", "cached", "cached+causal", "compact", "accum"]
     assert all(c["exit"] == 0 for c in cases.values())
@@ -36,6 +40,7 @@ def test_gpu_check_cpu_smoke_runs_every_stage(tmp_path, patched_install):
                                                          "one optimizer step of 32,768 via --accum-freq"}
     md = (tmp_path / "out" / "gpu_check.md").read_text()
     assert "CPU smoke run: checks the scripts, measures nothing" in md and "| `--paraclip-loss`, JPEG |" in md
+    assert "Where a step's time goes" in md
 
 
 def test_readme_gpu_section_is_the_newest_filed_result():
