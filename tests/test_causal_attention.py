@@ -59,6 +59,25 @@ def test_causal_sdpa_gives_the_masks_features_and_gradients(force_custom_text, t
         torch.testing.assert_close(hinted[1][name], masked[1][name], atol=1e-7, rtol=1e-5, msg=name)
 
 
+def test_with_grad_checkpointing_and_16_bit_weights(sdpa_calls):
+    """--grad-checkpointing re-runs the blocks (the hint holds there too); --precision pure_bf16/fp16 casts
+    the causal mask buffer, which is still recognised as causal."""
+    rng = torch.Generator().manual_seed(10)
+    text, weights = random_tokens(rng, 6, max_len=14), torch.randn(6, 64, generator=rng)
+    model = tiny(10)
+    model.set_grad_checkpointing()
+    masked = features_and_grads(model, text, weights, trimmed=True)
+    causal_attention(model)
+    sdpa_calls.clear()
+    hinted = features_and_grads(model, text, weights, trimmed=True)
+    assert sdpa_calls and all(call == (False, True) for call in sdpa_calls)
+    torch.testing.assert_close(hinted[0], masked[0], atol=1e-6, rtol=1e-5)
+    for name in masked[1]:
+        torch.testing.assert_close(hinted[1][name], masked[1][name], atol=1e-7, rtol=1e-5, msg=name)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert causal_attention(tiny(10).to(dtype))[0] == 2
+
+
 def test_evaluation_under_inference_mode_is_unchanged():
     """open_clip_train's zero-shot evaluation: eval mode, inference_mode (MultiheadAttention's fast path)."""
     model = tiny(9).eval()
