@@ -59,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=51200, help="samples written (50k+ so shards are not re-read "
                                                               "within a run)")
     p.add_argument("--per-shard", type=int, default=1024)
+    p.add_argument("--embed-samples", type=int, default=None,
+                   help="samples (whole shards) that embed/compact embed and the cached runs read, resampled "
+                        "like the others (default: all --samples; fewer saves device time, not loader work)")
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=75, help="optimizer steps per training run")
     p.add_argument("--skip-steps", type=int, default=15, help="first steps left out (warm-up: worker start, "
@@ -189,6 +192,7 @@ def save_init(args):
 
 
 def embed(args, plain, embedded, *extra):
+    """embed_images.py over the shards ``plain`` names, written to ``embedded``; images/s over the whole run."""
     cmd = [sys.executable, os.path.join(REPO, "scripts", "embed_images.py"), "--shards", plain,
            "--output", embedded, "--model", args.model, "--pretrained", args.init, "--batch-size", "512" if not args.cpu_smoke else "64",
            "--workers", str(args.workers), "--precision", "amp" if not args.cpu_smoke else "fp32"]
@@ -196,8 +200,8 @@ def embed(args, plain, embedded, *extra):
         cmd += ["--model-config", TINY_CONFIG]
     with GpuSampler() as gpu:
         code, seconds = run(cmd + list(extra), os.path.join(args.folder, f"embed{''.join(extra)}.log"), args.run_timeout)
-    return {"exit": code, "seconds": round(seconds, 1), "images_per_s": round(args.samples / seconds, 1),
-            **gpu.summary()}
+    return {"exit": code, "seconds": round(seconds, 1), "images": args.embed_samples,
+            "images_per_s": round(args.embed_samples / seconds, 1), **gpu.summary()}
 
 
 def main(argv=None):
@@ -233,21 +237,25 @@ def main(argv=None):
     print(f"shards: {args.samples} samples, mean JPEG {mean_jpeg / 1024:.1f} KiB, in {time.time() - start:.0f}s",
           flush=True)
     save()
+    # the shards embedded for the cached cases: the first --embed-samples' worth
+    shards = -(-min(args.embed_samples or args.samples, args.samples) // args.per_shard)
+    args.embed_samples = results["embed_samples"] = min(shards * args.per_shard, args.samples)
+    to_embed = os.path.join(os.path.dirname(plain), "{" + f"00000..{shards - 1:05d}" + "}.tar")
     embedded = os.path.join(args.folder, "embedded")
-    emb_pattern = os.path.join(embedded, os.path.basename(plain))
+    emb_pattern = os.path.join(embedded, os.path.basename(to_embed))
     for name in cases:
         if name == "stock":
             r = train(args, name, plain, "--lock-image")
         elif name == "paraclip":
             r = train(args, name, plain, "--paraclip-loss")
         elif name == "embed":
-            r = embed(args, plain, embedded)
+            r = embed(args, to_embed, embedded)
         elif name in CACHED:
             r = train(args, name, emb_pattern, "--paraclip-loss", "--image-embeddings", *CACHED[name])
         elif name == "compact":
             compact = os.path.join(args.folder, "compact")
-            made = embed(args, plain, compact, "--compact")
-            r = train(args, name, os.path.join(compact, os.path.basename(plain)), "--paraclip-loss", "--image-embeddings")
+            made = embed(args, to_embed, compact, "--compact")
+            r = train(args, name, os.path.join(compact, os.path.basename(to_embed)), "--paraclip-loss", "--image-embeddings")
             r["embed"] = made
         else:  # accum
             accum = args.accum_batch // args.accum_micro_batch

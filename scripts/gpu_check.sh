@@ -8,14 +8,16 @@
 #                   with the mask and with --causal-attention
 #   3. e2e          scripts/bench_e2e.py: real open_clip_train runs from shards on local disk
 #
-# Each stage has a hard time budget (120 + 150 + 210 s), so the whole check ends inside one
+# Each stage has a hard time budget (170 + 150 + 240 s), so the whole check ends inside one
 # 10-minute device call; GPU_CHECK_STAGES="e2e" (say) reruns only some stages. GPU_CHECK_STEP_CASES and
 # GPU_CHECK_E2E_CASES pick bench_step.py's and bench_e2e.py's cases (in the order given: results are
 # kept case by case, so a stage stopped at its budget keeps what it measured), GPU_CHECK_STEP_BUDGET
 # and GPU_CHECK_E2E_BUDGET their seconds.
 # Results: $OUT/gpu_check.json and gpu_check.md (+ logs.tar.gz), made by scripts/gpu_report.py;
 # `python scripts/gpu_report.py publish $OUT/gpu_check.json` files them under benchmarks/ and
-# regenerates the README's performance section.
+# regenerates the README's performance section. Until the end, every stage's results are kept in
+# $OUT/work (the machine's facts in started.json first): a device call stopped at its limit still brings
+# them back, and `python scripts/gpu_report.py collect --work <that>/work --out DIR` makes the result.
 #
 # On the GPU machine (no package index) it first installs the wheels of `make wheelhouse` (.whl/,
 # carried with the call) and this checkout into the machine's python3, and gives open_clip_train
@@ -26,7 +28,9 @@ SMOKE=0
 [ "${1:-}" = "--cpu-smoke" ] && SMOKE=1
 PY=${PYTHON:-python3}
 OUT=${OUT:-$PWD/gpu_check_out}
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+WORK=$OUT/work                                        # stage results: small, come back with $OUT
+SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")  # shards and runs of bench_e2e.py: large, stay here
+rm -rf "$WORK"  # what an earlier check left
 mkdir -p "$OUT" "$WORK/logs"
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
@@ -58,22 +62,25 @@ if [ "$SMOKE" = 0 ]; then
         SITE=$($PY -c "import open_clip_train, os; print(os.path.dirname(os.path.dirname(open_clip_train.__file__)))")
         tar -C "$SITE" -xf .whl/open_clip_train-patched.tar && echo "patched from .whl/open_clip_train-patched.tar" || exit 2
     fi
-    { nvidia-smi; df -h /dev/shm "$WORK"; nproc; free -g; } > "$WORK/logs/machine.log" 2>&1
-    want tests && stage tests 120 env PARACLIP_TEST_DEVICE=cuda $PY -m pytest -p no:cacheprovider -q -m gpu \
+    { nvidia-smi; df -h /dev/shm "$SCRATCH"; nproc; free -g; } > "$WORK/logs/machine.log" 2>&1
+    $PY scripts/gpu_report.py started --work "$WORK"
+    want tests && stage tests "${GPU_CHECK_TESTS_BUDGET:-170}" env PARACLIP_TEST_DEVICE=cuda $PY -m pytest -p no:cacheprovider -q -m gpu \
         tests/test_gpu.py --junitxml "$WORK/tests.xml" -o junit_family=xunit1
     want step && stage step "${GPU_CHECK_STEP_BUDGET:-150}" $PY scripts/bench_step.py --steps 10 --warmup 3 --json "$WORK/step.json" \
         --steps-only "${GPU_CHECK_STEP_CASES:-naive,plugin-emb,plugin-emb+compile,plugin-emb+causal,plugin-emb+causal+compile}"
-    want e2e && stage e2e "${GPU_CHECK_E2E_BUDGET:-210}" $PY scripts/bench_e2e.py --folder "$WORK/e2e" --json "$WORK/e2e.json" \
-        --run-timeout 120 --cases "${GPU_CHECK_E2E_CASES:-stock,embed,cached+causal+compile,cached,paraclip,accum}"
+    want e2e && stage e2e "${GPU_CHECK_E2E_BUDGET:-240}" $PY scripts/bench_e2e.py --folder "$SCRATCH/e2e" --json "$WORK/e2e.json" \
+        --run-timeout 120 --embed-samples 16384 --cases "${GPU_CHECK_E2E_CASES:-stock,embed,cached+causal+compile,cached,paraclip,accum}"
 else
+    $PY scripts/gpu_report.py started --work "$WORK" --cpu-smoke
     want tests && stage tests 600 env PARACLIP_TEST_DEVICE=cpu $PY -m pytest -p no:cacheprovider -q -m gpu tests/test_gpu.py \
         --junitxml "$WORK/tests.xml" -o junit_family=xunit1
     want step && stage step 300 $PY scripts/bench_step.py --cpu-smoke --json "$WORK/step.json" \
         --steps-only naive,plugin-img,plugin-emb,plugin-emb+causal
-    want e2e && stage e2e 600 $PY scripts/bench_e2e.py --cpu-smoke --folder "$WORK/e2e" --json "$WORK/e2e.json"
+    want e2e && stage e2e 600 $PY scripts/bench_e2e.py --cpu-smoke --folder "$SCRATCH/e2e" --json "$WORK/e2e.json"
 fi
 $PY scripts/gpu_report.py collect --work "$WORK" --out "$OUT" $([ "$SMOKE" = 1 ] && echo --cpu-smoke) || STATUS=1
-tar -C "$WORK" -czf "$OUT/logs.tar.gz" logs $(cd "$WORK" && ls e2e/*.log 2>/dev/null)
+mkdir -p "$WORK/logs/e2e" && cp "$SCRATCH"/e2e/*.log "$WORK/logs/e2e/" 2>/dev/null
+tar -C "$WORK" -czf "$OUT/logs.tar.gz" logs
 echo "gpu_check: $([ $STATUS = 0 ] && echo passed || echo FAILED) in $(( $(date +%s) - T0 ))s; results in $OUT"
-rm -rf "$WORK"
+rm -rf "$WORK" "$SCRATCH"
 exit $STATUS

@@ -1,9 +1,13 @@
 #!/usr/bin/env python
 """Results of scripts/gpu_check.sh: one JSON file, its Markdown, and the README's performance section.
 
+    python scripts/gpu_report.py started --work DIR [--cpu-smoke]
+        DIR/started.json: the machine, torch, date and commit, written on the device when the check starts
     python scripts/gpu_report.py collect --work DIR --out OUT [--cpu-smoke]
-        gpu_check.sh's stage results (stages.jsonl, tests.xml, step.json, e2e.json in DIR)
-        -> OUT/gpu_check.json + OUT/gpu_check.md, with every target of the fast path checked
+        gpu_check.sh's stage results (started.json, stages.jsonl, tests.xml, step.json, e2e.json in DIR)
+        -> OUT/gpu_check.json + OUT/gpu_check.md, with every target of the fast path checked. DIR is
+        $OUT/work on the device, so a call stopped at its time limit still brings it back: collect it
+        here then (the machine is named from started.json, not from where collect runs).
     python scripts/gpu_report.py publish OUT/gpu_check.json
         -> benchmarks/<gpu>-<date>-<HHMM>.json + .md, and the README section between the
            gpu-benchmark markers regenerated from the files of the newest day in benchmarks/
@@ -130,6 +134,20 @@ def targets(step, e2e):
     return out
 
 
+def run_facts(cpu_smoke):
+    """What a result says of its run: kind, date, commit, and the machine it ran on (this one)."""
+    return {"kind": "cpu-smoke" if cpu_smoke else "gpu",
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": os.environ.get("GPU_CHECK_COMMIT"), "environment": environment()}
+
+
+def started(args):
+    os.makedirs(args.work, exist_ok=True)
+    with open(os.path.join(args.work, "started.json"), "w") as f:
+        json.dump(run_facts(args.cpu_smoke), f, indent=1)
+    return 0
+
+
 def collect(args):
     stages = []
     path = os.path.join(args.work, "stages.jsonl")
@@ -137,10 +155,7 @@ def collect(args):
         stages = [json.loads(line) for line in open(path) if line.strip()]
     step, e2e = read_json(os.path.join(args.work, "step.json")), read_json(os.path.join(args.work, "e2e.json"))
     result = {
-        "kind": "cpu-smoke" if args.cpu_smoke else "gpu",
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": os.environ.get("GPU_CHECK_COMMIT"),
-        "environment": environment(),
+        **(read_json(os.path.join(args.work, "started.json")) or run_facts(args.cpu_smoke)),
         "stages": stages,
         "tests": read_tests(os.path.join(args.work, "tests.xml")),
         "step": step,
@@ -300,11 +315,14 @@ def main(argv=None):
     c.add_argument("--work", required=True)
     c.add_argument("--out", required=True)
     c.add_argument("--cpu-smoke", action="store_true")
+    st = sub.add_parser("started")
+    st.add_argument("--work", required=True)
+    st.add_argument("--cpu-smoke", action="store_true")
     pub = sub.add_parser("publish")
     pub.add_argument("result")
     sub.add_parser("readme")
     args = p.parse_args(argv)
-    return {"collect": collect, "publish": publish, "readme": update_readme}[args.command](args)
+    return {"started": started, "collect": collect, "publish": publish, "readme": update_readme}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,18 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 
 from conftest import PYTHON, REPO
+
+
+def gpu_report_module():
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import gpu_report
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    return gpu_report
 
 
 def test_gpu_check_cpu_smoke_runs_every_stage(tmp_path, patched_install):
@@ -15,6 +25,10 @@ def test_gpu_check_cpu_smoke_runs_every_stage(tmp_path, patched_install):
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert sorted(os.listdir(tmp_path / "out")) == ["gpu_check.json", "gpu_check.md", "logs.tar.gz"]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("gpu_check.")]  # the scratch folder is removed
+    with tarfile.open(tmp_path / "out" / "logs.tar.gz") as logs:
+        names = logs.getnames()
+    assert {"logs/tests.log", "logs/step.log", "logs/e2e.log", "logs/e2e/stock.log", "logs/e2e/cached.log"} <= set(names)
     result = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert result["kind"] == "cpu-smoke"
     assert [(s["stage"], s["rc"]) for s in result["stages"]] == [("tests", 0), ("step", 0), ("e2e", 0)]
@@ -44,11 +58,34 @@ def test_gpu_check_cpu_smoke_runs_every_stage(tmp_path, patched_install):
 
 
 def test_readme_gpu_section_is_the_newest_filed_result():
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import gpu_report
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
+    gpu_report = gpu_report_module()
     readme = (REPO / "README.md").read_text()
     section = readme.split(gpu_report.BEGIN, 1)[1].split(gpu_report.END, 1)[0]
     assert section == "\n" + gpu_report.readme_section()
+
+
+def test_a_call_stopped_at_its_limit_is_collected_here_with_the_devices_facts(tmp_path, capsys):
+    """$OUT/work as a device call killed in its e2e stage leaves it: collect names the device from
+    started.json, keeps what was measured, and checks the cached target on the fastest cached run."""
+    work = tmp_path / "work"
+    work.mkdir()
+    started = {"kind": "gpu", "date": "2026-11-27 01:02 UTC", "commit": "0123456789",
+               "environment": {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "cpu_cores": 16}}
+    (work / "started.json").write_text(json.dumps(started))
+    (work / "stages.jsonl").write_text('{"stage": "e2e", "rc": 124, "seconds": 240, "budget": 240}\n')
+    run = dict(exit=0, steps_logged=75, batch=1024, data_wait_pct=1.0, gpu_util_mean_pct=90.0, gpu_memory_max_gib=18.0)
+    (work / "e2e.json").write_text(json.dumps({
+        "device": "NVIDIA H100 80GB HBM3", "model": "ViT-B-32", "samples": 51200, "batch": 1024, "workers": 15,
+        "precision": "amp_bf16", "steps": 75, "skip_steps": 15, "cases": {
+            "stock": dict(run, samples_per_s=3000.0), "cached": dict(run, samples_per_s=9000.0),
+            "cached+causal+compile": dict(run, samples_per_s=15000.0)}}))
+    rc = gpu_report_module().main(["collect", "--work", str(work), "--out", str(tmp_path / "out")])
+    assert rc == 1  # a stage stopped at its budget is not a pass
+    result = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert {k: result[k] for k in started} == started  # not this machine's facts
+    targets = {t["target"]: t for t in result["targets"]}
+    assert targets["end to end, cached embeddings: samples/s"]["value"] == 15000.0
+    assert targets["end to end, cached vs stock"]["value"] == 5.0 and targets["end to end, cached vs stock"]["met"]
+    assert "cached+causal+compile" in targets["end to end, cached vs stock"]["note"]
+    md = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert "**NVIDIA H100 80GB HBM3**" in md and "`--paraclip-loss --image-embeddings --causal-attention --torchcompile`" in md
