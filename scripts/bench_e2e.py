@@ -45,6 +45,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO, "paraclip_plugin", "model_configs", "paraclip-tiny.json")
 STEP_RE = re.compile(r"^(\S+) \|.*Train Epoch: \d+ \[.*Data \(t\): ([0-9.]+) Batch \(t\): ([0-9.]+), "
                      r"([0-9.e+]+)/s, ([0-9.e+]+)/s/gpu")
+DONE_RE = re.compile(r"done: \d+ images in [0-9.]+s \(([0-9.]+)s after start-up\); waiting for the data workers "
+                     r"([0-9.]+)s, image tower ([0-9.]+)s, writing shards ([0-9.]+)s")
 CASES = ("stock", "paraclip", "embed", "cached", "cached+causal", "cached+compile", "cached+causal+compile",
          "compact", "accum")
 # the cached cases' flags beside --paraclip-loss --image-embeddings
@@ -198,10 +200,18 @@ def embed(args, plain, embedded, *extra):
            "--workers", str(args.workers), "--precision", "amp" if not args.cpu_smoke else "fp32"]
     if args.cpu_smoke:
         cmd += ["--model-config", TINY_CONFIG]
+    log = os.path.join(args.folder, f"embed{''.join(extra)}.log")
     with GpuSampler() as gpu:
-        code, seconds = run(cmd + list(extra), os.path.join(args.folder, f"embed{''.join(extra)}.log"), args.run_timeout)
-    return {"exit": code, "seconds": round(seconds, 1), "images": args.embed_samples,
-            "images_per_s": round(args.embed_samples / seconds, 1), **gpu.summary()}
+        code, seconds = run(cmd + list(extra), log, args.run_timeout)
+    result = {"exit": code, "seconds": round(seconds, 1), "images": args.embed_samples,
+              "images_per_s": round(args.embed_samples / seconds, 1), **gpu.summary()}
+    # embed_images.py's last line: where its main process spent the job (what bounds it)
+    done = DONE_RE.search(open(log).read()) if os.path.exists(log) else None
+    if done:
+        looping, waiting, encoding, writing = map(float, done.groups())
+        result.update(after_startup_s=looping, waiting_s=waiting, encoding_s=encoding, writing_s=writing,
+                      data_wait_pct=round(100 * waiting / looping, 1) if looping else None)
+    return result
 
 
 def main(argv=None):

@@ -4,6 +4,7 @@ import importlib.util
 import io
 import json
 import logging
+import re
 import shutil
 
 import numpy as np
@@ -51,6 +52,21 @@ def world(tmp_path_factory):
     init = save_init_checkpoint(root / "init.pt", seed=0)
     embed(str(root / "plain" / "*.tar"), init, "--output", root / "embedded")
     return dict(root=root, init=init, logs=root / "logs", plain=root / "plain", embedded=root / "embedded")
+
+
+def test_embed_images_says_where_its_time_went(world, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    embed(str(world["plain"] / "*.tar"), world["init"], "--output", tmp_path)
+    done = [r.getMessage() for r in caplog.records if r.getMessage().startswith("done: ")]
+    assert len(done) == 1, done
+    m = re.match(r"done: 32 images in ([0-9.]+)s \(([0-9.]+)s after start-up\); waiting for the data workers "
+                 r"([0-9.]+)s, image tower ([0-9.]+)s, writing shards ([0-9.]+)s$", done[0])
+    assert m, done[0]
+    total, looping, waiting, encoding, writing = map(float, m.groups())
+    # the three parts are within this process's loop (up to rounding); with --workers 0 the loader decodes
+    # the 32 images in this process, inside "waiting"
+    assert looping <= total + 0.01 and waiting + encoding + writing <= looping + 0.02
+    assert waiting > 0
 
 
 def test_embed_images_adds_embeddings_tokens_and_records(world):

@@ -50,6 +50,9 @@ def test_gpu_check_cpu_smoke_runs_every_stage(tmp_path, patched_install):
         assert cases[name]["samples_per_s"] > 0 and cases[name]["steps_logged"] == result["e2e"]["steps"]
         assert 0 <= cases[name]["data_wait_pct"] < 100
     assert cases["accum"]["optimizer_steps"] == 2 and cases["accum"]["batch"] == 64
+    embed = cases["embed"]  # embed_images.py's own account of its main process's time
+    assert embed["images_per_s"] > 0 and 0 < embed["after_startup_s"] <= embed["seconds"]
+    assert embed["waiting_s"] + embed["encoding_s"] + embed["writing_s"] <= embed["after_startup_s"] + 0.02
     assert {t["target"] for t in result["targets"]} >= {"end to end, cached vs stock",
                                                          "one optimizer step of 32,768 via --accum-freq"}
     md = (tmp_path / "out" / "gpu_check.md").read_text()
