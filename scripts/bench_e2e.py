@@ -22,9 +22,10 @@
    sum of their step times (the harmonic mean of the per-step rates). Data workers deliver batches in
    bursts (each worker one whole batch), so the window should span several rounds of --workers steps:
    the defaults skip one round and time four. The share of that time spent waiting for the loader
-   (open_clip's 'Data (t)') is reported as data_wait_pct: near 0, the step itself is the bound. Where ``nvidia-smi`` exists, GPU utilisation and memory
-   in use are sampled every 0.2 s during each run (memory: what the process holds, allocator cache
-   included, so an upper bound of the peak tensor memory).
+   (open_clip's 'Data (t)') is reported as data_wait_pct: near 0, the step itself is the bound. Where
+   ``nvidia-smi`` exists, GPU utilisation and memory in use are sampled every 0.2 s during each run
+   (memory: what the process holds, allocator cache included, so an upper bound of the peak tensor
+   memory).
 Ratios against ``stock`` are measured in the same call, on the same machine.
 """
 import argparse

@@ -94,6 +94,7 @@ class ShardEmbedder:
         model, _, self.preprocess = open_clip.create_model_and_transforms(
             args.model, pretrained=args.pretrained, device=self.device)
         self.visual = model.visual.eval().requires_grad_(False)
+        self.spent = {"waiting": 0.0, "encoding": 0.0, "writing": 0.0}  # seconds, by run()
         # also what these weights hash to in training's 16-bit weight precisions (--precision pure_bf16, ...)
         self.record = embedding_record(args.model, args.pretrained, visual_fingerprint(self.visual),
                                        precision_fingerprints(args.model, args.pretrained))
@@ -220,34 +221,27 @@ class ShardEmbedder:
         done = [(i, f) for (i, _), f in zip(with_image, features) if f is not None]
         return self.write(src, dst, samples, [i for i, _ in done], [f for _, f in done])
 
-    def run(self, jobs, spent=None):
+    def run(self, jobs):
         """Every (src, dst) shard: the CPU part in ``--workers`` processes that live for the whole job,
-        the image tower here; each shard written as soon as its embeddings are there. ``spent`` (a dict)
-        gets this process's seconds: waiting for the workers, in the image tower, writing shards."""
-        spent = {} if spent is None else spent
-        for key in ("waiting", "encoding", "writing"):
-            spent.setdefault(key, 0.0)
+        the image tower here; each shard written as soon as its embeddings are there. ``self.spent`` adds
+        up this process's seconds: waiting for the workers, in the image tower, writing shards."""
         loader = torch.utils.data.DataLoader(
             ShardImages(jobs, self), batch_size=None, num_workers=min(self.args.workers, len(jobs)),
             pin_memory=self.device.type == "cuda",
             # one shard in flight per worker: bounds memory (a 1,024-image shard is 0.6 GB preprocessed)
             prefetch_factor=1 if self.args.workers and jobs else None)
-        shards, start = iter(loader), time.time()
-        while True:
-            t0 = time.time()
-            item = next(shards, None)
-            if item is None:
-                break
-            src, dst, samples, rows, images = item
-            t1 = time.time()
+        start = time.time()
+        for src, dst, samples, rows, images in loader:
+            received = time.time()
             features = self.encode(images) if images is not None else []  # to numpy: waits for the GPU
-            t2 = time.time()
+            encoded = time.time()
             count, embedded = self.write(src, dst, samples, rows, features)
-            t3 = time.time()
-            for key, seconds in (("waiting", t1 - t0), ("encoding", t2 - t1), ("writing", t3 - t2)):
-                spent[key] += seconds
-            yield dst, count, embedded, t3 - start
-            start = t3
+            written = time.time()
+            self.spent["waiting"] += received - start
+            self.spent["encoding"] += encoded - received
+            self.spent["writing"] += written - encoded
+            yield dst, count, embedded, written - start
+            start = time.time()
 
 
 def main(argv=None):
@@ -274,8 +268,8 @@ def main(argv=None):
             logging.info(f"{dst}: already embedded with these weights, skipped")
         else:
             jobs.append((src, dst))
-    total, spent, looping = 0, {}, time.time()
-    for dst, count, embedded, seconds in embedder.run(jobs, spent):
+    total, looping = 0, time.time()
+    for dst, count, embedded, seconds in embedder.run(jobs):
         if args.output:
             update_sizes_json(args.output, {os.path.basename(dst): count})
         total += embedded
@@ -283,8 +277,8 @@ def main(argv=None):
                      f"({total / max(time.time() - started, 1e-9):.0f} images/s so far)")
     if jobs:  # where this process's time went: which part bounds the job
         logging.info(f"done: {total} images in {time.time() - started:.2f}s ({time.time() - looping:.2f}s after "
-                     f"start-up); waiting for the data workers {spent['waiting']:.2f}s, image tower "
-                     f"{spent['encoding']:.2f}s, writing shards {spent['writing']:.2f}s")
+                     f"start-up); waiting for the data workers {embedder.spent['waiting']:.2f}s, image tower "
+                     f"{embedder.spent['encoding']:.2f}s, writing shards {embedder.spent['writing']:.2f}s")
     return 0
 
 
