@@ -9,6 +9,8 @@
      stock        open_clip's own LiT fine-tuning: --lock-image, JPEG + one caption
      paraclip     --paraclip-loss from JPEGs (image tower frozen, three texts)
      embed        scripts/embed_images.py on the GPU (adds img_emb.npy + tokens.npy; images/s)
+     embed-float32  the same with --transfer float32 (the whole image transform in the data workers:
+                  4x the bytes per image to pin and copy; the baseline of embed's uint8 default)
      cached       --paraclip-loss --image-embeddings (no image decoding, no image tower)
      cached+causal   the same with --causal-attention (text attention as causal SDPA: FlashAttention)
      cached+compile  the same with --torchcompile
@@ -48,7 +50,7 @@ STEP_RE = re.compile(r"^(\S+) \|.*Train Epoch: \d+ \[.*Data \(t\): ([0-9.]+) Bat
                      r"([0-9.e+]+)/s, ([0-9.e+]+)/s/gpu")
 DONE_RE = re.compile(r"done: \d+ images in [0-9.]+s \(([0-9.]+)s after start-up\); waiting for the data workers "
                      r"([0-9.]+)s, image tower ([0-9.]+)s, writing shards ([0-9.]+)s")
-CASES = ("stock", "paraclip", "embed", "cached", "cached+causal", "cached+compile", "cached+causal+compile",
+CASES = ("stock", "paraclip", "embed", "embed-float32", "cached", "cached+causal", "cached+compile", "cached+causal+compile",
          "compact", "accum")
 # the cached cases' flags beside --paraclip-loss --image-embeddings
 CACHED = {"cached": (), "cached+causal": ("--causal-attention",), "cached+compile": ("--torchcompile",),
@@ -194,14 +196,14 @@ def save_init(args):
     torch.save(open_clip.create_model(args.model).state_dict(), args.init)
 
 
-def embed(args, plain, embedded, *extra):
+def embed(args, name, plain, embedded, *extra):
     """embed_images.py over the shards ``plain`` names, written to ``embedded``; images/s over the whole run."""
     cmd = [sys.executable, os.path.join(REPO, "scripts", "embed_images.py"), "--shards", plain,
            "--output", embedded, "--model", args.model, "--pretrained", args.init, "--batch-size", "512" if not args.cpu_smoke else "64",
            "--workers", str(args.workers), "--precision", "amp" if not args.cpu_smoke else "fp32"]
     if args.cpu_smoke:
         cmd += ["--model-config", TINY_CONFIG]
-    log = os.path.join(args.folder, f"embed{''.join(extra)}.log")
+    log = os.path.join(args.folder, f"{name}.log")
     with GpuSampler() as gpu:
         code, seconds = run(cmd + list(extra), log, args.run_timeout)
     result = {"exit": code, "seconds": round(seconds, 1), "images": args.embed_samples,
@@ -260,12 +262,14 @@ def main(argv=None):
         elif name == "paraclip":
             r = train(args, name, plain, "--paraclip-loss")
         elif name == "embed":
-            r = embed(args, to_embed, embedded)
+            r = embed(args, name, to_embed, embedded)
+        elif name == "embed-float32":
+            r = embed(args, name, to_embed, os.path.join(args.folder, "embedded-float32"), "--transfer", "float32")
         elif name in CACHED:
             r = train(args, name, emb_pattern, "--paraclip-loss", "--image-embeddings", *CACHED[name])
         elif name == "compact":
             compact = os.path.join(args.folder, "compact")
-            made = embed(args, to_embed, compact, "--compact")
+            made = embed(args, "embed-compact", to_embed, compact, "--compact")
             r = train(args, name, os.path.join(compact, os.path.basename(to_embed)), "--paraclip-loss", "--image-embeddings")
             r["embed"] = made
         else:  # accum

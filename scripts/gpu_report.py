@@ -239,9 +239,10 @@ def render(result, source):
         stock = e2e["cases"].get("stock", {}).get("samples_per_s")
         for name, case in e2e["cases"].items():
             ratio = case["samples_per_s"] / stock if stock and case.get("samples_per_s") else None
-            rate = fmt(case.get("samples_per_s")) if name != "embed" else f"{fmt(case.get('images_per_s'))} images/s"
+            rate = fmt(case.get("samples_per_s")) if "images_per_s" not in case else f"{fmt(case.get('images_per_s'))} images/s"
             label = {"stock": "stock `--lock-image`, JPEG + caption", "paraclip": "`--paraclip-loss`, JPEG",
                      "embed": "`embed_images.py` (whole run, start-up included)",
+                     "embed-float32": "`embed_images.py --transfer float32` (whole run, start-up included)",
                      "cached": "`--paraclip-loss --image-embeddings`",
                      "cached+causal": "`--paraclip-loss --image-embeddings --causal-attention`",
                      "cached+compile": "`--paraclip-loss --image-embeddings --torchcompile`",

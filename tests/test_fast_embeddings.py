@@ -125,6 +125,54 @@ def test_rerun_skips_finished_shards_and_redoes_the_interrupted_one(world, tmp_p
     assert meta["paraclip_image_embedding"]["pretrained"] == str(other)
 
 
+def test_workers_send_uint8_and_the_embeddings_are_those_of_the_whole_transform(world, tmp_path):
+    """--transfer uint8 (the default): the data workers stop before to-tensor and Normalize, which run
+    beside the image tower; through a real worker process the embeddings are byte for byte those of the
+    whole transform in the workers (--transfer float32)."""
+    for transfer in ("uint8", "float32"):
+        embed(str(world["plain"] / "*.tar"), world["init"], "--output", tmp_path / transfer, "--workers", "1",
+              "--transfer", transfer)
+    for name in ("00000.tar", "00001.tar"):
+        uint8, float32, in_process = (list(read_tar_samples(folder / name))
+                                      for folder in (tmp_path / "uint8", tmp_path / "float32", world["embedded"]))
+        assert [s["img_emb.npy"] for s in uint8] == [s["img_emb.npy"] for s in float32]
+        assert [s["img_emb.npy"] for s in uint8] == [s["img_emb.npy"] for s in in_process]
+    args = embed_images.parse_args(["--shards", "x", "--model", TINY_MODEL, "--pretrained", str(world["init"])])
+    embedder = embed_images.ShardEmbedder(args)
+    samples, with_image = embedder.prepare_samples(world["plain"] / "00000.tar")
+    rows, images = embedder.decode_images(with_image)
+    assert images.dtype == torch.uint8 and rows == list(range(16))
+    args.transfer = "float32"
+    assert embed_images.ShardEmbedder(args).decode_images(with_image)[1].dtype == torch.float32
+
+
+@pytest.mark.parametrize("resize_mode", ["shortest", "longest", "squash"])
+def test_the_split_transform_is_exact_on_open_clips_transforms(world, resize_mode):
+    preprocess = open_clip.image_transform(32, is_train=False, resize_mode=resize_mode)
+    to_uint8, normalize = embed_images.split_preprocess(preprocess)
+    rng = np.random.default_rng(3)
+    images = [Image.open(io.BytesIO(s["png"])).convert("RGB") for s in read_tar_samples(world["plain"] / "00000.tar")]
+    for size in ((40, 23), (17, 64), (32, 32)):  # JPEG-decoded, non-square, smaller and larger than 32 px
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(buf, format="JPEG")
+        images.append(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    small = torch.stack([to_uint8(image) for image in images])
+    assert small.dtype == torch.uint8 and small.shape[1:] == (3, 32, 32)
+    assert torch.equal(embed_images.finish_preprocess(small, normalize), torch.stack([preprocess(i) for i in images]))
+
+
+def test_transforms_that_do_not_split_stay_whole():
+    from torchvision import transforms as T
+    normalize = T.Normalize((0.5,) * 3, (0.25,) * 3)
+    assert embed_images.split_preprocess(T.Compose([T.Resize(8), T.ToTensor()])) is None  # no Normalize
+    assert embed_images.split_preprocess(T.Compose([T.Resize(8), normalize])) is None
+    # the steps before to-tensor already make a tensor (open_clip's MaybeToTensor passes it through)
+    tensor_first = T.Compose([T.PILToTensor(), T.ConvertImageDtype(torch.float32), open_clip.transform.MaybeToTensor(),
+                              normalize])
+    assert embed_images.split_preprocess(tensor_first) is None
+    assert embed_images.split_preprocess(lambda image: image) is None
+
+
 def corrupt_images(src, dst):
     """A copy of shard ``src`` whose image bytes can't be decoded."""
     with wds.TarWriter(str(dst)) as sink:

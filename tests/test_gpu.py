@@ -130,6 +130,21 @@ def test_causal_attention_runs_flash_attention_and_matches_the_mask_under_bf16(d
     assert rel[worst] <= GRAD_RTOL, worst
 
 
+def test_embed_images_finishes_uint8_images_on_the_device_bit_for_bit(device, model_name):
+    """embed_images --transfer uint8: to-tensor and Normalize on the device give the CPU transform's values."""
+    import numpy as np
+    from PIL import Image
+    from paraclip_plugin.train.embed_images import finish_preprocess, split_preprocess
+    _, _, preprocess = open_clip.create_model_and_transforms(model_name)
+    to_uint8, normalize = split_preprocess(preprocess)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((256, 256), (300, 211), (97, 400))]
+    expected = torch.stack([preprocess(image) for image in images])
+    on_device = finish_preprocess(torch.stack([to_uint8(image) for image in images]).to(device), normalize)
+    assert on_device.device.type == device.type
+    assert torch.equal(on_device.cpu(), expected)
+
+
 @pytest.mark.parametrize("precision", ["amp_bf16", "amp"])
 def test_frozen_image_tower_gets_no_gradient_and_stays_bit_identical(device, model_name, precision):
     """Three optimizer steps as open_clip_train takes them (autocast; GradScaler for fp16 'amp')."""

@@ -33,7 +33,7 @@ def test_gpu_check_cpu_smoke_runs_every_stage(tmp_path, patched_install):
     assert result["kind"] == "cpu-smoke"
     assert [(s["stage"], s["rc"]) for s in result["stages"]] == [("tests", 0), ("step", 0), ("e2e", 0)]
     tests = result["tests"]
-    assert (tests["passed"], tests["failed"], tests["skipped"]) == (8, 0, 0)
+    assert (tests["passed"], tests["failed"], tests["skipped"]) == (9, 0, 0)
     trimmed = [c for c in tests["cases"] if c["name"].startswith("test_trimmed")]
     assert all(float(c["properties"]["bfloat16_feature_max_abs_diff" if "dtype0" in c["name"] else
                                      "float16_feature_max_abs_diff"]) >= 0 for c in trimmed)
@@ -44,19 +44,20 @@ def test_gpu_check_cpu_smoke_runs_every_stage(tmp_path, patched_install):
         (s, 16) for s in ("naive", "plugin-img", "plugin-emb", "plugin-emb+causal")}
     assert all(abs(sum(c["profile"]["by_kind_pct"].values()) - 100) < 0.5 and c["profile"]["top"] for c in profiled)
     cases = result["e2e"]["cases"]
-    assert list(cases) == ["stock", "paraclip", "embed", "cached", "cached+causal", "compact", "accum"]
+    assert list(cases) == ["stock", "paraclip", "embed", "embed-float32", "cached", "cached+causal", "compact", "accum"]
     assert all(c["exit"] == 0 for c in cases.values())
     for name in ("stock", "paraclip", "cached", "cached+causal", "compact"):
         assert cases[name]["samples_per_s"] > 0 and cases[name]["steps_logged"] == result["e2e"]["steps"]
         assert 0 <= cases[name]["data_wait_pct"] < 100
     assert cases["accum"]["optimizer_steps"] == 2 and cases["accum"]["batch"] == 64
-    embed = cases["embed"]  # embed_images.py's own account of its main process's time
-    assert embed["images_per_s"] > 0 and 0 < embed["after_startup_s"] <= embed["seconds"]
-    assert embed["waiting_s"] + embed["encoding_s"] + embed["writing_s"] <= embed["after_startup_s"] + 0.02
+    for embed in (cases["embed"], cases["embed-float32"]):  # embed_images.py's own account of its main process's time
+        assert embed["images_per_s"] > 0 and 0 < embed["after_startup_s"] <= embed["seconds"]
+        assert embed["waiting_s"] + embed["encoding_s"] + embed["writing_s"] <= embed["after_startup_s"] + 0.02
     assert {t["target"] for t in result["targets"]} >= {"end to end, cached vs stock",
                                                          "one optimizer step of 32,768 via --accum-freq"}
     md = (tmp_path / "out" / "gpu_check.md").read_text()
     assert "CPU smoke run: checks the scripts, measures nothing" in md and "| `--paraclip-loss`, JPEG |" in md
+    assert "| `embed_images.py --transfer float32` (whole run, start-up included) | " in md
     assert "Where a step's time goes" in md
 
 
