@@ -12,7 +12,9 @@
 # 10-minute device call; GPU_CHECK_STAGES="e2e" (say) reruns only some stages. GPU_CHECK_STEP_CASES and
 # GPU_CHECK_E2E_CASES pick bench_step.py's and bench_e2e.py's cases (in the order given: results are
 # kept case by case, so a stage stopped at its budget keeps what it measured), GPU_CHECK_STEP_BUDGET
-# and GPU_CHECK_E2E_BUDGET their seconds.
+# and GPU_CHECK_E2E_BUDGET their seconds. The default e2e order puts first what the targets still lack:
+# stock (every ratio's baseline), embed (makes the cached shards), the compiled cached run, the 32,768
+# --accum-freq step; then eager cached and --paraclip-loss from JPEGs, both measured on an H200 before.
 # Results: $OUT/gpu_check.json and gpu_check.md (+ logs.tar.gz), made by scripts/gpu_report.py;
 # `python scripts/gpu_report.py publish $OUT/gpu_check.json` files them under benchmarks/ and
 # regenerates the README's performance section. Until the end, every stage's results are kept in
@@ -69,7 +71,7 @@ if [ "$SMOKE" = 0 ]; then
     want step && stage step "${GPU_CHECK_STEP_BUDGET:-150}" $PY scripts/bench_step.py --steps 10 --warmup 3 --json "$WORK/step.json" \
         --steps-only "${GPU_CHECK_STEP_CASES:-naive,plugin-emb,plugin-emb+compile,plugin-emb+causal,plugin-emb+causal+compile}"
     want e2e && stage e2e "${GPU_CHECK_E2E_BUDGET:-240}" $PY scripts/bench_e2e.py --folder "$SCRATCH/e2e" --json "$WORK/e2e.json" \
-        --run-timeout 120 --embed-samples 16384 --cases "${GPU_CHECK_E2E_CASES:-stock,embed,cached+causal+compile,cached,paraclip,accum}"
+        --run-timeout 120 --embed-samples 16384 --cases "${GPU_CHECK_E2E_CASES:-stock,embed,cached+causal+compile,accum,cached,paraclip}"
 else
     $PY scripts/gpu_report.py started --work "$WORK" --cpu-smoke
     want tests && stage tests 600 env PARACLIP_TEST_DEVICE=cpu $PY -m pytest -p no:cacheprovider -q -m gpu tests/test_gpu.py \
