@@ -4,6 +4,7 @@ import importlib.util
 import io
 import json
 import logging
+import pickle
 import re
 import shutil
 
@@ -144,6 +145,24 @@ def test_workers_send_uint8_and_the_embeddings_are_those_of_the_whole_transform(
     assert images.dtype == torch.uint8 and rows == list(range(16))
     args.transfer = "float32"
     assert embed_images.ShardEmbedder(args).decode_images(with_image)[1].dtype == torch.float32
+
+
+def test_spawned_data_workers_get_no_image_tower_and_embed_the_same(world, tmp_path):
+    """Where data workers are spawned, not forked (forkserver is Python 3.14's default on Linux), they
+    receive the embedder pickled: without the image tower (only the main process runs it)."""
+    args = embed_images.parse_args(["--shards", "x", "--model", TINY_MODEL, "--pretrained", str(world["init"])])
+    embedder = embed_images.ShardEmbedder(args)
+    sent = pickle.loads(pickle.dumps(embed_images.ShardImages([], embedder)))
+    assert not hasattr(sent.embedder, "visual") and hasattr(embedder, "visual")
+    assert sent.embedder.tokens_record == embedder.tokens_record
+    code = ("import multiprocessing, sys; multiprocessing.set_start_method('spawn'); "
+            "from paraclip_plugin.train.embed_images import main; sys.exit(main(sys.argv[1:]))")
+    run([PYTHON, "-c", code, "--shards", world["plain"] / "*.tar", "--model", TINY_MODEL, "--model-config", TINY_CONFIG,
+         "--pretrained", world["init"], "--workers", "2", "--batch-size", "8", "--output", tmp_path / "spawned"],
+        timeout=300)
+    for name in ("00000.tar", "00001.tar"):
+        assert ([s["img_emb.npy"] for s in read_tar_samples(tmp_path / "spawned" / name)]
+                == [s["img_emb.npy"] for s in read_tar_samples(world["embedded"] / name)])
 
 
 @pytest.mark.parametrize("resize_mode", ["shortest", "longest", "squash"])

@@ -143,6 +143,11 @@ class ShardEmbedder:
         logging.info(f"image tower of {args.model} / {args.pretrained}: sha256 {self.record['visual_sha256']}, "
                      f"on {self.device}")
 
+    def __getstate__(self):
+        """What a data worker gets where workers are spawned (Python 3.14's default start method on Linux
+        is forkserver): everything but the image tower, which only this process runs."""
+        return {k: v for k, v in self.__dict__.items() if k != "visual"}
+
     def is_done(self, path):
         """True when ``path`` was written by a run with the same image weights (and tokenizer)."""
         if not os.path.exists(path):
