@@ -52,6 +52,8 @@ BAD_SAMPLES = {
     "blank_para2": lambda s, rng: s.update({"para2.txt": b" \n\t "}),
     "latin1_caption": lambda s, rng: s.update(txt="caf\xe9 cr\xe8me".encode("latin-1")),
     "cp1252_para2": lambda s, rng: s.update({"para2.txt": b"\x93quoted\x94 words"}),
+    "broken_json": lambda s, rng: s.update(json=b'{"caption_source": "laion", '),
+    "broken_npy": lambda s, rng: s.update({"tokens.npy": b"\x93NUMPY not an array"}),
 }
 REASONS = {
     "truncated_jpeg": "not decodable (OSError: ",
@@ -59,6 +61,8 @@ REASONS = {
     "blank_para2": "para2.txt is empty",
     "latin1_caption": "txt is not UTF-8",
     "cp1252_para2": "para2.txt is not UTF-8",
+    "broken_json": "not decodable (JSONDecodeError: ",
+    "broken_npy": "not decodable (",
 }
 LONG_CAPTION = " ".join(["word"] * 400)  # far beyond any context length: truncated, as open_clip does
 
