@@ -66,7 +66,7 @@ if [ "$SMOKE" = 0 ]; then
     fi
     { nvidia-smi; df -h /dev/shm "$SCRATCH"; nproc; free -g; } > "$WORK/logs/machine.log" 2>&1
     $PY scripts/gpu_report.py started --work "$WORK"
-    want tests && stage tests "${GPU_CHECK_TESTS_BUDGET:-170}" env PARACLIP_TEST_DEVICE=cuda $PY -m pytest -p no:cacheprovider -q -m gpu \
+    want tests && stage tests "${GPU_CHECK_TESTS_BUDGET:-170}" env PARACLIP_TEST_DEVICE=cuda $PY -m pytest -p no:cacheprovider -v -m gpu \
         tests/test_gpu.py --junitxml "$WORK/tests.xml" -o junit_family=xunit1
     want step && stage step "${GPU_CHECK_STEP_BUDGET:-150}" $PY scripts/bench_step.py --steps 10 --warmup 3 --json "$WORK/step.json" \
         --steps-only "${GPU_CHECK_STEP_CASES:-naive,plugin-emb,plugin-emb+compile,plugin-emb+causal,plugin-emb+causal+compile}"
@@ -74,7 +74,7 @@ if [ "$SMOKE" = 0 ]; then
         --run-timeout 120 --embed-samples 16384 --cases "${GPU_CHECK_E2E_CASES:-stock,embed,cached+causal+compile,accum,cached,paraclip}"
 else
     $PY scripts/gpu_report.py started --work "$WORK" --cpu-smoke
-    want tests && stage tests 600 env PARACLIP_TEST_DEVICE=cpu $PY -m pytest -p no:cacheprovider -q -m gpu tests/test_gpu.py \
+    want tests && stage tests 600 env PARACLIP_TEST_DEVICE=cpu $PY -m pytest -p no:cacheprovider -v -m gpu tests/test_gpu.py \
         --junitxml "$WORK/tests.xml" -o junit_family=xunit1
     want step && stage step 300 $PY scripts/bench_step.py --cpu-smoke --json "$WORK/step.json" \
         --steps-only naive,plugin-img,plugin-emb,plugin-emb+causal

@@ -58,6 +58,23 @@ def read_tests(path):
             "cases": cases}
 
 
+# pytest -v's line per finished test: what is left of a tests stage stopped before pytest wrote its junit xml
+VERBOSE_RE = re.compile(r"^\S+::(\S+) (PASSED|FAILED|ERROR|SKIPPED)\b", re.M)
+
+
+def read_tests_log(path):
+    """The tests that finished, from the stage's ``pytest -v`` log, where no junit xml was written (the
+    stage was stopped at its budget): {"passed", "failed", "skipped", "cases", "stopped": True}."""
+    if not os.path.exists(path):
+        return None
+    outcome = {"PASSED": "passed", "FAILED": "failed", "ERROR": "error", "SKIPPED": "skipped"}
+    cases = [{"name": name, "outcome": outcome[word], "seconds": None, "properties": {}}
+             for name, word in VERBOSE_RE.findall(open(path, errors="replace").read())]
+    count = lambda o: sum(c["outcome"] == o for c in cases)  # noqa: E731
+    return {"passed": count("passed"), "failed": count("failed") + count("error"), "skipped": count("skipped"),
+            "cases": cases, "stopped": True}
+
+
 def environment():
     env = {"python": platform.python_version(), "cpu_cores": os.cpu_count()}
     try:
@@ -157,7 +174,8 @@ def collect(args):
     result = {
         **(read_json(os.path.join(args.work, "started.json")) or run_facts(args.cpu_smoke)),
         "stages": stages,
-        "tests": read_tests(os.path.join(args.work, "tests.xml")),
+        "tests": (read_tests(os.path.join(args.work, "tests.xml"))
+                  or read_tests_log(os.path.join(args.work, "logs", "tests.log"))),
         "step": step,
         "e2e": e2e,
     }
@@ -191,12 +209,15 @@ def render(result, source):
             + (" (stopped at its time budget)" if st["rc"] in (124, 137) else "") for st in result["stages"]) + ".", ""]
     tests = result.get("tests")
     if tests:
-        lines += [f"**Correctness on the device** (`pytest -m gpu`): {tests['passed']} passed, {tests['failed']} failed.", "",
+        stopped = " (the stage was stopped before pytest ended: the tests that finished, from its log)" \
+            if tests.get("stopped") else ""
+        lines += [f"**Correctness on the device** (`pytest -m gpu`): {tests['passed']} passed, {tests['failed']} "
+                  f"failed{stopped}.", "",
                   "| test | outcome | s | measured |", "|---|---|---|---|"]
         for case in tests["cases"]:
             props = ", ".join(f"{k} {float(v):.3g}" if re.fullmatch(r"[-+0-9.e]+", v) else f"{k} {v}"
                               for k, v in case["properties"].items())
-            lines.append(f"| {case['name']} | {case['outcome']} | {case['seconds']:.1f} | {props} |")
+            lines.append(f"| {case['name']} | {case['outcome']} | {fmt(case['seconds'], '.1f')} | {props} |")
         lines.append("")
     step = result.get("step")
     if step:

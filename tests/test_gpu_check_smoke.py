@@ -76,7 +76,14 @@ def test_a_call_stopped_at_its_limit_is_collected_here_with_the_devices_facts(tm
     started = {"kind": "gpu", "date": "2026-11-27 01:02 UTC", "commit": "0123456789",
                "environment": {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "cpu_cores": 16}}
     (work / "started.json").write_text(json.dumps(started))
-    (work / "stages.jsonl").write_text('{"stage": "e2e", "rc": 124, "seconds": 240, "budget": 240}\n')
+    (work / "stages.jsonl").write_text('{"stage": "tests", "rc": 124, "seconds": 170, "budget": 170}\n'
+                                       '{"stage": "e2e", "rc": 124, "seconds": 240, "budget": 240}\n')
+    (work / "logs").mkdir()  # the tests stage stopped before pytest wrote tests.xml: its -v log is what is left
+    (work / "logs" / "tests.log").write_text(
+        "tests/test_gpu.py::test_trimmed_text_features_and_gradients_match_stock_under_autocast[dtype0] PASSED [ 11%]\n"
+        "tests/test_gpu.py::test_causal_attention_runs_flash_attention_and_matches_the_mask_under_bf16 FAILED [ 22%]\n"
+        "tests/test_gpu.py::test_open_clip_train_paraclip_steps_in_amp_bf16[eager] PASSED [ 33%]\n"
+        "FAILED tests/test_gpu.py::test_causal_attention_runs_flash_attention_and_matches_the_mask_under_bf16 - boom\n")
     run = dict(exit=0, steps_logged=75, batch=1024, data_wait_pct=1.0, gpu_util_mean_pct=90.0, gpu_memory_max_gib=18.0)
     (work / "e2e.json").write_text(json.dumps({
         "device": "NVIDIA H100 80GB HBM3", "model": "ViT-B-32", "samples": 51200, "batch": 1024, "workers": 15,
@@ -91,5 +98,10 @@ def test_a_call_stopped_at_its_limit_is_collected_here_with_the_devices_facts(tm
     assert targets["end to end, cached embeddings: samples/s"]["value"] == 15000.0
     assert targets["end to end, cached vs stock"]["value"] == 5.0 and targets["end to end, cached vs stock"]["met"]
     assert "cached+causal+compile" in targets["end to end, cached vs stock"]["note"]
+    tests = result["tests"]
+    assert (tests["passed"], tests["failed"], tests["stopped"]) == (2, 1, True)
+    assert [c["outcome"] for c in tests["cases"]] == ["passed", "failed", "passed"]
     md = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert "2 passed, 1 failed (the stage was stopped before pytest ended" in md
+    assert "| test_open_clip_train_paraclip_steps_in_amp_bf16[eager] | passed | n/a |" in md
     assert "**NVIDIA H100 80GB HBM3**" in md and "`--paraclip-loss --image-embeddings --causal-attention --torchcompile`" in md
