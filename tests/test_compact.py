@@ -1,6 +1,7 @@
 """Compact training shards (embed_images --compact): two members per sample, the same batches as the
 four-field embedded shards, and the same checks."""
 import json
+import logging
 
 import numpy as np
 import open_clip
@@ -62,7 +63,7 @@ def test_compact_batches_equal_the_embedded_ones(world, compact):  # noqa: F811
         assert torch.equal(image_a, image_b) and torch.equal(texts_a, texts_b)
 
 
-def test_compact_shards_are_refused_for_other_weights_tokenizers_or_missing_members(world, compact, tmp_path):  # noqa: F811,E501
+def test_compact_shards_are_refused_for_other_weights_tokenizers_or_missing_members(world, compact, tmp_path, caplog):  # noqa: F811,E501
     model, preprocess_train, _ = tiny_model(world["init"])
     tokenizer = open_clip.get_tokenizer(TINY_MODEL)
     with pytest.raises(EmbeddingMismatch, match=f"shard {compact / '00000.tar'} holds image embeddings"):
@@ -75,15 +76,25 @@ def test_compact_shards_are_refused_for_other_weights_tokenizers_or_missing_memb
         pipeline(world["embedded"] / "00000.tar", compact_decode_stages(tokenizer, visual_fingerprint(model.visual)))
     # one sample without its member, one with a broken one: skipped and counted, the rest kept
     holes = tmp_path / "holes.tar"
+    keys = {}
     with wds.TarWriter(str(holes)) as sink:
         for i, sample in enumerate(read_tar_samples(compact / "00000.tar")):
             sample = {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
             if i == 3:
                 sample.pop(COMPACT_FIELD)
+                keys["missing"] = sample["__key__"]
             if i == 5:
                 sample[COMPACT_FIELD] = sample[COMPACT_FIELD][:-2]
+                keys["broken"] = sample["__key__"]
             sink.write(sample)
-    assert len(pipeline(holes, compact_decode_stages(tokenizer, visual_fingerprint(model.visual)))) == 14
+    with caplog.at_level(logging.WARNING):
+        assert len(pipeline(holes, compact_decode_stages(tokenizer, visual_fingerprint(model.visual)))) == 14
+    skipped = [r.getMessage() for r in caplog.records if "ParaCLIP: skipped sample" in r.getMessage()]
+    assert len(skipped) == 2
+    assert f"skipped sample '{keys['missing']}'" in skipped[0] and "missing pcl or json" in skipped[0]
+    assert f"skipped sample '{keys['broken']}'" in skipped[1] and "pcl: " in skipped[1]
+    assert "(2 skipped so far in this data worker; by reason: {'missing pcl/json': 1, 'pcl not readable': 1})" \
+        in skipped[1]
 
 
 def test_compact_needs_an_output_folder(world, capsys):  # noqa: F811

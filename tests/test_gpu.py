@@ -192,7 +192,8 @@ def world(tmp_path_factory):
                          ids=["eager", "torchcompile", "torchcompile+causal"])
 def test_open_clip_train_paraclip_steps_in_amp_bf16(device, world, patched_install, compiled, causal, record_property):
     """open_clip_train.main --paraclip-loss --precision amp_bf16 on one device, eager, --torchcompile and
-    --torchcompile --causal-attention (TORCH_LOGS=recompiles shows through the plugin: the recompiles are counted)."""
+    --torchcompile --causal-attention (TORCH_LOGS=recompiles,graph_breaks shows through the plugin, which open_clip_train
+    would silence: the trimmed forward's deliberate graph break is logged and the recompiles are counted)."""
     name = f"amp_bf16_{'compiled' if compiled else 'eager'}{'_causal' if causal else ''}"
     args = train_args(world["data"], world["logs"], name, world["init"], "--paraclip-loss",
                       "--precision", "amp_bf16", "--device", device.type, batch_size=16)
@@ -200,7 +201,8 @@ def test_open_clip_train_paraclip_steps_in_amp_bf16(device, world, patched_insta
         args += ["--torchcompile"]
     if causal:
         args += ["--causal-attention"]
-    proc = torchrun(["open_clip_train.main", *args], nproc=1, env_extra={"TORCH_LOGS": "recompiles"}, timeout=600)
+    proc = torchrun(["open_clip_train.main", *args], nproc=1, env_extra={"TORCH_LOGS": "recompiles,graph_breaks"},
+                    timeout=600)
     log = read_log(world["logs"], name)
     steps = logged_losses(log)
     assert len(steps) == 4  # 64 samples / 16
@@ -215,7 +217,8 @@ def test_open_clip_train_paraclip_steps_in_amp_bf16(device, world, patched_insta
         output = proc.stdout + proc.stderr
         recompiles = len(re.findall(r"Recompiling function", output))
         record_property("recompiles", recompiles)
-        assert "TORCH_LOGS=recompiles re-applied" in log
+        assert "TORCH_LOGS=recompiles,graph_breaks re-applied" in log
+        assert "Graph break" in output  # torch's own log line: the user's TORCH_LOGS reached Dynamo
         # cut lengths are multiples of 8 (at most 10 for a 77-token context) and Dynamo makes the length
         # dynamic after its first change: well below its per-frame recompile_limit (8)
         assert recompiles < torch._dynamo.config.recompile_limit

@@ -12,7 +12,8 @@ from paraclip_plugin.paraphrase import cleaning
 from paraclip_plugin.paraphrase.backends import GenerationError
 from paraclip_plugin.paraphrase.backends.openai_backend import OpenAIBackend
 from paraclip_plugin.paraphrase.inputs import expand_inputs
-from paraclip_plugin.paraphrase.local_server import OPENAI_MAX_TOKENS_ERROR, VLLM_NO_TEMPLATE_ERROR, raw_reply
+from paraclip_plugin.paraphrase.local_server import (OPENAI_MAX_TOKENS_ERROR, VLLM_NO_TEMPLATE_ERROR, quoted_text,
+                                                      raw_reply)
 from paraclip_plugin.paraphrase.prompts import PromptSet
 from test_paraphrase_cli import SENTINEL_KEY, cli, tar_contents
 from test_paraphrase_pipeline import make_generator, run
@@ -36,10 +37,12 @@ def test_server_refusing_everything_stops_nonzero_writes_nothing_and_rerun_redoe
     refused = server.requests
     assert refused <= 10  # it stopped at the first batch, not after asking for every caption
 
-    server.no_chat_template = False  # fixed: the rerun redoes the shards
+    server.no_chat_template = False  # fixed: the rerun redoes the shards, as a run that never failed
     rc, _, stderr = cli(server, pattern, out)
     assert rc == 0, stderr
-    assert all(len(samples_of(p)) > 0 for p in out.glob("*.tar")) and len(list(out.glob("*.tar"))) == 2
+    rc, _, stderr = cli(server, pattern, tmp_path / "never_failed")
+    assert rc == 0, stderr
+    assert len(list(out.glob("*.tar"))) == 2 and tar_contents(out) == tar_contents(tmp_path / "never_failed")
 
 
 def test_reasoning_model_refusing_max_tokens_stops_with_its_message(server, tmp_path):
@@ -64,9 +67,16 @@ def test_small_batches_refused_by_the_service_never_give_an_empty_shard(server, 
 
 def test_one_refused_caption_is_dropped_and_the_job_goes_on(server, tmp_path):
     pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=12)
+    (tmp_path / "reference").mkdir()
+    _, reference = run(server, tmp_path / "reference", pattern, concurrency=1)  # the same job without the fault
     server.inject("400")  # one request refused for good (a content policy)
     _, stats = run(server, tmp_path, pattern, concurrency=1)
-    assert stats["dropped"]["step1_request_rejected"] >= 1 and stats["samples_out"] > 0
+    assert stats["dropped"]["step1_request_rejected"] == 1
+    # the samples of the refused caption (duplicates included) are left out, every other sample is written
+    (refused,) = server.prompts("400")
+    written = samples_of(tmp_path / "reference" / "out" / "00000.tar")
+    lost = {key for key, fields in written.items() if fields["txt"].decode() == quoted_text(refused)}
+    assert lost and set(samples_of(tmp_path / "out" / "00000.tar")) == set(written) - lost
     assert len(samples_of(tmp_path / "out" / "00000.tar")) == stats["samples_out"]
 
 
@@ -227,9 +237,11 @@ def test_api_key_env_names_the_variable_and_must_be_set(server, tmp_path):
                         env={"PARACLIP_NODE_KEY": "node-key-1"})
     assert rc == 0, stderr
     assert server.authorizations == {"Bearer node-key-1"}
+    before = server.requests
     rc, _, stderr = cli(server, pattern, tmp_path / "out2", "--api-key-env", "PARACLIP_UNSET_KEY")
     assert rc != 0 and "--api-key-env PARACLIP_UNSET_KEY" in stderr and no_traceback(stderr)
-    assert server.requests == len(server.bodies)  # the failing run sent nothing
+    assert server.requests == before  # the failing run sent nothing
+    assert not (tmp_path / "out2").exists() or not list((tmp_path / "out2").glob("*.tar"))
 
 
 def test_refusing_server_is_stopped_after_the_first_answers_not_the_whole_batch(server, tmp_path):

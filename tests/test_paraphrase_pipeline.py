@@ -76,7 +76,9 @@ def test_four_fields_with_both_steps_chained(server, tmp_path):
     assert server.requests == stats["requests"] == 2 * len(unique)
     assert stats["samples_out"] == len(kept) and stats["samples_in"] == len(inputs)
     assert stats["dropped"]["filtered_too_short"] + stats["dropped"]["filtered_too_long"] == len(inputs) - len(kept)
-    assert stats["prompt_tokens"] > 0 and stats["completion_tokens"] > 0
+    # what the server billed (its usage: words of the prompt and of the reply), summed over the job
+    assert stats["prompt_tokens"] == sum(len(prompt.split()) for _, prompt, _ in server.log)
+    assert stats["completion_tokens"] > 0
     assert json.loads((tmp_path / "out-stats.json").read_text())["requests"] == stats["requests"]
 
 

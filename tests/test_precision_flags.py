@@ -33,7 +33,7 @@ def test_embed_images_records_the_fingerprints_of_16_bit_weights(world):  # noqa
     open_clip.add_model_config(str(TINY_CONFIG))
     by_precision = record["visual_sha256_by_precision"]
     assert by_precision == precision_fingerprints(TINY_MODEL, str(world["init"]))
-    for precision in ("pure_bf16", "bf16"):
+    for precision in ("pure_bf16", "bf16", "pure_fp16", "fp16"):  # each as open_clip itself converts the weights
         model = open_clip.create_model(TINY_MODEL, pretrained=str(world["init"]), precision=precision)
         assert visual_fingerprint(model.visual) == by_precision[precision] != record["visual_sha256"]
     assert len(set(by_precision.values())) == 4  # bf16 vs fp16, all weights vs open_clip's mixed conversion

@@ -250,7 +250,9 @@ class LocalChatServer(ThreadingHTTPServer):
         files = {}
         for name, records in (("output", out), ("error", err)):
             if records:
-                data = "".join(json.dumps(r) + "\n" for r in records).encode()
+                # the Batch API's output "may not match the input line order" (match by custom_id): as here,
+                # where the lines come back reversed
+                data = "".join(json.dumps(r) + "\n" for r in reversed(records)).encode()
                 files[name] = self._add_file(data, f"{batch_id}_{name}.jsonl", "batch_output")["id"]
         with self.lock:
             self.batches[batch_id].update(
