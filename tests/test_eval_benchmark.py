@@ -34,12 +34,14 @@ def imagenet_with_known_errors(tmp_path_factory):
     return root, _imagenet_classnames(), wrong
 
 
-def test_imagenet_ties_count_as_wrong_on_the_real_tied_classifier(imagenet_with_known_errors, tmp_path):
+def test_imagenet_ties_share_the_hit_on_the_real_tied_classifier(imagenet_with_known_errors, tmp_path):
     root, names, wrong = imagenet_with_known_errors
     # Text of class c -> one-hot at the first class of that name; image -> one-hot at the class it shows.
     # clip_benchmark's names repeat ("missile" 657/744, "sunglasses" 836/837), so those columns are
-    # identical: the images of 657 and 836 tie with 744 and 837 (top-1 wrong, top-5 right), and the
-    # images of 744 and 837 score 0 against every class (a 1000-way tie: wrong at top-1 and top-5).
+    # identical: the images of 657 and 836 tie with 744 and 837 (a 2-way tie on top: half a hit at top-1,
+    # a hit at top-5), and the images of 744 and 837 score 0 against every class (a 1000-way tie: 1/1000
+    # of a hit at top-1, 5/1000 at top-5). A wrong image shows the decoy: one class above its own, which
+    # ties with the 998 others at 0 (no hit at top-1, 4/999 at top-5).
     features = {}
     for i, name in enumerate(names):
         features.setdefault(name, [float(j == i) for j in range(1000)])
@@ -48,9 +50,12 @@ def test_imagenet_ties_count_as_wrong_on_the_real_tied_classifier(imagenet_with_
     result = evaluate_imagenet(model, model.preprocess, model.tokenizer, str(root), batch_size=250,
                                templates=_one_template(tmp_path))
     assert result["num_images"] == 1000 and result["num_classes"] == 1000 and result["num_templates"] == 1
-    assert result["acc1"] == pytest.approx(1 - (len(wrong) + 4) / 1000)
-    assert result["acc5"] == pytest.approx(1 - (len(wrong) + 2) / 1000)
+    right = 1000 - len(wrong) - 4
+    assert result["acc1"] == pytest.approx((right + 2 * 0.5 + 2 * 0.001) / 1000)
+    assert result["acc5"] == pytest.approx((right + 2 * 1 + 2 * 0.005 + len(wrong) * 4 / 999) / 1000)
     assert result["mean_per_class_recall"] == pytest.approx(result["acc1"])  # one image per class
+    assert result["ties_wrong"]["acc1"] == pytest.approx(right / 1000)
+    assert result["ties_wrong"]["acc5"] == pytest.approx((right + 2) / 1000)
     assert result["tied_top1_images"] == 4 and result["tie_rule"] == TIE_RULE
     assert result["precision"] == {"device": "cpu", "weights": None, "autocast": None}
 
@@ -61,13 +66,17 @@ def test_tie_rule_by_hand():
                            [2., 2., 2., 2., 2., 0., 1.],    # true 6: five classes above it
                            [2., 2., 2., 2., 1., 1., 1.]])   # true 6: four above, two tied with it
     target = torch.tensor([0, 1, 6, 6])
-    assert topk_hits(logits, target, 1).tolist() == [False, True, False, False]
-    assert topk_hits(logits, target, 2).tolist() == [True, True, False, False]
-    assert topk_hits(logits, target, 5).tolist() == [True, True, False, False]  # ties with 6 outrank it
-    assert topk_hits(logits, target, 7).tolist() == [True, True, True, True]
+    # the expected hit when the tied classes come in a random order
+    assert topk_hits(logits, target, 1).tolist() == [0.5, 1, 0, 0]
+    assert topk_hits(logits, target, 2).tolist() == [1, 1, 0, 0]
+    assert topk_hits(logits, target, 5).tolist() == pytest.approx([1, 1, 0, 1 / 3])  # 4 above, 1 of 3 slots left
+    assert topk_hits(logits, target, 6).tolist() == pytest.approx([1, 1, 1, 2 / 3])
+    assert topk_hits(logits, target, 7).tolist() == [1, 1, 1, 1]
+    # the same over every order of the tied classes, counted: row 3 at top-5 is a hit in 1 of 3 positions
     scores = classification_scores(logits, target)
-    assert scores["acc1"] == 0.25 and scores["tied_top1_images"] == 3
-    assert scores["mean_per_class_recall"] == pytest.approx((0 + 1 + 0) / 3)  # classes 0, 1, 6 have images
+    assert scores["acc1"] == (0.5 + 1) / 4 and scores["tied_top1_images"] == 3
+    assert scores["mean_per_class_recall"] == pytest.approx((0.5 + 1 + 0) / 3)  # classes 0, 1, 6 have images
+    assert scores["ties_wrong"] == pytest.approx({"acc1": 0.25, "acc5": 0.5, "mean_per_class_recall": 1 / 3})
 
 
 # COCO: 8 images, two captions each. A "good" caption points at its image (cosine 1), a "bad" one
