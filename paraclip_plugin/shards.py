@@ -29,16 +29,48 @@ TEXT_FIELDS = (CAPTION, PARA1, PARA2)
 SIZES_FILE = "sizes.json"
 
 
+class OutputBusy(RuntimeError):
+    """Another live process is writing the same output file."""
+
+
+class SizesFileError(ValueError):
+    """A ``sizes.json`` that can't be read as ``{shard file name: sample count}``."""
+
+
 def partial_path(path):
     """Where a shard lives while it is being written; never matched by a ``*.tar`` glob."""
     return f"{path}.partial"
 
 
+def _open_locked(tmp, path):
+    """``tmp`` opened for writing, emptied, under an exclusive ``flock`` that the writer holds until it
+    closes it: a second writer of the same output is refused instead of interleaving with the first, and
+    a partial file left by a killed writer (its lock gone with it) is reused."""
+    for _ in range(10):
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputBusy(f"{path}: another process is writing it now ({tmp} is locked); "
+                             f"two jobs were given the same output") from None
+        try:  # the lock is on the file we opened: is that still the one named tmp (not renamed meanwhile)?
+            same = os.path.samestat(os.fstat(fd), os.stat(tmp))
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            return fd
+        os.close(fd)
+    raise OutputBusy(f"{path}: {tmp} keeps being replaced by another process")
+
+
 @contextlib.contextmanager
 def atomic_file(path, mode="wb"):
-    """Open ``path + ".partial"``; fsync and rename it to ``path`` on success, remove it on any error."""
+    """Open ``path + ".partial"`` (locked: see ``_open_locked``); fsync and rename it to ``path`` on success,
+    remove it on any error."""
     tmp = partial_path(path)
-    stream = open(tmp, mode)
+    stream = os.fdopen(_open_locked(tmp, path), mode)
     try:
         yield stream
         stream.flush()
@@ -83,7 +115,14 @@ def read_sizes_json(folder):
     if not os.path.exists(path):
         return {}
     with open(path) as f:
-        return json.load(f)
+        try:
+            sizes = json.load(f)
+        except ValueError as e:
+            raise SizesFileError(f"{path}: not valid JSON ({e}); delete it and rerun the job that wrote the shards "
+                                 f"(paraclip-make-shards and paraclip-embed-images rebuild it from them)") from None
+    if not isinstance(sizes, dict):
+        raise SizesFileError(f"{path}: expected {{shard file name: sample count}}, found {type(sizes).__name__}")
+    return sizes
 
 
 def update_sizes_json(folder, shard_sizes):

@@ -36,6 +36,11 @@ def test_prompts_replaced_from_a_file(tmp_path):
     path.write_text(json.dumps({"step1": "no placeholder", "step2": "Reword: {text}"}))
     with pytest.raises(ValueError, match="step1"):
         load_prompts(path)
+    path.write_text(json.dumps(["Rewrite: {text}", "Reword: {text}"]))
+    with pytest.raises(ValueError, match=f"{path}: prompts file must hold a JSON object"):
+        load_prompts(path)
+    with pytest.raises(ValueError, match=f"--prompts {tmp_path / 'missing.json'}: No such file"):
+        load_prompts(tmp_path / "missing.json")
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -137,6 +142,59 @@ def test_tar_round_trip_in_webdataset_layout(tmp_path):
     import webdataset as wds
     read = list(wds.WebDataset(path, shardshuffle=False))
     assert [r["__key__"] for r in read] == ["k1", "k2"] and read[0]["para1.txt"] == b"p1"
+
+
+def test_a_tar_cut_anywhere_is_an_error_naming_it(tmp_path):
+    """tarfile takes a header cut short for the end of the archive; the reader must not: every cut of a
+    shard, at any byte, is an InputError naming the file, never fewer samples."""
+    import gzip
+    import tarfile
+    path = tmp_path / "s.tar"
+    with atomic_tar_writer(str(path)) as sink:
+        for i in range(6):
+            sink.write({"__key__": f"k{i}", "jpg": bytes(range(256)) * 3, "txt": f"caption {i}"})
+    whole = path.read_bytes()
+    assert len(list(read_tar_samples(str(path)))) == 6
+    with tarfile.open(path) as tar:
+        tar.getmembers()
+        members_end = tar.offset  # where the end-of-archive blocks start (then zero padding to a record)
+    cuts = sorted(set(range(0, members_end + tarfile.BLOCKSIZE, 97))
+                  | set(range(0, members_end + 1, tarfile.BLOCKSIZE)))  # header boundaries too
+    cut_path = tmp_path / "cut.tar"
+    for cut in cuts:
+        cut_path.write_bytes(whole[:cut])
+        with pytest.raises(InputError, match=str(cut_path)):
+            list(read_tar_samples(str(cut_path)))
+    zipped = gzip.compress(whole)
+    for cut in (50, len(zipped) // 2):
+        (tmp_path / "cut.tar.gz").write_bytes(zipped[:cut])
+        with pytest.raises(InputError, match="cut.tar.gz"):
+            list(read_tar_samples(str(tmp_path / "cut.tar.gz")))
+
+
+def test_a_second_writer_of_the_same_shard_is_refused_and_a_dead_writers_partial_reused(tmp_path):
+    import multiprocessing
+
+    from paraclip_plugin.shards import OutputBusy, partial_path
+    path = str(tmp_path / "s.tar")
+    with atomic_tar_writer(path) as first:
+        first.write({"__key__": "a", "txt": "first"})
+        with pytest.raises(OutputBusy, match=f"{path}: another process is writing it"):
+            # another process (flock locks are per open file; a child has its own)
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                pool.apply(_write_one, (path,))
+        first.write({"__key__": "b", "txt": "first"})
+    assert [s["__key__"] for s in read_tar_samples(path)] == ["a", "b"]
+    with open(partial_path(path), "wb") as stale:  # a killed writer's leftovers: no lock held
+        stale.write(b"half a tar" * 1000)
+    _write_one(path)
+    assert [s["txt"] for s in read_tar_samples(path)] == [b"second"]
+    assert not (tmp_path / "s.tar.partial").exists()
+
+
+def _write_one(path):
+    with atomic_tar_writer(path) as sink:
+        sink.write({"__key__": "c", "txt": "second"})
 
 
 def test_generation_path_does_not_import_torch():

@@ -30,6 +30,7 @@ from .inputs import expand_inputs, slurm_job_defaults, split_for_job
 from .pipeline import GenerationOptions, ParaphraseGenerator
 from .prompts import PromptSet, load_prompts
 from .shard_io import InputError
+from ..shards import OutputBusy, SizesFileError
 
 
 def parse_args(argv=None):
@@ -180,7 +181,7 @@ def main(argv=None):
         if args.backend == "openai-batch":  # few large batches for the whole job, then shards from the cache
             generator.prefill(inputs, args.output)
         stats = generator.run(inputs, args.output, stats_path, args.export_sft, job=(args.num_jobs, args.job_index))
-    except (InputError, GenerationError) as e:
+    except (InputError, GenerationError, OutputBusy, SizesFileError) as e:
         sys.exit(f"error: {e}")
     finally:
         backend.close()

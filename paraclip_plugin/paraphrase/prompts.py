@@ -34,13 +34,18 @@ def load_prompts(path):
     Without an explicit version the templates' hash is the version, so changing the wording can
     never reuse cache entries made with the old wording.
     """
-    with open(path) as f:
-        try:
+    try:
+        with open(path) as f:
             spec = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: prompts file is not valid JSON ({e.msg})") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: prompts file is not valid JSON ({e.msg})") from None
+    except OSError as e:
+        raise ValueError(f"--prompts {path}: {e.strerror}") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: prompts file must hold a JSON object {{\"step1\": ..., \"step2\": ...}}, "
+                         f"not a {type(spec).__name__}")
     for step in ("step1", "step2"):
-        if PLACEHOLDER not in spec.get(step, ""):
+        if not isinstance(spec.get(step), str) or PLACEHOLDER not in spec[step]:
             raise ValueError(f"{path}: '{step}' must be a string containing {PLACEHOLDER}")
     digest = hashlib.sha256(f"{spec['step1']}\0{spec['step2']}".encode()).hexdigest()[:12]
     return PromptSet(spec["step1"], spec["step2"], spec.get("version") or f"custom-{digest}")

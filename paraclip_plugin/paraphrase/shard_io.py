@@ -8,6 +8,7 @@ import contextlib
 import io
 import re
 import tarfile
+import zlib
 
 from paraclip_plugin.shards import atomic_file
 
@@ -23,7 +24,7 @@ def read_tar_samples(path):
     """Yield ``{"__key__": key, ext: bytes, ...}`` per sample, grouping consecutive members by key."""
     try:
         tar = tarfile.open(path, "r:*")
-    except (tarfile.TarError, OSError) as e:
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise InputError(f"{path}: cannot read as a tar shard ({e})") from e
     with tar:
         sample = None
@@ -40,10 +41,21 @@ def read_tar_samples(path):
                         yield sample
                     sample = {"__key__": key, "__mtime__": int(member.mtime)}
                 sample[ext] = tar.extractfile(member).read()
-        except tarfile.TarError as e:
-            raise InputError(f"{path}: truncated or corrupt tar shard ({e})") from e
+            ended = _ends_with_end_of_archive(tar)
+        except (tarfile.TarError, EOFError, zlib.error) as e:
+            raise InputError(f"{path}: truncated or corrupt tar shard ({type(e).__name__}: {e})") from e
+        if not ended:
+            # tarfile takes a header cut short for the end of the archive: the samples after it would be lost
+            raise InputError(f"{path}: truncated tar shard: no end-of-archive block after its last member "
+                             f"(byte {tar.offset})")
         if sample is not None:
             yield sample
+
+
+def _ends_with_end_of_archive(tar):
+    """True when the archive goes on with a zero block where its members end (a tar's end marker)."""
+    tar.fileobj.seek(tar.offset)
+    return tar.fileobj.read(tarfile.BLOCKSIZE) == tarfile.NUL * tarfile.BLOCKSIZE
 
 
 class TarSampleWriter:
