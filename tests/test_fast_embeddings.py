@@ -165,6 +165,48 @@ def test_spawned_data_workers_get_no_image_tower_and_embed_the_same(world, tmp_p
                 == [s["img_emb.npy"] for s in read_tar_samples(world["embedded"] / name)])
 
 
+def test_bad_samples_and_shards_are_named_and_sizes_json_is_repaired(world, tmp_path, caplog, capsys):
+    """A sample whose .json or text can't be read is copied without an embedding (warned, by shard and key);
+    an unreadable shard stops the job with one line naming it, with and without data workers; a shard
+    left out of sizes.json (killed between its rename and the update) is counted by the rerun."""
+    src = tmp_path / "in"
+    src.mkdir()
+    with wds.TarWriter(str(src / "00000.tar")) as sink:
+        for i, sample in enumerate(read_tar_samples(world["plain"] / "00000.tar")):
+            sample = {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
+            if i == 2:
+                sample["json"] = b'{"url": "http://x/2.jpg", '
+            if i == 4:
+                sample["para1.txt"] = "caf\xe9".encode("latin-1")
+            sink.write(sample)
+    caplog.set_level(logging.INFO)
+    embed(str(src / "00000.tar"), world["init"], "--output", tmp_path / "out")
+    out = {s["__key__"]: s for s in read_tar_samples(tmp_path / "out" / "00000.tar")}
+    keys = sorted(out)
+    assert [k for k in keys if "img_emb.npy" not in out[k]] == [keys[2], keys[4]]
+    assert out[keys[2]]["json"] == b'{"url": "http://x/2.jpg", '  # copied as it was
+    assert f"00000.tar: sample '{keys[2]}' copied without an embedding: its .json is not readable" in caplog.text
+    assert f"00000.tar: sample '{keys[4]}' copied without an embedding: a text is not UTF-8" in caplog.text
+    assert "14/16 samples embedded" in caplog.text
+
+    sizes = tmp_path / "out" / "sizes.json"
+    sizes.write_text("{}")  # as if killed after the rename, before the update
+    caplog.clear()
+    embed(str(src / "00000.tar"), world["init"], "--output", tmp_path / "out")
+    assert "already embedded with these weights, skipped" in caplog.text
+    assert json.loads(sizes.read_text()) == {"00000.tar": 16}
+
+    (src / "00001.tar").write_bytes((world["plain"] / "00001.tar").read_bytes()[:5000])  # cut short
+    for workers in ("0", "1"):
+        argv = ["--shards", src / "*.tar", "--model", TINY_MODEL, "--model-config", TINY_CONFIG, "--pretrained",
+                world["init"], "--workers", workers, "--output", tmp_path / f"cut{workers}"]
+        assert embed_images.main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"embed_images: error: {src / '00001.tar'}: truncated") and "Traceback" not in err[-1]
+        assert (tmp_path / f"cut{workers}" / "00000.tar").exists()  # what was done before stays
+        assert not (tmp_path / f"cut{workers}" / "00001.tar").exists()
+
+
 @pytest.mark.parametrize("resize_mode", ["shortest", "longest", "squash"])
 def test_the_split_transform_is_exact_on_open_clips_transforms(world, resize_mode):
     preprocess = open_clip.image_transform(32, is_train=False, resize_mode=resize_mode)

@@ -35,10 +35,11 @@ from paraclip_plugin.train.compact import COMPACT_FIELD, pack
 from paraclip_plugin.train.embeddings import (EMBEDDING_FIELD, METADATA_KEY as EMBEDDING_KEY, embedding_record,
                                         encode_embedding, precision_fingerprints, visual_fingerprint)
 from paraclip_plugin.paraphrase.inputs import expand_inputs, split_for_job
-from paraclip_plugin.paraphrase.shard_io import InputError, read_tar_samples
+from paraclip_plugin.paraphrase.shard_io import InputError, count_tar_samples, read_tar_samples
 from paraclip_plugin.train.pretokenized import (METADATA_KEY as TOKENS_KEY, TEXT_FIELDS, TOKENS_FIELD, stored_tokens,
                                           tokenizer_pad_id, tokens_record)
-from paraclip_plugin.shards import IMAGE_EXTENSIONS, METADATA, atomic_tar_writer, update_sizes_json
+from paraclip_plugin.shards import (IMAGE_EXTENSIONS, METADATA, OutputBusy, SizesFileError, atomic_tar_writer,
+                                    read_sizes_json, update_sizes_json)
 
 
 def parse_args(argv=None):
@@ -101,6 +102,16 @@ def finish_preprocess(images, normalize):
     return normalize(images.float().div_(255))
 
 
+def sample_metadata(sample):
+    """The sample's ``.json`` as a dict ({} without one); ValueError when it is not a JSON object."""
+    if METADATA not in sample:
+        return {}
+    meta = json.loads(sample[METADATA])
+    if not isinstance(meta, dict):
+        raise ValueError(f"a JSON {type(meta).__name__}, not an object")
+    return meta
+
+
 def image_bytes(sample):
     return next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
 
@@ -116,7 +127,10 @@ class ShardImages(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         jobs = self.jobs if info is None else self.jobs[info.id::info.num_workers]
         for src, dst in jobs:
-            yield (src, dst, *self.embedder.prepare(src))
+            try:
+                yield (src, dst, *self.embedder.prepare(src))
+            except InputError as e:  # a shard that can't be read: the main process stops on it, naming it
+                yield src, dst, e, None, None
 
 
 class ShardEmbedder:
@@ -154,13 +168,19 @@ class ShardEmbedder:
             return False
         if self.args.compact:
             sample = next(iter(read_tar_samples(path)), None)
-            meta = json.loads(sample[METADATA]) if sample and METADATA in sample else {}
+            try:
+                meta = sample_metadata(sample) if sample else {}
+            except ValueError:
+                return False
             return (sample is not None and COMPACT_FIELD in sample and meta.get(EMBEDDING_KEY) == self.record
                     and meta.get(TOKENS_KEY) == self.tokens_record)
         for sample in read_tar_samples(path):
             if not any(ext in sample for ext in IMAGE_EXTENSIONS):
                 continue
-            meta = json.loads(sample[METADATA]) if METADATA in sample else {}
+            try:
+                meta = sample_metadata(sample)
+            except ValueError:  # copied as it was, without an embedding: the next sample speaks for the shard
+                continue
             # shards are replaced whole, so the first sample with an image speaks for the shard
             done = EMBEDDING_FIELD in sample and meta.get(EMBEDDING_KEY) == self.record
             if self.tokenizer is not None:
@@ -183,10 +203,19 @@ class ShardEmbedder:
             data = image_bytes(sample)
             if data is None:
                 continue
-            meta = json.loads(sample[METADATA]) if METADATA in sample else {}
-            meta.pop(EMBEDDING_KEY, None)
             sample.pop(EMBEDDING_FIELD, None)  # never keep an embedding of other weights
-            self.add_tokens(sample, meta)
+            try:
+                meta = sample_metadata(sample)
+                self.add_tokens(sample, meta)
+            except UnicodeDecodeError as e:  # a bad sample loses its embedding, not the shard
+                logging.warning(f"{src}: sample '{sample['__key__']}' copied without an embedding: a text is "
+                                f"not UTF-8 ({e})")
+                continue
+            except ValueError as e:
+                logging.warning(f"{src}: sample '{sample['__key__']}' copied without an embedding: its .json is "
+                                f"not readable ({e})")
+                continue
+            meta.pop(EMBEDDING_KEY, None)
             sample[METADATA] = json.dumps(meta).encode()
             with_image.append((i, data))
         return samples, with_image
@@ -283,6 +312,8 @@ class ShardEmbedder:
         up this process's seconds: waiting for the workers, in the image tower, writing shards."""
         start = time.time()
         for src, dst, samples, rows, images in self.loader(jobs):
+            if isinstance(samples, InputError):
+                raise samples
             received = time.time()
             features = self.encode(images) if images is not None else []  # to numpy: waits for the GPU
             encoded = time.time()
@@ -293,6 +324,28 @@ class ShardEmbedder:
             self.spent["writing"] += written - encoded
             yield dst, count, embedded, written - start
             start = time.time()
+
+
+def embed_shards(args, embedder, shards):
+    """Embed every shard not done yet; (images embedded, the shards embedded, start time, loop start time)."""
+    jobs, started = [], time.time()
+    for src in shards:
+        dst = os.path.join(args.output, os.path.basename(src)) if args.output else src
+        if embedder.is_done(dst):
+            logging.info(f"{dst}: already embedded with these weights, skipped")
+            # a job killed between the shard's rename and its sizes.json update left it uncounted
+            if args.output and os.path.basename(dst) not in read_sizes_json(args.output):
+                update_sizes_json(args.output, {os.path.basename(dst): count_tar_samples(dst)})
+        else:
+            jobs.append((src, dst))
+    total, looping = 0, time.time()
+    for dst, count, embedded, seconds in embedder.run(jobs):
+        if args.output:
+            update_sizes_json(args.output, {os.path.basename(dst): count})
+        total += embedded
+        logging.info(f"{dst}: {embedded}/{count} samples embedded in {seconds:.1f}s "
+                     f"({total / max(time.time() - started, 1e-9):.0f} images/s so far)")
+    return total, jobs, started, looping
 
 
 def main(argv=None):
@@ -312,20 +365,11 @@ def main(argv=None):
     if args.output:
         os.makedirs(args.output, exist_ok=True)
     embedder = ShardEmbedder(args)
-    jobs, started = [], time.time()
-    for src in shards:
-        dst = os.path.join(args.output, os.path.basename(src)) if args.output else src
-        if embedder.is_done(dst):
-            logging.info(f"{dst}: already embedded with these weights, skipped")
-        else:
-            jobs.append((src, dst))
-    total, looping = 0, time.time()
-    for dst, count, embedded, seconds in embedder.run(jobs):
-        if args.output:
-            update_sizes_json(args.output, {os.path.basename(dst): count})
-        total += embedded
-        logging.info(f"{dst}: {embedded}/{count} samples embedded in {seconds:.1f}s "
-                     f"({total / max(time.time() - started, 1e-9):.0f} images/s so far)")
+    try:
+        total, jobs, started, looping = embed_shards(args, embedder, shards)
+    except (InputError, OutputBusy, SizesFileError) as e:
+        print(f"embed_images: error: {e}", file=sys.stderr)
+        return 2
     if jobs:  # where this process's time went: which part bounds the job
         logging.info(f"done: {total} images in {time.time() - started:.2f}s ({time.time() - looping:.2f}s after "
                      f"start-up); waiting for the data workers {embedder.spent['waiting']:.2f}s, image tower "
