@@ -65,6 +65,18 @@ def test_small_batches_refused_by_the_service_never_give_an_empty_shard(server, 
     assert 0 < server.requests < 4 and not list((tmp_path / "out").glob("*.tar"))
 
 
+def test_a_model_whose_every_answer_is_unusable_writes_no_empty_shard(server, tmp_path):
+    # A model that answers (200) with a refusal in words or nothing at all, for every caption and attempt:
+    # the service is fine, the answers are not. No complete-looking empty shard a rerun would skip.
+    pattern = write_input_shards(tmp_path / "in", num_shards=2, per_shard=6)
+    server.inject(*["refusal", "empty"] * 200)
+    out = tmp_path / "out"
+    rc, _, stderr = cli(server, pattern, out, "--concurrency", "2")
+    assert rc != 0 and no_traceback(stderr)
+    assert "00000.tar: every kept sample was dropped (step1_empty, step1_refusal)" in stderr
+    assert not list(out.glob("*.tar")) and not (out / "sizes.json").exists()
+
+
 def test_one_refused_caption_is_dropped_and_the_job_goes_on(server, tmp_path):
     pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=12)
     (tmp_path / "reference").mkdir()

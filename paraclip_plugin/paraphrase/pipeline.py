@@ -209,11 +209,18 @@ class ParaphraseGenerator:
                 self.dropped[result] += 1
             else:
                 out.append((item, *result))
-        service_drops = {r for r in results.values() if isinstance(r, str)}
-        if items and not out and service_drops <= _SERVICE_DROPS:
+        drops = {r for r in results.values() if isinstance(r, str)}
+        if items and not out and drops <= _SERVICE_DROPS:
             raise GenerationError(
-                f"every kept sample was refused or cut off by the service ({', '.join(sorted(service_drops))}); "
+                f"every kept sample was refused or cut off by the service ({', '.join(sorted(drops))}); "
                 "nothing is written for this input and a rerun redoes it")
+        if items and not out:  # never an empty output that a rerun would take for done
+            raise GenerationError(
+                f"every kept sample was dropped ({', '.join(sorted(drops))}): the model's answers were not "
+                f"usable paraphrases after {self.options.max_attempts} attempts each (a wrong chat template, "
+                f"a model answering outside the message content, or prompts it does not follow?); nothing is "
+                f"written for this input. Its answers are cached: rerunning with the same --model and --prompts "
+                f"gives them again")
         return out
 
     def process_shard(self, in_path, out_path):
