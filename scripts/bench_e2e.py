@@ -44,6 +44,8 @@ from datetime import datetime
 
 from synthetic_shards import write_shards
 
+from paraclip_plugin.shards import atomic_write_text
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO, "paraclip_plugin", "model_configs", "paraclip-tiny.json")
 STEP_RE = re.compile(r"^(\S+) \|.*Train Epoch: \d+ \[.*Data \(t\): ([0-9.]+) Batch \(t\): ([0-9.]+), "
@@ -237,8 +239,7 @@ def main(argv=None):
 
     def save():
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=1)
+            atomic_write_text(args.json, json.dumps(results, indent=1) + "\n")
 
     # one random-init checkpoint for every run: embed_images.py and training must see the same image weights
     args.init = os.path.join(args.folder, "init.pt")

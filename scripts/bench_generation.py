@@ -29,6 +29,7 @@ from paraclip_plugin.paraphrase.backends.openai_backend import OpenAIBackend
 from paraclip_plugin.paraphrase.cache import CompletionCache
 from paraclip_plugin.paraphrase.inputs import expand_inputs
 from paraclip_plugin.paraphrase.pipeline import GenerationOptions, ParaphraseGenerator
+from paraclip_plugin.shards import atomic_write_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("red blue green small large dog cat bird car tree house river mountain beach city night old new "
@@ -128,10 +129,10 @@ def main():
                 one = proc_rates[min(proc_rates)]
                 print("ratio vs 1 process: " + ", ".join(f"{p}: {r / one:.2f}x" for p, r in proc_rates.items()))
             if args.json:
-                with open(args.json, "w") as f:
-                    json.dump({"latency": args.latency, "requests_per_s": rates,
-                               "ratio_vs_serial": {c: r / serial for c, r in rates.items()},
-                               "processes_requests_per_s": proc_rates}, f, indent=1)
+                atomic_write_text(args.json, json.dumps(
+                    {"latency": args.latency, "requests_per_s": rates,
+                     "ratio_vs_serial": {c: r / serial for c, r in rates.items()},
+                     "processes_requests_per_s": proc_rates}, indent=1) + "\n")
     finally:
         server.terminate()
         server.wait()

@@ -31,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from paraclip_plugin.train.attention import causal_attention
 from paraclip_plugin.train.loss import ParaCLIPLoss, parse_terms, DEFAULT_TERMS
 from paraclip_plugin.train.model import enable_paraphrase_forward, freeze_visual
+from paraclip_plugin.shards import atomic_write_text
 
 # dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets
 BF16_PEAK_TFLOPS = {"H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0,
@@ -258,11 +259,10 @@ def main():
             if "profile" in results[name, batch_size]:
                 print(f"  profile: {json.dumps(results[name, batch_size]['profile'])}", flush=True)
             if args.json:  # after every case: a run stopped at its time limit keeps what it measured
-                with open(args.json, "w") as f:
-                    json.dump({"device": where, "torch": torch.__version__, "model": args.model,
-                               "bf16_peak_tflops": peak, "caption_tokens": args.caption_tokens, "steps": args.steps,
-                               "warmup": args.warmup, "cases": [dict(step=n, batch=b, **r)
-                                                                for (n, b), r in results.items()]}, f, indent=1)
+                atomic_write_text(args.json, json.dumps(
+                    {"device": where, "torch": torch.__version__, "model": args.model, "bf16_peak_tflops": peak,
+                     "caption_tokens": args.caption_tokens, "steps": args.steps, "warmup": args.warmup,
+                     "cases": [dict(step=n, batch=b, **r) for (n, b), r in results.items()]}, indent=1) + "\n")
     print(f"| step | batch | samples/s | peak memory (GiB) | TFLOP/s | % of bf16 peak | x naive |")
     print("|---|---|---|---|---|---|---|")
     for (name, batch_size), r in results.items():

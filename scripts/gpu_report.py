@@ -27,6 +27,8 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 
+from paraclip_plugin.shards import atomic_write_text
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(REPO, "benchmarks")
 README = os.path.join(REPO, "README.md")
@@ -34,10 +36,19 @@ BEGIN, END = "<!-- gpu-benchmark:begin -->", "<!-- gpu-benchmark:end -->"
 
 
 def read_json(path):
+    """The JSON in ``path``; None when it is missing, or cut short (a stage killed while saving), with a warning."""
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except ValueError as e:
+            print(f"gpu_report: {path}: not readable as JSON ({e}): left out", file=sys.stderr)
+            return None
+
+
+def write_json(path, data):
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 def read_tests(path):
@@ -160,16 +171,18 @@ def run_facts(cpu_smoke):
 
 def started(args):
     os.makedirs(args.work, exist_ok=True)
-    with open(os.path.join(args.work, "started.json"), "w") as f:
-        json.dump(run_facts(args.cpu_smoke), f, indent=1)
+    write_json(os.path.join(args.work, "started.json"), run_facts(args.cpu_smoke))
     return 0
 
 
 def collect(args):
     stages = []
     path = os.path.join(args.work, "stages.jsonl")
-    if os.path.exists(path):
-        stages = [json.loads(line) for line in open(path) if line.strip()]
+    for number, line in enumerate(open(path) if os.path.exists(path) else [], 1):
+        try:
+            stages.append(json.loads(line)) if line.strip() else None
+        except ValueError:  # a line cut short when the call was stopped
+            print(f"gpu_report: {path}:{number}: not readable as JSON: left out", file=sys.stderr)
     step, e2e = read_json(os.path.join(args.work, "step.json")), read_json(os.path.join(args.work, "e2e.json"))
     result = {
         **(read_json(os.path.join(args.work, "started.json")) or run_facts(args.cpu_smoke)),
@@ -181,11 +194,10 @@ def collect(args):
     }
     result["targets"] = targets(step, e2e)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
-        f.write(render(result, "gpu_check.json"))
-    print(render(result, "gpu_check.json"))
+    report = render(result, "gpu_check.json")
+    write_json(os.path.join(args.out, "gpu_check.json"), result)
+    atomic_write_text(os.path.join(args.out, "gpu_check.md"), report)
+    print(report)
     failed = [s["stage"] for s in stages if s["rc"] != 0]
     if failed:
         print(f"gpu_report: stages that failed: {', '.join(failed)}", file=sys.stderr)
@@ -311,8 +323,7 @@ def update_readme(_args=None):
     _, tail = rest.split(END, 1)
     new = f"{head}{BEGIN}\n{readme_section()}{END}{tail}"
     if new != text:
-        with open(README, "w") as f:
-            f.write(new)
+        atomic_write_text(README, new)
     return 0
 
 
@@ -322,10 +333,9 @@ def publish(args):
         raise SystemExit(f"gpu_report: {args.result} is not the result of a GPU run")
     name = f"{slug(result['environment'].get('gpu', 'gpu'))}-{result['date'][:10]}-{result['date'][11:16].replace(':', '')}"
     os.makedirs(BENCHMARKS, exist_ok=True)
-    with open(os.path.join(BENCHMARKS, f"{name}.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(BENCHMARKS, f"{name}.md"), "w") as f:
-        f.write(f"# {result['environment'].get('gpu')}, {result['date']}\n\n" + render(result, f"{name}.json"))
+    report = f"# {result['environment'].get('gpu')}, {result['date']}\n\n" + render(result, f"{name}.json")
+    write_json(os.path.join(BENCHMARKS, f"{name}.json"), result)
+    atomic_write_text(os.path.join(BENCHMARKS, f"{name}.md"), report)
     print(f"benchmarks/{name}.json, benchmarks/{name}.md")
     return update_readme()
 

@@ -88,7 +88,9 @@ def test_a_call_stopped_at_its_limit_is_collected_here_with_the_devices_facts(tm
                "environment": {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "cpu_cores": 16}}
     (work / "started.json").write_text(json.dumps(started))
     (work / "stages.jsonl").write_text('{"stage": "tests", "rc": 124, "seconds": 170, "budget": 170}\n'
-                                       '{"stage": "e2e", "rc": 124, "seconds": 240, "budget": 240}\n')
+                                       '{"stage": "e2e", "rc": 124, "seconds": 240, "budget": 240}\n'
+                                       '{"stage": "e2e2", "rc": 0, "sec')  # cut short by the call's end
+    (work / "step.json").write_text('{"device": "NVIDIA H100 80GB HBM3", "cases": [{"st')  # killed while saving
     (work / "logs").mkdir()  # the tests stage stopped before pytest wrote tests.xml: its -v log is what is left
     (work / "logs" / "tests.log").write_text(
         "tests/test_gpu.py::test_trimmed_text_features_and_gradients_match_stock_under_autocast[dtype0] PASSED [ 11%]\n"
@@ -103,7 +105,11 @@ def test_a_call_stopped_at_its_limit_is_collected_here_with_the_devices_facts(tm
             "cached+causal+compile": dict(run, samples_per_s=15000.0)}}))
     rc = gpu_report_module().main(["collect", "--work", str(work), "--out", str(tmp_path / "out")])
     assert rc == 1  # a stage stopped at its budget is not a pass
+    err = capsys.readouterr().err
+    assert f"{work / 'stages.jsonl'}:3: not readable as JSON: left out" in err
+    assert f"{work / 'step.json'}: not readable as JSON" in err
     result = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert [s["stage"] for s in result["stages"]] == ["tests", "e2e"] and result["step"] is None
     assert {k: result[k] for k in started} == started  # not this machine's facts
     targets = {t["target"]: t for t in result["targets"]}
     assert targets["end to end, cached embeddings: samples/s"]["value"] == 15000.0
