@@ -109,6 +109,23 @@ def test_bad_input_exits_2_before_loading_a_model(tmp_path, capsys, argv, messag
     assert message in capsys.readouterr().err
 
 
+def test_an_output_that_cannot_be_written_is_refused_before_the_model_loads(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_folder").mkdir()
+    cases = [
+        (["table1", "--output", str(tmp_path / "a_file")], f"--output {tmp_path / 'a_file'}: not a folder"),
+        (["sts", "--folder", str(tmp_path), "--output", str(tmp_path / "a_folder")],
+         f"--output {tmp_path / 'a_folder'}: a folder; give the JSON file's name"),
+        (["sts", "--folder", str(tmp_path), "--output", str(tmp_path / "a_file" / "x" / "r.json")],
+         f"{tmp_path / 'a_file'} is not a folder"),
+    ]
+    for argv, message in cases:
+        # the model named does not exist: the output is checked before it would be loaded
+        assert main(argv[:1] + ["--model", "no-such-model", *argv[1:]]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "no-such-model" not in err, err
+
+
 def test_compare_names_a_file_that_is_not_a_result(tmp_path, capsys):
     (tmp_path / "a.json").write_text("[]")
     assert main(["table1", "--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 2

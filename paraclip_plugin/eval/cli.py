@@ -209,19 +209,49 @@ def _run_table1(args):
                         args.device or default_device(), args.batch_size, args.progress, args.imagenet_templates,
                         args.coco_split)
     table = markdown_table(result)
-    os.makedirs(args.output, exist_ok=True)
-    atomic_write_text(os.path.join(args.output, "table1.json"), json.dumps(result, indent=1) + "\n")
-    atomic_write_text(os.path.join(args.output, "table1.md"), table)
-    sys.stdout.write(table)
+    sys.stdout.write(table)  # first: a failed write below loses no result
+    sys.stdout.flush()
+    _write(os.path.join(args.output, "table1.json"), json.dumps(result, indent=1) + "\n")
+    _write(os.path.join(args.output, "table1.md"), table)
     return 0
 
 
 def _emit(result, output):
     text = json.dumps(result, indent=1) + "\n"
+    sys.stdout.write(text)  # first: a failed write below loses no result
+    sys.stdout.flush()
     if output:
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        atomic_write_text(output, text)
-    sys.stdout.write(text)
+        _write(output, text)
+
+
+def _write(path, text):
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        atomic_write_text(path, text)
+    except OSError as e:
+        raise InputError(f"{path}: not written ({e.strerror}); the result is on standard output above") from None
+
+
+def check_output(args):
+    """Before any model is loaded or any image read: ``--output`` can be written (its folders made)."""
+    output = getattr(args, "output", None)
+    if not output or getattr(args, "compare", None):
+        return
+    if args.command == "table1":
+        if os.path.exists(output) and not os.path.isdir(output):
+            raise InputError(f"--output {output}: not a folder (table1 writes table1.json and table1.md into one)")
+        folder = output
+    else:
+        if os.path.isdir(output):
+            raise InputError(f"--output {output}: a folder; give the JSON file's name")
+        folder = os.path.dirname(os.path.abspath(output))
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):  # the folders to be made go into the nearest one there is
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise InputError(f"--output {output}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"--output {output}: {existing} is not writable")
 
 
 def build_parser():
@@ -240,6 +270,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        check_output(args)
         return args.run(args)
     except InputError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
