@@ -85,3 +85,39 @@ def test_sigkill_while_a_batch_is_in_flight_then_rerun_submits_nothing_new(serve
     assert server.requests == 2 * len(kept)  # every caption paid for once per step
     assert sum(len(samples_of(p)) for p in out.glob("*.tar")) == sum(
         1 for c in input_captions(pattern).values() if 2 <= len(c.split()) <= 15)
+
+
+def test_rerun_after_an_expiry_and_a_kill_pays_for_no_request_twice(server, tmp_path):
+    # Batches end at their own times: the first ends with a request expired, the others are still running
+    # when the job is killed. The rerun's misses (the expired request and the running batches' requests)
+    # no longer split into the same files: it must read the recorded batches, not submit their requests again.
+    pattern = write_input_shards(tmp_path / "in", num_shards=2, per_shard=10)
+    kept = {c for c in input_captions(pattern).values() if 2 <= len(c.split()) <= 15}
+    step1_batches = -(-len(kept) // 5)
+    assert step1_batches >= 3
+    server.expire_next = 1
+    server.held = {f"batch_{i:04d}" for i in range(2, 100)}
+    out = tmp_path / "out"
+    proc = cli(server, pattern, out, *BATCH, wait=False)
+    deadline, states = time.time() + 30, {}
+    while time.time() < deadline and states.get("batch_0001") != "read":
+        time.sleep(0.05)
+        try:
+            states = dict(sqlite3.connect(str(out / "cache.sqlite")).execute("SELECT batch_id, state FROM batches"))
+        except sqlite3.OperationalError:  # not there yet
+            pass
+    time.sleep(0.3)  # waiting for batch 2 now
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert states["batch_0001"] == "read" and len(states) == step1_batches
+
+    server.held = set()  # the running batches finish
+    rc, _, stderr = cli(server, pattern, out, *BATCH)
+    assert rc == 0, stderr
+    assert f"batch batch_{step1_batches:04d}: resuming" in stderr
+    requests = [json.loads(line) for lines in request_files(server).values() for line in lines]
+    step1 = [r["custom_id"] for r in requests if r["body"]["messages"][0]["content"].startswith("Paraphrase the given caption")]
+    assert len(step1) == len(set(step1)) + 1  # only the expired request was submitted twice
+    assert server.requests == 2 * len(kept)  # every caption answered (paid for) once per step
+    assert sum(len(samples_of(p)) for p in out.glob("*.tar")) == sum(
+        1 for c in input_captions(pattern).values() if 2 <= len(c.split()) <= 15)

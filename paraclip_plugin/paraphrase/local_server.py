@@ -79,6 +79,7 @@ class LocalChatServer(ThreadingHTTPServer):
         self.bodies = []  # JSON body of every chat request
         self.files, self.batches = {}, {}  # the Batch API's state: id -> record
         self.batch_seconds = 0.0  # how long a batch stays in_progress
+        self.held = set()  # ids of batches that stay in_progress until taken out (batches end at their own times)
         self.expire_next = 0  # the next batch's last N requests expire unanswered
         self.slow_seconds = slow_seconds
         self.lock = threading.Lock()
@@ -229,7 +230,8 @@ class LocalChatServer(ThreadingHTTPServer):
         with self.lock:
             self.batches[batch_id]["status"] = "in_progress"
         created = time.monotonic()
-        while time.monotonic() < created + self.batch_seconds:  # re-read: a test may shorten a running batch
+        # re-read: a test may shorten a running batch, or release a held one
+        while time.monotonic() < created + self.batch_seconds or batch_id in self.held:
             time.sleep(0.01)
         out, err = [], []
         for number, line in enumerate(lines):

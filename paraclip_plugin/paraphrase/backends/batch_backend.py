@@ -6,9 +6,10 @@ key's settings are the same), and the pipeline then writes shards from the cache
 
 1. request lines ``{"custom_id", "method", "url", "body"}`` with ``custom_id`` = the request's cache-key
    hash, split at the API's limits (50,000 requests / 200 MB per file);
-2. upload each file, create its batch (``completion_window`` 24h) and **record the batch id in the
-   sqlite file before waiting**: a crash or ``kill -9`` resumes polling the same batches on the
-   rerun (the same misses give the same files, found by their hash) instead of paying again;
+2. upload each file, create its batch (``completion_window`` 24h) and **record the batch id and its
+   requests' ``custom_id`` in the sqlite file before waiting**: after a crash or ``kill -9`` the rerun
+   first reads the recorded batches that hold any of its requests (waiting for them where they still
+   run), and submits only what they did not answer, instead of paying again;
 3. poll with a progress line until the batch ends; read its output and error files: answers go
    to the pipeline (and so to the cache) as the ``openai`` backend's do; a request the API refused
    (400/422) is ``request_rejected``; expired or failed requests stay misses and are submitted
@@ -42,7 +43,12 @@ CREATE TABLE IF NOT EXISTS batches (
     requests INTEGER NOT NULL,
     state TEXT NOT NULL,
     created REAL NOT NULL
-)
+);
+CREATE TABLE IF NOT EXISTS batch_requests (
+    batch_id TEXT NOT NULL,
+    custom_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS batch_requests_by_custom_id ON batch_requests (custom_id);
 """
 
 
@@ -61,7 +67,7 @@ class OpenAIBatchBackend:
         self.client = openai.OpenAI(**client_kwargs(api_key, base_url, timeout=timeout, max_retries=max_retries))
         self.db = sqlite3.connect(state_path, timeout=120.0, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute(_SCHEMA)
+        self.db.executescript(_SCHEMA)
         self.requests = 0
         self.batches_created = 0
         self._sleep = time.sleep
@@ -74,6 +80,20 @@ class OpenAIBatchBackend:
         index = {key: i for i, key in enumerate(keys)}
         pending = list(range(len(prompts)))
         results = [None] * len(prompts)
+        def read(batch_id):
+            for custom_id, completion in self._results(self._wait(batch_id)):
+                i = index.get(custom_id)
+                if i is not None and results[i] is None:
+                    results[i] = completion
+                    if on_result is not None:
+                        on_result(i, completion)
+            self.db.execute("UPDATE batches SET state='read' WHERE batch_id=?", (batch_id,))
+
+        # batches a stopped run submitted and never read: what they answer is paid for already
+        for batch_id in self._unread_batches([keys[i] for i in pending]):
+            log.info("batch %s: resuming (recorded before a previous run stopped)", batch_id)
+            read(batch_id)
+        pending = [i for i in pending if results[i] is None]
         for _ in range(self.max_rounds):
             if not pending:
                 break
@@ -82,13 +102,7 @@ class OpenAIBatchBackend:
                                 separators=(",", ":")) + "\n" for i in pending]
             batch_ids = [self._submitted(chunk) for chunk in self._files(lines)]  # all recorded before any wait
             for batch_id in batch_ids:
-                for custom_id, completion in self._results(self._wait(batch_id)):
-                    i = index.get(custom_id)
-                    if i is not None and results[i] is None:
-                        results[i] = completion
-                        if on_result is not None:
-                            on_result(i, completion)
-                self.db.execute("UPDATE batches SET state='read' WHERE batch_id=?", (batch_id,))
+                read(batch_id)
             pending = [i for i in pending if results[i] is None]
         if pending:
             raise GenerationError(f"{len(pending)} of {len(prompts)} batch requests expired or failed in "
@@ -107,6 +121,17 @@ class OpenAIBatchBackend:
         if chunk:
             yield "".join(chunk).encode()
 
+    def _unread_batches(self, custom_ids):
+        """Recorded batches, not read yet, that hold any of ``custom_ids``, oldest first."""
+        found = set()
+        for start in range(0, len(custom_ids), 500):  # sqlite's limit on bound parameters
+            chunk = custom_ids[start:start + 500]
+            found.update(row[0] for row in self.db.execute(
+                f"SELECT DISTINCT r.batch_id FROM batch_requests r JOIN batches b ON b.batch_id = r.batch_id "
+                f"WHERE b.state = 'submitted' AND r.custom_id IN ({','.join('?' * len(chunk))})", chunk))
+        return sorted(found, key=lambda b: self.db.execute("SELECT created FROM batches WHERE batch_id=?",
+                                                           (b,)).fetchone()[0])
+
     def _submitted(self, data):
         """The batch for this request file: one recorded and not yet read (a rerun), or a new one."""
         file_hash = hashlib.sha256(data).hexdigest()
@@ -119,8 +144,12 @@ class OpenAIBatchBackend:
         batch = self.client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
                                            completion_window="24h")
         # Recorded before any waiting: from here on a crash resumes this batch instead of paying again.
-        self.db.execute("INSERT INTO batches VALUES (?, ?, ?, 'submitted', ?)",
-                        (batch.id, file_hash, data.count(b"\n"), time.time()))
+        custom_ids = [json.loads(line)["custom_id"] for line in data.splitlines()]
+        with self.db:  # one transaction: the batch and its requests, or neither
+            self.db.execute("BEGIN")
+            self.db.execute("INSERT INTO batches VALUES (?, ?, ?, 'submitted', ?)",
+                            (batch.id, file_hash, len(custom_ids), time.time()))
+            self.db.executemany("INSERT INTO batch_requests VALUES (?, ?)", [(batch.id, c) for c in custom_ids])
         self.requests += data.count(b"\n")
         self.batches_created += 1
         log.info("batch %s: %d requests submitted", batch.id, data.count(b"\n"))
