@@ -160,6 +160,28 @@ def test_export_sft_pairs_are_chat_format(server, tmp_path):
         assert assistant["content"] == cleaning.clean(raw_reply(user["content"]))
 
 
+def test_export_sft_after_a_resume_holds_the_whole_jobs_pairs(server, tmp_path):
+    # A job stopped after its first shard, then rerun: the export covers the shard written by the first
+    # run too, exactly as one uninterrupted run's export.
+    pattern = write_input_shards(tmp_path / "in", num_shards=2, per_shard=8)
+    inputs = expand_inputs(pattern)
+    (tmp_path / "once").mkdir()
+    generator = make_generator(server, tmp_path / "once")
+    generator.run(inputs, str(tmp_path / "once" / "out"), export_sft=str(tmp_path / "once" / "sft.jsonl"))
+    generator.backend.close()
+    generator = make_generator(server, tmp_path)
+    generator.run(inputs[:1], str(tmp_path / "out"))  # stopped after shard 0
+    generator.backend.close()
+    generator = make_generator(server, tmp_path)
+    stats = generator.run(inputs, str(tmp_path / "out"), export_sft=str(tmp_path / "sft.jsonl"))
+    generator.backend.close()
+    assert stats["shards_skipped"] == 1
+    exported = (tmp_path / "sft.jsonl").read_text()
+    assert exported == (tmp_path / "once" / "sft.jsonl").read_text()
+    written = [s for p in sorted((tmp_path / "out").glob("*.tar")) for s in samples_of(p).values()]
+    assert len(exported.splitlines()) == 2 * len({s["txt"] for s in written}) > 0
+
+
 def test_timeouts_are_retried_and_refused_requests_dropped(server, tmp_path):
     pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=6)
     server.slow_seconds = 2.0

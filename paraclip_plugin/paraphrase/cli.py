@@ -46,7 +46,9 @@ def parse_args(argv=None):
                          "for one file per job on file systems without POSIX locks")
     io.add_argument("--stats", default=None, help="stats JSON of this run (default OUTPUT/stats/<time>-job<I>of<N>.json)")
     io.add_argument("--export-sft", default=None, metavar="FILE",
-                    help="also write this run's (prompt, paraphrase) pairs as chat-format JSONL for instruction tuning")
+                    help="also write the (prompt, paraphrase) pairs of every sample this job has written (also in "
+                         "an earlier, stopped run) as chat-format JSONL for instruction tuning; '{job_index}' is "
+                         "replaced, for one file per job")
     io.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
     gen = p.add_argument_group("generation")
@@ -180,7 +182,8 @@ def main(argv=None):
     try:
         if args.backend == "openai-batch":  # few large batches for the whole job, then shards from the cache
             generator.prefill(inputs, args.output)
-        stats = generator.run(inputs, args.output, stats_path, args.export_sft, job=(args.num_jobs, args.job_index))
+        export_sft = args.export_sft.replace("{job_index}", str(args.job_index)) if args.export_sft else None
+        stats = generator.run(inputs, args.output, stats_path, export_sft, job=(args.num_jobs, args.job_index))
     except (InputError, GenerationError, OutputBusy, SizesFileError) as e:
         sys.exit(f"error: {e}")
     finally:

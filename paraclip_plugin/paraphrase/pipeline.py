@@ -102,7 +102,6 @@ class ParaphraseGenerator:
         self.counts = collections.Counter()  # samples, requests, tokens
         self.dropped = collections.Counter()  # samples dropped, by reason
         self.retried = collections.Counter()  # rejected outputs that got another attempt, by reason
-        self.sft_pairs = []  # (prompt, accepted output) of this run, for --export-sft
 
     # --- the two steps ------------------------------------------------------------------------
 
@@ -149,7 +148,6 @@ class ParaphraseGenerator:
                                                 step1_output=source if step == 2 else None)
                 if reason is None:
                     accepted[source] = output
-                    self.sft_pairs.append((self.prompts.render(step, source), output))
                 else:
                     reasons[source] = reason
                     retry.append(source)
@@ -281,7 +279,6 @@ class ParaphraseGenerator:
         for name in ("cache_hits", "duplicate_captions"):
             self.counts[name] = 0
         self.retried.clear()
-        self.sft_pairs.clear()
 
     def run(self, inputs, output_dir, stats_path=None, export_sft=None, job=(1, 0)):
         os.makedirs(output_dir, exist_ok=True)
@@ -313,7 +310,7 @@ class ParaphraseGenerator:
             os.makedirs(os.path.dirname(os.path.abspath(stats_path)), exist_ok=True)
             atomic_write_text(stats_path, json.dumps(stats, indent=1) + "\n")
         if export_sft:
-            self.export_sft(export_sft)
+            self.export_sft(export_sft, [os.path.join(output_dir, output_name(p)) for p in inputs])
         return stats
 
     def _repair_sizes(self, out_path):
@@ -340,11 +337,23 @@ class ParaphraseGenerator:
             "samples_per_second": round(self.counts["samples_in"] / wall_seconds, 2) if wall_seconds else None,
         }
 
-    def export_sft(self, path):
-        """The run's (prompt, paraphrase) pairs as chat-format JSONL: the paper's instruction-tuning data."""
+    def export_sft(self, path, outputs):
+        """The (prompt, paraphrase) pairs of every written sample of ``outputs`` (this run's and those an
+        earlier run of the job wrote) as chat-format JSONL, each pair once: the paper's instruction-tuning data."""
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
+        pairs = {}
+        for out_path in outputs:
+            if out_path.endswith(".jsonl"):
+                with open(out_path, encoding="utf-8") as f:
+                    texts = [(r["caption"], r["paraphrase_1"], r["paraphrase_2"]) for r in map(json.loads, f) if r]
+            else:
+                texts = [tuple(s[field].decode("utf-8").strip() for field in (CAPTION, PARA1, PARA2))
+                         for s in read_tar_samples(out_path)]
+            for caption, para1, para2 in texts:
+                pairs[self.prompts.render(1, caption), para1] = None
+                pairs[self.prompts.render(2, para1), para2] = None
         with atomic_file(path, "w") as f:
-            for prompt, output in self.sft_pairs:
+            for prompt, output in pairs:
                 f.write(json.dumps({"messages": [{"role": "user", "content": prompt},
                                                  {"role": "assistant", "content": output}]}, ensure_ascii=False) + "\n")
