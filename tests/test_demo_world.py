@@ -143,9 +143,29 @@ def test_same_seed_gives_identical_files_and_another_seed_does_not(tmp_path, wor
 def test_refuses_to_overwrite_folders_it_did_not_make(tmp_path):
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "precious.tar").write_bytes(b"x")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match="refusing to overwrite it; choose another --output"):
         build_world(tmp_path, num_train=8, num_shards=2, num_eval=4)
     assert (tmp_path / "train" / "precious.tar").exists()
+
+
+def test_a_build_stopped_midway_is_rebuilt_by_the_rerun(tmp_path, monkeypatch):
+    import paraclip_plugin.demo.world as world_module
+    real = world_module.training_sample
+    calls = []
+
+    def stop_at_the_third_shard(index, *args):
+        calls.append(index)
+        if index == 4:
+            raise KeyboardInterrupt  # as Ctrl-C while shard 2 of 4 is written
+        return real(index, *args)
+    monkeypatch.setattr(world_module, "training_sample", stop_at_the_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        build_world(tmp_path, num_train=8, num_shards=4, num_eval=4)
+    assert sorted(os.listdir(tmp_path / "train")) == ["00000.tar", "00001.tar"]  # what was done, no partial
+    monkeypatch.setattr(world_module, "training_sample", real)
+    world = build_world(tmp_path, num_train=8, num_shards=4, num_eval=4)
+    assert sorted(p for p in os.listdir(world.train_dir) if p.endswith(".tar")) == [f"{i:05d}.tar" for i in range(4)]
+    assert json.load(open(tmp_path / "world.json"))["num_train"] == 8
 
 
 def test_every_text_fits_the_tiny_models_context(samples):

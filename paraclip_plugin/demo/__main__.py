@@ -182,7 +182,10 @@ def main(argv=None):
     for number in range(args.runs):
         seed = args.seed + number
         label = f"run {number + 1}/{args.runs}: " if args.runs > 1 else ""
-        runs.append((seed, *run_once(args, seed, out / f"seed-{seed}" if args.runs > 1 else out, label)))
+        try:
+            runs.append((seed, *run_once(args, seed, out / f"seed-{seed}" if args.runs > 1 else out, label)))
+        except FileExistsError as e:
+            raise SystemExit(f"demo: {e}")
         print("      " + run_summary(runs[-1][1]), flush=True)
 
     stage(5, f"report in {out}")

@@ -259,7 +259,8 @@ def _prepare(root, train_dir, eval_dir):
     for folder in (train_dir, eval_dir):
         if os.path.isdir(folder) and os.listdir(folder):
             if not made_by_us:
-                raise FileExistsError(f"{folder} is not empty and {root} holds no {MANIFEST}: refusing to overwrite")
+                raise FileExistsError(f"{folder} is not empty and {root} holds no {MANIFEST} (it was not made by "
+                                      f"a demo build): refusing to overwrite it; choose another --output")
             shutil.rmtree(folder)
         os.makedirs(folder, exist_ok=True)
 
@@ -278,6 +279,8 @@ def build_world(root, num_train=4096, num_shards=8, num_eval=100, seed=0, image_
     images_dir = os.path.join(eval_dir, "images")
     os.makedirs(root, exist_ok=True)
     _prepare(root, train_dir, eval_dir)
+    # first: a build stopped from here on leaves folders a rerun knows it made (and replaces)
+    atomic_write_text(os.path.join(root, MANIFEST), json.dumps({"state": "building", "seed": seed}) + "\n")
     train_scenes, eval_scenes = split_scenes(seed, num_eval)
 
     sizes = {}
