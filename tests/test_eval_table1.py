@@ -71,7 +71,9 @@ def test_table1_writes_json_and_markdown_for_every_task(data_root, checkpoint, t
     assert "- STS pairs: sts12 9, sts13 9, sts14 9, sts15 9, sts16 9, stsb 9, sickr 9." in lines
     assert "- COCO split: val2017 (9 images, 18 captions)." in lines
     assert f"- Precision: cpu, float32 weights, no autocast ({', '.join(TASKS)})." in lines
-    assert sum(line.startswith("- Warning (") for line in lines) == 7 + 1 + 1  # STS, gallery size, COCO counts
+    # STS, gallery size, pair count, COCO counts
+    assert sum(line.startswith("- Warning (") for line in lines) == 7 + 1 + 1 + 1
+    assert any("holds 6 pairs; the paper's set (Cheng et al.) has 4155" in line for line in lines)
     assert "pair counts" not in proc.stdout  # the table on stdout, counts and warnings on stderr
     assert "sts12: 9 scored test pairs" in proc.stderr
 

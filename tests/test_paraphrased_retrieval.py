@@ -194,6 +194,8 @@ def test_distractors_change_ao_js_exactly_as_a_direct_computation_over_the_bigge
     assert abs(big["AO@10"] - small["AO@10"]) > 0.05 and abs(big["JS@10"] - small["JS@10"]) > 0.05
     assert big["precision"] == {"device": "cpu", "weights": None, "autocast": None}  # StandIn has no weights
     assert "whole folder" in small["warnings"][0] and "has 26 images" in big["warnings"][0]
+    assert all(f"holds {small['num_pairs']} pairs; the paper's set (Cheng et al.) has 4155" in r["warnings"][1]
+               for r in (small, big))
 
 
 def test_gallery_flag_through_the_cli(tmp_path, capsys):

@@ -31,6 +31,7 @@ from .metrics import average_overlap_from_scores, jaccard_at_k_from_scores, reca
 PAIR_KEYS = ("query", "paraphrase", "image")
 RECALL_KS = (1, 5, 10)
 PAPER_GALLERY_SIZE = 5000  # COCO 2017 val, the paper's gallery
+PAPER_PAIRS = 4155  # Cheng et al.'s query/paraphrase pairs on COCO val2017, the paper's AO/JS set
 PROG = "paraclip-eval"
 
 
@@ -214,6 +215,8 @@ def evaluate_paraphrased_retrieval(
                      f"all {PAPER_GALLERY_SIZE} COCO val2017 images (--gallery DIR)")
     elif len(names) != PAPER_GALLERY_SIZE:
         warn(result, f"gallery {images_dir} has {len(names)} images; the paper's (COCO val2017) has {PAPER_GALLERY_SIZE}")
+    if len(pairs) != PAPER_PAIRS:
+        warn(result, f"{pairs_path} holds {len(pairs)} pairs; the paper's set (Cheng et al.) has {PAPER_PAIRS}")
     return result
 
 
