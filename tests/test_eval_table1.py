@@ -1,6 +1,7 @@
 """``paraclip-eval table1``: every task on the fixtures with the tiny model, both outputs, --compare, errors."""
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 
@@ -76,6 +77,36 @@ def test_table1_writes_json_and_markdown_for_every_task(data_root, checkpoint, t
     assert any("holds 6 pairs; the paper's set (Cheng et al.) has 4155" in line for line in lines)
     assert "pair counts" not in proc.stdout  # the table on stdout, counts and warnings on stderr
     assert "sts12: 9 scored test pairs" in proc.stderr
+
+
+def test_a_rerun_reuses_the_tasks_a_stopped_run_finished(data_root, checkpoint, tmp_path, capsys, monkeypatch):
+    import paraclip_plugin.eval.table1 as table1_module
+    root, _ = data_root
+    argv = ["table1", "--model", TINY_MODEL, "--model-config", str(TINY_CONFIG), "--pretrained", str(checkpoint),
+            "--data-root", str(root), "--tasks", "sts", "vg-relation"]
+    assert main(argv + ["--output", str(tmp_path / "clean")]) == 0
+    real, ran = table1_module.run_task, []
+
+    def stopped_in_vg_relation(task, *args):
+        ran.append(task)
+        if task == "vg-relation":
+            raise KeyboardInterrupt  # as a job killed in its last task
+        return real(task, *args)
+    monkeypatch.setattr(table1_module, "run_task", stopped_in_vg_relation)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv + ["--output", str(tmp_path / "out")])
+    assert sorted(os.listdir(tmp_path / "out" / "tasks")) == ["sts.json"] and not (tmp_path / "out" / "table1.json").exists()
+    monkeypatch.setattr(table1_module, "run_task", lambda task, *args: ran.append(task) or real(task, *args))
+    ran.clear()
+    capsys.readouterr()
+    assert main(argv + ["--output", str(tmp_path / "out")]) == 0
+    assert ran == ["vg-relation"] and "table1: sts: the result kept in" in capsys.readouterr().err
+    assert main(["table1", "--compare", str(tmp_path / "clean" / "table1.json"), str(tmp_path / "out" / "table1.json")]) == 0
+    assert capsys.readouterr().out == "no differences\n"
+    # other inputs (here the batch size) compute every task again
+    ran.clear()
+    assert main(argv + ["--output", str(tmp_path / "out"), "--batch-size", "7"]) == 0
+    assert ran == ["sts", "vg-relation"]
 
 
 def test_compare_reports_changed_numbers(data_root, tmp_path, capsys):

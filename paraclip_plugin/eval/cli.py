@@ -184,7 +184,9 @@ def _add_table1(subparsers):
     parser.add_argument("--data-root", default=None, help="folder with one sub-folder per benchmark (above)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, metavar="TASK",
                         help=f"tasks to run (default: all of {', '.join(TASKS)})")
-    parser.add_argument("--output", default="table1-output", help="folder for table1.json and table1.md")
+    parser.add_argument("--output", default="table1-output",
+                        help="folder for table1.json and table1.md, and tasks/<task>.json: each finished task, "
+                             "reused by a rerun on the same inputs")
     parser.add_argument("--imagenet-templates", default=None,
                         help="prompt JSON for zeroshot-imagenet (default: clip_benchmark's 80 OpenAI prompts)")
     _add_coco_split(parser)
@@ -207,7 +209,7 @@ def _run_table1(args):
         require_extra(PROG, f"table1's {' and '.join(needing)} (leave out with --tasks)", "eval")
     result = run_table1(args.model, args.pretrained, args.data_root, args.tasks, args.model_config,
                         args.device or default_device(), args.batch_size, args.progress, args.imagenet_templates,
-                        args.coco_split)
+                        args.coco_split, keep_tasks=os.path.join(args.output, "tasks"))
     table = markdown_table(result)
     sys.stdout.write(table)  # first: a failed write below loses no result
     sys.stdout.flush()

@@ -24,16 +24,24 @@ text once. All numbers in the JSON are fractions (accuracy, recall, AO/JS in [0,
 [-1, 1]); the Markdown table shows them x100 like the paper.
 
 What can move a number is recorded in both outputs: the paraphrased-retrieval gallery and its size,
-each STS task's scored test pairs, the COCO split, ImageNet's tie rule (a tied logit counts against
-the true class) and each task's precision (device, weights dtype, autocast: clip_benchmark's tasks
+each STS task's scored test pairs, the COCO split, ImageNet's tie rule (tied classes share the hit)
+and each task's precision (device, weights dtype, autocast: clip_benchmark's tasks
 use float16 autocast on CUDA, the others float32). Counts that differ from the paper's benchmarks
 (gallery 5,000; SentEval's STS test sizes; COCO 5,000 images) are printed as warnings and listed in
 the JSON (``warnings`` per task) and under the table.
+
+Each finished task's result is kept in ``<output>/tasks/<task>.json`` with what it was computed from (model,
+checkpoint hash, data root, split, templates, device, batch size); a rerun with the same inputs takes it
+from there instead of computing it again, so a run stopped in its last task loses only that task.
 """
 import hashlib
+import json
 import os
+import sys
 import time
 from importlib import metadata
+
+from paraclip_plugin.shards import atomic_write_text
 
 from .aro import ANNOTATION_FILES, evaluate_aro, read_cases
 from .benchmark import COCO_DEFAULT_SPLIT, check_coco_root, check_imagenet_root, evaluate_coco, evaluate_imagenet
@@ -130,9 +138,10 @@ def _version(package):
 
 
 def run_table1(model_name, pretrained, data_root, tasks=TASKS, model_config=None, device="cpu", batch_size=64,
-               progress=False, imagenet_templates=None, coco_split=COCO_DEFAULT_SPLIT):
+               progress=False, imagenet_templates=None, coco_split=COCO_DEFAULT_SPLIT, keep_tasks=None):
     """The whole Table 1 result dict: ``inputs`` (exact model, hashes, paths, versions), ``results``
-    per task (each with its counts and paths) and ``table1`` (the row's numbers, None where not run)."""
+    per task (each with its counts and paths) and ``table1`` (the row's numbers, None where not run).
+    With ``keep_tasks`` (a folder), each finished task is kept there and reused by a rerun on the same inputs."""
     if not os.path.isdir(data_root):
         raise InputError(f"{data_root}: data root not found")
     unknown = [t for t in tasks if t not in TASKS]
@@ -140,14 +149,6 @@ def run_table1(model_name, pretrained, data_root, tasks=TASKS, model_config=None
         raise InputError(f"unknown or no task(s) {', '.join(unknown)} (choose from {', '.join(TASKS)})")
     paths = task_paths(data_root)
     prepared = {task: prepare(task, paths[task], imagenet_templates, coco_split) for task in tasks}  # fail before loading
-    model, preprocess, tokenizer = load_model(model_name, pretrained, model_config, device)
-    results, seconds = {}, {}
-    for task in tasks:
-        start = time.perf_counter()
-        results[task] = run_task(task, paths[task], prepared[task], model, preprocess, tokenizer, device,
-                                 batch_size, progress, imagenet_templates, coco_split)
-        results[task]["inputs"] = {k: os.path.abspath(v) for k, v in paths[task].items()}
-        seconds[task] = round(time.perf_counter() - start, 3)
     pretrained_file = pretrained if pretrained and os.path.isfile(pretrained) else None
     inputs = {
         "model": model_name,
@@ -163,7 +164,42 @@ def run_table1(model_name, pretrained, data_root, tasks=TASKS, model_config=None
         "batch_size": batch_size,
         "versions": {p: _version(p) for p in ("paraclip-plugin", "open_clip_torch", "clip_benchmark", "torch")},
     }
+    # what a kept task result must have been computed from to be reused
+    computed_from = {k: v for k, v in inputs.items() if k != "tasks"}
+    results, seconds, model = {}, {}, None
+    for task in tasks:
+        # random init (no --pretrained): nothing names the weights, so nothing kept is reused
+        kept = _kept_task(keep_tasks, task, computed_from) if pretrained else None
+        if kept is not None:
+            results[task], seconds[task] = kept["result"], kept["seconds"]
+            print(f"table1: {task}: the result kept in {keep_tasks} from an earlier run on the same inputs",
+                  file=sys.stderr)
+            continue
+        if model is None:
+            model, preprocess, tokenizer = load_model(model_name, pretrained, model_config, device)
+        start = time.perf_counter()
+        results[task] = run_task(task, paths[task], prepared[task], model, preprocess, tokenizer, device,
+                                 batch_size, progress, imagenet_templates, coco_split)
+        results[task]["inputs"] = {k: os.path.abspath(v) for k, v in paths[task].items()}
+        seconds[task] = round(time.perf_counter() - start, 3)
+        if keep_tasks:
+            os.makedirs(keep_tasks, exist_ok=True)
+            atomic_write_text(os.path.join(keep_tasks, f"{task}.json"), json.dumps(
+                {"computed_from": computed_from, "result": results[task], "seconds": seconds[task]}, indent=1) + "\n")
     return {"inputs": inputs, "table1": table1_row(results), "results": results, "seconds": seconds}
+
+
+def _kept_task(folder, task, computed_from):
+    """A task's kept result, when it was computed from exactly ``computed_from``; else None."""
+    path = os.path.join(folder, f"{task}.json") if folder else None
+    if not path or not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            kept = json.load(f)
+    except ValueError:
+        return None  # cut short: computed again
+    return kept if isinstance(kept, dict) and kept.get("computed_from") == computed_from else None
 
 
 def _dig(result, keys):
