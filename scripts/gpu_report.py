@@ -64,9 +64,13 @@ def read_tests(path):
         props = {p.get("name"): p.get("value") for p in case.iter("property")}
         cases.append({"name": case.get("name"), "outcome": outcome, "seconds": float(case.get("time", 0)),
                       "properties": props})
+    return tests_summary(cases)
+
+
+def tests_summary(cases, **extra):
     count = lambda o: sum(c["outcome"] == o for c in cases)  # noqa: E731
     return {"passed": count("passed"), "failed": count("failed") + count("error"), "skipped": count("skipped"),
-            "cases": cases}
+            "cases": cases, **extra}
 
 
 # pytest -v's line per finished test: what is left of a tests stage stopped before pytest wrote its junit xml
@@ -81,9 +85,7 @@ def read_tests_log(path):
     outcome = {"PASSED": "passed", "FAILED": "failed", "ERROR": "error", "SKIPPED": "skipped"}
     cases = [{"name": name, "outcome": outcome[word], "seconds": None, "properties": {}}
              for name, word in VERBOSE_RE.findall(open(path, errors="replace").read())]
-    count = lambda o: sum(c["outcome"] == o for c in cases)  # noqa: E731
-    return {"passed": count("passed"), "failed": count("failed") + count("error"), "skipped": count("skipped"),
-            "cases": cases, "stopped": True}
+    return tests_summary(cases, stopped=True)
 
 
 def environment():

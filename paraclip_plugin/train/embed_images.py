@@ -220,21 +220,23 @@ class ShardEmbedder:
             with_image.append((i, data))
         return samples, with_image
 
-    def decode_images(self, items, src="?"):
-        """(indices whose image decoded, those images preprocessed as one batch or None) of [(index, bytes)]."""
+    def decode_images(self, items, src="?", samples=None):
+        """(indices whose image decoded, those images preprocessed as one batch or None) of [(index, bytes)];
+        a warning names the sample (its key, with ``samples``) whose image can't be decoded."""
         rows, images = [], []
         for i, data in items:
             try:
                 images.append(decode_image(data, self.worker_preprocess))
                 rows.append(i)
             except Exception as e:  # a broken image loses its embedding, not the shard
-                logging.warning(f"{src}: image {i} not decodable: {e}")
+                name = f"sample '{samples[i]['__key__']}'" if samples else f"image {i}"
+                logging.warning(f"{src}: {name}: image not decodable: {e}")
         return rows, torch.stack(images) if images else None
 
     def prepare(self, src):
         """The CPU part of a shard: (prepared samples, indices of those whose image decoded, the images)."""
         samples, with_image = self.prepare_samples(src)
-        return (samples, *self.decode_images(with_image, src))
+        return (samples, *self.decode_images(with_image, src, samples))
 
     @torch.no_grad()
     def encode(self, images):
@@ -327,7 +329,7 @@ class ShardEmbedder:
 
 
 def embed_shards(args, embedder, shards):
-    """Embed every shard not done yet; (images embedded, the shards embedded, start time, loop start time)."""
+    """Embed every shard not done yet; the last log line says where this process's time went."""
     jobs, started = [], time.time()
     for src in shards:
         dst = os.path.join(args.output, os.path.basename(src)) if args.output else src
@@ -345,7 +347,10 @@ def embed_shards(args, embedder, shards):
         total += embedded
         logging.info(f"{dst}: {embedded}/{count} samples embedded in {seconds:.1f}s "
                      f"({total / max(time.time() - started, 1e-9):.0f} images/s so far)")
-    return total, jobs, started, looping
+    if jobs:  # where this process's time went: which part bounds the job
+        logging.info(f"done: {total} images in {time.time() - started:.2f}s ({time.time() - looping:.2f}s after "
+                     f"start-up); waiting for the data workers {embedder.spent['waiting']:.2f}s, image tower "
+                     f"{embedder.spent['encoding']:.2f}s, writing shards {embedder.spent['writing']:.2f}s")
 
 
 def main(argv=None):
@@ -366,14 +371,10 @@ def main(argv=None):
         os.makedirs(args.output, exist_ok=True)
     embedder = ShardEmbedder(args)
     try:
-        total, jobs, started, looping = embed_shards(args, embedder, shards)
+        embed_shards(args, embedder, shards)
     except (InputError, OutputBusy, SizesFileError) as e:
         print(f"embed_images: error: {e}", file=sys.stderr)
         return 2
-    if jobs:  # where this process's time went: which part bounds the job
-        logging.info(f"done: {total} images in {time.time() - started:.2f}s ({time.time() - looping:.2f}s after "
-                     f"start-up); waiting for the data workers {embedder.spent['waiting']:.2f}s, image tower "
-                     f"{embedder.spent['encoding']:.2f}s, writing shards {embedder.spent['writing']:.2f}s")
     return 0
 
 

@@ -123,14 +123,13 @@ class OpenAIBatchBackend:
 
     def _unread_batches(self, custom_ids):
         """Recorded batches, not read yet, that hold any of ``custom_ids``, oldest first."""
-        found = set()
+        found = set()  # (created, batch id)
         for start in range(0, len(custom_ids), 500):  # sqlite's limit on bound parameters
             chunk = custom_ids[start:start + 500]
-            found.update(row[0] for row in self.db.execute(
-                f"SELECT DISTINCT r.batch_id FROM batch_requests r JOIN batches b ON b.batch_id = r.batch_id "
+            found.update(self.db.execute(
+                f"SELECT DISTINCT b.created, b.batch_id FROM batch_requests r JOIN batches b ON b.batch_id = r.batch_id "
                 f"WHERE b.state = 'submitted' AND r.custom_id IN ({','.join('?' * len(chunk))})", chunk))
-        return sorted(found, key=lambda b: self.db.execute("SELECT created FROM batches WHERE batch_id=?",
-                                                           (b,)).fetchone()[0])
+        return [batch_id for _, batch_id in sorted(found)]
 
     def _submitted(self, data):
         """The batch for this request file: one recorded and not yet read (a rerun), or a new one."""
@@ -150,9 +149,9 @@ class OpenAIBatchBackend:
             self.db.execute("INSERT INTO batches VALUES (?, ?, ?, 'submitted', ?)",
                             (batch.id, file_hash, len(custom_ids), time.time()))
             self.db.executemany("INSERT INTO batch_requests VALUES (?, ?)", [(batch.id, c) for c in custom_ids])
-        self.requests += data.count(b"\n")
+        self.requests += len(custom_ids)
         self.batches_created += 1
-        log.info("batch %s: %d requests submitted", batch.id, data.count(b"\n"))
+        log.info("batch %s: %d requests submitted", batch.id, len(custom_ids))
         return batch.id
 
     def _wait(self, batch_id):
