@@ -14,6 +14,7 @@ Shard writers (the paraphrase generator, the demo, the embedding script) all go 
 shard under its final name and ``sizes.json`` stays correct when several jobs write at once.
 """
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -65,10 +66,29 @@ def _open_locked(tmp, path):
     raise OutputBusy(f"{path}: {tmp} keeps being replaced by another process")
 
 
+def fsync_dir(folder):
+    """Make a rename in ``folder`` durable: fsync the directory itself (POSIX keeps a renamed file's name only
+    once its directory is synced). File systems that can't sync a directory (EINVAL, ENOTSUP) are left as they are."""
+    fd = os.open(folder or ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def replace_durably(tmp, path):
+    """``os.replace(tmp, path)``, then the directory fsync that makes the new name survive a power cut."""
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
 @contextlib.contextmanager
 def atomic_file(path, mode="wb"):
-    """Open ``path + ".partial"`` (locked: see ``_open_locked``); fsync and rename it to ``path`` on success,
-    remove it on any error."""
+    """Open ``path + ".partial"`` (locked: see ``_open_locked``); fsync and rename it to ``path`` on success
+    (and fsync the folder), remove it on any error."""
     tmp = partial_path(path)
     stream = os.fdopen(_open_locked(tmp, path), mode)
     try:
@@ -76,7 +96,7 @@ def atomic_file(path, mode="wb"):
         stream.flush()
         os.fsync(stream.fileno())
         stream.close()
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     except BaseException:
         stream.close()
         with contextlib.suppress(FileNotFoundError):
@@ -95,7 +115,8 @@ def atomic_tar_writer(path, **tar_writer_kwargs):
 
 
 def atomic_write_text(path, text):
-    """Write a small text file by write-to-temp + rename; a unique temp name, so concurrent writers are safe."""
+    """Write a small text file by write-to-temp + rename (fsync-ed, folder too); a unique temp name, so
+    concurrent writers are safe."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
@@ -103,7 +124,7 @@ def atomic_write_text(path, text):
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)

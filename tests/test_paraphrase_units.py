@@ -197,6 +197,44 @@ def _write_one(path):
         sink.write({"__key__": "c", "txt": "second"})
 
 
+def test_outputs_are_fsynced_then_renamed_then_their_folder_fsynced(tmp_path, monkeypatch):
+    """A rename is durable only once the folder is synced; a folder that can't be synced (EINVAL) still works."""
+    import errno
+    import os
+
+    from paraclip_plugin import shards
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.abspath(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    folder = str(tmp_path)
+    with atomic_tar_writer(os.path.join(folder, "s.tar")) as sink:
+        sink.write({"__key__": "a", "txt": "x"})
+    shards.atomic_write_text(os.path.join(folder, "n.json"), "{}")
+    tar, text = os.path.join(folder, "s.tar"), os.path.join(folder, "n.json")
+    assert events[:3] == [("fsync", tar + ".partial"), ("replace", tar), ("fsync", folder)]
+    assert events[3][0] == "fsync" and events[3][1].startswith(os.path.join(folder, ".tmp-"))
+    assert events[4:] == [("replace", text), ("fsync", folder)]
+
+    def no_dir_sync(fd):
+        if os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", no_dir_sync)
+    shards.atomic_write_text(text, "[1]")
+    assert open(text).read() == "[1]"
+
+
 def test_generation_path_does_not_import_torch():
     code = ("import sys; import paraclip_plugin.paraphrase.pipeline, paraclip_plugin.paraphrase.backends.openai_backend, "
             "paraclip_plugin.paraphrase.backends.vllm_backend, paraclip_plugin.paraphrase.backends.batch_backend, "

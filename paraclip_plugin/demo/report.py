@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from ..shards import atomic_write_text
+from ..shards import atomic_file, atomic_write_text
 
 RESULTS_FILE = "results.json"
 CHART_FILE = "results.png"
@@ -130,9 +130,8 @@ def plot_chart(runs, loss_curves, path, names=("before", "after")):
     if loss_curves:
         losses.legend(fontsize=7)
 
-    partial = f"{path}.partial"
-    figure.savefig(partial, format="png", dpi=110)
-    os.replace(partial, path)
+    with atomic_file(path) as stream:
+        figure.savefig(stream, format="png", dpi=110)
 
 
 def _checked_curve(run, curve):
