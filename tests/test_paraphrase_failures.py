@@ -12,7 +12,7 @@ from paraclip_plugin.paraphrase import cleaning
 from paraclip_plugin.paraphrase.backends import GenerationError
 from paraclip_plugin.paraphrase.backends.openai_backend import OpenAIBackend
 from paraclip_plugin.paraphrase.inputs import expand_inputs
-from paraclip_plugin.paraphrase.local_server import (OPENAI_MAX_TOKENS_ERROR, VLLM_NO_TEMPLATE_ERROR, quoted_text,
+from paraclip_plugin.paraphrase.local_server import (OPENAI_MAX_TOKENS_ERROR, LocalChatServer, VLLM_NO_TEMPLATE_ERROR, quoted_text,
                                                       raw_reply)
 from paraclip_plugin.paraphrase.prompts import PromptSet
 from test_paraphrase_cli import SENTINEL_KEY, cli, tar_contents
@@ -254,6 +254,83 @@ def test_api_key_env_names_the_variable_and_must_be_set(server, tmp_path):
     assert rc != 0 and "--api-key-env PARACLIP_UNSET_KEY" in stderr and no_traceback(stderr)
     assert server.requests == before  # the failing run sent nothing
     assert not (tmp_path / "out2").exists() or not list((tmp_path / "out2").glob("*.tar"))
+
+
+BATCH = ("--backend", "openai-batch", "--batch-poll-interval", "0.05")
+ENV_HEADERS = {"OPENAI_ORG_ID": "org-SENTINEL", "OPENAI_PROJECT_ID": "proj-SENTINEL",
+               "OPENAI_CUSTOM_HEADERS": f"api-key: {SENTINEL_KEY}\nX-Api-Key: {SENTINEL_KEY}"}
+
+
+@pytest.mark.parametrize("backend", [(), BATCH], ids=["openai", "openai-batch"])
+def test_headers_the_client_takes_from_the_environment_stay_off_other_hosts(server, tmp_path, backend):
+    """OPENAI_ORG_ID / OPENAI_PROJECT_ID / OPENAI_CUSTOM_HEADERS (e.g. an Azure api-key) are OpenAI's: the client
+    would add them to every request, to any host."""
+    pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=4)
+    rc, _, stderr = cli(server, pattern, tmp_path / "out", *backend, env=ENV_HEADERS)
+    assert rc == 0, stderr
+    assert server.headers_seen and server.authorizations == {"Bearer EMPTY"}
+    sent = json.dumps(server.headers_seen)
+    assert "SENTINEL" not in sent  # neither the key, nor the organization, nor the project
+    assert not {"api-key", "x-api-key", "openai-organization", "openai-project"} & set().union(*server.headers_seen)
+
+
+@pytest.mark.parametrize("backend", [(), BATCH], ids=["openai", "openai-batch"])
+def test_a_redirect_is_not_followed_and_stops_the_job_naming_its_target(server, tmp_path, backend):
+    pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=4)
+    with LocalChatServer() as elsewhere:
+        server.redirect_to = elsewhere.base_url
+        rc, _, stderr = cli(server, pattern, tmp_path / "out", *backend, "--api-key-env", "PARACLIP_TEST_KEY",
+                            env=ENV_HEADERS)
+        assert rc != 0 and no_traceback(stderr), stderr
+        assert f"HTTP 307, a redirect to {elsewhere.base_url}/" in stderr and "--base-url" in stderr
+        assert server.headers_seen and not elsewhere.headers_seen  # nothing, key or not, reached the other host
+        assert SENTINEL_KEY not in stderr
+    assert not list((tmp_path / "out").glob("*.tar"))
+
+
+@pytest.mark.parametrize("backend", [(), BATCH], ids=["openai", "openai-batch"])
+def test_a_key_with_a_line_end_is_refused_by_name_before_any_request(server, tmp_path, backend):
+    """httpx would refuse the header and print it, key included, in its error."""
+    pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=4)
+    for bad in (SENTINEL_KEY + "\r", SENTINEL_KEY + " ", SENTINEL_KEY + "\n", "sk-\u00e9" + SENTINEL_KEY):
+        rc, _, stderr = cli(server, pattern, tmp_path / "out", *backend, "--api-key-env", "PARACLIP_TEST_KEY",
+                            env_key=bad)
+        assert rc != 0 and no_traceback(stderr), stderr
+        assert "PARACLIP_TEST_KEY" in stderr and "line end" in stderr and SENTINEL_KEY not in stderr
+    assert server.requests == 0 and not server.headers_seen
+
+
+def test_urls_keys_and_hosts_that_would_leak_a_key_are_refused_by_name(server, tmp_path):
+    from paraclip_plugin.paraphrase.cli import build_backend, parse_args
+    pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=4)
+    port = server.server_address[1]
+    # credentials in the URL: the client would send them as Basic auth instead of the key, and print the URL
+    rc, _, stderr = cli(server, pattern, tmp_path / "out", "--base-url", f"http://u:{SENTINEL_KEY}@127.0.0.1:{port}/v1")
+    assert rc != 0 and no_traceback(stderr) and "--base-url: a URL with credentials" in stderr
+    assert SENTINEL_KEY not in stderr and not server.headers_seen
+    # a query (a key in it?) would be printed, and the client would append its paths after it
+    rc, _, stderr = cli(server, pattern, tmp_path / "out", "--base-url", f"{server.base_url}?api-key={SENTINEL_KEY}")
+    assert rc != 0 and no_traceback(stderr) and f"--base-url {server.base_url}: a URL with a query" in stderr
+    assert SENTINEL_KEY not in stderr and not server.headers_seen
+
+    def backend_for(*flags, **environ):
+        return build_backend(parse_args(["--input", pattern, "--output", str(tmp_path / "o"), "--model", "m",
+                                         *flags]), str(tmp_path / "cache.sqlite"),
+                             environ={"OPENAI_API_KEY": SENTINEL_KEY, "NODE_KEY": "node-key", **environ})
+
+    for url in ("http://api.openai.com/v1", "https://api.openai.com:8443/v1"):  # the hosted key in clear text
+        with pytest.raises(ValueError, match="keys go to api.openai.com over https .port 443. only"):
+            backend_for("--base-url", url)
+    with pytest.raises(ValueError, match="OPENAI_BASE_URL http://api.openai.com/v1: keys go to"):
+        backend_for(OPENAI_BASE_URL="http://api.openai.com/v1")
+    # --api-key-env names the key for --base-url: with neither it nor OPENAI_BASE_URL it would go to OpenAI
+    with pytest.raises(ValueError, match="neither --base-url nor OPENAI_BASE_URL is given"):
+        backend_for("--api-key-env", "NODE_KEY")
+    backend_for("--api-key-env", "NODE_KEY", "--base-url", "https://api.openai.com/v1").close()  # said: allowed
+    with pytest.raises(ValueError, match="takes the NAME of an environment variable") as refused:
+        backend_for("--api-key-env", SENTINEL_KEY, "--base-url", server.base_url)  # a key typed in its place
+    assert SENTINEL_KEY not in str(refused.value)
+    assert not server.headers_seen or all(SENTINEL_KEY not in json.dumps(h) for h in server.headers_seen)
 
 
 def test_refusing_server_is_stopped_after_the_first_answers_not_the_whole_batch(server, tmp_path):

@@ -7,8 +7,10 @@
     paraclip-make-shards ... --backend vllm --model /models/llama-7b-paraphraser [--chat-template FILE]
 
 (``python scripts/make_shards.py`` is the same program.) Keys come from the environment only, never
-from flags: OPENAI_API_KEY is sent to api.openai.com only; another --base-url gets the variable
-named by --api-key-env, or no key. Keys never appear in logs, shards, the cache or the stats.
+from flags: OPENAI_API_KEY is sent to https://api.openai.com only; another --base-url gets the variable
+named by --api-key-env, or no key. What the client would add from the environment (OPENAI_ORG_ID,
+OPENAI_PROJECT_ID, OPENAI_CUSTOM_HEADERS) goes to api.openai.com only, and redirects are not followed.
+Keys never appear in logs, shards, the cache or the stats.
 
 Failures: a server that refuses requests systematically (most of a batch, or the job's first 8)
 stops the job with its own message and a non-zero exit, writing nothing for that input; a rerun
@@ -78,8 +80,8 @@ def parse_args(argv=None):
                      help="any OpenAI-compatible server, e.g. http://host:8000/v1 (vllm serve); default OPENAI_BASE_URL, "
                           "else https://api.openai.com/v1")
     api.add_argument("--api-key-env", default=None, metavar="NAME",
-                     help="environment variable holding the key for --base-url; without it OPENAI_API_KEY is sent "
-                          "to api.openai.com only and other hosts get no key")
+                     help="environment variable holding the key for --base-url (which must then be given); without "
+                          "it OPENAI_API_KEY is sent to https://api.openai.com only and other hosts get no key")
     api.add_argument("--token-param", choices=("auto", "max_tokens", "max_completion_tokens"), default="auto",
                      help="name of the token-limit field: auto sends max_completion_tokens to api.openai.com and "
                           "max_tokens elsewhere, and switches once if the server rejects the name")
@@ -139,8 +141,8 @@ def build_backend(args, cache_path, environ=os.environ):
                             seed=args.seed, chat_template=template, **sampling)
     # imported here: the openai extra is checked (require_extra) before anything imports it
     from .backends.openai_backend import api_key_for, resolve_base_url
-    base_url = resolve_base_url(args.base_url, environ)
-    api_key = api_key_for(base_url, args.api_key_env, environ)
+    base_url, source = resolve_base_url(args.base_url, environ)
+    api_key = api_key_for(base_url, args.api_key_env, environ, source)
     if args.backend == "openai-batch":
         return make_backend("openai-batch", model=args.model, api_key=api_key, state_path=cache_path, base_url=base_url,
                             token_param=args.token_param, poll_interval=args.batch_poll_interval,

@@ -8,8 +8,10 @@ misbehave the ways real servers do (see ``FAULTS``): a fixed latency; a queue of
 next requests; refusals for prompts containing given texts; and whole-server modes: refusing
 every request as OpenAI's reasoning models refuse ``max_tokens`` (``reject_max_tokens``) or as
 ``vllm serve`` refuses a model without a chat template (``no_chat_template``), and answering like a
-reasoning model (``reasoning``: ``<think>...</think>`` before the answer). It counts requests,
-keeps each request's JSON body (``bodies``) and Authorization header, and reports ``usage`` tokens.
+reasoning model (``reasoning``: ``<think>...</think>`` before the answer); ``redirect_to``: a URL every
+request is redirected to (HTTP 307, as a proxy or a moved endpoint answers). It counts requests, keeps each
+request's JSON body (``bodies``), Authorization header and all its headers (``headers_seen``), and reports
+``usage`` tokens.
 
     python -m paraclip_plugin.paraphrase.local_server --port 8000 --latency 0.2
 """
@@ -88,6 +90,8 @@ class LocalChatServer(ThreadingHTTPServer):
         self.requests = 0
         self.log = []  # (time, prompt, outcome) per chat request
         self.authorizations = set()
+        self.headers_seen = []  # every request's headers, names lower-cased
+        self.redirect_to = None
         self._thread = None
 
     def handle_error(self, request, client_address):
@@ -280,8 +284,21 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _redirected(self):
+        """Record the request's headers; answer 307 if the server redirects everything."""
+        server = self.server
+        with server.lock:
+            server.headers_seen.append({k.lower(): v for k, v in self.headers.items()})
+        if server.redirect_to is None:
+            return False
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._send(307, b"", [("Location", server.redirect_to.rstrip("/") + self.path.split("/v1", 1)[-1])])
+        return True
+
     def do_GET(self):
         server, path = self.server, self.path.rstrip("/")
+        if self._redirected():
+            return
         if path.endswith("/models"):
             return self._send(200, {"object": "list", "data": [{"id": "local-paraphraser", "object": "model"}]})
         parts = path.split("/")
@@ -294,6 +311,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         server = self.server
+        if self._redirected():
+            return
         raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         with server.lock:
             server.authorizations.add(self.headers.get("Authorization", ""))

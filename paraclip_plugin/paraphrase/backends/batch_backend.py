@@ -28,7 +28,8 @@ from openai.types.chat import ChatCompletion
 
 from ..cleaning import REQUEST_REJECTED
 from .base import Completion, GenerationError
-from .openai_backend import MalformedResponse, client_kwargs, read_completion, resolve_token_param
+from .openai_backend import (MalformedResponse, api_error_message, make_client, read_completion, redact_url,
+                             resolve_token_param)
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ class OpenAIBatchBackend:
         self.output_settings = dict(backend="openai", temperature=temperature, top_p=top_p, max_tokens=max_tokens)
         self.poll_interval, self.max_rounds = poll_interval, max_rounds
         self.max_requests, self.max_bytes = max_requests, max_bytes
-        self.client = openai.OpenAI(**client_kwargs(api_key, base_url, timeout=timeout, max_retries=max_retries))
+        self.client = make_client(api_key, base_url, timeout=timeout, max_retries=max_retries)
+        self.endpoint = redact_url(base_url).rstrip("/")
         self.db = sqlite3.connect(state_path, timeout=120.0, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(_SCHEMA)
@@ -75,6 +77,12 @@ class OpenAIBatchBackend:
     # --- one call: rounds of batches until every request is answered or refused -----------------
 
     def generate(self, prompts, on_result=None, keys=None):
+        try:
+            return self._generate(prompts, on_result, keys)
+        except openai.OpenAIError as e:  # what the client gave up on: one line, never the request's headers
+            raise GenerationError(api_error_message(f"the Batch API at {self.endpoint}", e)) from None
+
+    def _generate(self, prompts, on_result, keys):
         if keys is None:
             raise ValueError("the openai-batch backend needs a cache key per request (custom_id)")
         index = {key: i for i, key in enumerate(keys)}

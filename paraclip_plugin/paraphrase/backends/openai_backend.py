@@ -28,7 +28,9 @@ import asyncio
 import json
 import logging
 import math
+import os
 import random
+import re
 import time
 import urllib.parse
 
@@ -47,29 +49,113 @@ def is_openai_host(base_url):
     return urllib.parse.urlsplit(base_url).hostname == OPENAI_HOST
 
 
+def redact_url(url):
+    """``url`` as it may appear in a log line: scheme, host, port and path, without ``user:password@``,
+    query or fragment (where credentials can hide)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return urllib.parse.urlunsplit((parts.scheme, host if port is None else f"{host}:{port}", parts.path, "", ""))
+
+
 def resolve_base_url(base_url, environ):
-    """The URL the client would use: the flag, else OPENAI_BASE_URL (as the client reads it), else OpenAI's."""
-    return base_url or environ.get("OPENAI_BASE_URL") or f"https://{OPENAI_HOST}/v1"
+    """``(url, where it came from)``: the flag, else OPENAI_BASE_URL (as the client would read it), else
+    OpenAI's own (from ``None``). A URL holding credentials (``user:password@``) is refused: the client
+    would send them as Basic auth in place of the key, and URLs are printed in error lines; so is one with a
+    query (``?api-key=...``), which the client would break."""
+    source = "--base-url" if base_url else "OPENAI_BASE_URL" if environ.get("OPENAI_BASE_URL") else None
+    url = base_url or environ.get("OPENAI_BASE_URL") or f"https://{OPENAI_HOST}/v1"
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{source} {redact_url(url)}: expected http(s)://HOST[:PORT]/PATH")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"{source}: a URL with credentials (user:password@{parts.hostname}) is refused; put the key "
+                         f"in an environment variable and name it with --api-key-env")
+    if parts.query or parts.fragment:  # the client appends its paths after them: requests would go astray
+        raise ValueError(f"{source} {redact_url(url)}: a URL with a query or fragment (?... or #...) is refused "
+                         f"(the client appends /chat/completions after it); a key goes in --api-key-env")
+    return url, source
 
 
-def api_key_for(base_url, key_env, environ):
-    """The key for ``base_url``: OPENAI_API_KEY goes to OpenAI's host only; any other host gets the
-    variable named by ``--api-key-env``, or a placeholder (``vllm serve`` without ``--api-key``)."""
+def checked_key(name, value):
+    """A key as it can go into an HTTP header, or an error naming the variable, never the value: a stray
+    CR/LF/space (a key file with Windows line ends) would otherwise make the HTTP library raise an error
+    that prints the whole header, key included."""
+    if any(not 0x21 <= ord(c) <= 0x7E for c in value):
+        raise ValueError(f"the value of {name} holds white space, a line end or a non-ASCII character (a key file "
+                         f"with Windows line ends?); fix the variable (its value is not shown)")
+    return value
+
+
+def api_key_for(base_url, key_env, environ, source="--base-url"):
+    """The key for ``base_url`` (from ``source``, ``None`` when it is OpenAI's by default): OPENAI_API_KEY
+    goes to OpenAI's host only, over https; any other host gets the variable named by ``--api-key-env``,
+    or a placeholder (``vllm serve`` without ``--api-key``)."""
+    parts = urllib.parse.urlsplit(base_url)
+    if is_openai_host(base_url) and (parts.scheme != "https" or parts.port not in (None, 443)):
+        raise ValueError(f"{source} {redact_url(base_url)}: keys go to {OPENAI_HOST} over https (port 443) only, "
+                         f"never in clear text or to another port")
     if key_env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env):
+            raise ValueError("--api-key-env takes the NAME of an environment variable (letters, digits, _), not a "
+                             "key; what was given is not repeated here")
+        if source is None:
+            raise ValueError(f"--api-key-env {key_env} names the key for --base-url, but neither --base-url nor "
+                             f"OPENAI_BASE_URL is given, so it would go to {OPENAI_HOST}: name the server with "
+                             f"--base-url (https://{OPENAI_HOST}/v1 to send {key_env} there)")
         if not environ.get(key_env):
             raise ValueError(f"--api-key-env {key_env}: the environment variable {key_env} is not set")
-        return environ[key_env]
+        return checked_key(key_env, environ[key_env])
     if is_openai_host(base_url):
         if not environ.get("OPENAI_API_KEY"):
-            raise ValueError(f"set OPENAI_API_KEY in the environment for {base_url} (keys are never taken from flags)")
-        return environ["OPENAI_API_KEY"]
+            raise ValueError(f"set OPENAI_API_KEY in the environment for {redact_url(base_url)} "
+                             f"(keys are never taken from flags)")
+        return checked_key("OPENAI_API_KEY", environ["OPENAI_API_KEY"])
     return "EMPTY"
 
 
-def client_kwargs(api_key, base_url, **kwargs):
-    """The client's arguments, credentials explicit: an Authorization header of our own replaces one the
-    client would take from OPENAI_CUSTOM_HEADERS (which would go to any host)."""
-    return dict(api_key=api_key, base_url=base_url, default_headers={"Authorization": f"Bearer {api_key}"}, **kwargs)
+def environment_header_names(environ):
+    """The headers the client adds from the environment by itself: OPENAI_ORG_ID, OPENAI_PROJECT_ID and every
+    line of OPENAI_CUSTOM_HEADERS (``Name: value``), parsed as the client parses it."""
+    names = ["OpenAI-Organization", "OpenAI-Project"]
+    for line in (environ.get("OPENAI_CUSTOM_HEADERS") or "").split("\n"):
+        if ":" in line and line[:line.find(":")].strip().lower() != "authorization":
+            names.append(line[:line.find(":")].strip())
+    return names
+
+
+def make_client(api_key, base_url, asynchronous=False, environ=os.environ, **kwargs):
+    """The official client (``AsyncOpenAI`` if ``asynchronous``), credentials explicit:
+
+    * our own Authorization header replaces one the client would take from OPENAI_CUSTOM_HEADERS;
+    * for any host but OpenAI's, the headers the client would add from the environment (organization,
+      project, OPENAI_CUSTOM_HEADERS such as an Azure ``api-key``) are left out: they are OpenAI's;
+    * redirects are not followed (the HTTP library drops Authorization on a cross-host redirect, but not
+      ``api-key`` and the like): a redirect stops the job, naming where it points.
+    """
+    headers = {"Authorization": f"Bearer {api_key}"}
+    if not is_openai_host(base_url):
+        headers.update({name: openai.Omit() for name in environment_header_names(environ)})
+    if asynchronous:
+        return openai.AsyncOpenAI(api_key=api_key, base_url=base_url, default_headers=headers,
+                                  http_client=openai.DefaultAsyncHttpxClient(follow_redirects=False), **kwargs)
+    return openai.OpenAI(api_key=api_key, base_url=base_url, default_headers=headers,
+                         http_client=openai.DefaultHttpxClient(follow_redirects=False), **kwargs)
+
+
+def api_error_message(endpoint, error):
+    """One line for an API error that the client gave up on; a redirect names its target (redacted)."""
+    response = getattr(error, "response", None)
+    status = getattr(error, "status_code", None)
+    if isinstance(status, int) and 300 <= status < 400 and response is not None:
+        target = redact_url(response.headers.get("location", "") or "?")
+        return (f"{endpoint} answered HTTP {status}, a redirect to {target}, which is not followed (credentials "
+                f"go to the URL given only): pass the final URL as --base-url")
+    return f"{endpoint} failed after the client's retries: {type(error).__name__}: {str(error)[:300]}"
 
 
 def resolve_token_param(token_param, base_url):
@@ -133,8 +219,8 @@ class OpenAIBackend:
         self.max_tokens = max_tokens
         # Every setting that changes an output: the cache keys on it and each sample's json records it.
         self.output_settings = dict(backend="openai", temperature=temperature, top_p=top_p, max_tokens=max_tokens)
-        self.endpoint = f"POST {base_url.rstrip('/')}/chat/completions"
-        self._client_kwargs = client_kwargs(api_key, base_url, timeout=timeout, max_retries=max_retries)
+        self.endpoint = f"POST {redact_url(base_url).rstrip('/')}/chat/completions"
+        self._client_kwargs = dict(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries)
         # One loop for the backend's life, so the client's keep-alive connections are reused across
         # batches; the client is created inside it because its connection pool binds to a loop.
         self._loop = asyncio.new_event_loop()
@@ -150,7 +236,7 @@ class OpenAIBackend:
 
     async def _generate(self, prompts, on_result):
         if self._client is None:
-            self._client = openai.AsyncOpenAI(**self._client_kwargs)
+            self._client = make_client(**self._client_kwargs, asynchronous=True)
         in_flight = asyncio.Semaphore(self.concurrency)
         results = [None] * len(prompts)
         failed = asyncio.Event()  # once one request fails for good, start no new ones
@@ -208,8 +294,7 @@ class OpenAIBackend:
                 return Completion(None, error=REQUEST_REJECTED, message=service_message(e))
             except (openai.APIConnectionError, openai.APIStatusError) as e:
                 # The client already retried 5xx/timeouts/connection errors max_retries times.
-                raise GenerationError(f"{self.endpoint} failed after the client's retries: "
-                                      f"{type(e).__name__}: {str(e)[:300]}") from None
+                raise GenerationError(api_error_message(self.endpoint, e)) from None
             self._waited = 0.0
             return completion
 
