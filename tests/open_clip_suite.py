@@ -33,7 +33,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 DESELECTED = HERE / "open_clip_deselected.txt"
 PACKAGE = "open_clip_torch"
-REASON_TAGS = ("[hub]", "[gpu]", "[time]")
+REASON_TAGS = ("[hub]", "[data]", "[gpu]", "[time]")
 HOOKS = ("add_arguments", "configure", "wrap_model", "wds_decode_stages", "create_loss")
 # hooks each test file's tests reach through the patched open_clip_train (parse_args, get_wds_dataset, main)
 REACHES = {

@@ -1,13 +1,18 @@
 """paraclip-patch: apply / apply again / check / revert on the installed open_clip_train."""
 import base64
 import csv
+import errno
+import glob
 import hashlib
 import importlib.metadata
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
-from conftest import BIN, run
+from conftest import BIN, REPO, run
 from paraclip_plugin import patching
 
 
@@ -65,8 +70,177 @@ def test_locally_modified_files_are_refused_untouched(tmp_path, pristine_root):
     edited = main.read_text().replace("loss = create_loss(args)", "loss = create_loss(args)  # local edit")
     main.write_text(edited)
     patch = patching.patch_file(patching.installed_version())
-    with pytest.raises(patching.PatchError, match="does not apply cleanly"):
+    with pytest.raises(patching.PatchError, match=f"{main}: neither the release's text nor the patched text.*"
+                                                  f"pip install --force-reinstall --no-deps open_clip_torch=="):
         patching.apply(tmp_path, patch)
     assert main.read_text() == edited
     assert not (tmp_path / "open_clip_train" / "plugins.py").exists()
     assert not list(tmp_path.rglob("*.orig")) and not list(tmp_path.rglob("*.rej"))
+
+
+def copy_of(root, folder):
+    shutil.copytree(root / "open_clip_train", folder / "open_clip_train", ignore=shutil.ignore_patterns("__pycache__"))
+    return folder
+
+
+def hashes(root):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (root / "open_clip_train").glob("*.py")}
+
+
+def paraclip_patch_on(root, *args):
+    """``paraclip-patch`` as a user runs it, on the open_clip_train found first on PYTHONPATH."""
+    return run([BIN / "paraclip-patch", *args], check=False, env_extra={"PYTHONPATH": str(root)})
+
+
+def test_a_stop_between_two_files_leaves_an_install_that_apply_or_revert_finishes(tmp_path, pristine_root,
+                                                                                  monkeypatch):
+    patch = patching.patch_file(patching.installed_version())
+    release = hashes(pristine_root)
+    full = copy_of(pristine_root, tmp_path / "full")
+    patching.apply(full, patch)
+    patched = hashes(full)
+    for stop_after in (1, 2, 3):  # killed after the first, second, third of the four renames
+        root = copy_of(pristine_root, tmp_path / f"stopped{stop_after}")
+        real, calls = patching._replace, []
+
+        def replace_then_stop(path, content):
+            if len(calls) == stop_after:
+                raise KeyboardInterrupt  # a SIGINT/SIGKILL between two renames
+            calls.append(path.name)
+            real(path, content)
+
+        monkeypatch.setattr(patching, "_replace", replace_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            patching.apply(root, patch)
+        monkeypatch.setattr(patching, "_replace", real)
+        assert calls[0] == "plugins.py"  # the new module first: alone, it changes nothing
+        (root / "open_clip_train" / ".main.py.paraclip-patch-x1y2").write_bytes(b"a killed run's temporary file")
+        now = hashes(root)
+        assert all(now[name] in (release.get(name), patched[name]) for name in patched)  # no file half-written
+        check = paraclip_patch_on(root, "check")
+        assert check.returncode == 1 and "partly patched (an apply or revert was stopped)" in check.stderr
+        assert "plugins.py patched" in check.stderr and "run `paraclip-patch apply` to finish" in check.stderr
+        if stop_after == 2:  # this one is rolled back instead
+            finish = paraclip_patch_on(root, "revert")
+            assert finish.returncode == 0 and finish.stdout.startswith("reverted:") and hashes(root) == release
+            continue
+        finish = paraclip_patch_on(root, "apply")
+        assert finish.returncode == 0 and finish.stdout.startswith("patched:"), finish.stderr
+        assert hashes(root) == patched and paraclip_patch_on(root, "check").returncode == 0
+        assert not list((root / "open_clip_train").glob(".*paraclip-patch-*"))
+
+
+def test_two_applies_at_once_take_turns(tmp_path, pristine_root):
+    """Every rank of a job applying the patch to one shared install."""
+    patched = None
+    for round_ in range(4):
+        root = copy_of(pristine_root, tmp_path / f"r{round_}")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(root), str(REPO)))}
+        procs = [subprocess.Popen([BIN / "paraclip-patch", "apply"], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        outs = [(p.wait(timeout=120), *p.communicate()) for p in procs]
+        assert all(rc == 0 for rc, _, _ in outs), outs
+        assert sorted(out.split(":")[0] for _, out, _ in outs) == ["already patched", "already patched", "patched"]
+        patched = patched or hashes(root)
+        assert hashes(root) == patched
+        assert not [p for p in root.rglob("*") if p.suffix in (".rej", ".orig") or "paraclip-patch-" in p.name]
+
+
+def test_an_edit_to_a_patched_install_is_named_and_nothing_is_changed(tmp_path, pristine_root):
+    root = copy_of(pristine_root, tmp_path)
+    assert paraclip_patch_on(root, "apply").returncode == 0
+    main = root / "open_clip_train" / "main.py"
+    main.write_text(main.read_text().replace("model.set_grad_checkpointing()", "model.set_grad_checkpointing()  # me"))
+    before = hashes(root)
+    check = paraclip_patch_on(root, "check")
+    assert check.returncode == 1 and f"{main}: neither the release's text nor the patched text" in check.stderr
+    for command in ("apply", "revert"):
+        result = paraclip_patch_on(root, command)
+        assert result.returncode == 2 and f"{main}: neither the release's" in result.stderr
+        assert "nothing was changed" in result.stderr and "--force-reinstall" in result.stderr
+    assert hashes(root) == before
+
+
+def test_an_unwritable_install_is_named_and_the_runner_suggested(tmp_path, pristine_root, monkeypatch):
+    root = copy_of(pristine_root, tmp_path)
+
+    def read_only(*args):
+        raise OSError(errno.EROFS, "Read-only file system", str(root / "open_clip_train" / "plugins.py"))
+
+    monkeypatch.setattr(patching.os, "replace", read_only)
+    with pytest.raises(patching.PatchError, match=r"plugins\.py: Read-only file system.*python -m paraclip_plugin\.train"):
+        patching.apply(root, patching.patch_file(patching.installed_version()))
+    assert hashes(root) == hashes(pristine_root) and not list(root.rglob(".*paraclip-patch-*"))
+
+
+def test_the_runner_names_an_edited_install_not_its_private_copy(tmp_path, pristine_root, monkeypatch):
+    from paraclip_plugin.train import runner
+    root = copy_of(pristine_root, tmp_path)
+    params = root / "open_clip_train" / "params.py"
+    params.write_text(params.read_text().replace("import ast\n", "import ast  # edited\n", 1))
+    monkeypatch.setattr(patching, "installed_root", lambda: root)
+    with pytest.raises(patching.PatchError, match=f"{params}: neither the release's"):
+        runner.hooked_open_clip_train_root()
+
+
+PYTHON39 = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.9*/bin/python3.9")))
+
+
+def plugin_site(folder, plugins):
+    """A folder for PYTHONPATH: the patch's ``open_clip_train/plugins.py`` alone (it needs no torch) and one
+    installed distribution per plugin, found through its dist-info's entry points as pip installs them."""
+    states = patching.file_states(folder, patching.patch_file(patching.installed_version()))
+    (folder / "open_clip_train").mkdir(parents=True)
+    (folder / "open_clip_train" / "__init__.py").write_text("")
+    (folder / "open_clip_train" / "plugins.py").write_bytes(states["open_clip_train/plugins.py"][2])
+    for name, source in plugins.items():
+        (folder / f"{name}_hooks.py").write_text(source)
+        info = folder / f"{name}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+        target = "no_such_module" if "BROKEN" in source else f"{name}_hooks"
+        (info / "entry_points.txt").write_text(f"[open_clip_train.plugins]\n{name} = {target}\n")
+    return folder
+
+
+HOOK_CALLS = """
+import argparse, sys
+from open_clip_train import plugins
+parser = argparse.ArgumentParser()
+plugins.add_arguments(parser)
+args = parser.parse_args([])
+print("loss", plugins.create_loss(args))
+print("stages", plugins.wds_decode_stages(args, None, None, True))
+"""
+
+
+@pytest.mark.parametrize("python", [sys.executable, *PYTHON39[:1]] if PYTHON39 else
+                         [sys.executable, pytest.param("python3.9", marks=pytest.mark.skip("no Python 3.9 here"))],
+                         ids=lambda p: os.path.basename(p))
+def test_plugins_run_in_name_order_and_a_conflict_or_a_broken_plugin_is_named(tmp_path, python):
+    """The hook module itself (no site-packages: only these plugins), also under open_clip_torch's oldest Python
+    (3.9, whose entry_points() has no group=)."""
+    def hooks(python_, site):
+        return subprocess.run([python_, "-S", "-c", HOOK_CALLS], env={"PYTHONPATH": str(site), "PATH": os.environ["PATH"]},
+                              cwd=site, capture_output=True, text=True, timeout=60)
+
+    both = plugin_site(tmp_path / "both", {
+        "zplug": "def create_loss(args):\n    return 'z-loss'\n",
+        "aplug": "def create_loss(args):\n    return 'a-loss'\ndef add_arguments(parser):\n    parser.add_argument('--a')\n",
+    })
+    result = hooks(python, both)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["loss a-loss", "stages None"]  # by name, whatever the install order
+    assert "plugins 'aplug', 'zplug' all provide create_loss; using 'aplug'" in result.stderr
+
+    clash = plugin_site(tmp_path / "clash", {
+        "aplug": "def add_arguments(parser):\n    parser.add_argument('--same')\n",
+        "bplug": "def add_arguments(parser):\n    parser.add_argument('--same')\n"})
+    result = hooks(python, clash)
+    assert result.returncode != 0
+    assert "open_clip_train plugin 'bplug' could not add its arguments: argument --same: conflicting" in result.stderr
+
+    broken = plugin_site(tmp_path / "broken", {"aplug": "BROKEN", "bplug": "def create_loss(args):\n    return 1\n"})
+    result = hooks(python, broken)
+    assert result.returncode != 0
+    assert "open_clip_train plugin 'aplug' (no_such_module) failed to load: ModuleNotFoundError" in result.stderr

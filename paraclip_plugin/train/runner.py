@@ -19,14 +19,17 @@ from paraclip_plugin import patching
 def hooked_open_clip_train_root():
     """A folder whose ``open_clip_train`` has the hook points: the install itself if it is patched."""
     root = patching.installed_root()
-    patch = patching.patch_file(patching.installed_version())
-    if patching.is_applied(root, patch):
+    version = patching.installed_version()
+    patch = patching.patch_file(version)
+    states = patching.file_states(root, patch)
+    if all(state == patching.PATCHED for state, _, _ in states.values()):
         return root
+    patching.refuse_modified(root, states, version)  # named in the install, not in the private copy
     private = Path(tempfile.mkdtemp(prefix="paraclip-open_clip_train-"))
     atexit.register(shutil.rmtree, private, ignore_errors=True)
     shutil.copytree(root / patching.PACKAGE, private / patching.PACKAGE,
                     ignore=shutil.ignore_patterns("__pycache__"))
-    patching.apply(private, patch)
+    patching.apply(private, patch, version)
     return private
 
 
