@@ -48,7 +48,7 @@ def _open_locked(tmp, path):
     closes it: a second writer of the same output is refused instead of interleaving with the first, and
     a partial file left by a killed writer (its lock gone with it) is reused."""
     for _ in range(10):
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o666)  # less the umask, as open() does
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -114,12 +114,27 @@ def atomic_tar_writer(path, **tar_writer_kwargs):
         yield sink
 
 
+def current_umask():
+    """The process's umask, read without changing it (Linux), else by setting and restoring it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path, text):
     """Write a small text file by write-to-temp + rename (fsync-ed, folder too); a unique temp name, so
     concurrent writers are safe."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would hide sizes.json from the group's other jobs
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()

@@ -235,6 +235,28 @@ def test_outputs_are_fsynced_then_renamed_then_their_folder_fsynced(tmp_path, mo
     assert open(text).read() == "[1]"
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_outputs_get_the_modes_of_files_made_by_open_under_the_umask(tmp_path, umask):
+    """Shards and sizes.json of one account are read by other accounts' training jobs: mkstemp's 0600 would hide
+    sizes.json from them."""
+    import os
+
+    from paraclip_plugin.shards import update_sizes_json
+    old = os.umask(umask)
+    try:
+        with atomic_tar_writer(str(tmp_path / "s.tar")) as sink:
+            sink.write({"__key__": "a", "txt": "x"})
+        update_sizes_json(str(tmp_path), {"s.tar": 1})
+        with open(tmp_path / "plain", "w"):
+            pass
+    finally:
+        os.umask(old)
+    expected = os.stat(tmp_path / "plain").st_mode & 0o777
+    assert expected == 0o666 & ~umask
+    for name in ("s.tar", "sizes.json"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == expected, name
+
+
 def test_generation_path_does_not_import_torch():
     code = ("import sys; import paraclip_plugin.paraphrase.pipeline, paraclip_plugin.paraphrase.backends.openai_backend, "
             "paraclip_plugin.paraphrase.backends.vllm_backend, paraclip_plugin.paraphrase.backends.batch_backend, "
