@@ -322,6 +322,23 @@ def test_image_embeddings_train_like_images_and_accumulate_like_a_double_batch(w
             assert (accum_grad - full_grad).norm() <= 1e-3 * full_grad.norm(), tuple(full_grad.shape)
 
 
+def test_val_data_stock_shards_or_embedding_only_shards_are_evaluated_and_the_epoch_saved(world, tmp_path):
+    """open_clip's evaluate() reads (image, caption): a user's stock val shards (no paraphrases) are read as open_clip
+    reads them, through the frozen tower, also when training reads cached embeddings; shards without images
+    (compact ones here) through the cached-embedding stages. Either way the epoch's checkpoint is written."""
+    stock_val = write_shards(tmp_path / "stock_val", num_shards=1, per_shard=16, seed=5, paraphrases=False)
+    embed(str(world["plain"] / "00001.tar"), world["init"], "--compact", "--output", tmp_path / "compact_val")
+    runs = {"val-stock": stock_val, "val-compact": tmp_path / "compact_val" / "00001.tar"}
+    for name, val in runs.items():
+        proc = one_step(world, name, str(world["embedded"] / "00000.tar"), "--image-embeddings",
+                        "--val-data", str(val), "--save-frequency", "1")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        log = read_log(world["logs"], name)
+        metrics = [line for line in log.splitlines() if "Eval Epoch: 1 image_to_text_mean_rank" in line]
+        assert len(metrics) == 1 and "num_samples: 16.0000" in metrics[0], log[-2000:]
+        assert (world["logs"] / name / "checkpoints" / "epoch_1.pt").exists()
+
+
 def test_embeddings_of_other_weights_or_none_are_refused_naming_the_shard(world, tmp_path):
     model, preprocess_train, _ = tiny_model(world["init"])  # the training model (init.pt)
     tokenizer = open_clip.get_tokenizer(TINY_MODEL)

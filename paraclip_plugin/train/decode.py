@@ -222,10 +222,16 @@ def compact_decode_stages(tokenizer, embedding_sha256, embedding_label="", embed
     ]
 
 
+def first_shard_has(shards, extensions):
+    """Whether the first shard of ``shards`` (a --train-data/--val-data value) has a member with one of
+    ``extensions``; None when it can't be read (remote, piped, missing)."""
+    urls, _ = expand_urls(shards)
+    return shard_has_member(urls[0], tuple(f".{e}" for e in extensions)) if urls else None
+
+
 def is_compact(shards):
     """True when the first shard of ``shards`` (a --train-data value) is a local compact shard."""
-    urls, _ = expand_urls(shards)
-    return bool(urls) and shard_has_member(urls[0], (f".{COMPACT_FIELD}",)) is True
+    return first_shard_has(shards, (COMPACT_FIELD,)) is True
 
 
 def own_folder_sizes(shards):

@@ -12,7 +12,9 @@ import sys
 import open_clip
 
 from paraclip_plugin.train.attention import enable_causal_attention
-from paraclip_plugin.train.decode import compact_decode_stages, is_compact, paraclip_decode_stages, shard_size_stages
+from paraclip_plugin.shards import IMAGE_EXTENSIONS
+from paraclip_plugin.train.decode import (compact_decode_stages, first_shard_has, is_compact, paraclip_decode_stages,
+                                         shard_size_stages)
 from paraclip_plugin.train.embeddings import visual_fingerprint
 from paraclip_plugin.train.loss import DEFAULT_TERMS, ParaCLIPLoss, parse_terms, parse_weights
 from paraclip_plugin.train.model import enable_paraphrase_forward, freeze_visual
@@ -48,9 +50,10 @@ def add_arguments(parser):
              "is created, so --model can name it. May be repeated.")
     group.add_argument(
         "--image-embeddings", action="store_true", default=False,
-        help="With --paraclip-loss: read the image features stored in the shards' img_emb.npy "
-             "(scripts/embed_images.py) instead of decoding images and running the frozen image tower. "
-             "Embeddings made with other image weights are refused. No image augmentation.")
+        help="With --paraclip-loss: read the image features stored in the shards (img_emb.npy, or the .pcl "
+             "member of compact shards; scripts/embed_images.py) instead of decoding images and running the frozen "
+             "image tower. Embeddings made with other image weights are refused. No image augmentation. "
+             "--val-data shards with images are read as stock open_clip reads them (through the frozen tower).")
     group.add_argument(
         "--text-trimming", action=argparse.BooleanOptionalAction, default=True,
         help="With --paraclip-loss: cut each fused text batch to its longest sequence where that is "
@@ -134,7 +137,15 @@ def wrap_model(model, args):
 def wds_decode_stages(args, preprocess_img, tokenizer, is_train):
     if not args.paraclip_loss:
         return None
+    if not is_train and first_shard_has(args.val_data, IMAGE_EXTENSIONS) is not False:
+        # open_clip's evaluate() reads (image, caption) only: stock validation shards (images and captions,
+        # local or remote) are read as stock open_clip reads them. Only a local shard without images
+        # (cached embeddings, compact) needs the ParaCLIP stages below.
+        return None
     if not args.image_embeddings:
+        if not is_train:
+            usage_error(f"--val-data {args.val_data}: its first shard has no image, and without --image-embeddings "
+                        f"the image tower needs images; pass shards with images (a caption per image is enough)")
         return shard_size_stages(args, is_train) + paraclip_decode_stages(preprocess_img, tokenizer)
     if "visual_sha256" not in _frozen_visual:
         _frozen_visual["visual_sha256"] = visual_fingerprint(_frozen_visual["visual"])
