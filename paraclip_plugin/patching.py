@@ -251,7 +251,7 @@ def main(argv=None):
                 print(f"hooks missing: {target} ({DISTRIBUTION} {version}); run `paraclip-patch apply` "
                       f"or train with `python -m paraclip_plugin.train`", file=sys.stderr)
             else:
-                print(f"partly patched (an apply or revert was stopped): {target} ({DISTRIBUTION} {version}): "
+                print(f"partly patched (an apply or revert was stopped, or paraclip-plugin was upgraded): {target} ({DISTRIBUTION} {version}): "
                       f"{state_summary(states)}; run `paraclip-patch apply` to finish (or `revert`)", file=sys.stderr)
             return 1
     except PatchError as e:

@@ -310,3 +310,29 @@ def test_embed_images_killed_then_rerun_gives_the_same_bytes(tmp_path, init):
     for name in ("00000.tar", "00001.tar", "00002.tar", "sizes.json"):
         assert (out / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
     assert not list(out.glob("*.partial"))
+
+
+def test_piped_shards_that_are_not_paraclip_shards_stop_instead_of_looping(tmp_path, init, patched_install):
+    """``pipe:`` (s3, https) shards can't be listed up front, and open_clip repeats a worker's shards until the epoch's
+    batches are made: without a usable sample that was an endless loop. Now each data worker gives up, naming them."""
+    write_shards(tmp_path / "stock", num_shards=2, per_shard=16, paraphrases=False)
+    piped = "::".join(f"pipe:cat {tmp_path / 'stock' / f'0000{i}.tar'}" for i in range(2))
+    args = train_args(piped, tmp_path / "logs", "piped", init, "--paraclip-loss", samples=32)
+    started = time.monotonic()
+    proc = torchrun(["open_clip_train.main", *args], check=False, timeout=240)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert "NoUsableSamples: ParaCLIP: 10000 samples read by this data worker and not one usable" in output
+    assert f"from pipe:cat {tmp_path / 'stock'}/0000" in output and "missing para1.txt+para2.txt" in output
+    assert time.monotonic() - started < 200
+    assert not (tmp_path / "logs" / "piped" / "checkpoints" / "epoch_1.pt").exists()
+
+
+def test_piped_compact_shards_are_recognised_and_train(tmp_path, init, patched_install):
+    write_shards(tmp_path / "plain", num_shards=2, per_shard=16, seed=3)
+    embed(str(tmp_path / "plain" / "*.tar"), init, "--compact", "--output", tmp_path / "compact")
+    piped = "::".join(f"pipe:cat {tmp_path / 'compact' / f'0000{i}.tar'}" for i in range(2))
+    args = train_args(piped, tmp_path / "logs", "compact", init, "--paraclip-loss", "--image-embeddings", samples=32)
+    torchrun(["open_clip_train.main", *args])
+    assert "Train Epoch: 0" in read_log(tmp_path / "logs", "compact")
+    assert (tmp_path / "logs" / "compact" / "checkpoints" / "epoch_1.pt").exists()

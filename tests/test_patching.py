@@ -244,3 +244,16 @@ def test_plugins_run_in_name_order_and_a_conflict_or_a_broken_plugin_is_named(tm
     result = hooks(python, broken)
     assert result.returncode != 0
     assert "open_clip_train plugin 'aplug' (no_such_module) failed to load: ModuleNotFoundError" in result.stderr
+
+
+def test_zero_shot_accuracy_of_the_patched_install_runs_on_numpy_2_4(patched_install):
+    """open_clip_train 3.3.0's --imagenet-val scoring converts a 1-element array with float(), which NumPy 2.4
+    refuses ("only 0-dimensional arrays can be converted"), after a whole epoch and before its checkpoint."""
+    import numpy
+    import torch
+    from open_clip_train.zero_shot import accuracy
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.15, 0.05], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
+    target = torch.tensor([1, 2, 2, 1])
+    assert accuracy(logits, target, topk=(1, 2, 3)) == [2.0, 3.0, 4.0]
+    assert all(type(a) is float for a in accuracy(logits, target, topk=(1,)))
+    assert tuple(int(p) for p in numpy.__version__.split(".")[:2]) >= (2, 4)  # the NumPy that broke it

@@ -86,6 +86,33 @@ def test_conflicting_lock_flags_are_refused(world, patched_install, capsys, flag
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--paraclip-terms", "caption:para1"], "--paraclip-terms only apply to the ParaCLIP loss: add --paraclip-loss"),
+    (["--paraclip-weights", "1,1,1", "--no-text-trimming"], "--paraclip-weights, --no-text-trimming only apply"),
+    (["--paraclip-loss", "--no-frozen-visual", "--paraclip-terms", "caption:para1,para1:para2"],
+     "--paraclip-terms caption:para1,para1:para2 has no image term, so the image tower gets no gradient, but "
+     "--no-frozen-visual asks to train it"),
+    (["--paraclip-loss", "--dataset-type", "auto", "--train-data", "/data/pairs.csv"],
+     "--dataset-type auto (csv) is not supported"),
+    (["--paraclip-loss", "--train-data", "/nonexistent/{00000..00003}.tar"],
+     "--train-data: 4 shard file(s) not found: /nonexistent/00000.tar, /nonexistent/00001.tar, "
+     "/nonexistent/00002.tar, ..."),
+    (["--paraclip-loss", "--val-data", "/nonexistent/val.tar"], "--val-data: 1 shard file(s) not found"),
+])
+def test_flags_that_would_be_ignored_or_fail_late_are_refused_at_once(world, patched_install, capsys, flags,
+                                                                      message):  # noqa: F811
+    with pytest.raises(SystemExit) as exit_:
+        parse(world, *flags)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_what_those_checks_let_through(world, patched_install):  # noqa: F811
+    args = parse(world, "--paraclip-loss", "--no-frozen-visual", "--paraclip-terms", "image:caption",
+                 "--dataset-type", "auto", "--val-data", "pipe:cat /nowhere/val.tar")  # remote: read when used
+    assert not args.frozen_visual and args.paraclip_terms == [("image", "caption")]
+    assert not parse(world, "--frozen-visual", "--causal-attention").paraclip_loss  # these work with any loss
+
+
 def test_compatible_lock_flags_pass(world, patched_install):  # noqa: F811
     args = parse(world, "--paraclip-loss", "--no-frozen-visual", "--lock-image", "--lock-image-unlocked-groups", "1")
     assert args.lock_image_unlocked_groups == 1 and not args.frozen_visual

@@ -9,6 +9,7 @@ stored embedding (``embeddings.py``) and image bytes are never decoded; with sto
 (``pretokenized.py``) the texts are not tokenized again.
 """
 import collections
+import contextlib
 import logging
 import os
 import tarfile
@@ -50,25 +51,49 @@ class NotAParaCLIPShard(ValueError):
     pass
 
 
+class NoUsableSamples(ValueError):
+    pass
+
+
 class SkippedSamples:
     """One data worker's count of the samples it left out, by reason, logged as they happen.
 
     Every stage that drops a sample goes through ``skip``, so one line says how many were dropped
-    and why (the first ``log_first``, then every ``log_every``-th).
+    and why (the first ``log_first``, then every ``log_every``-th). ``keep`` counts the samples that
+    get through: a worker that has skipped ``give_up_after`` samples and kept none stops with an error
+    naming its shards. That is the guard for shards that can't be checked before they are read
+    (``pipe:``, s3, https): open_clip repeats a worker's shards until the epoch's batches are made, so
+    shards without one usable sample would otherwise be read forever.
     """
 
-    def __init__(self, log_first=10, log_every=1000):
-        self.log_first, self.log_every = log_first, log_every
-        self.count = 0
+    def __init__(self, log_first=10, log_every=1000, give_up_after=10_000):
+        self.log_first, self.log_every, self.give_up_after = log_first, log_every, give_up_after
+        self.count = self.kept = 0
         self.reasons = collections.Counter()
+        self.urls = []  # the first few shards skipped from, for the error
 
     def skip(self, sample, reason, kind=None):
         self.count += 1
         self.reasons[kind or reason] += 1
+        url = sample.get("__url__", "?")
+        if len(self.urls) < 5 and url not in self.urls:
+            self.urls.append(url)
         if self.count <= self.log_first or self.count % self.log_every == 0:
             logging.warning(
-                f"ParaCLIP: skipped sample '{sample.get('__key__')}' of {sample.get('__url__', '?')}: {reason} "
+                f"ParaCLIP: skipped sample '{sample.get('__key__')}' of {url}: {reason} "
                 f"({self.count} skipped so far in this data worker; by reason: {dict(self.reasons)})")
+        if self.kept == 0 and self.count >= self.give_up_after:
+            raise NoUsableSamples(
+                f"ParaCLIP: {self.count} samples read by this data worker and not one usable (by reason: "
+                f"{dict(self.reasons)}), from {', '.join(self.urls)}: these are not the shards the flags ask for "
+                f"(--paraclip-loss: four-field shards from scripts/make_shards.py; --image-embeddings: shards from "
+                f"scripts/embed_images.py)")
+
+    def keep(self, samples):
+        """The last stage: count what gets through."""
+        for sample in samples:
+            self.kept += 1
+            yield sample
 
 
 class SkipIncomplete:
@@ -192,6 +217,7 @@ def paraclip_decode_stages(preprocess_img, tokenizer, embedding_sha256=None, emb
             wds.map(TextTokens(tokenizer)),
             wds.rename(image=";".join(IMAGE_EXTENSIONS)),
             wds.map_dict(image=preprocess_img),
+            skipped.keep,
             wds.to_tuple("image", "texts"),
         ]
     return [
@@ -203,6 +229,7 @@ def paraclip_decode_stages(preprocess_img, tokenizer, embedding_sha256=None, emb
         wds.map(CachedImageEmbedding(embedding_sha256, embedding_label, precision)),
         SkipBadEmbedding(skipped, embedding_dim),
         wds.map(TextTokens(tokenizer)),
+        skipped.keep,
         wds.to_tuple("image", "texts"),
     ]
 
@@ -218,19 +245,49 @@ def compact_decode_stages(tokenizer, embedding_sha256, embedding_label="", embed
         wds.map(CachedImageEmbedding(embedding_sha256, embedding_label, precision)),
         SkipBadEmbedding(skipped, embedding_dim),
         wds.map(TextTokens(tokenizer, stored_only=True)),
+        skipped.keep,
         wds.to_tuple("image", "texts"),
     ]
 
 
-def first_shard_has(shards, extensions):
-    """Whether the first shard of ``shards`` (a --train-data/--val-data value) has a member with one of
-    ``extensions``; None when it can't be read (remote, piped, missing)."""
+def first_sample_fields(shards):
+    """The fields (member suffixes) of the first sample of the first shard of ``shards`` (a --train-data or
+    --val-data value), read through webdataset's own URL opener, so local, ``pipe:`` and remote shards alike
+    (only the first sample's tar headers are read); None when it can't be read."""
     urls, _ = expand_urls(shards)
-    return shard_has_member(urls[0], tuple(f".{e}" for e in extensions)) if urls else None
+    if not urls:
+        return None
+    fields, key = set(), None
+    try:
+        stream = wds.gopen(urls[0])
+    except Exception:
+        return None
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                prefix, suffix = wds.tariterators.base_plus_ext(member.name)
+                if key is not None and prefix != key:
+                    break
+                key = prefix
+                fields.add(suffix)
+    except Exception:
+        return None
+    finally:
+        with contextlib.suppress(Exception):  # a pipe closed early exits by SIGPIPE
+            stream.close()
+    return fields or None
+
+
+def first_shard_has(shards, extensions):
+    """Whether the first sample of ``shards`` has one of ``extensions``; None when it can't be read."""
+    fields = first_sample_fields(shards)
+    return None if fields is None else bool(fields & set(extensions))
 
 
 def is_compact(shards):
-    """True when the first shard of ``shards`` (a --train-data value) is a local compact shard."""
+    """True when the first sample of ``shards`` (a --train-data value) is a compact one (local or remote)."""
     return first_shard_has(shards, (COMPACT_FIELD,)) is True
 
 

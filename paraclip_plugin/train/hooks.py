@@ -5,16 +5,18 @@ hook points that patches/ adds to open_clip_train (see ``open_clip_train/plugins
 hook is a no-op unless one of the flags below is given, so a stock recipe trains as before.
 """
 import argparse
+import contextlib
 import logging
 import os
 import sys
 
 import open_clip
+from open_clip_train.data import expand_urls, get_csv_dataset, get_dataset_fn
 
 from paraclip_plugin.train.attention import enable_causal_attention
 from paraclip_plugin.shards import IMAGE_EXTENSIONS
-from paraclip_plugin.train.decode import (compact_decode_stages, first_shard_has, is_compact, paraclip_decode_stages,
-                                         shard_size_stages)
+from paraclip_plugin.train.decode import (compact_decode_stages, first_shard_has, is_compact, local_path,
+                                         paraclip_decode_stages, shard_size_stages)
 from paraclip_plugin.train.embeddings import visual_fingerprint
 from paraclip_plugin.train.loss import DEFAULT_TERMS, ParaCLIPLoss, parse_terms, parse_weights
 from paraclip_plugin.train.model import enable_paraphrase_forward, freeze_visual
@@ -76,13 +78,33 @@ def usage_error(message):
     raise SystemExit(2)
 
 
+def missing_local_shards(shards):
+    """The shard files of a --train-data/--val-data value that are local and do not exist."""
+    if not shards:
+        return []
+    urls, _ = expand_urls(shards)
+    return [url for url in urls if local_path(url) is not None and not os.path.isfile(local_path(url))]
+
+
 def configure(args):
-    if isinstance(args.paraclip_terms, str):  # the default is not passed through type=
+    terms_given = (args.paraclip_terms if isinstance(args.paraclip_terms, str) else
+                   ",".join(":".join(t) for t in args.paraclip_terms)) != DEFAULT_TERMS
+    paraclip_only = [flag for flag, given in (("--paraclip-terms", terms_given),
+                                              ("--paraclip-weights", args.paraclip_weights is not None),
+                                              ("--no-text-trimming", not args.text_trimming)) if given]
+    if isinstance(args.paraclip_terms, str):  # a default set by hand (argparse runs type= on its own default)
         args.paraclip_terms = parse_terms(args.paraclip_terms)
     try:
         args.paraclip_weights = parse_weights(args.paraclip_weights, len(args.paraclip_terms))
     except ValueError as e:
         usage_error(f"argument --paraclip-weights: {e}")
+    if paraclip_only and not args.paraclip_loss:
+        usage_error(f"{', '.join(paraclip_only)} only apply to the ParaCLIP loss: add --paraclip-loss (without it "
+                    f"the stock CLIP loss trains and they would be ignored)")
+    if args.paraclip_loss and args.frozen_visual is False and not any("image" in term for term in args.paraclip_terms):
+        usage_error(f"--paraclip-terms {','.join(':'.join(t) for t in args.paraclip_terms)} has no image term, so the "
+                    f"image tower gets no gradient, but --no-frozen-visual asks to train it (DDP then stops: every "
+                    f"trainable parameter needs a gradient): drop --no-frozen-visual")
     if args.frozen_visual is None:
         args.frozen_visual = args.paraclip_loss
     for path in args.model_config:
@@ -91,9 +113,18 @@ def configure(args):
         if args.siglip or args.distill_model or "coca" in args.model.lower():
             usage_error("--paraclip-loss is a CLIP (InfoNCE) loss; it can't be combined with "
                         "--siglip, --distill-model or a CoCa model")
-        if args.dataset_type in ("csv", "synthetic"):
+        dataset_type = args.dataset_type
+        if dataset_type == "auto" and args.train_data:  # resolved as open_clip resolves it
+            with contextlib.suppress(ValueError):
+                dataset_type = "csv" if get_dataset_fn(args.train_data, "auto") is get_csv_dataset else "webdataset"
+        if dataset_type in ("csv", "synthetic"):
             usage_error(f"--paraclip-loss reads four-field WebDataset shards; "
-                        f"--dataset-type {args.dataset_type} is not supported")
+                        f"--dataset-type {args.dataset_type} ({dataset_type}) is not supported")
+        for flag, shards in (("--train-data", args.train_data), ("--val-data", args.val_data)):
+            missing = missing_local_shards(shards)
+            if missing:
+                usage_error(f"{flag}: {len(missing)} shard file(s) not found: {', '.join(missing[:3])}"
+                            f"{', ...' if len(missing) > 3 else ''}")
     if args.paraclip_loss:
         if args.lock_text:
             usage_error("--paraclip-loss trains the text tower, but --lock-text freezes it "
