@@ -31,6 +31,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from paraclip_plugin.shards import current_umask, fsync_dir, replace_durably
+
 PACKAGE = "open_clip_train"
 DISTRIBUTION = "open_clip_torch"
 PATCH_DIR = Path(__file__).resolve().parent / "patches"
@@ -138,35 +140,53 @@ def state_summary(states):
     return ", ".join(f"{Path(p).name} {s}" for p, (s, _, _) in states.items())
 
 
-def refuse_modified(root, states, version):
+def modified_message(root, states, version):
+    """What to say about files that are neither the release's nor the patched ones; None when there are none."""
     modified = [str(Path(root) / p) for p, (s, _, _) in states.items() if s == MODIFIED]
     if modified:
-        raise PatchError(
-            f"{', '.join(modified)}: neither the release's text nor the patched text around the patch's lines (a local "
-            f"edit, or another build of {DISTRIBUTION} {version}); nothing was changed. Restore the release's files "
-            f"with `pip install --force-reinstall --no-deps {DISTRIBUTION}=={version}`, then run `paraclip-patch apply`")
+        return (f"{', '.join(modified)}: neither the release's text nor the patched text around the patch's lines (a "
+                f"local edit, another build of {DISTRIBUTION} {version}, or a patch of an older paraclip-plugin). "
+                f"Restore the release's files with `pip install --force-reinstall --no-deps {DISTRIBUTION}=={version}`, "
+                f"then run `paraclip-patch apply`")
+    return None
+
+
+def refuse_modified(root, states, version):
+    message = modified_message(root, states, version)
+    if message:
+        raise PatchError(message.replace(". Restore", "; nothing was changed. Restore", 1))
 
 
 @contextlib.contextmanager
 def _locked(root):
-    """An exclusive lock on the package folder (no file is created: read-only installs can be checked)."""
-    fd = os.open(Path(root) / PACKAGE, os.O_RDONLY)
+    """An exclusive lock held while files are replaced: ``flock`` on the package folder itself (no file made);
+    where the file system refuses that (NFS emulates flock with POSIX locks, which need a file open for writing;
+    Lustre without -o flock), a POSIX lock on ``.paraclip-patch.lock`` in it."""
+    folder = Path(root) / PACKAGE
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            os.close(fd)
+            fd = os.open(folder / ".paraclip-patch.lock", os.O_RDWR | os.O_CREAT, 0o666)
+            fcntl.lockf(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
 
 
 def _replace(path, content):
-    """Put ``content`` (None: remove the file) at ``path`` by an atomic rename, keeping the file's mode."""
+    """Put ``content`` (None: remove the file) at ``path`` by an atomic rename, keeping the file's mode (a new
+    file: what open() gives under the umask), and make the rename durable."""
     if content is None:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         for cached in glob.glob(str(path.parent / "__pycache__" / f"{path.stem}.*.pyc")):
             os.remove(cached)
+        fsync_dir(path.parent)
         return
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~current_umask()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TEMP_MARK}")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -174,7 +194,7 @@ def _replace(path, content):
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
@@ -201,8 +221,8 @@ def _change(root, patch, want, version):
         return bool(todo)
 
 
-def is_applied(root, patch):
-    return all(s == PATCHED for s, _, _ in file_states(root, patch).values())
+def all_patched(states):
+    return all(state == PATCHED for state, _, _ in states.values())
 
 
 def apply(root, patch, version=None):
@@ -239,19 +259,16 @@ def main(argv=None):
         else:
             states = file_states(root, patch)
             kinds = {s for s, _, _ in states.values()}
-            if kinds == {PATCHED}:
+            if all_patched(states):
                 print(f"hooks present: {target} ({DISTRIBUTION} {version})")
                 return 0
             if MODIFIED in kinds:
-                try:
-                    refuse_modified(root, states, version)
-                except PatchError as e:
-                    print(f"paraclip-patch: {str(e).replace('; nothing was changed', '')}", file=sys.stderr)
+                print(f"paraclip-patch: {modified_message(root, states, version)}", file=sys.stderr)
             elif kinds == {RELEASE}:
                 print(f"hooks missing: {target} ({DISTRIBUTION} {version}); run `paraclip-patch apply` "
                       f"or train with `python -m paraclip_plugin.train`", file=sys.stderr)
             else:
-                print(f"partly patched (an apply or revert was stopped, or paraclip-plugin was upgraded): {target} ({DISTRIBUTION} {version}): "
+                print(f"partly patched (an apply or revert was stopped): {target} ({DISTRIBUTION} {version}): "
                       f"{state_summary(states)}; run `paraclip-patch apply` to finish (or `revert`)", file=sys.stderr)
             return 1
     except PatchError as e:

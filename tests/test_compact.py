@@ -11,7 +11,7 @@ import webdataset as wds
 
 from conftest import TINY_MODEL, logged_losses, read_log
 from paraclip_plugin.train.compact import COMPACT_FIELD, pack, unpack
-from paraclip_plugin.train.decode import compact_decode_stages, is_compact, paraclip_decode_stages
+from paraclip_plugin.train.decode import compact_decode_stages, first_sample_fields, is_compact, paraclip_decode_stages
 from paraclip_plugin.train.embeddings import EmbeddingMismatch, MissingEmbeddings, visual_fingerprint
 from paraclip_plugin.paraphrase.shard_io import read_tar_samples
 from paraclip_plugin.train.pretokenized import TokenizerMismatch
@@ -55,7 +55,8 @@ def test_compact_batches_equal_the_embedded_ones(world, compact):  # noqa: F811
     model, preprocess_train, _ = tiny_model(world["init"])
     tokenizer = open_clip.get_tokenizer(TINY_MODEL)
     checks = dict(embedding_sha256=visual_fingerprint(model.visual), embedding_dim=model.visual.output_dim)
-    assert is_compact(str(compact / "{00000..00001}.tar")) and not is_compact(str(world["embedded"] / "00000.tar"))
+    assert is_compact(first_sample_fields(str(compact / "{00000..00001}.tar")))
+    assert not is_compact(first_sample_fields(str(world["embedded"] / "00000.tar")))
     full = pipeline(world["embedded"] / "00000.tar", paraclip_decode_stages(preprocess_train, tokenizer, **checks))
     small = pipeline(compact / "00000.tar", compact_decode_stages(tokenizer, **checks))
     assert len(small) == len(full) == 16
@@ -111,3 +112,22 @@ def test_open_clip_train_on_compact_shards_matches_the_embedded_ones(world, comp
     assert len(full) == len(small) == 1
     for key in ("Loss", *TERMS):
         assert small[0][key] == pytest.approx(full[0][key], abs=1e-5), key
+
+
+def test_the_first_sample_is_read_as_webdataset_groups_it_from_any_url(tmp_path):
+    """Upper-case suffixes are lower-cased and keys split as webdataset does; local, file:, gzip and pipe: alike."""
+    import gzip
+    import io
+    import tarfile
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in (("a/k1.JPG", b"x"), ("a/k1.txt", b"t"), ("a/k1.para1.txt", b"p"), ("a/k2.JPG", b"y")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "s.tar").write_bytes(buf.getvalue())
+    (tmp_path / "s.tar.gz").write_bytes(gzip.compress(buf.getvalue()))
+    first = {"jpg", "txt", "para1.txt"}
+    for url in (tmp_path / "s.tar", f"file:{tmp_path / 's.tar'}", tmp_path / "s.tar.gz", f"pipe:cat {tmp_path / 's.tar'}"):
+        assert first_sample_fields(str(url)) == first, url
+    assert first_sample_fields(str(tmp_path / "none.tar")) is None and first_sample_fields("pipe:false") is None

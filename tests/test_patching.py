@@ -99,7 +99,7 @@ def test_a_stop_between_two_files_leaves_an_install_that_apply_or_revert_finishe
     full = copy_of(pristine_root, tmp_path / "full")
     patching.apply(full, patch)
     patched = hashes(full)
-    for stop_after in (1, 2, 3):  # killed after the first, second, third of the four renames
+    for stop_after in (1, 2, 3, 4):  # killed after the first ... fourth of the five renames
         root = copy_of(pristine_root, tmp_path / f"stopped{stop_after}")
         real, calls = patching._replace, []
 
@@ -120,7 +120,7 @@ def test_a_stop_between_two_files_leaves_an_install_that_apply_or_revert_finishe
         check = paraclip_patch_on(root, "check")
         assert check.returncode == 1 and "partly patched (an apply or revert was stopped)" in check.stderr
         assert "plugins.py patched" in check.stderr and "run `paraclip-patch apply` to finish" in check.stderr
-        if stop_after == 2:  # this one is rolled back instead
+        if stop_after in (2, 4):  # these are rolled back instead
             finish = paraclip_patch_on(root, "revert")
             assert finish.returncode == 0 and finish.stdout.startswith("reverted:") and hashes(root) == release
             continue
@@ -144,6 +144,25 @@ def test_two_applies_at_once_take_turns(tmp_path, pristine_root):
         patched = patched or hashes(root)
         assert hashes(root) == patched
         assert not [p for p in root.rglob("*") if p.suffix in (".rej", ".orig") or "paraclip-patch-" in p.name]
+
+
+def test_where_the_folder_cant_be_flocked_a_lock_file_is_used(tmp_path, pristine_root, monkeypatch):
+    """NFS emulates flock with POSIX locks, which need a file open for writing: flock on a folder fails there."""
+    root = copy_of(pristine_root, tmp_path)
+    real_flock, locked = patching.fcntl.flock, []
+
+    def nfs_flock(fd, operation):
+        if os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        real_flock(fd, operation)
+
+    real_lockf = patching.fcntl.lockf
+    monkeypatch.setattr(patching.fcntl, "flock", nfs_flock)
+    monkeypatch.setattr(patching.fcntl, "lockf", lambda fd, op: (locked.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                                 real_lockf(fd, op)))
+    patch = patching.patch_file(patching.installed_version())
+    assert patching.apply(root, patch) and patching.all_patched(patching.file_states(root, patch))
+    assert locked == [str(root / "open_clip_train" / ".paraclip-patch.lock")]
 
 
 def test_an_edit_to_a_patched_install_is_named_and_nothing_is_changed(tmp_path, pristine_root):
@@ -239,6 +258,15 @@ def test_plugins_run_in_name_order_and_a_conflict_or_a_broken_plugin_is_named(tm
     result = hooks(python, clash)
     assert result.returncode != 0
     assert "open_clip_train plugin 'bplug' could not add its arguments: argument --same: conflicting" in result.stderr
+
+    twice = plugin_site(tmp_path / "twice", {"aplug": "def create_loss(args):\n    return 1\n"})
+    other = twice / "other-1.0.dist-info"  # another distribution registering the same plugin name
+    shutil.copytree(twice / "aplug-1.0.dist-info", other)
+    (other / "METADATA").write_text("Metadata-Version: 2.1\nName: other\nVersion: 1.0\n")
+    (other / "entry_points.txt").write_text("[open_clip_train.plugins]\naplug = other_hooks\n")
+    result = hooks(python, twice)
+    assert result.returncode != 0
+    assert "two open_clip_train plugins are named 'aplug' (" in result.stderr and "other_hooks" in result.stderr
 
     broken = plugin_site(tmp_path / "broken", {"aplug": "BROKEN", "bplug": "def create_loss(args):\n    return 1\n"})
     result = hooks(python, broken)

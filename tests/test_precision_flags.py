@@ -111,6 +111,12 @@ def test_what_those_checks_let_through(world, patched_install):  # noqa: F811
                  "--dataset-type", "auto", "--val-data", "pipe:cat /nowhere/val.tar")  # remote: read when used
     assert not args.frozen_visual and args.paraclip_terms == [("image", "caption")]
     assert not parse(world, "--frozen-visual", "--causal-attention").paraclip_loss  # these work with any loss
+    plain = world["plain"]
+    for data in (f"{plain}/{{00000..00001}}.tar::file:{plain}/00000.tar", f"pipe:cat {plain}/00000.tar",
+                 f"{plain}/00000.tar::{plain}/00001.tar"):
+        assert parse(world, "--paraclip-loss", "--dataset-type", "auto", "--train-data", data).train_data == data
+    assert parse(world, "--paraclip-loss", "--no-frozen-visual", "--lock-image", "--paraclip-terms",
+                 "caption:para1").lock_image  # the tower is locked anyway: no image term is fine
 
 
 def test_compatible_lock_flags_pass(world, patched_install):  # noqa: F811

@@ -251,44 +251,30 @@ def compact_decode_stages(tokenizer, embedding_sha256, embedding_label="", embed
 
 
 def first_sample_fields(shards):
-    """The fields (member suffixes) of the first sample of the first shard of ``shards`` (a --train-data or
-    --val-data value), read through webdataset's own URL opener, so local, ``pipe:`` and remote shards alike
-    (only the first sample's tar headers are read); None when it can't be read."""
+    """The fields of the first sample of the first shard of ``shards`` (a --train-data or --val-data value),
+    read and grouped by webdataset's own opener and tar reader (lower-cased suffixes, ``__meta__`` skipped), so
+    local, ``pipe:`` and remote shards alike; only that sample is read. None when it can't be read."""
     urls, _ = expand_urls(shards)
     if not urls:
         return None
-    fields, key = set(), None
     try:
         stream = wds.gopen(urls[0])
     except Exception:
         return None
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                prefix, suffix = wds.tariterators.base_plus_ext(member.name)
-                if key is not None and prefix != key:
-                    break
-                key = prefix
-                fields.add(suffix)
+        files = ({**f, "__url__": urls[0]} for f in wds.tariterators.tar_file_iterator(stream))
+        sample = next(wds.tariterators.group_by_keys(files), None)
     except Exception:
-        return None
+        sample = None
     finally:
         with contextlib.suppress(Exception):  # a pipe closed early exits by SIGPIPE
             stream.close()
-    return fields or None
+    return {key for key in sample if not key.startswith("__")} if sample else None
 
 
-def first_shard_has(shards, extensions):
-    """Whether the first sample of ``shards`` has one of ``extensions``; None when it can't be read."""
-    fields = first_sample_fields(shards)
-    return None if fields is None else bool(fields & set(extensions))
-
-
-def is_compact(shards):
-    """True when the first sample of ``shards`` (a --train-data value) is a compact one (local or remote)."""
-    return first_shard_has(shards, (COMPACT_FIELD,)) is True
+def is_compact(fields):
+    """True when ``first_sample_fields`` found a compact sample (local or remote)."""
+    return fields is not None and COMPACT_FIELD in fields
 
 
 def own_folder_sizes(shards):

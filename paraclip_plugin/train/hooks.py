@@ -15,7 +15,7 @@ from open_clip_train.data import expand_urls, get_csv_dataset, get_dataset_fn
 
 from paraclip_plugin.train.attention import enable_causal_attention
 from paraclip_plugin.shards import IMAGE_EXTENSIONS
-from paraclip_plugin.train.decode import (compact_decode_stages, first_shard_has, is_compact, local_path,
+from paraclip_plugin.train.decode import (compact_decode_stages, first_sample_fields, is_compact, local_path,
                                          paraclip_decode_stages, shard_size_stages)
 from paraclip_plugin.train.embeddings import visual_fingerprint
 from paraclip_plugin.train.loss import DEFAULT_TERMS, ParaCLIPLoss, parse_terms, parse_weights
@@ -79,11 +79,26 @@ def usage_error(message):
 
 
 def missing_local_shards(shards):
-    """The shard files of a --train-data/--val-data value that are local and do not exist."""
+    """The shard files of a --train-data/--val-data value that are local and do not exist (each folder is
+    listed once: tens of thousands of shards on every rank are not as many file-system lookups)."""
     if not shards:
         return []
     urls, _ = expand_urls(shards)
-    return [url for url in urls if local_path(url) is not None and not os.path.isfile(local_path(url))]
+    listed = {}
+    missing = []
+    for url in urls:
+        path = local_path(url)
+        if path is None:
+            continue
+        folder, name = os.path.split(os.path.abspath(path))
+        if folder not in listed:
+            try:
+                listed[folder] = {e.name for e in os.scandir(folder) if e.is_file()}
+            except OSError:
+                listed[folder] = set()
+        if name not in listed[folder]:
+            missing.append(url)
+    return missing
 
 
 def configure(args):
@@ -101,7 +116,8 @@ def configure(args):
     if paraclip_only and not args.paraclip_loss:
         usage_error(f"{', '.join(paraclip_only)} only apply to the ParaCLIP loss: add --paraclip-loss (without it "
                     f"the stock CLIP loss trains and they would be ignored)")
-    if args.paraclip_loss and args.frozen_visual is False and not any("image" in term for term in args.paraclip_terms):
+    image_trains = args.frozen_visual is False and not (args.lock_image and not args.lock_image_unlocked_groups)
+    if args.paraclip_loss and image_trains and not any("image" in term for term in args.paraclip_terms):
         usage_error(f"--paraclip-terms {','.join(':'.join(t) for t in args.paraclip_terms)} has no image term, so the "
                     f"image tower gets no gradient, but --no-frozen-visual asks to train it (DDP then stops: every "
                     f"trainable parameter needs a gradient): drop --no-frozen-visual")
@@ -168,14 +184,17 @@ def wrap_model(model, args):
 def wds_decode_stages(args, preprocess_img, tokenizer, is_train):
     if not args.paraclip_loss:
         return None
-    if not is_train and first_shard_has(args.val_data, IMAGE_EXTENSIONS) is not False:
-        # open_clip's evaluate() reads (image, caption) only: stock validation shards (images and captions,
-        # local or remote) are read as stock open_clip reads them. Only a local shard without images
-        # (cached embeddings, compact) needs the ParaCLIP stages below.
+    # what the first sample holds (read once, local or remote): needed for validation, and for --image-embeddings
+    fields = first_sample_fields(args.val_data) if not is_train else (
+        first_sample_fields(args.train_data) if args.image_embeddings else None)
+    if not is_train and (fields is None or fields & set(IMAGE_EXTENSIONS)):
+        # open_clip's evaluate() reads (image, caption) only: validation shards with images (or that can't be
+        # read now) are read as stock open_clip reads them. Only shards without images (cached embeddings,
+        # compact) need the ParaCLIP stages below.
         return None
     if not args.image_embeddings:
         if not is_train:
-            usage_error(f"--val-data {args.val_data}: its first shard has no image, and without --image-embeddings "
+            usage_error(f"--val-data {args.val_data}: its first sample has no image, and without --image-embeddings "
                         f"the image tower needs images; pass shards with images (a caption per image is enough)")
         return shard_size_stages(args, is_train) + paraclip_decode_stages(preprocess_img, tokenizer)
     if "visual_sha256" not in _frozen_visual:
@@ -186,7 +205,7 @@ def wds_decode_stages(args, preprocess_img, tokenizer, is_train):
     checks = dict(embedding_sha256=_frozen_visual["visual_sha256"],
                   embedding_label=f"('{args.model}', pretrained '{args.pretrained}') ",
                   embedding_dim=getattr(_frozen_visual["visual"], "output_dim", None), precision=args.precision)
-    if is_compact(args.train_data if is_train else args.val_data):
+    if is_compact(fields):
         return shard_size_stages(args, is_train) + compact_decode_stages(tokenizer, **checks)
     return shard_size_stages(args, is_train) + paraclip_decode_stages(preprocess_img, tokenizer, **checks)
 

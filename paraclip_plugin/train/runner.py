@@ -22,7 +22,7 @@ def hooked_open_clip_train_root():
     version = patching.installed_version()
     patch = patching.patch_file(version)
     states = patching.file_states(root, patch)
-    if all(state == patching.PATCHED for state, _, _ in states.values()):
+    if patching.all_patched(states):
         return root
     patching.refuse_modified(root, states, version)  # named in the install, not in the private copy
     private = Path(tempfile.mkdtemp(prefix="paraclip-open_clip_train-"))
