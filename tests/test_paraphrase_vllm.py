@@ -3,11 +3,13 @@
 The stand-in behaves as vllm.LLM does where the backend depends on it: ``chat`` takes one
 SamplingParams or a list (one per prompt); a request with a seed samples from its own generator,
 one without draws from the engine's shared generator (so its output depends on the batch around
-it); a tokenizer without a chat template makes ``chat`` raise vLLM's ValueError unless
-``chat_template`` is given; an output longer than ``max_tokens`` is cut with finish_reason ``length``.
+it); a tokenizer without a chat template makes ``chat`` raise vLLM's error unless ``chat_template`` is given;
+an output longer than ``max_tokens`` is cut with finish_reason ``length``; vLLM 0.33's exception classes,
+context-length errors and ``abort`` outputs, and SamplingParams' range checks (``FakeVLLMEngine``).
 """
 import builtins
 import random
+import sys
 import types
 
 import pytest
@@ -25,10 +27,41 @@ from test_paraphrase_support import samples_of, write_input_shards
 MODEL = "/models/paraphraser"
 
 
+class VLLMError(Exception):
+    """vLLM 0.33's exception family (vllm/exceptions.py): not ValueError since 0.33."""
+
+
+class VLLMClientError(VLLMError):
+    pass
+
+
+class ChatTemplateResolutionError(VLLMClientError):
+    pass
+
+
+class VLLMValidationError(VLLMClientError):
+    def __init__(self, message, *, parameter=None, value=None):
+        super().__init__(message)
+        self.parameter, self.value = parameter, value
+
+    def __str__(self):
+        extras = [f"{k}={v}" for k, v in (("parameter", self.parameter), ("value", self.value)) if v is not None]
+        return f"{super().__str__()} ({', '.join(extras)})" if extras else super().__str__()
+
+
 class FakeSamplingParams:
-    """Stand-in for vllm.SamplingParams: records what the backend asked for."""
+    """Stand-in for vllm.SamplingParams: records what the backend asked for, and checks the ranges vLLM checks
+    (``SamplingParams._verify_args``) with its messages."""
 
     def __init__(self, temperature=1.0, top_p=1.0, max_tokens=16, seed=None):
+        if not 0 <= temperature <= 2:
+            raise VLLMValidationError(f"temperature must be in [0, 2], got {temperature}.", parameter="temperature",
+                                      value=temperature)
+        if not 0 < top_p <= 1:
+            raise VLLMValidationError(f"top_p must be in (0, 1], got {top_p}.", parameter="top_p", value=top_p)
+        if max_tokens is not None and max_tokens < 1:
+            raise VLLMValidationError(f"max_tokens must be at least 1, got {max_tokens}.", parameter="max_tokens",
+                                      value=max_tokens)
         self.kwargs = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
 
 
@@ -37,21 +70,38 @@ def fake_reply(prompt, rng):
 
 
 class FakeVLLMEngine:
-    """Stand-in for vllm.LLM (see the module docstring); records every ``chat`` call."""
+    """Stand-in for vllm.LLM (see the module docstring); records every ``chat`` call.
 
-    def __init__(self, has_template=True, drop_one=False, fail_on_call=None):
+    As vLLM 0.33 does: a missing chat template raises ``ChatTemplateResolutionError`` (``legacy``: the
+    ``ValueError`` of older releases); a template that does not render raises ``VLLMValidationError``; a prompt
+    of more than ``max_model_len`` tokens (words here) fails the whole call with vLLM's message; ``abort`` lists
+    how many of the next outputs end with finish_reason ``abort`` and partial text (an internal failure)."""
+
+    def __init__(self, has_template=True, drop_one=False, fail_on_call=None, legacy=False, max_model_len=None,
+                 abort=()):
         self.has_template, self.drop_one, self.fail_on_call = has_template, drop_one, fail_on_call
+        self.legacy, self.max_model_len, self.abort = legacy, max_model_len, list(abort)
         self.shared_rng = random.Random(0)
         self.calls = []
 
     def chat(self, messages, sampling_params=None, use_tqdm=True, chat_template=None):
         self.calls.append((messages, sampling_params, chat_template))
         if not self.has_template and chat_template is None:
-            raise ValueError(VLLM_NO_TEMPLATE_ERROR["message"])
+            raise (ValueError if self.legacy else ChatTemplateResolutionError)(VLLM_NO_TEMPLATE_ERROR["message"])
+        if chat_template is not None and "{% bad" in chat_template:
+            raise VLLMValidationError("Encountered unknown tag 'bad'.")
         if self.fail_on_call == len(self.calls):
             raise RuntimeError("the job was preempted")
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(messages)
         assert len(params) == len(messages)
+        for conversation in messages:  # requests are rendered and added one by one; the first too long fails all
+            tokens = len(conversation[0]["content"].split())
+            if self.max_model_len is not None and tokens > self.max_model_len:
+                raise VLLMValidationError(
+                    f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt "
+                    f"contains {tokens} input tokens, which exceeds this limit even without any output tokens. "
+                    f"Please reduce the length of the input prompt.", parameter="input_tokens", value=tokens)
+        aborted, self.abort = (self.abort[0] if self.abort else 0), self.abort[1:]
         outputs = []
         for conversation, sp in zip(messages, params):
             assert [m["role"] for m in conversation] == ["user"]
@@ -59,6 +109,8 @@ class FakeVLLMEngine:
             words = fake_reply(conversation[0]["content"], random.Random(seed) if seed is not None else self.shared_rng).split()
             finish = "length" if len(words) > sp.kwargs["max_tokens"] else "stop"
             words = words[:sp.kwargs["max_tokens"]]
+            if len(outputs) < aborted:
+                words, finish = words[:1], "abort"
             completion = types.SimpleNamespace(text=" ".join(words), token_ids=list(range(len(words))), finish_reason=finish)
             outputs.append(types.SimpleNamespace(prompt_token_ids=[0] * 7, outputs=[completion]))
         return outputs[:-1] if self.drop_one else outputs
@@ -131,9 +183,10 @@ def test_vllm_length_is_dropped_by_reason_never_retried(tmp_path):
     assert "length" not in stats["retried"]
 
 
-def test_vllm_chat_template_missing_names_the_flag_and_is_passed_through(tmp_path):
+@pytest.mark.parametrize("legacy", [False, True], ids=["vllm-0.33", "vllm-before-0.33"])
+def test_vllm_chat_template_missing_names_the_flag_and_is_passed_through(tmp_path, legacy):
     pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=6)
-    generator = make(FakeVLLMEngine(has_template=False), tmp_path)
+    generator = make(FakeVLLMEngine(has_template=False, legacy=legacy), tmp_path)
     with pytest.raises(GenerationError, match=r"--chat-template FILE.*default chat template is no longer allowed"):
         generator.run(expand_inputs(pattern), str(tmp_path / "out"))
     assert not list((tmp_path / "out").glob("*.tar"))
@@ -163,3 +216,65 @@ def test_vllm_missing_gives_install_hint(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_vllm)
     with pytest.raises(ImportError, match=r"pip install '\.\[vllm\]'"):
         VLLMBackend("/models/paraphraser")
+
+
+def test_vllm_a_template_that_does_not_render_stops_the_job_naming_the_flag(tmp_path):
+    pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=6)
+    generator = make(FakeVLLMEngine(has_template=False), tmp_path, chat_template="{% bad %}")
+    with pytest.raises(GenerationError, match=r"--chat-template may be the cause \(VLLMValidationError: "
+                                              r"Encountered unknown tag 'bad'"):
+        generator.run(expand_inputs(pattern), str(tmp_path / "out"))
+
+
+def test_vllm_a_prompt_longer_than_the_context_is_isolated_and_dropped_by_reason(tmp_path):
+    """vLLM fails a whole call for one over-long prompt; the rest of its chunk must still be answered."""
+    pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=24)
+    make(FakeVLLMEngine(), tmp_path, cache="ref.sqlite").run(expand_inputs(pattern), str(tmp_path / "ref"))
+    reference = samples_of(tmp_path / "ref" / "00000.tar")
+    limit = 24  # every step-1 prompt fits; the step-2 prompts of the longest captions do not
+    fits = {k: f for k, f in reference.items() if len(PromptSet().render(2, f["para1.txt"].decode()).split()) <= limit}
+    assert 0 < len(fits) < len(reference)
+    engine = FakeVLLMEngine(max_model_len=limit)
+    generator = make(engine, tmp_path, chunk_size=32)
+    stats = generator.run(expand_inputs(pattern), str(tmp_path / "out"))
+    assert samples_of(tmp_path / "out" / "00000.tar") == fits  # the others answered as without the limit
+    assert stats["dropped"]["step2_prompt_too_long"] == len(reference) - len(fits)
+    calls = len(engine.calls)
+    again = make(engine, tmp_path, chunk_size=32).run(expand_inputs(pattern), str(tmp_path / "again"))
+    assert len(engine.calls) == calls and again["dropped"] == stats["dropped"]  # cached: no call fails again
+
+
+def test_vllm_aborted_outputs_are_asked_again_never_cached(tmp_path):
+    pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=8)
+    reference = make(FakeVLLMEngine(), tmp_path, cache="ref.sqlite")
+    reference.run(expand_inputs(pattern), str(tmp_path / "ref"))
+    once = make(FakeVLLMEngine(abort=[3]), tmp_path, cache="once.sqlite")  # 3 outputs of the first call abort
+    once.run(expand_inputs(pattern), str(tmp_path / "once"))
+    assert samples_of(tmp_path / "once" / "00000.tar") == samples_of(tmp_path / "ref" / "00000.tar")
+    engine = FakeVLLMEngine(abort=[3, 3])
+    twice = make(engine, tmp_path, cache="twice.sqlite")  # aborted again when re-asked
+    with pytest.raises(GenerationError, match=r"3 requests ended with finish_reason \['abort'\] twice"):
+        twice.run(expand_inputs(pattern), str(tmp_path / "twice"))
+    step1 = len(engine.calls[0][0])
+    assert step1 > 3 and [len(m) for m, _, _ in engine.calls] == [step1, 3]
+    assert len(twice.cache) == step1 - 3  # the good answers are kept, the aborted ones are not
+    assert not list((tmp_path / "twice").glob("*.tar"))
+
+
+def test_vllm_settings_are_checked_before_the_model_loads_and_a_failed_start_is_one_line(monkeypatch):
+    started = []
+
+    class LLM:
+        def __init__(self, **kwargs):
+            started.append(kwargs)
+            raise RuntimeError("Engine core initialization failed. See root cause above. Failed core proc(s): {}")
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=FakeSamplingParams))
+    with pytest.raises(ValueError, match=r"--temperature/--top-p/--max-tokens: vLLM refuses them: top_p must be "
+                                         r"in \(0, 1\], got 1.5"):
+        VLLMBackend(MODEL, top_p=1.5)
+    assert not started  # refused before minutes of model loading
+    with pytest.raises(ValueError, match=r"vLLM could not start /models/paraphraser: RuntimeError: Engine core "
+                                         r"initialization failed.*--max-model-len and --gpu-memory-utilization"):
+        VLLMBackend(MODEL, max_model_len=2048)
+    assert started == [dict(model=MODEL, tensor_parallel_size=1, seed=0, max_model_len=2048)]

@@ -111,6 +111,10 @@ def parse_args(argv=None):
                     help="base of the per-request seeds (each derived from the request's cache key)")
     vl.add_argument("--chat-template", default=None, metavar="FILE",
                     help="Jinja chat template for models whose tokenizer has none (LLaMA-1-style paraphrasers)")
+    vl.add_argument("--max-model-len", type=int, default=None,
+                    help="vLLM's context length (default: the model's); prompts longer than it are dropped by reason")
+    vl.add_argument("--gpu-memory-utilization", type=float, default=None,
+                    help="share of GPU memory vLLM may take (its default 0.9)")
 
     jobs = p.add_argument_group("splitting (defaults from a contiguous SLURM array: SLURM_ARRAY_TASK_COUNT / "
                                 "SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN; pass both when resubmitting some tasks)")
@@ -137,8 +141,10 @@ def build_backend(args, cache_path, environ=os.environ):
                     template = f.read()
             except OSError as e:
                 raise ValueError(f"--chat-template {args.chat_template}: {e.strerror}") from None
+        engine = {k: v for k, v in (("max_model_len", args.max_model_len),
+                                    ("gpu_memory_utilization", args.gpu_memory_utilization)) if v is not None}
         return make_backend("vllm", model=args.model, tensor_parallel_size=args.tensor_parallel_size,
-                            seed=args.seed, chat_template=template, **sampling)
+                            seed=args.seed, chat_template=template, **sampling, **engine)
     # imported here: the openai extra is checked (require_extra) before anything imports it
     from .backends.openai_backend import api_key_for, resolve_base_url
     base_url, source = resolve_base_url(args.base_url, environ)

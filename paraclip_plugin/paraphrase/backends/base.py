@@ -2,9 +2,11 @@
 import dataclasses
 from typing import Optional
 
+# vLLM's offline engine only: the prompt does not fit the model's context (--max-model-len)
+PROMPT_TOO_LONG = "prompt_too_long"
 # finish_reason values that end a sample for good: the same input with the same sampling fails the
 # same way again, so the sample is dropped by this reason (and the answer cached), never retried.
-FINAL_FINISH_REASONS = ("content_filter", "length")
+FINAL_FINISH_REASONS = ("content_filter", "length", PROMPT_TOO_LONG)
 
 
 @dataclasses.dataclass
