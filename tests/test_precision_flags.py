@@ -6,7 +6,7 @@ import open_clip
 import pytest
 import torch
 
-from conftest import TINY_CONFIG, TINY_MODEL, final_state, logged_losses, read_log, torchrun, train_args
+from conftest import TINY_CONFIG, TINY_MODEL, final_state, logged_losses, read_log, torchrun, train_args, write_shards
 from paraclip_plugin.train.decode import paraclip_decode_stages
 from paraclip_plugin.train.embeddings import EmbeddingMismatch, precision_fingerprints, visual_fingerprint
 from paraclip_plugin.paraphrase.shard_io import read_tar_samples
@@ -98,9 +98,16 @@ def test_conflicting_lock_flags_are_refused(world, patched_install, capsys, flag
      "--train-data: 4 shard file(s) not found: /nonexistent/00000.tar, /nonexistent/00001.tar, "
      "/nonexistent/00002.tar, ..."),
     (["--paraclip-loss", "--val-data", "/nonexistent/val.tar"], "--val-data: 1 shard file(s) not found"),
+    (["--paraclip-loss", "--train-data", "SIZES_MISSING_AN_ENTRY"],
+     "--train-data: the sizes.json next to its first shard has no entry for shard '00001.tar'; pass "
+     "--train-num-samples"),
 ])
 def test_flags_that_would_be_ignored_or_fail_late_are_refused_at_once(world, patched_install, capsys, flags,
-                                                                      message):  # noqa: F811
+                                                                      message, tmp_path):  # noqa: F811
+    if "SIZES_MISSING_AN_ENTRY" in flags:  # two shards, sizes.json lists one
+        write_shards(tmp_path, num_shards=2, per_shard=4)
+        (tmp_path / "sizes.json").write_text('{"00000.tar": 4}')
+        flags = [str(tmp_path / "{00000..00001}.tar") if f == "SIZES_MISSING_AN_ENTRY" else f for f in flags]
     with pytest.raises(SystemExit) as exit_:
         parse(world, *flags)
     assert exit_.value.code == 2 and message in capsys.readouterr().err

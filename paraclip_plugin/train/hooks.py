@@ -11,10 +11,10 @@ import os
 import sys
 
 import open_clip
-from open_clip_train.data import expand_urls, get_csv_dataset, get_dataset_fn
+from open_clip_train.data import expand_urls, get_csv_dataset, get_dataset_fn, get_dataset_size
 
 from paraclip_plugin.train.attention import enable_causal_attention
-from paraclip_plugin.shards import IMAGE_EXTENSIONS
+from paraclip_plugin.shards import IMAGE_EXTENSIONS, SIZES_FILE
 from paraclip_plugin.train.decode import (compact_decode_stages, first_sample_fields, is_compact, local_path,
                                          paraclip_decode_stages, shard_size_stages)
 from paraclip_plugin.train.embeddings import visual_fingerprint
@@ -141,6 +141,15 @@ def configure(args):
             if missing:
                 usage_error(f"{flag}: {len(missing)} shard file(s) not found: {', '.join(missing[:3])}"
                             f"{', ...' if len(missing) > 3 else ''}")
+        if args.train_data and args.train_num_samples is None:
+            try:  # open_clip sizes the epoch so, and would stop with a bare KeyError
+                get_dataset_size(args.train_data)
+            except KeyError as e:
+                usage_error(f"--train-data: the {SIZES_FILE} next to its first shard has no entry for shard {e}; "
+                            f"pass --train-num-samples, or rebuild {SIZES_FILE} (paraclip-make-shards and "
+                            f"paraclip-embed-images rewrite it on a rerun)")
+            except (ValueError, OSError):
+                pass  # open_clip's own error, later
     if args.paraclip_loss:
         if args.lock_text:
             usage_error("--paraclip-loss trains the text tower, but --lock-text freezes it "
