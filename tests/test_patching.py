@@ -30,33 +30,31 @@ def current_hashes(root):
     }
 
 
-def paraclip_patch(*args):
-    return run([BIN / "paraclip-patch", *args], check=False)
+def test_round_trip_is_byte_identical_to_the_release(patched_install, tmp_path):
+    """On a copy of the patched install (found first on PYTHONPATH): the installed one stays patched, so training
+    jobs sharing this environment are never hit by a test's revert."""
+    import compileall
+    root = copy_of(patched_install, tmp_path)
+    assert compileall.compile_file(str(root / "open_clip_train" / "plugins.py"), quiet=1)
+    assert paraclip_patch_on(root, "check").returncode == 0
+    reverted = paraclip_patch_on(root, "revert")
+    assert reverted.returncode == 0 and reverted.stdout.startswith(f"reverted: {root / 'open_clip_train'}")
+    assert current_hashes(root) == release_hashes()  # byte for byte, per pip's RECORD
+    assert not list((root / "open_clip_train" / "__pycache__").glob("plugins.*.pyc"))
+    check = paraclip_patch_on(root, "check")
+    assert check.returncode == 1 and "hooks missing" in check.stderr
 
-
-def test_round_trip_is_byte_identical_to_the_release(patched_install):
-    root = patched_install
-    try:
-        assert paraclip_patch("revert").returncode == 0
-        assert current_hashes(root) == release_hashes()
-        check = paraclip_patch("check")
-        assert check.returncode == 1 and "hooks missing" in check.stderr
-
-        first = paraclip_patch("apply")
-        assert first.returncode == 0 and first.stdout.startswith("patched:")
-        patched = current_hashes(root)
-        assert "open_clip_train/plugins.py" in patched and patched != release_hashes()
-        again = paraclip_patch("apply")
-        assert again.returncode == 0 and again.stdout.startswith("already patched:")
-        assert current_hashes(root) == patched
-        assert paraclip_patch("check").returncode == 0
-
-        assert paraclip_patch("revert").stdout.startswith("reverted:")
-        assert current_hashes(root) == release_hashes()
-        assert not list((root / "open_clip_train" / "__pycache__").glob("plugins.*.pyc"))
-    finally:
-        paraclip_patch("apply")
-    assert paraclip_patch("check").returncode == 0
+    first = paraclip_patch_on(root, "apply")
+    assert first.returncode == 0 and first.stdout.startswith("patched:")
+    patched = current_hashes(root)
+    assert "open_clip_train/plugins.py" in patched and patched != release_hashes()
+    assert patched == current_hashes(patched_install)
+    again = paraclip_patch_on(root, "apply")
+    assert again.returncode == 0 and again.stdout.startswith("already patched:")
+    assert current_hashes(root) == patched
+    assert paraclip_patch_on(root, "check").returncode == 0
+    assert paraclip_patch_on(root, "revert").stdout.startswith("reverted:")
+    assert current_hashes(root) == release_hashes()
 
 
 def test_unsupported_version_is_refused_naming_supported_ones():
