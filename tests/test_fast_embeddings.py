@@ -364,3 +364,26 @@ def test_bad_image_embedding_flags(world, patched_install, capsys, flags, messag
     with pytest.raises(SystemExit) as exit_:
         parse_args([str(a) for a in args])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_val_shards_are_judged_by_their_first_samples_not_one(tmp_path):
+    """A stock val shard whose first sample lacks its image (open_clip filters it out) is still a stock shard."""
+    import argparse
+
+    from paraclip_plugin.train import hooks
+    write_shards(tmp_path / "v", num_shards=1, per_shard=8, paraphrases=False, drop={0: "png"})
+    args = argparse.Namespace(paraclip_loss=True, image_embeddings=False, val_data=str(tmp_path / "v" / "00000.tar"))
+    assert hooks.wds_decode_stages(args, None, None, is_train=False) is None  # open_clip's own stages
+
+
+def test_shards_in_a_folder_that_cant_be_listed_are_looked_up_one_by_one(tmp_path, monkeypatch):
+    from paraclip_plugin.train import hooks
+    write_shards(tmp_path / "s", num_shards=2, per_shard=2)
+    pattern = str(tmp_path / "s" / "{00000..00002}.tar")
+    assert hooks.missing_local_shards(pattern) == [str(tmp_path / "s" / "00002.tar")]
+
+    def unlistable(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(hooks.os, "scandir", unlistable)
+    assert hooks.missing_local_shards(pattern) == [str(tmp_path / "s" / "00002.tar")]

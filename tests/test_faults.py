@@ -322,10 +322,19 @@ def test_piped_shards_that_are_not_paraclip_shards_stop_instead_of_looping(tmp_p
     proc = torchrun(["open_clip_train.main", *args], check=False, timeout=240)
     assert proc.returncode != 0
     output = proc.stdout + proc.stderr
-    assert "NoUsableSamples: ParaCLIP: 10000 samples read by this data worker and not one usable" in output
-    assert f"from pipe:cat {tmp_path / 'stock'}/0000" in output and "missing para1.txt+para2.txt" in output
+    assert "NoUsableSamples: ParaCLIP: this data worker read its shards once (16 samples) and then began again at " \
+           f"pipe:cat {tmp_path / 'stock'}/0000" in output
+    assert "without one usable sample (by reason: {'missing para1.txt+para2.txt': 17})" in output
     assert time.monotonic() - started < 200
     assert not (tmp_path / "logs" / "piped" / "checkpoints" / "epoch_1.pt").exists()
+
+    # one such shard before good ones is skipped and counted, as before: no false alarm
+    write_shards(tmp_path / "good", num_shards=2, per_shard=16, seed=4)
+    mixed = "::".join(f"pipe:cat {tmp_path / folder / f'0000{i}.tar'}" for folder in ("stock", "good") for i in range(2))
+    args = train_args(mixed, tmp_path / "logs", "mixed", init, "--paraclip-loss", samples=32)
+    proc = torchrun(["open_clip_train.main", *args], timeout=240)
+    assert "NoUsableSamples" not in proc.stdout + proc.stderr and "missing para1.txt+para2.txt" in proc.stderr
+    assert (tmp_path / "logs" / "mixed" / "checkpoints" / "epoch_1.pt").exists()
 
 
 def test_piped_compact_shards_are_recognised_and_train(tmp_path, init, patched_install):

@@ -239,9 +239,22 @@ def test_vllm_a_prompt_longer_than_the_context_is_isolated_and_dropped_by_reason
     stats = generator.run(expand_inputs(pattern), str(tmp_path / "out"))
     assert samples_of(tmp_path / "out" / "00000.tar") == fits  # the others answered as without the limit
     assert stats["dropped"]["step2_prompt_too_long"] == len(reference) - len(fits)
-    calls = len(engine.calls)
-    again = make(engine, tmp_path, chunk_size=32).run(expand_inputs(pattern), str(tmp_path / "again"))
-    assert len(engine.calls) == calls and again["dropped"] == stats["dropped"]  # cached: no call fails again
+    # not cached: a rerun with a context that fits answers them, as a run without the limit did
+    larger = make(FakeVLLMEngine(max_model_len=4 * limit), tmp_path, chunk_size=32)
+    again = larger.run(expand_inputs(pattern), str(tmp_path / "again"))
+    assert "step2_prompt_too_long" not in again["dropped"] and len(larger.backend.engine.calls) > 0
+    assert samples_of(tmp_path / "again" / "00000.tar") == reference
+
+
+def test_vllm_a_context_too_short_for_any_prompt_stops_at_once_naming_the_flag(tmp_path):
+    pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=24)
+    engine = FakeVLLMEngine(max_model_len=3)
+    with pytest.raises(GenerationError, match=r"even the shortest prompt of the chunk does not fit the model's "
+                                              r"context \(This model's maximum context length is 3 tokens.*"
+                                              r"raise --max-model-len"):
+        make(engine, tmp_path, chunk_size=32).run(expand_inputs(pattern), str(tmp_path / "out"))
+    assert len(engine.calls) == 2  # the chunk, then its shortest prompt alone: no halving down to every prompt
+    assert not list((tmp_path / "out").glob("*.tar"))
 
 
 def test_vllm_aborted_outputs_are_asked_again_never_cached(tmp_path):

@@ -16,7 +16,7 @@ import time
 from tqdm import tqdm
 
 from . import cleaning
-from .backends.base import FINAL_FINISH_REASONS, GenerationError
+from .backends.base import FINAL_FINISH_REASONS, PROMPT_TOO_LONG, GenerationError
 from .cache import CompletionCache, request_key
 from .inputs import is_caption_file, read_caption_file
 from .prompts import PromptSet
@@ -124,8 +124,9 @@ class ParaphraseGenerator:
                     self.refusals.observe(step, completion)
                     self.counts["prompt_tokens"] += completion.prompt_tokens
                     self.counts["completion_tokens"] += completion.completion_tokens
-                    if completion.error == cleaning.REQUEST_REJECTED:  # not cached: a rerun asks again
-                        refused.append(completion.message)
+                    if completion.error in (cleaning.REQUEST_REJECTED, PROMPT_TOO_LONG):  # not cached: a rerun asks
+                        if completion.error == cleaning.REQUEST_REJECTED:  # again (with another --max-model-len)
+                            refused.append(completion.message)
                         reasons[source] = completion.error
                         return
                     # Cached before use: a crash after this line never pays for this request again.
@@ -209,8 +210,10 @@ class ParaphraseGenerator:
                 out.append((item, *result))
         drops = {r for r in results.values() if isinstance(r, str)}
         if items and not out and drops <= _SERVICE_DROPS:
+            hint = (" (prompt_too_long: raise vLLM's --max-model-len, or shorten --prompts)"
+                    if any(d.endswith(PROMPT_TOO_LONG) for d in drops) else "")
             raise GenerationError(
-                f"every kept sample was refused or cut off by the service ({', '.join(sorted(drops))}); "
+                f"every kept sample was refused or cut off by the service ({', '.join(sorted(drops))}){hint}; "
                 "nothing is written for this input and a rerun redoes it")
         if items and not out:  # never an empty output that a rerun would take for done
             raise GenerationError(

@@ -60,38 +60,44 @@ class SkippedSamples:
 
     Every stage that drops a sample goes through ``skip``, so one line says how many were dropped
     and why (the first ``log_first``, then every ``log_every``-th). ``keep`` counts the samples that
-    get through: a worker that has skipped ``give_up_after`` samples and kept none stops with an error
-    naming its shards. That is the guard for shards that can't be checked before they are read
-    (``pipe:``, s3, https): open_clip repeats a worker's shards until the epoch's batches are made, so
-    shards without one usable sample would otherwise be read forever.
+    get through. A worker that reads a shard a second time without having kept one sample stops with
+    an error naming its shards: open_clip repeats a worker's shards until the epoch's batches are made,
+    so shards that can't be checked before they are read (``pipe:``, s3, https) and hold no usable
+    sample would otherwise be read forever. (Without resampling a shard comes round again only after
+    the worker's whole list; one bad shard among good ones is skipped and counted, as before.)
     """
 
-    def __init__(self, log_first=10, log_every=1000, give_up_after=10_000):
-        self.log_first, self.log_every, self.give_up_after = log_first, log_every, give_up_after
+    def __init__(self, log_first=10, log_every=1000):
+        self.log_first, self.log_every = log_first, log_every
         self.count = self.kept = 0
         self.reasons = collections.Counter()
-        self.urls = []  # the first few shards skipped from, for the error
+        self.first_key = {}  # shard url -> the first key skipped from it, while nothing was kept
 
     def skip(self, sample, reason, kind=None):
         self.count += 1
         self.reasons[kind or reason] += 1
-        url = sample.get("__url__", "?")
-        if len(self.urls) < 5 and url not in self.urls:
-            self.urls.append(url)
+        url, key = sample.get("__url__", "?"), sample.get("__key__")
         if self.count <= self.log_first or self.count % self.log_every == 0:
             logging.warning(
-                f"ParaCLIP: skipped sample '{sample.get('__key__')}' of {url}: {reason} "
+                f"ParaCLIP: skipped sample '{key}' of {url}: {reason} "
                 f"({self.count} skipped so far in this data worker; by reason: {dict(self.reasons)})")
-        if self.kept == 0 and self.count >= self.give_up_after:
-            raise NoUsableSamples(
-                f"ParaCLIP: {self.count} samples read by this data worker and not one usable (by reason: "
-                f"{dict(self.reasons)}), from {', '.join(self.urls)}: these are not the shards the flags ask for "
-                f"(--paraclip-loss: four-field shards from scripts/make_shards.py; --image-embeddings: shards from "
-                f"scripts/embed_images.py)")
+        if self.kept == 0:
+            if url not in self.first_key:
+                self.first_key[url] = key
+            elif self.first_key[url] == key:  # this shard is being read a second time
+                shards = list(self.first_key)
+                raise NoUsableSamples(
+                    f"ParaCLIP: this data worker read its shards once ({self.count - 1} samples) and then began "
+                    f"again at {url}, without one usable sample (by reason: {dict(self.reasons)}), from "
+                    f"{', '.join(shards[:5])}{', ...' if len(shards) > 5 else ''}: these are not the shards the "
+                    f"flags ask for (--paraclip-loss: four-field shards from scripts/make_shards.py; "
+                    f"--image-embeddings: shards from scripts/embed_images.py)")
 
     def keep(self, samples):
         """The last stage: count what gets through."""
         for sample in samples:
+            if not self.kept:
+                self.first_key.clear()
             self.kept += 1
             yield sample
 
@@ -250,10 +256,11 @@ def compact_decode_stages(tokenizer, embedding_sha256, embedding_label="", embed
     ]
 
 
-def first_sample_fields(shards):
-    """The fields of the first sample of the first shard of ``shards`` (a --train-data or --val-data value),
-    read and grouped by webdataset's own opener and tar reader (lower-cased suffixes, ``__meta__`` skipped), so
-    local, ``pipe:`` and remote shards alike; only that sample is read. None when it can't be read."""
+def first_sample_fields(shards, samples=8):
+    """The fields (member suffixes) of the first ``samples`` samples of the first shard of ``shards`` (a
+    --train-data or --val-data value), read and grouped by webdataset's own opener and tar reader
+    (lower-cased suffixes, ``__meta__`` skipped), so local, ``pipe:`` and remote shards alike; only those
+    samples are read. None when the shard can't be read."""
     urls, _ = expand_urls(shards)
     if not urls:
         return None
@@ -261,15 +268,17 @@ def first_sample_fields(shards):
         stream = wds.gopen(urls[0])
     except Exception:
         return None
+    fields = set()
     try:
         files = ({**f, "__url__": urls[0]} for f in wds.tariterators.tar_file_iterator(stream))
-        sample = next(wds.tariterators.group_by_keys(files), None)
+        for _, sample in zip(range(samples), wds.tariterators.group_by_keys(files)):
+            fields.update(key for key in sample if not key.startswith("__"))
     except Exception:
-        sample = None
+        return None
     finally:
         with contextlib.suppress(Exception):  # a pipe closed early exits by SIGPIPE
             stream.close()
-    return {key for key in sample if not key.startswith("__")} if sample else None
+    return fields or None
 
 
 def is_compact(fields):

@@ -94,9 +94,9 @@ def missing_local_shards(shards):
         if folder not in listed:
             try:
                 listed[folder] = {e.name for e in os.scandir(folder) if e.is_file()}
-            except OSError:
-                listed[folder] = set()
-        if name not in listed[folder]:
+            except OSError:  # a folder that can't be listed (but whose files may open): ask per file
+                listed[folder] = None
+        if not (name in listed[folder] if listed[folder] is not None else os.path.isfile(os.path.join(folder, name))):
             missing.append(url)
     return missing
 
@@ -197,13 +197,13 @@ def wds_decode_stages(args, preprocess_img, tokenizer, is_train):
     fields = first_sample_fields(args.val_data) if not is_train else (
         first_sample_fields(args.train_data) if args.image_embeddings else None)
     if not is_train and (fields is None or fields & set(IMAGE_EXTENSIONS)):
-        # open_clip's evaluate() reads (image, caption) only: validation shards with images (or that can't be
-        # read now) are read as stock open_clip reads them. Only shards without images (cached embeddings,
-        # compact) need the ParaCLIP stages below.
+        # open_clip's evaluate() reads (image, caption) only: validation shards with images among their first
+        # samples (or that can't be read now) are read as stock open_clip reads them. Only shards without
+        # images (cached embeddings, compact) need the ParaCLIP stages below, with --image-embeddings.
         return None
     if not args.image_embeddings:
         if not is_train:
-            usage_error(f"--val-data {args.val_data}: its first sample has no image, and without --image-embeddings "
+            usage_error(f"--val-data {args.val_data}: its first samples have no image, and without --image-embeddings "
                         f"the image tower needs images; pass shards with images (a caption per image is enough)")
         return shard_size_stages(args, is_train) + paraclip_decode_stages(preprocess_img, tokenizer)
     if "visual_sha256" not in _frozen_visual:

@@ -11,7 +11,8 @@
     ``--chat-template FILE``, which is passed through as ``chat_template``;
   - a prompt longer than the model's context (``VLLMValidationError``, "maximum context length"):
     vLLM fails the whole call for it, so the chunk is halved until that prompt stands alone; it is
-    dropped by reason ``prompt_too_long`` (cached: a rerun does not fail on it again);
+    dropped by reason ``prompt_too_long``, not cached (a rerun with a larger ``--max-model-len`` answers
+    it). When even the chunk's shortest prompt does not fit, the job stops naming ``--max-model-len``;
   - anything else (a template that fails to render, ...): the job stops with one line.
 * **Startup and settings.** Sampling settings are checked by vLLM's ``SamplingParams`` before the model
   loads; a failed start (out of memory, no KV-cache room) is one line naming ``--max-model-len`` and
@@ -85,7 +86,7 @@ class VLLMBackend:
             except Exception as e:  # out of memory, no room for the KV cache, a bad model path, ...
                 raise ValueError(
                     f"vLLM could not start {model}: {type(e).__name__}: {str(e)[:500]} (vLLM's log above says more; "
-                    f"--max-model-len and --gpu-memory-utilization change what it needs)") from None
+                    f"--max-model-len and --gpu-memory-utilization change what it needs)") from e
         self.engine = engine
         self.sampling_params_cls = sampling_params_cls
         self.seed = seed
@@ -106,12 +107,10 @@ class VLLMBackend:
         results = []
         for start in range(0, len(prompts), self.chunk_size):
             chunk = prompts[start:start + self.chunk_size]
-            completions = self._answers(chunk, seeds[start:start + self.chunk_size])
-            self.requests += len(chunk)
+            completions = self._answers(chunk, seeds[start:start + self.chunk_size], whole_chunk=True)
             transient = [i for i, c in enumerate(completions) if c.finish_reason in TRANSIENT_FINISH_REASONS]
             if transient:  # asked again once, with the same seeds
                 again = self._answers([chunk[i] for i in transient], [seeds[start + i] for i in transient])
-                self.requests += len(transient)
                 for i, completion in zip(transient, again):
                     completions[i] = completion
             for offset, completion in enumerate(completions):
@@ -127,7 +126,7 @@ class VLLMBackend:
                     f"(an internal failure; the other answers are cached): rerun to ask them again")
         return results
 
-    def _answers(self, prompts, seeds):
+    def _answers(self, prompts, seeds, whole_chunk=False):
         """One ``Completion`` per prompt; a prompt longer than the model's context is isolated by halving the
         batch (vLLM fails a whole call for it) and answered with ``prompt_too_long``."""
         try:
@@ -137,6 +136,12 @@ class VLLMBackend:
                 raise
             if len(prompts) == 1:
                 return [Completion.from_service(None, PROMPT_TOO_LONG)]
+            if whole_chunk:  # is the model's context too short for any prompt? then halving would ask 2n-1 times
+                shortest = min(range(len(prompts)), key=lambda i: len(prompts[i]))
+                if self._answers([prompts[shortest]], [seeds[shortest]])[0].error == PROMPT_TOO_LONG:
+                    raise GenerationError(
+                        f"vLLM {self.model}: even the shortest prompt of the chunk does not fit the model's context "
+                        f"({e}): raise --max-model-len, or shorten --prompts") from None
             half = len(prompts) // 2
             return self._answers(prompts[:half], seeds[:half]) + self._answers(prompts[half:], seeds[half:])
         completions = []
@@ -149,6 +154,7 @@ class VLLMBackend:
     def _chat(self, prompts, seeds):
         conversations = [[{"role": "user", "content": p}] for p in prompts]
         params = [self.sampling_params_cls(seed=seed, **self.sampling) for seed in seeds]
+        self.requests += len(prompts)  # every prompt handed to the engine, halvings and re-asks included
         try:
             outputs = self.engine.chat(conversations, params, use_tqdm=False, chat_template=self.chat_template)
         except Exception as e:
