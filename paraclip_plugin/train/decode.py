@@ -87,9 +87,10 @@ class SkippedSamples:
             elif self.first_key[url] == key:  # this shard is being read a second time
                 shards = list(self.first_key)
                 raise NoUsableSamples(
-                    f"ParaCLIP: this data worker read its shards once ({self.count - 1} samples) and then began "
-                    f"again at {url}, without one usable sample (by reason: {dict(self.reasons)}), from "
-                    f"{', '.join(shards[:5])}{', ...' if len(shards) > 5 else ''}: these are not the shards the "
+                    f"ParaCLIP: this data worker has read shard {url} again (open_clip repeats a worker's shards "
+                    f"until the epoch is made) without one usable sample among {self.count} (by reason: "
+                    f"{dict(self.reasons)}), from {', '.join(shards[:5])}{', ...' if len(shards) > 5 else ''}: "
+                    f"these are not the shards the "
                     f"flags ask for (--paraclip-loss: four-field shards from scripts/make_shards.py; "
                     f"--image-embeddings: shards from scripts/embed_images.py)")
 
