@@ -60,15 +60,16 @@ class SkippedSamples:
 
     Every stage that drops a sample goes through ``skip``, so one line says how many were dropped
     and why (the first ``log_first``, then every ``log_every``-th). ``keep`` counts the samples that
-    get through. A worker that reads a shard a second time without having kept one sample stops with
-    an error naming its shards: open_clip repeats a worker's shards until the epoch's batches are made,
-    so shards that can't be checked before they are read (``pipe:``, s3, https) and hold no usable
-    sample would otherwise be read forever. (Without resampling a shard comes round again only after
-    the worker's whole list; one bad shard among good ones is skipped and counted, as before.)
+    get through. A worker that has skipped at least ``min_skipped`` samples, kept none, and reads a shard
+    a second time stops with an error naming its shards: open_clip repeats a worker's shards until the
+    epoch's batches are made, so shards that can't be checked before they are read (``pipe:``, s3, https)
+    and hold no usable sample would otherwise be read forever. (Without resampling a shard comes round
+    again only after the worker's whole list; one bad shard among good ones is skipped and counted, as
+    before. ``min_skipped`` covers tiny shards, whose copies open_clip's shuffle buffer mixes.)
     """
 
-    def __init__(self, log_first=10, log_every=1000):
-        self.log_first, self.log_every = log_first, log_every
+    def __init__(self, log_first=10, log_every=1000, min_skipped=1000):
+        self.log_first, self.log_every, self.min_skipped = log_first, log_every, min_skipped
         self.count = self.kept = 0
         self.reasons = collections.Counter()
         self.first_key = {}  # shard url -> the first key skipped from it, while nothing was kept
@@ -84,7 +85,7 @@ class SkippedSamples:
         if self.kept == 0:
             if url not in self.first_key:
                 self.first_key[url] = key
-            elif self.first_key[url] == key:  # this shard is being read a second time
+            elif self.first_key[url] == key and self.count >= self.min_skipped:  # a shard read again
                 shards = list(self.first_key)
                 raise NoUsableSamples(
                     f"ParaCLIP: this data worker has read shard {url} again (open_clip repeats a worker's shards "
