@@ -31,7 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from paraclip_plugin.shards import current_umask, fsync_dir, replace_durably
+from paraclip_plugin.shards import atomic_write_bytes, fsync_dir
 
 PACKAGE = "open_clip_train"
 DISTRIBUTION = "open_clip_torch"
@@ -186,19 +186,8 @@ def _replace(path, content):
             os.remove(cached)
         fsync_dir(path.parent)
         return
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~current_umask()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TEMP_MARK}")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        replace_durably(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
+    atomic_write_bytes(path, content, mode=path.stat().st_mode & 0o777 if path.exists() else None,
+                       prefix=f".{path.name}{TEMP_MARK}")
 
 
 def _change(root, patch, want, version):

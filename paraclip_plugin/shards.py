@@ -128,15 +128,16 @@ def current_umask():
     return mask
 
 
-def atomic_write_text(path, text):
-    """Write a small text file by write-to-temp + rename (fsync-ed, folder too); a unique temp name, so
-    concurrent writers are safe."""
+def atomic_write_bytes(path, data, mode=None, prefix=".tmp-"):
+    """Write a small file by write-to-temp + rename (fsync-ed, folder too); a unique temp name (``prefix``), so
+    concurrent writers are safe. ``mode``: default what open() gives under the umask (mkstemp's 0600 would
+    hide sizes.json from the group's other jobs)."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=os.path.basename(path))
     try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would hide sizes.json from the group's other jobs
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        os.fchmod(fd, 0o666 & ~current_umask() if mode is None else mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         replace_durably(tmp, path)
@@ -144,6 +145,10 @@ def atomic_write_text(path, text):
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def atomic_write_text(path, text):
+    atomic_write_bytes(path, text.encode())
 
 
 def read_sizes_json(folder):

@@ -81,10 +81,6 @@ def copy_of(root, folder):
     return folder
 
 
-def hashes(root):
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (root / "open_clip_train").glob("*.py")}
-
-
 def paraclip_patch_on(root, *args):
     """``paraclip-patch`` as a user runs it, on the open_clip_train found first on PYTHONPATH."""
     return run([BIN / "paraclip-patch", *args], check=False, env_extra={"PYTHONPATH": str(root)})
@@ -93,10 +89,10 @@ def paraclip_patch_on(root, *args):
 def test_a_stop_between_two_files_leaves_an_install_that_apply_or_revert_finishes(tmp_path, pristine_root,
                                                                                   monkeypatch):
     patch = patching.patch_file(patching.installed_version())
-    release = hashes(pristine_root)
+    release = current_hashes(pristine_root)
     full = copy_of(pristine_root, tmp_path / "full")
     patching.apply(full, patch)
-    patched = hashes(full)
+    patched = current_hashes(full)
     for stop_after in (1, 2, 3, 4):  # killed after the first ... fourth of the five renames
         root = copy_of(pristine_root, tmp_path / f"stopped{stop_after}")
         real, calls = patching._replace, []
@@ -113,18 +109,18 @@ def test_a_stop_between_two_files_leaves_an_install_that_apply_or_revert_finishe
         monkeypatch.setattr(patching, "_replace", real)
         assert calls[0] == "plugins.py"  # the new module first: alone, it changes nothing
         (root / "open_clip_train" / ".main.py.paraclip-patch-x1y2").write_bytes(b"a killed run's temporary file")
-        now = hashes(root)
+        now = current_hashes(root)
         assert all(now[name] in (release.get(name), patched[name]) for name in patched)  # no file half-written
         check = paraclip_patch_on(root, "check")
         assert check.returncode == 1 and "partly patched (an apply or revert was stopped)" in check.stderr
         assert "plugins.py patched" in check.stderr and "run `paraclip-patch apply` to finish" in check.stderr
         if stop_after in (2, 4):  # these are rolled back instead
             finish = paraclip_patch_on(root, "revert")
-            assert finish.returncode == 0 and finish.stdout.startswith("reverted:") and hashes(root) == release
+            assert finish.returncode == 0 and finish.stdout.startswith("reverted:") and current_hashes(root) == release
             continue
         finish = paraclip_patch_on(root, "apply")
         assert finish.returncode == 0 and finish.stdout.startswith("patched:"), finish.stderr
-        assert hashes(root) == patched and paraclip_patch_on(root, "check").returncode == 0
+        assert current_hashes(root) == patched and paraclip_patch_on(root, "check").returncode == 0
         assert not list((root / "open_clip_train").glob(".*paraclip-patch-*"))
 
 
@@ -139,8 +135,8 @@ def test_two_applies_at_once_take_turns(tmp_path, pristine_root):
         outs = [(p.wait(timeout=120), *p.communicate()) for p in procs]
         assert all(rc == 0 for rc, _, _ in outs), outs
         assert sorted(out.split(":")[0] for _, out, _ in outs) == ["already patched", "already patched", "patched"]
-        patched = patched or hashes(root)
-        assert hashes(root) == patched
+        patched = patched or current_hashes(root)
+        assert current_hashes(root) == patched
         assert not [p for p in root.rglob("*") if p.suffix in (".rej", ".orig") or "paraclip-patch-" in p.name]
 
 
@@ -168,14 +164,14 @@ def test_an_edit_to_a_patched_install_is_named_and_nothing_is_changed(tmp_path, 
     assert paraclip_patch_on(root, "apply").returncode == 0
     main = root / "open_clip_train" / "main.py"
     main.write_text(main.read_text().replace("model.set_grad_checkpointing()", "model.set_grad_checkpointing()  # me"))
-    before = hashes(root)
+    before = current_hashes(root)
     check = paraclip_patch_on(root, "check")
     assert check.returncode == 1 and f"{main}: neither the release's text nor the patched text" in check.stderr
     for command in ("apply", "revert"):
         result = paraclip_patch_on(root, command)
         assert result.returncode == 2 and f"{main}: neither the release's" in result.stderr
         assert "nothing was changed" in result.stderr and "--force-reinstall" in result.stderr
-    assert hashes(root) == before
+    assert current_hashes(root) == before
 
 
 def test_an_unwritable_install_is_named_and_the_runner_suggested(tmp_path, pristine_root, monkeypatch):
@@ -187,7 +183,7 @@ def test_an_unwritable_install_is_named_and_the_runner_suggested(tmp_path, prist
     monkeypatch.setattr(patching.os, "replace", read_only)
     with pytest.raises(patching.PatchError, match=r"plugins\.py: Read-only file system.*python -m paraclip_plugin\.train"):
         patching.apply(root, patching.patch_file(patching.installed_version()))
-    assert hashes(root) == hashes(pristine_root) and not list(root.rglob(".*paraclip-patch-*"))
+    assert current_hashes(root) == current_hashes(pristine_root) and not list(root.rglob(".*paraclip-patch-*"))
 
 
 def test_the_runner_names_an_edited_install_not_its_private_copy(tmp_path, pristine_root, monkeypatch):

@@ -140,11 +140,10 @@ def make_client(api_key, base_url, asynchronous=False, environ=os.environ, **kwa
     headers = {"Authorization": f"Bearer {api_key}"}
     if not is_openai_host(base_url):
         headers.update({name: openai.Omit() for name in environment_header_names(environ)})
-    if asynchronous:
-        return openai.AsyncOpenAI(api_key=api_key, base_url=base_url, default_headers=headers,
-                                  http_client=openai.DefaultAsyncHttpxClient(follow_redirects=False), **kwargs)
-    return openai.OpenAI(api_key=api_key, base_url=base_url, default_headers=headers,
-                         http_client=openai.DefaultHttpxClient(follow_redirects=False), **kwargs)
+    client, http = ((openai.AsyncOpenAI, openai.DefaultAsyncHttpxClient) if asynchronous else
+                    (openai.OpenAI, openai.DefaultHttpxClient))
+    return client(api_key=api_key, base_url=base_url, default_headers=headers,
+                  http_client=http(follow_redirects=False), **kwargs)
 
 
 def api_error_message(endpoint, error):
