@@ -98,8 +98,17 @@ def split_preprocess(preprocess):
 
 
 def finish_preprocess(images, normalize):
-    """float32 model input of uint8 [N, 3, H, W] images (split_preprocess), on their device."""
-    return normalize(images.float().div_(255))
+    """float32 model input of uint8 [N, C, H, W] images (split_preprocess), on their device.
+
+    Each channel's 256 possible values go through to-tensor (``/ 255``) and ``normalize`` here, on the
+    CPU, as in the transform; the images then index that table on their device. Doing the arithmetic
+    there instead differs in the last bit: CUDA divides by a Python number through its reciprocal
+    (measured on an H200: ``embed_images`` fed the tower values 1 ulp off the CPU transform's)."""
+    channels = images.shape[-3]
+    values = torch.arange(256, dtype=torch.float32).div(255)
+    table = normalize(values.expand(channels, 1, 256).contiguous()).reshape(-1).to(images.device)
+    offsets = torch.arange(0, 256 * channels, 256, dtype=torch.int32, device=images.device).view(channels, 1, 1)
+    return table[images.int() + offsets]
 
 
 def sample_metadata(sample):
