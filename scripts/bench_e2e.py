@@ -23,8 +23,11 @@
    waits included): the steps after --skip-steps warm-up steps together, i.e. their samples over the
    sum of their step times (the harmonic mean of the per-step rates). Data workers deliver batches in
    bursts (each worker one whole batch), so the window should span several rounds of --workers steps:
-   the defaults skip one round and time four. The share of that time spent waiting for the loader
-   (open_clip's 'Data (t)') is reported as data_wait_pct: near 0, the step itself is the bound. Where
+   the defaults skip one round and time four. The accum case times its optimizer steps after the first.
+   open_clip's 'Data (t)' share of that time is reported as data_wait_pct. It is not all loader time:
+   open_clip starts the next step's data timer before its log line, whose loss.item() waits for the GPU
+   to finish the step, so with a line per step Data (t) also holds the GPU's backlog. A high share with
+   the GPU busy (GPU util) means the step is the bound; with the GPU idle, the loader. Where
    ``nvidia-smi`` exists, GPU utilisation and memory in use are sampled every 0.2 s during each run
    (memory: what the process holds, allocator cache included, so an upper bound of the peak tensor
    memory).
@@ -77,7 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", default="amp_bf16")
     p.add_argument("--accum-batch", type=int, default=32768, help="samples per optimizer step of the accum case")
     p.add_argument("--accum-micro-batch", type=int, default=4096)
-    p.add_argument("--accum-steps", type=int, default=2, help="optimizer steps of the accum case")
+    p.add_argument("--accum-steps", type=int, default=3, help="optimizer steps of the accum case (the first "
+                                                                 "is left out of its samples/s)")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
     p.add_argument("--run-timeout", type=float, default=240, help="seconds before one run is stopped")
     p.add_argument("--json", default=None, help="write the results here (after every case)")
@@ -87,7 +91,7 @@ def parse_args(argv=None):
     if args.cpu_smoke:
         args.model, args.samples, args.per_shard, args.batch_size = "paraclip-tiny", 512, 128, 32
         args.steps, args.skip_steps, args.workers, args.precision = 6, 2, 2, "fp32"
-        args.accum_batch, args.accum_micro_batch, args.accum_steps = 64, 32, 2
+        args.accum_batch, args.accum_micro_batch, args.accum_steps = 64, 32, 3
         # Inductor on 2 CPU cores: minutes, not a check
         args.cases = ",".join(c for c in args.cases.split(",") if not c.endswith("+compile"))
     return args
@@ -155,9 +159,10 @@ def step_rates(log_text):
     return rates
 
 
-def train(args, name, data, *flags, batch_size=None, steps=None):
+def train(args, name, data, *flags, batch_size=None, steps=None, skip_steps=None):
     batch_size = batch_size or args.batch_size
     steps = steps or args.steps
+    skip_steps = args.skip_steps if skip_steps is None else skip_steps
     accum = int(flags[flags.index("--accum-freq") + 1]) if "--accum-freq" in flags else 1
     logs = os.path.join(args.folder, "logs")
     cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "1",
@@ -176,12 +181,13 @@ def train(args, name, data, *flags, batch_size=None, steps=None):
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     out_log = os.path.join(logs, name, "out.log")
     rates = step_rates(open(out_log).read()) if os.path.exists(out_log) else []
-    timed = rates[args.skip_steps:] if len(rates) > args.skip_steps else []
+    timed = rates[skip_steps:] if len(rates) > skip_steps else []
     result = {"exit": code, "seconds": round(seconds, 1), "steps_logged": len(rates), "batch": batch_size * accum,
               "flags": " ".join(flags)}
     if timed:
         result["samples_per_s"] = round(len(timed) / sum(1 / r[1] for r in timed), 1)
-        # the share of the timed steps' time spent waiting for the loader (the rest: the step itself)
+        result["timed_steps"] = len(timed)
+        # open_clip's Data (t) share of the timed steps' time: the loader, and the GPU's backlog (docstring)
         result["data_wait_pct"] = round(100 * sum(r[2] for r in timed) / sum(r[3] for r in timed), 1)
         result.update(gpu.summary(timed[0][0], timed[-1][0] + 1))
     else:
@@ -276,7 +282,7 @@ def main(argv=None):
         else:  # accum
             accum = args.accum_batch // args.accum_micro_batch
             r = train(args, name, emb_pattern, "--paraclip-loss", "--image-embeddings", "--accum-freq", str(accum),
-                      batch_size=args.accum_micro_batch, steps=args.accum_steps)
+                      batch_size=args.accum_micro_batch, steps=args.accum_steps, skip_steps=1)
             r["optimizer_steps"] = r.pop("steps_logged")
         results["cases"][name] = r
         print(f"{name}: {r}", flush=True)

@@ -269,7 +269,7 @@ def render(result, source):
                   f"batch {e2e['batch']:,}, {e2e['workers']} data workers, {e2e['precision']}, {e2e['samples']:,} "
                   f"synthetic LAION-like samples on local disk; open_clip's own samples/s over steps "
                   f"{e2e['skip_steps'] + 1}-{e2e['steps']}, data waits included):", "",
-                  "| run | samples/s | x stock | waiting for data % | GPU util % | GPU memory in use, max GiB | exit |",
+                  "| run | samples/s | x stock | Data (t) % | GPU util % | GPU memory in use, max GiB | exit |",
                   "|---|---|---|---|---|---|---|"]
         stock = e2e["cases"].get("stock", {}).get("samples_per_s")
         for name, case in e2e["cases"].items():
@@ -283,16 +283,21 @@ def render(result, source):
                      "cached+compile": "`--paraclip-loss --image-embeddings --torchcompile`",
                      "cached+causal+compile": "`--paraclip-loss --image-embeddings --causal-attention --torchcompile`",
                      "compact": "`--paraclip-loss --image-embeddings`, compact shards",
-                     "accum": f"the same, {case.get('batch', 0):,} per step via `--accum-freq`"}.get(name, name)
+                     "accum": f"`{case.get('flags', '')}`, {case.get('batch', 0):,} per optimizer step"}.get(name, name)
             lines.append(f"| {label} | {rate} | {fmt(ratio, '.2f')} | {fmt(case.get('data_wait_pct'), '.0f')} "
                          f"| {fmt(case.get('gpu_util_mean_pct'), '.0f')} "
                          f"| {fmt(case.get('gpu_memory_max_gib'), '.1f')} | {case['exit']} |")
-        lines.append("")
+        lines += ["", "Data (t) %: open_clip's data timer's share of the step time. It also holds the GPU finishing "
+                      "the step before (open_clip's per-step log line waits for it), so with the GPU busy the step is "
+                      "the bound, not the loader. `embed_images.py` rows: its main process waiting for its data workers.",
+                  ""]
     lines += ["**Targets:**", "", "| target | measured | goal | met | |", "|---|---|---|---|---|"]
     for t in result["targets"]:
         met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
         value = t["value"]
-        if value is None or isinstance(value, float):
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = f"{value:,}"
+        elif value is None or isinstance(value, float):
             value = fmt(value, ",.0f" if value is not None and value >= 100 else ",.2f")
         lines.append(f"| {t['target']} | {value} | {t['goal']} | {met} | {t['note']} |")
     return "\n".join(lines) + "\n"

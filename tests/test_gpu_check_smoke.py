@@ -60,7 +60,8 @@ def test_gpu_check_cpu_smoke_runs_every_stage(tmp_path, patched_install):
     for name in ("stock", "paraclip", "cached", "cached+causal", "compact"):
         assert cases[name]["samples_per_s"] > 0 and cases[name]["steps_logged"] == result["e2e"]["steps"]
         assert 0 <= cases[name]["data_wait_pct"] < 100
-    assert cases["accum"]["optimizer_steps"] == 2 and cases["accum"]["batch"] == 64
+    assert cases["accum"]["optimizer_steps"] == 3 and cases["accum"]["batch"] == 64
+    assert cases["accum"]["samples_per_s"] > 0 and cases["accum"]["timed_steps"] == 2  # its steps after the first
     for embed in (cases["embed"], cases["embed-float32"]):  # embed_images.py's own account of its main process's time
         assert embed["images_per_s"] > 0 and 0 < embed["after_startup_s"] <= embed["seconds"]
         assert embed["waiting_s"] + embed["encoding_s"] + embed["writing_s"] <= embed["after_startup_s"] + 0.02
