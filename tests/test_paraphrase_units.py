@@ -54,6 +54,20 @@ def test_prompts_replaced_from_a_file(tmp_path):
     ("<THINK>x</THINK>Paraphrase: \"A dog runs\"", "A dog runs"),
     ("reasoning whose opening tag was in the prompt\n</think>\nA dog runs", "A dog runs"),
     ("<think>\nThe user wants a paraphrase, let me consider every wor", ""),
+    # chat models' lead-ins: on a line of their own (the answer is on a later line), or before the answer
+    ('Sure! Here is a paraphrased version:\n\n"A red car by the old house"', "A red car by the old house"),
+    ("Certainly! Here's a reworded version:\n\n\"A crimson auto\"", "A crimson auto"),
+    ('Here is a concise paraphrase of the caption:\n\n"A crimson car."', "A crimson car."),
+    ("Below is a shorter way to say it:\nA crimson car.", "A crimson car."),
+    ("Sure, here you go: A crimson car.", "A crimson car."),
+    ("**Paraphrase:** A crimson car.", "A crimson car."),
+    ("Here are two options:\n1. A dog runs.\n2. A hound runs.", "A dog runs."),
+    ("Sure! Here is a paraphrased version:", ""),
+    # ... and captions that only look like one stay whole
+    ("Sure-footed goat on a cliff", "Sure-footed goat on a cliff"),
+    ("Here is my dog: a beagle", "Here is my dog: a beagle"),
+    ("Text on a sign, version 2", "Text on a sign, version 2"),
+    ("10 dogs run: a race", "10 dogs run: a race"),
 ])
 def test_cleaning_strips_wrappers(raw, expected):
     assert cleaning.clean(raw) == expected

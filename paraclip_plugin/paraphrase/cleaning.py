@@ -1,7 +1,8 @@
 """Normalise raw LLM outputs, and name why an output is not a usable paraphrase.
 
-Chat models wrap answers in quotes, prefix them ("Paraphrase: ...") or add a second line of
-commentary; reasoning models (DeepSeek-R1 style, Qwen3) put their reasoning in ``<think>...</think>``
+Chat models wrap answers in quotes, prefix them ("Paraphrase: ...", "Sure! Here is a paraphrased
+version:", "**Paraphrase:**", "1."), put such a lead-in on a line of its own before the answer, or add
+lines of commentary after it; reasoning models (DeepSeek-R1 style, Qwen3) put their reasoning in ``<think>...</think>``
 before the answer; those are stripped (an unclosed ``<think>``, cut off by the token limit, leaves
 nothing). What is left is rejected with a reason name when it is empty, a
 refusal, far longer than its input, or (step 2) the same as step 1's output. Reason names are the
@@ -17,11 +18,18 @@ REQUEST_REJECTED = "request_rejected"  # the API refused the request itself (4xx
 CONTENT_FILTER = "content_filter"  # finish_reason: the service withheld the output
 LENGTH = "length"  # finish_reason: the token limit cut the output off
 
-_PREFIX = re.compile(
-    r"^\s*(?:here(?:'s| is) (?:a |the )?(?:concise )?paraphrase[^:]*:|"
-    r"(?:concise )?(?:paraphrased? (?:text|caption|version)|paraphrase|rephrased|answer|output)\s*:)\s*",
-    re.IGNORECASE,
-)
+# A lead-in before the answer: an acknowledgement ("Sure!"), a "Here is a paraphrased version:" phrase
+# and/or a label ("Paraphrase:", "Rephrased caption:"), in that order, each optional.
+_ACK = r"(?:sure|certainly|of course|okay|absolutely|no problem)[!.,]+\s*"
+_HERE = (r"here(?:'s| is| are)\b[^:\n]{0,80}?(?:paraphras|version|rewr|reword|rephras|caption|text|sentence|"
+         r"alternative|option|answer)[^:\n]{0,40}:|here you go\s*[:!.]")
+_LABEL = (r"(?:(?:a|the|my)\s+)?(?:(?:concise|shorter|short|new|reworded|rephrased|paraphrased?)\s+)*"
+          r"(?:paraphrased?|paraphrasing|rephrased|rephrasing|reworded|rewording|rewrite|version|text|caption|sentence|"
+          r"answer|output)"
+          r"(?:\s*\d+)?\s*:")
+_PREFIX = re.compile(rf"^\s*(?:{_ACK})?(?:(?:{_HERE})\s*)?(?:(?:{_LABEL})\s*)?", re.IGNORECASE)
+_BULLET = re.compile(r"^\s*(?:\d+[.)]|[-*\u2022])\s+")
+_BOLD = re.compile(r"\*\*|__")
 _THINK = re.compile(r"<think>.*?(?:</think>|\Z)", re.IGNORECASE | re.DOTALL)
 _QUOTES = "\"'“”‘’`«»"
 _REFUSAL = re.compile(
@@ -32,7 +40,8 @@ _REFUSAL = re.compile(
 
 
 def clean(text):
-    """First non-empty line, without a "Paraphrase:"-style prefix or surrounding quotes."""
+    """The answer: the first line that holds more than a lead-in, without its lead-in, list marker,
+    bold markers or surrounding quotes. A line ending in ":" before further lines is a lead-in too."""
     if text is None:
         return ""
     text = _THINK.sub("", text)
@@ -40,8 +49,15 @@ def clean(text):
     close = text.lower().rfind("</think>")
     text = text[close + len("</think>"):] if close >= 0 else text
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    out = lines[0] if lines else ""
-    out = _PREFIX.sub("", out, count=1)
+    for i, line in enumerate(lines):
+        out = _unwrap(line)
+        if out and not (out.endswith(":") and i + 1 < len(lines)):
+            return out
+    return ""
+
+
+def _unwrap(line):
+    out = _PREFIX.sub("", _BULLET.sub("", _BOLD.sub("", line)), count=1)
     # Quotes can sit inside a prefix ("Paraphrase: "x"") so strip after the prefix, repeatedly.
     while len(out) >= 2 and out[0] in _QUOTES:
         if out[-1] in _QUOTES:
