@@ -50,16 +50,14 @@ def test_batch_backend_fills_the_cache_and_writes_the_same_shards(server, tmp_pa
     assert "batch batch_0001: 5 requests submitted" in stderr and "completed, 5/5 done" in stderr
 
 
-def test_sigkill_while_a_batch_is_in_flight_then_rerun_submits_nothing_new(server, tmp_path):
-    pattern = write_input_shards(tmp_path / "in", num_shards=2, per_shard=10)
-    kept = {c for c in input_captions(pattern).values() if 2 <= len(c.split()) <= 15}
-    step1_batches = -(-len(kept) // 5)
-    server.batch_seconds = 60  # in flight until the test says otherwise
-    out = tmp_path / "out"
+def kill_with_batches_in_flight(server, pattern, out, batches):
+    """Start the job, SIGKILL it once ``batches`` batches are recorded (the server holds them in flight
+    until ``server.batch_seconds`` is set to 0); the rows of its batches table."""
+    server.batch_seconds = 60
     proc = cli(server, pattern, out, *BATCH, wait=False)
     deadline = time.time() + 30
     recorded = []
-    while time.time() < deadline and len(recorded) < step1_batches:
+    while time.time() < deadline and len(recorded) < batches:
         time.sleep(0.05)
         if (out / "cache.sqlite").exists():
             try:
@@ -69,6 +67,19 @@ def test_sigkill_while_a_batch_is_in_flight_then_rerun_submits_nothing_new(serve
                 pass
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    return recorded
+
+
+def kept_captions(pattern):
+    return {c for c in input_captions(pattern).values() if 2 <= len(c.split()) <= 15}
+
+
+def test_sigkill_while_a_batch_is_in_flight_then_rerun_submits_nothing_new(server, tmp_path):
+    pattern = write_input_shards(tmp_path / "in", num_shards=2, per_shard=10)
+    kept = kept_captions(pattern)
+    step1_batches = -(-len(kept) // 5)
+    out = tmp_path / "out"
+    recorded = kill_with_batches_in_flight(server, pattern, out, step1_batches)
     # Every batch the server accepted was recorded before the job waited for it.
     assert len(recorded) == step1_batches == len(server.batches)
     assert {b for b, _ in recorded} == set(server.batches) and {s for _, s in recorded} == {"submitted"}
@@ -121,3 +132,26 @@ def test_rerun_after_an_expiry_and_a_kill_pays_for_no_request_twice(server, tmp_
     assert server.requests == 2 * len(kept)  # every caption answered (paid for) once per step
     assert sum(len(samples_of(p)) for p in out.glob("*.tar")) == sum(
         1 for c in input_captions(pattern).values() if 2 <= len(c.split()) <= 15)
+
+
+def test_answers_a_rerun_did_not_ask_for_are_kept_for_the_run_that_does(server, tmp_path):
+    """A stopped run's batches hold both shards' requests; a rerun on the first shard alone reads them
+    (it needs their answers) and keeps the second shard's answers, which a run on it then uses: no request
+    is paid for twice (the same happens to array jobs sharing one cache)."""
+    pattern = write_input_shards(tmp_path / "in", num_shards=2, per_shard=10)
+    first, second = (str(tmp_path / "in" / f"{i:05d}.tar") for i in range(2))
+    kept = kept_captions(pattern)
+    out = tmp_path / "out"
+    assert len(kill_with_batches_in_flight(server, pattern, out, -(-len(kept) // 5))) >= 2
+    server.batch_seconds = 0
+    for shard in (first, second):
+        rc, _, stderr = cli(server, shard, out, *BATCH)
+        assert rc == 0, stderr
+    assert server.requests == 2 * len(kept)  # every caption paid for once per step
+    assert texts(out) == texts_of_a_run_without_stops(server, pattern, tmp_path / "clean")
+
+
+def texts_of_a_run_without_stops(server, pattern, out):
+    rc, _, stderr = cli(server, pattern, out, *BATCH)
+    assert rc == 0, stderr
+    return texts(out)

@@ -14,9 +14,14 @@ key's settings are the same), and the pipeline then writes shards from the cache
    to the pipeline (and so to the cache) as the ``openai`` backend's do; a request the API refused
    (400/422) is ``request_rejected``; expired or failed requests stay misses and are submitted
    again in the next round (``max_rounds``), after which the job stops (a rerun resumes).
+   A batch can hold answers that this call did not ask for (a stopped run's batch found through a
+   shared caption, a rerun on fewer inputs, another job of an array sharing the cache): those are
+   kept in the sqlite file (``batch_results``) and handed out when a later call asks for them, so
+   no answer that was paid for is asked again.
 
 The same request JSONL runs offline with ``vllm run-batch`` (vLLM's OpenAI batch runner).
 """
+import dataclasses
 import hashlib
 import json
 import logging
@@ -50,6 +55,10 @@ CREATE TABLE IF NOT EXISTS batch_requests (
     custom_id TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS batch_requests_by_custom_id ON batch_requests (custom_id);
+CREATE TABLE IF NOT EXISTS batch_results (
+    custom_id TEXT PRIMARY KEY,
+    completion TEXT NOT NULL
+);
 """
 
 
@@ -88,16 +97,29 @@ class OpenAIBatchBackend:
         index = {key: i for i, key in enumerate(keys)}
         pending = list(range(len(prompts)))
         results = [None] * len(prompts)
+        def deliver(i, completion):
+            if results[i] is None:
+                results[i] = completion
+                if on_result is not None:
+                    on_result(i, completion)
+
         def read(batch_id):
+            others = []  # answers to requests of another call: kept for it
             for custom_id, completion in self._results(self._wait(batch_id)):
                 i = index.get(custom_id)
-                if i is not None and results[i] is None:
-                    results[i] = completion
-                    if on_result is not None:
-                        on_result(i, completion)
-            self.db.execute("UPDATE batches SET state='read' WHERE batch_id=?", (batch_id,))
+                if i is not None:
+                    deliver(i, completion)
+                elif completion.error != REQUEST_REJECTED:  # a refused request is asked again, as in the cache
+                    others.append((custom_id, json.dumps(dataclasses.asdict(completion))))
+            with self.db:  # one transaction: the kept answers and the batch's state, or neither
+                self.db.execute("BEGIN")
+                self.db.executemany("INSERT OR IGNORE INTO batch_results VALUES (?, ?)", others)
+                self.db.execute("UPDATE batches SET state='read' WHERE batch_id=?", (batch_id,))
 
-        # batches a stopped run submitted and never read: what they answer is paid for already
+        # answers paid for in batches that earlier calls read, and batches a stopped run never read
+        for custom_id, completion in self._kept_results(keys):
+            deliver(index[custom_id], completion)
+        pending = [i for i in pending if results[i] is None]
         for batch_id in self._unread_batches([keys[i] for i in pending]):
             log.info("batch %s: resuming (recorded before a previous run stopped)", batch_id)
             read(batch_id)
@@ -129,15 +151,25 @@ class OpenAIBatchBackend:
         if chunk:
             yield "".join(chunk).encode()
 
+    def _select_in(self, query, custom_ids):
+        """Rows of ``query`` (its ``{}`` an ``IN`` list) over ``custom_ids``, 500 at a time (sqlite's
+        limit on bound parameters)."""
+        for start in range(0, len(custom_ids), 500):
+            chunk = custom_ids[start:start + 500]
+            yield from self.db.execute(query.format(",".join("?" * len(chunk))), chunk)
+
     def _unread_batches(self, custom_ids):
         """Recorded batches, not read yet, that hold any of ``custom_ids``, oldest first."""
-        found = set()  # (created, batch id)
-        for start in range(0, len(custom_ids), 500):  # sqlite's limit on bound parameters
-            chunk = custom_ids[start:start + 500]
-            found.update(self.db.execute(
-                f"SELECT DISTINCT b.created, b.batch_id FROM batch_requests r JOIN batches b ON b.batch_id = r.batch_id "
-                f"WHERE b.state = 'submitted' AND r.custom_id IN ({','.join('?' * len(chunk))})", chunk))
+        found = set(self._select_in(
+            "SELECT DISTINCT b.created, b.batch_id FROM batch_requests r JOIN batches b ON b.batch_id = r.batch_id "
+            "WHERE b.state = 'submitted' AND r.custom_id IN ({})", custom_ids))
         return [batch_id for _, batch_id in sorted(found)]
+
+    def _kept_results(self, custom_ids):
+        """``(custom_id, Completion)`` kept from batches read for other calls (``read``)."""
+        for custom_id, completion in self._select_in(
+                "SELECT custom_id, completion FROM batch_results WHERE custom_id IN ({})", custom_ids):
+            yield custom_id, Completion(**json.loads(completion))
 
     def _submitted(self, data):
         """The batch for this request file: one recorded and not yet read (a rerun), or a new one."""
