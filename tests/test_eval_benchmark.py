@@ -154,3 +154,20 @@ def test_coco_errors_name_the_file(tmp_path):
         json.dump({"images": []}, f)
     with pytest.raises(InputError, match="coco_test_karpathy.json: expected COCO captions format"):
         check_coco_root(str(tmp_path))
+
+
+def test_an_imagenet_class_folder_without_an_image_is_refused_before_the_model_loads(tmp_path, capsys):
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+    write_imagenet(tmp_path)
+    val = tmp_path / "val"
+    os.remove(val / "n00000003" / "ILSVRC2012_val_00000004.JPEG")
+    os.rename(val / "n00000005" / "ILSVRC2012_val_00000006.JPEG", val / "n00000005" / "notes.txt")
+    os.mkdir(val / "n00000007" / "sub")  # torchvision walks sub-folders: this class keeps its image
+    os.rename(val / "n00000007" / "ILSVRC2012_val_00000008.JPEG", val / "n00000007" / "sub" / "a.JPEG")
+    code = main(["zeroshot-imagenet", "--model", "no-such-model", "--root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "no-such-model" not in err, err
+    assert f"{val / 'n00000003'}, {val / 'n00000005'}: no image file torchvision's ImageFolder reads" in err
+    # the same two classes torchvision's ImageFolder would stop at, after the model had loaded
+    with pytest.raises(FileNotFoundError, match="for the classes n00000003, n00000005. Supported"):
+        make_dataset(str(val), {w: i for i, w in enumerate(sorted(os.listdir(val)))}, IMG_EXTENSIONS)

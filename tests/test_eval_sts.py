@@ -208,3 +208,21 @@ def test_stsb_csv_errors_name_the_line(tmp_path, capsys, line, message):
         f.write(line + "\n")
     assert main(["sts", "--model", TINY_MODEL, "--folder", str(tmp_path), "--sts-tasks", "stsb"]) == 2
     assert f"{path}{message}" in capsys.readouterr().err
+
+
+def test_stsb_lines_end_at_newlines_only_as_senteval_reads_them(tmp_path):
+    """SentEval's STSBenchmarkEval reads ``for line in f``: U+2028, U+0085, \\x0c and \\x1c-\\x1e inside a
+    line are not line ends there (``str.splitlines`` would cut the line at each)."""
+    import io
+    from eval_fixtures import write_stsb_csv
+    odd_breaks = ["\u2028", "\x85", "\x0c", "\x1c", "\x1d", "\x1e"]
+    rows = [(f"a{i}{odd}b{i}", f"c{i}{odd}d{i}", i) for i, odd in enumerate(odd_breaks)]
+    path = write_stsb_csv(tmp_path / "STSBenchmark" / "sts-test.csv", rows)
+    senteval = []  # SentEval's (and SimCSE's) STSBenchmarkEval.loadFile, then its word split
+    with io.open(path, "r", encoding="utf-8") as f:
+        for line in f:
+            text = line.strip().split("\t")
+            senteval.append((" ".join(text[5].split()), " ".join(text[6].split()), float(text[4])))
+    task = read_task("stsb", path)
+    assert list(zip(task.first, task.second, task.gold)) == senteval
+    assert senteval[0] == ("a0 b0", "c0 d0", 0.0) and len(senteval) == len(rows)

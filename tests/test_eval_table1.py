@@ -181,3 +181,120 @@ def test_paraphrased_retrieval_gallery_follows_the_layout(data_root, tmp_path):
     assert (results["val2017"]["gallery"], results["val2017"]["num_images"]) == ("folder", 10)
     assert (results["images"]["gallery"], results["images"]["num_images"]) == ("pairs", 6)
     assert "not a whole folder" in results["images"]["warnings"][0]
+
+
+def _edit(path, old, new):
+    """Replace ``old`` by ``new`` (same length) in a file, keeping its size and mtime: only its content tells."""
+    stat, text = os.stat(path), path.read_text(encoding="utf-8")
+    assert old in text and len(old) == len(new)
+    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def _append_byte(path):
+    with open(path, "ab") as f:
+        f.write(b"\0")
+
+
+def _repoint(link, target):
+    os.unlink(link)
+    os.symlink(target, link)
+
+
+def _gallery_links(root):
+    """val2017/ as a link to one of two identical copies (same names, sizes and mtimes)."""
+    pr = root / "paraphrased_retrieval"
+    (pr / "val2017").rename(pr / "gallery_a")
+    shutil.copytree(pr / "gallery_a", pr / "gallery_b")
+    os.symlink(pr / "gallery_a", pr / "val2017")
+
+
+# (set-up before the first run, the change before the rerun, the tasks the rerun must compute again)
+DATA_CHANGES = {
+    "nothing changed": (None, lambda root, config: None, []),
+    "val2017/ added to a pairs-only layout": (
+        lambda root: (root / "paraphrased_retrieval" / "val2017").rename(root / "paraphrased_retrieval" / "images"),
+        lambda root, config: shutil.copytree(root / "paraphrased_retrieval" / "images",
+                                             root / "paraphrased_retrieval" / "val2017"),
+        ["paraphrased-retrieval"]),
+    "val2017 link re-pointed": (
+        _gallery_links, lambda root, config: _repoint(root / "paraphrased_retrieval" / "val2017",
+                                                      root / "paraphrased_retrieval" / "gallery_b"),
+        ["paraphrased-retrieval"]),
+    "pairs.jsonl edited": (None, lambda root, config: _edit(root / "paraphrased_retrieval" / "pairs.jsonl",
+                                                            "a red thing", "a tan thing"), ["paraphrased-retrieval"]),
+    "STS-B gold score edited": (None, lambda root, config: _edit(
+        root / "sts" / "STS" / "STSBenchmark" / "sts-test.csv", "\t3.000\t", "\t4.000\t"), ["sts"]),
+    "SICK file edited": (None, lambda root, config: _edit(
+        root / "sts" / "SICK" / "SICK_test_annotated.txt", "\t0\tNEUTRAL", "\t5\tNEUTRAL"), ["sts"]),
+    "VG-R annotations edited": (None, lambda root, config: _edit(
+        root / "aro" / "visual_genome_relation.json", "red cup on table", "red mug on table"), ["vg-relation"]),
+    "ARO image replaced": (None, lambda root, config: _append_byte(root / "aro" / "images" / "scene.png"),
+                           ["vg-relation", "vg-attribution"]),
+    "ImageNet image replaced": (None, lambda root, config: _append_byte(
+        root / "imagenet" / "val" / "n00000007" / "ILSVRC2012_val_00000008.JPEG"), ["zeroshot-imagenet"]),
+    "ImageNet templates edited": (None, lambda root, config: _edit(
+        root / "imagenet_templates.json", "a photo of", "a image of"), ["zeroshot-imagenet"]),
+    "COCO captions edited": (None, lambda root, config: _edit(
+        root / "coco" / "coco_test_karpathy.json", "a red picture", "a tan picture"), ["coco-retrieval"]),
+    "model config folder edited": (None, lambda root, config: (config / TINY_CONFIG.name).write_text(
+        json.dumps(json.loads(TINY_CONFIG.read_text()), indent=3)), list(TASKS)),
+}
+
+
+@pytest.mark.parametrize("change", DATA_CHANGES)
+def test_a_rerun_computes_again_the_tasks_whose_files_changed(data_root, tmp_path, monkeypatch, capsys, change):
+    """The kept results' key covers each task's files: contents of text files, listings of image folders,
+    resolved links, the templates and a model-config folder. Nothing else is computed again."""
+    import paraclip_plugin.eval.table1 as table1_module
+    set_up, edit, expected = DATA_CHANGES[change]
+    root, config = tmp_path / "data", tmp_path / "configs"
+    shutil.copytree(data_root[0], root)
+    config.mkdir()
+    shutil.copy(TINY_CONFIG, config)
+    (tmp_path / "epoch_1.pt").write_bytes(b"weights")  # never loaded: the model is stood in for
+    if set_up:
+        set_up(root)
+    ran, hashed = [], []
+    monkeypatch.setattr(table1_module, "load_model", lambda *args: (None, None, None))
+    monkeypatch.setattr(table1_module, "run_task", lambda task, *args: ran.append(task) or {"n": len(ran)})
+    real_sha256 = table1_module.sha256_of
+    monkeypatch.setattr(table1_module, "sha256_of", lambda path: hashed.append(path) or real_sha256(path))
+
+    def run():
+        ran.clear()
+        return table1_module.run_table1(TINY_MODEL, str(tmp_path / "epoch_1.pt"), str(root), TASKS, str(config),
+                                        imagenet_templates=str(root / "imagenet_templates.json"),
+                                        keep_tasks=str(tmp_path / "tasks"))
+    first = run()
+    assert ran == list(TASKS)
+    assert not [p for p in hashed if p.lower().endswith((".png", ".jpg", ".jpeg"))]  # image folders: listed, not read
+    edit(root, config)
+    capsys.readouterr()
+    second = run()
+    assert ran == expected
+    kept = [t for t in TASKS if t not in expected]
+    err = capsys.readouterr().err
+    assert [t for t in TASKS if f"table1: {t}: the result kept in" in err] == kept
+    assert [second["results"][t] for t in kept] == [first["results"][t] for t in kept]
+
+
+@pytest.mark.parametrize("task, relative, line", [
+    ("paraphrased-retrieval", "paraphrased_retrieval/pairs.jsonl", 3),
+    ("vg-relation", "aro/visual_genome_relation.json", 1),
+    ("sts", "sts/SICK/SICK_test_annotated.txt", 4),
+    ("sts", "sts/STS/STSBenchmark/sts-test.csv", 2),
+    ("zeroshot-imagenet", "imagenet_templates.json", 1),
+])
+def test_a_file_that_is_not_utf8_exits_2_naming_it_and_its_line(data_root, tmp_path, capsys, task, relative, line):
+    root = tmp_path / "data"
+    shutil.copytree(data_root[0], root)
+    path = root / relative
+    lines = path.read_bytes().split(b"\n")
+    lines[line - 1] += " café".encode("latin-1")
+    path.write_bytes(b"\n".join(lines))
+    # the model named does not exist: the file is checked before a model would be loaded
+    assert main(["table1", "--model", "no-such-model", "--data-root", str(root), "--tasks", task,
+                 "--imagenet-templates", str(root / "imagenet_templates.json"), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:{line}: not UTF-8 (" in err and "no-such-model" not in err, err

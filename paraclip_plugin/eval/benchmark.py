@@ -10,9 +10,10 @@ Layouts read (verified against clip_benchmark 1.6.2 / torchvision):
 
 ``imagenet/`` (torchvision ``ImageNet``, split ``val``)
     ``meta.bin`` (torchvision writes it from ``ILSVRC2012_devkit_t12.tar.gz`` on first use, so either
-    file will do) and ``val/<wnid>/<image>`` with all 1000 wnid folders. Labels are the sorted wnid
-    order, matched against clip_benchmark's 1000 OpenAI class names, so a partial folder would
-    silently shift every label: it is refused.
+    file will do) and ``val/<wnid>/<image>`` with all 1000 wnid folders, each holding at least one image
+    torchvision reads (``IMG_EXTENSIONS``). Labels are the sorted wnid order, matched against
+    clip_benchmark's 1000 OpenAI class names, so a partial folder would silently shift every label:
+    it is refused.
 ``coco/`` (torchvision ``CocoCaptions``, the dataset clip_benchmark's ``mscoco_captions`` builds), by split:
     ``karpathy-test``: ``val2014/`` and ``coco_test_karpathy.json``, clip_benchmark's default 5k
     Karpathy test split (5,000 images, 25,010 captions). ``val2017``: ``val2017/`` and
@@ -34,11 +35,11 @@ to 0.2 points below it (100 of the 50,000 images) on those pairs alone, the size
 differences in that column. The ties-as-wrong scores are reported beside (``ties_wrong``).
 """
 import contextlib
-import json
 import os
 import sys
 
 import torch
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from .paraphrased_retrieval import InputError, load_json, precision, warn
 
@@ -72,21 +73,27 @@ def check_imagenet_root(root, templates=None):
     val = os.path.join(root, "val")
     if not os.path.isdir(val):
         raise InputError(f"{val}: ImageNet validation folder not found (one sub-folder per wnid)")
-    classes = [d for d in os.listdir(val) if os.path.isdir(os.path.join(val, d))]
+    classes = sorted(d for d in os.listdir(val) if os.path.isdir(os.path.join(val, d)))
     if len(classes) != IMAGENET_CLASSES:
         raise InputError(f"{val}: {len(classes)} class folders, expected {IMAGENET_CLASSES} "
                          "(labels are positions in the sorted wnid list)")
+    empty = [os.path.join(val, d) for d in classes if not _has_image(os.path.join(val, d))]
+    if empty:
+        raise InputError(f"{', '.join(empty[:3])}{f' and {len(empty) - 3} more' if len(empty) > 3 else ''}: "
+                         f"no image file torchvision's ImageFolder reads ({' '.join(IMG_EXTENSIONS)})")
     if templates is not None:
         _read_templates(templates)
     return {"root": os.path.abspath(root), "num_classes": len(classes)}
 
 
+def _has_image(folder):
+    """Whether torchvision's ``ImageFolder`` finds a sample in ``folder`` (its walk, its extension test)."""
+    return any(has_file_allowed_extension(name, IMG_EXTENSIONS)
+               for _, _, names in os.walk(folder, followlinks=True) for name in names)
+
+
 def _read_templates(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: cannot read templates JSON ({e})") from None
+    data = load_json(path, "templates JSON")
     templates = data.get("imagenet1k") if isinstance(data, dict) else None
     if not (isinstance(templates, list) and templates and all(isinstance(t, str) and "{c}" in t for t in templates)):
         raise InputError(f"{path}: expected {{\"imagenet1k\": [\"a photo of a {{c}}.\", ...]}}")

@@ -128,7 +128,7 @@ def _add_imagenet(subparsers):
     parser = subparsers.add_parser(
         "zeroshot-imagenet", help="zero-shot ImageNet-1k top-1/top-5 through clip_benchmark",
         description="ROOT: meta.bin (or ILSVRC2012_devkit_t12.tar.gz) and val/<wnid>/ with all 1000 wnid "
-                    "folders, as torchvision's ImageNet reads it. Nothing is downloaded.")
+                    "folders, each with at least one image, as torchvision's ImageNet reads it. Nothing is downloaded.")
     _add_model_arguments(parser)
     _add_output_file(parser)
     parser.add_argument("--root", required=True, help="ImageNet folder")

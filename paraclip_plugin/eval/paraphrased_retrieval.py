@@ -17,6 +17,7 @@ Images are embedded once, texts in batches; the result holds AO@k and JS@k betwe
 the paraphrase's rankings (metrics.py) and recall@1/5/10 of the gold image for both kinds of query.
 All scores are fractions in [0, 1].
 """
+import io
 import json
 import os
 import sys
@@ -39,13 +40,31 @@ class InputError(ValueError):
     """Bad user input (files, lines, names): reported as one message, never as a traceback."""
 
 
-def load_json(path, what):
-    """``json.load`` of a user file; a missing or malformed file is an ``InputError`` naming it."""
+def read_text(path, what):
+    """A user's UTF-8 text file, whole and with its line ends as they are; a file that cannot be read or
+    is not UTF-8 is an ``InputError`` naming it (and the line of the first bad byte)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as e:
         raise InputError(f"{path}: cannot read {what}: {e.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise InputError(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start}); the {what} must be UTF-8") from None
+
+
+def text_lines(path, what):
+    """The lines of ``read_text``'s file as ``for line in open(path)`` gives them (split at \\n, \\r\\n and \\r
+    only, unlike ``str.splitlines``), without their line ends."""
+    return [line.rstrip("\n") for line in io.StringIO(read_text(path, what), newline=None)]
+
+
+def load_json(path, what):
+    """``json.load`` of a user file; a missing, non-UTF-8 or malformed file is an ``InputError`` naming it."""
+    try:
+        return json.loads(read_text(path, what))
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
 
@@ -60,13 +79,8 @@ class RetrievalPair:
 
 def read_pairs(path):
     """Parse and validate a pairs file; every error names ``path`` and the 1-based line number."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
-    except OSError as e:
-        raise InputError(f"{path}: cannot read pairs file: {e.strerror}") from None
     pairs = []
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(text_lines(path, "pairs file"), start=1):
         if line.strip():
             pairs.append(_parse_pair(line, path, number))
     if not pairs:

@@ -27,6 +27,7 @@ The model's score for a pair is the cosine of its two L2-normalised text embeddi
 over the tasks. Correlations are in [-1, 1].
 """
 import csv
+import io
 import math
 import os
 import sys
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from scipy.stats import spearmanr
 
-from .paraphrased_retrieval import PROG, InputError, distinct, embed_texts, precision
+from .paraphrased_retrieval import PROG, InputError, distinct, embed_texts, precision, read_text, text_lines
 
 TASKS = ("sts12", "sts13", "sts14", "sts15", "sts16", "stsb", "sickr")
 # SentEval's senteval/sts.py: the test folder and subsets of each year (STS13 without SMT, as in SentEval).
@@ -87,14 +88,9 @@ def _score(text, where):
 
 
 def _lines(path, what):
-    """The file's lines as SentEval splits them (``str.splitlines``)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().splitlines()
-    except OSError as e:
-        raise InputError(f"{path}: cannot read {what}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    """The file's lines as SentEval splits STS12-16's (``str.splitlines``, which also splits at
+    U+2028, U+0085, \\x0c, \\x1c-\\x1e)."""
+    return read_text(path, what).splitlines()
 
 
 class _Pairs:
@@ -138,9 +134,10 @@ def read_senteval_sts(name, folder):
 
 
 def read_stsb_csv(name, path):
-    """STS-B's ``sts-test.csv`` as SentEval reads it: score, sentence1, sentence2 in fields 5-7."""
+    """STS-B's ``sts-test.csv`` as SentEval reads it (``for line in f``: lines end at newlines only):
+    score, sentence1, sentence2 in fields 5-7."""
     pairs = _Pairs()
-    for number, line in enumerate(_lines(path, "STS-B file"), start=1):
+    for number, line in enumerate(text_lines(path, "STS-B file"), start=1):
         if not line.strip():
             continue
         fields = line.strip().split("\t")
@@ -157,24 +154,21 @@ def _read_table(name, path, columns, layout, split_column, test_value):
     """A tab-separated file with a header: ``columns`` are (sentence, sentence, score); rows whose
     ``split_column`` (when the header has it) is not ``test_value`` are left out and counted."""
     pairs = _Pairs()
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            header = reader.fieldnames or []
-            missing = [c for c in columns if c not in header]
-            if missing:
-                raise InputError(f"{path}: missing column(s) {', '.join(missing)} in the header "
-                                 f"(found: {', '.join(header) or 'nothing'}; the file must be tab-separated)")
-            for row in reader:
-                where = f"{path}:{reader.line_num}"
-                if any(row.get(c) is None for c in columns):
-                    raise InputError(f"{where}: fewer fields than the header's {len(header)}")
-                if split_column in header and (row[split_column] or "").strip().lower() != test_value:
-                    pairs.other_splits += 1
-                    continue
-                pairs.add(row[columns[0]], row[columns[1]], row[columns[2]], where)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read STS file: {e.strerror}") from None
+    reader = csv.DictReader(io.StringIO(read_text(path, "STS file"), newline=""), delimiter="\t",
+                            quoting=csv.QUOTE_NONE)
+    header = reader.fieldnames or []
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)} in the header "
+                         f"(found: {', '.join(header) or 'nothing'}; the file must be tab-separated)")
+    for row in reader:
+        where = f"{path}:{reader.line_num}"
+        if any(row.get(c) is None for c in columns):
+            raise InputError(f"{where}: fewer fields than the header's {len(header)}")
+        if split_column in header and (row[split_column] or "").strip().lower() != test_value:
+            pairs.other_splits += 1
+            continue
+        pairs.add(row[columns[0]], row[columns[1]], row[columns[2]], where)
     if split_column in header and not pairs.gold and not pairs.skipped:
         raise InputError(f"{path}: no rows with {split_column} '{test_value}' (only the test split is scored)")
     return pairs.task(name, path, layout)

@@ -30,9 +30,14 @@ use float16 autocast on CUDA, the others float32). Counts that differ from the p
 (gallery 5,000; SentEval's STS test sizes; COCO 5,000 images) are printed as warnings and listed in
 the JSON (``warnings`` per task) and under the table.
 
-Each finished task's result is kept in ``<output>/tasks/<task>.json`` with what it was computed from (model,
-checkpoint hash, data root, split, templates, device, batch size); a rerun with the same inputs takes it
-from there instead of computing it again, so a run stopped in its last task loses only that task.
+Each finished task's result is kept in ``<output>/tasks/<task>.json`` with what it was computed from: model,
+checkpoint sha256, model config sha256 (of the file, or of every file in a config folder), data root, COCO
+split, templates, device, batch size, package versions, and the task's own input files, each by its resolved
+path (links followed) and a sha256 of its contents (pairs, annotation, STS and template files, ImageNet's
+devkit or meta.bin) or, for image folders, of every file's relative name, size and mtime_ns (a listing, no
+image is read). A rerun whose task inputs are all the same takes the result from there instead of computing
+it again, so a run stopped in its last task loses only that task; a task whose files changed is computed
+again. An image rewritten in place with the same size and mtime is not noticed.
 """
 import hashlib
 import json
@@ -130,6 +135,63 @@ def sha256_of(path):
     return digest.hexdigest()
 
 
+def _files(folder):
+    """Sorted (relative name, ``os.stat_result`` or None for a broken link) of every file under ``folder``:
+    one ``scandir`` per folder, links followed, each folder once."""
+    top = os.stat(folder)
+    found, seen, pending = [], {(top.st_dev, top.st_ino)}, [""]
+    while pending:
+        relative = pending.pop()
+        with os.scandir(os.path.join(folder, relative)) as entries:
+            for entry in entries:
+                name = os.path.join(relative, entry.name)
+                try:
+                    stat = entry.stat()
+                except OSError:
+                    found.append((name, None))
+                    continue
+                if not entry.is_dir():
+                    found.append((name, stat))
+                elif (stat.st_dev, stat.st_ino) not in seen:
+                    seen.add((stat.st_dev, stat.st_ino))
+                    pending.append(name)
+    return sorted(found, key=lambda item: item[0])
+
+
+def fingerprint(path, contents=True):
+    """``{"path", "sha256"}``: ``path`` resolved (links followed) and a sha256 of what is there: a file's
+    bytes; for a folder, each file's relative name with its bytes' sha256 (``contents``) or, for image
+    folders of any size, its size and mtime_ns only (one ``stat`` per file, no image read)."""
+    real = os.path.realpath(path)
+    if not os.path.isdir(real):
+        return {"path": real, "sha256": sha256_of(real)}
+    digest = hashlib.sha256()
+    for name, stat in _files(real):
+        state = (None if stat is None else sha256_of(os.path.join(real, name)) if contents
+                 else [stat.st_size, stat.st_mtime_ns])
+        digest.update((json.dumps([name, state]) + "\n").encode())
+    return {"path": real, "sha256": digest.hexdigest()}
+
+
+def task_fingerprint(task, paths, prepared, imagenet_templates=None):
+    """What ``task`` reads, each input ``fingerprint``ed: text and annotation files by content, image folders
+    by listing. Part of a kept result's key, so changed data is computed again."""
+    if task == "paraphrased-retrieval":
+        return {"pairs": fingerprint(paths["pairs"]), "gallery": fingerprint(_gallery(paths)[0], contents=False)}
+    if task in ("vg-relation", "vg-attribution"):
+        return {"annotations": fingerprint(paths["annotations"]), "images": fingerprint(paths["images"], False)}
+    if task == "sts":  # the files read, not the whole folder (SentEval's data/downstream holds other tasks)
+        return {t.name: fingerprint(t.path) for t in prepared}
+    if task == "zeroshot-imagenet":
+        root = paths["root"]
+        # with the devkit, torchvision writes meta.bin from it on the first run: the devkit is what stays the same
+        devkit = os.path.join(root, "ILSVRC2012_devkit_t12.tar.gz")
+        return {"meta": fingerprint(devkit if os.path.isfile(devkit) else os.path.join(root, "meta.bin")),
+                "val": fingerprint(os.path.join(root, "val"), contents=False),
+                "templates": fingerprint(imagenet_templates) if imagenet_templates else None}
+    return {"annotations": fingerprint(prepared["annotations"]), "images": fingerprint(prepared["images"], False)}
+
+
 def _version(package):
     try:
         return metadata.version(package)
@@ -150,12 +212,15 @@ def run_table1(model_name, pretrained, data_root, tasks=TASKS, model_config=None
     paths = task_paths(data_root)
     prepared = {task: prepare(task, paths[task], imagenet_templates, coco_split) for task in tasks}  # fail before loading
     pretrained_file = pretrained if pretrained and os.path.isfile(pretrained) else None
+    fingerprints = {task: task_fingerprint(task, paths[task], prepared[task], imagenet_templates) for task in tasks}
     inputs = {
         "model": model_name,
         "pretrained": pretrained,
         "pretrained_sha256": sha256_of(pretrained_file) if pretrained_file else None,
         "model_config": os.path.abspath(model_config) if model_config else None,
-        "model_config_sha256": sha256_of(model_config) if model_config and os.path.isfile(model_config) else None,
+        # of a config folder: every file in it (open_clip registers each JSON there)
+        "model_config_sha256": fingerprint(model_config)["sha256"] if model_config and os.path.exists(model_config)
+        else None,
         "data_root": os.path.abspath(data_root),
         "tasks": list(tasks),
         "imagenet_templates": os.path.abspath(imagenet_templates) if imagenet_templates else None,
@@ -164,10 +229,11 @@ def run_table1(model_name, pretrained, data_root, tasks=TASKS, model_config=None
         "batch_size": batch_size,
         "versions": {p: _version(p) for p in ("paraclip-plugin", "open_clip_torch", "clip_benchmark", "torch")},
     }
-    # what a kept task result must have been computed from to be reused
-    computed_from = {k: v for k, v in inputs.items() if k != "tasks"}
+    # what a kept task result must have been computed from to be reused: the run's inputs and the task's files
+    shared = {k: v for k, v in inputs.items() if k != "tasks"}
     results, seconds, model = {}, {}, None
     for task in tasks:
+        computed_from = {**shared, "input_files": fingerprints[task]}
         # random init (no --pretrained): nothing names the weights, so nothing kept is reused
         kept = _kept_task(keep_tasks, task, computed_from) if pretrained else None
         if kept is not None:
