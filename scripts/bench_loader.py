@@ -31,7 +31,7 @@ import open_clip
 import torch
 
 from paraclip_plugin.train import hooks
-from paraclip_plugin.train.embeddings import embedding_record, visual_fingerprint
+from paraclip_plugin.train.embeddings import embedding_record, preprocess_config, visual_architecture, visual_fingerprint
 from paraclip_plugin.shards import update_sizes_json
 from synthetic_shards import write_shards
 
@@ -45,7 +45,9 @@ def embed_shards(src_pattern, dst_folder, model_name, model, pretrained, compact
                                    + (["--compact"] if compact else []))
     embedder = embed_images.ShardEmbedder.__new__(embed_images.ShardEmbedder)
     embedder.args, embedder.visual = args, model.visual
-    embedder.record = embedding_record(model_name, pretrained, visual_fingerprint(model.visual))
+    embedder.record = embedding_record(model_name, pretrained, visual_fingerprint(model.visual),
+                                       architecture=visual_architecture(model.visual),
+                                       preprocess=preprocess_config(model.visual), precision=args.precision)
     embedder.tokenizer = open_clip.get_tokenizer(model_name)
     embedder.tokens_record = embed_images.tokens_record(model_name, embedder.tokenizer)
     embedder.pad_id = embed_images.tokenizer_pad_id(embedder.tokenizer)

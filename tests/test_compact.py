@@ -15,7 +15,8 @@ from paraclip_plugin.train.decode import compact_decode_stages, first_sample_fie
 from paraclip_plugin.train.embeddings import EmbeddingMismatch, MissingEmbeddings, visual_fingerprint
 from paraclip_plugin.paraphrase.shard_io import read_tar_samples
 from paraclip_plugin.train.pretokenized import TokenizerMismatch
-from test_fast_embeddings import embed, embed_images, one_step, pipeline, tiny_model, world  # noqa: F401
+from test_fast_embeddings import (embed, embed_images, one_step, pipeline, rewrite_shard, skip_reasons,  # noqa: F401
+                                  spoil_sample, tiny_model, world)
 from test_train import TERMS
 
 
@@ -131,3 +132,47 @@ def test_the_first_sample_is_read_as_webdataset_groups_it_from_any_url(tmp_path)
     for url in (tmp_path / "s.tar", f"file:{tmp_path / 's.tar'}", tmp_path / "s.tar.gz", f"pipe:cat {tmp_path / 's.tar'}"):
         assert first_sample_fields(str(url)) == first, url
     assert first_sample_fields(str(tmp_path / "none.tar")) is None and first_sample_fields("pipe:false") is None
+
+
+@pytest.mark.parametrize("field,value,kind", [
+    (COMPACT_FIELD, lambda b: pack(unpack(b)[0], np.ones((3, 40), np.int32)), "tokens.npy bad shape"),  # n > context 32
+    (COMPACT_FIELD, lambda b: pack(unpack(b)[0], np.full((3, 4), 10**7, np.int32)), "tokens.npy bad ids"),
+    ("json", lambda b: b'"x"', "json not an object"),
+])
+def test_unusable_compact_members_are_skipped_and_counted(world, compact, tmp_path, caplog, field, value, kind):  # noqa: F811
+    model, _, _ = tiny_model(world["init"])
+    tokenizer = open_clip.get_tokenizer(TINY_MODEL)
+    shard = rewrite_shard(compact / "00000.tar", tmp_path / "bad.tar", spoil_sample(3, field, value))
+    with caplog.at_level(logging.WARNING):
+        assert len(pipeline(shard, compact_decode_stages(tokenizer, visual_fingerprint(model.visual)))) == 15
+    [skipped] = skip_reasons(caplog)
+    assert f"'{kind}': 1" in skipped, skipped
+
+
+def test_compact_and_four_field_shards_train_on_the_same_samples(world, tmp_path, caplog):  # noqa: F811
+    """Samples training skips for their texts (empty, white space only, not UTF-8, missing) or their image are left
+    out of compact shards too (warned when embedding), so both kinds give the same samples, bit for bit."""
+    bad_texts = {1: ("para1.txt", b""), 2: ("txt", b"  \n"), 3: ("para2.txt", b"\xff\xfe bad"), 4: ("para2.txt", None),
+                 5: ("png", b"not a png")}
+
+    def spoil(i, sample):
+        if i in bad_texts:
+            field, value = bad_texts[i]
+            sample.pop(field) if value is None else sample.update({field: value})
+    src = rewrite_shard(world["plain"] / "00000.tar", tmp_path / "00000.tar", spoil)
+    with caplog.at_level(logging.WARNING):
+        embed(str(src), world["init"], "--output", tmp_path / "four")
+        embed(str(src), world["init"], "--output", tmp_path / "compact", "--compact")
+    assert "para1.txt is empty, so training skips it: no token ids, not in the compact shard" in caplog.text
+    model, preprocess_train, _ = tiny_model(world["init"])
+    tokenizer = open_clip.get_tokenizer(TINY_MODEL)
+    checks = dict(embedding_sha256=visual_fingerprint(model.visual), embedding_dim=model.visual.output_dim)
+
+    def through(url, stages):
+        return [(s["__key__"], s["image"], s["texts"]) for s in pipeline(url, stages[:-1])]
+    four = through(tmp_path / "four" / "00000.tar", paraclip_decode_stages(preprocess_train, tokenizer, **checks))
+    small = through(tmp_path / "compact" / "00000.tar", compact_decode_stages(tokenizer, **checks))
+    keys = [s["__key__"] for s in read_tar_samples(src)]
+    assert [k for k, _, _ in small] == [k for k, _, _ in four] == [k for i, k in enumerate(keys) if i not in bad_texts]
+    for (_, image_a, texts_a), (_, image_b, texts_b) in zip(four, small):
+        assert torch.equal(image_a, image_b) and torch.equal(texts_a, texts_b)

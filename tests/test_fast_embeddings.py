@@ -18,7 +18,9 @@ from PIL import Image
 from conftest import (PYTHON, REPO, TINY_CONFIG, TINY_MODEL, logged_losses, read_log, run, save_init_checkpoint,
                       train_args, write_shards)
 from paraclip_plugin.train.decode import paraclip_decode_stages
-from paraclip_plugin.train.embeddings import EmbeddingMismatch, MissingEmbeddings, visual_fingerprint
+from paraclip_plugin.train.decode import MixedShards
+from paraclip_plugin.train.embeddings import (EmbeddingMismatch, MissingEmbeddings, preprocess_config,
+                                              visual_architecture, visual_fingerprint)
 from paraclip_plugin.train.model import enable_paraphrase_forward, freeze_visual
 from paraclip_plugin.paraphrase.shard_io import read_tar_samples
 from paraclip_plugin.train.pretokenized import TextTokens
@@ -91,7 +93,10 @@ def test_embed_images_adds_embeddings_tokens_and_records(world):
             meta = json.loads(new["json"])
             record = meta["paraclip_image_embedding"]
             assert {k: v for k, v in record.items() if k != "visual_sha256_by_precision"} == {
-                "model": TINY_MODEL, "pretrained": str(world["init"]), "visual_sha256": visual_fingerprint(model.visual)}
+                "model": TINY_MODEL, "pretrained": str(world["init"]), "visual_sha256": visual_fingerprint(model.visual),
+                "visual_architecture": visual_architecture(model.visual), "precision": "fp32",
+                "preprocess": preprocess_config(model.visual)}
+            assert record["preprocess"]["mean"] == list(open_clip.OPENAI_DATASET_MEAN)
             assert set(record["visual_sha256_by_precision"]) == {"bf16", "pure_bf16", "fp16", "pure_fp16"}
             assert meta["paraclip_tokens"]["tokenizer"] == TINY_MODEL
             tokens = np.load(io.BytesIO(new["tokens.npy"]))
@@ -166,8 +171,8 @@ def test_spawned_data_workers_get_no_image_tower_and_embed_the_same(world, tmp_p
 
 
 def test_bad_samples_and_shards_are_named_and_sizes_json_is_repaired(world, tmp_path, caplog, capsys):
-    """A sample whose .json or text can't be read is copied without an embedding (warned, by shard and key);
-    an unreadable shard stops the job with one line naming it, with and without data workers; a shard
+    """A sample whose .json can't be read is copied without an embedding, one whose text training skips without
+    token ids (each warned, by shard and key); an unreadable shard stops the job with one line naming it, with and without data workers; a shard
     left out of sizes.json (killed between its rename and the update) is counted by the rerun."""
     src = tmp_path / "in"
     src.mkdir()
@@ -183,11 +188,12 @@ def test_bad_samples_and_shards_are_named_and_sizes_json_is_repaired(world, tmp_
     embed(str(src / "00000.tar"), world["init"], "--output", tmp_path / "out")
     out = {s["__key__"]: s for s in read_tar_samples(tmp_path / "out" / "00000.tar")}
     keys = sorted(out)
-    assert [k for k in keys if "img_emb.npy" not in out[k]] == [keys[2], keys[4]]
+    assert [k for k in keys if "img_emb.npy" not in out[k]] == [keys[2]]
+    assert [k for k in keys if "tokens.npy" not in out[k]] == [keys[2], keys[4]]
     assert out[keys[2]]["json"] == b'{"url": "http://x/2.jpg", '  # copied as it was
     assert f"00000.tar: sample '{keys[2]}' copied without an embedding: its .json is not readable" in caplog.text
-    assert f"00000.tar: sample '{keys[4]}' copied without an embedding: a text is not UTF-8" in caplog.text
-    assert "14/16 samples embedded" in caplog.text
+    assert f"00000.tar: sample '{keys[4]}': para1.txt is not UTF-8, so training skips it: no token ids" in caplog.text
+    assert "15/16 samples embedded" in caplog.text
 
     sizes = tmp_path / "out" / "sizes.json"
     sizes.write_text("{}")  # as if killed after the rename, before the update
@@ -234,13 +240,19 @@ def test_transforms_that_do_not_split_stay_whole():
     assert embed_images.split_preprocess(lambda image: image) is None
 
 
+def rewrite_shard(src, dst, change):
+    """A copy of shard ``src`` with ``change(index, sample)`` applied to each sample (in place); returns ``dst``."""
+    with wds.TarWriter(str(dst)) as sink:
+        for i, sample in enumerate(read_tar_samples(src)):
+            sample = {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
+            change(i, sample)
+            sink.write(sample)
+    return dst
+
+
 def corrupt_images(src, dst):
     """A copy of shard ``src`` whose image bytes can't be decoded."""
-    with wds.TarWriter(str(dst)) as sink:
-        for sample in read_tar_samples(src):
-            sample = {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
-            sample["png"] = b"not a png"
-            sink.write(sample)
+    rewrite_shard(src, dst, lambda i, sample: sample.update(png=b"not a png"))
 
 
 def pipeline(url, stages):
@@ -387,3 +399,153 @@ def test_shards_in_a_folder_that_cant_be_listed_are_looked_up_one_by_one(tmp_pat
 
     monkeypatch.setattr(hooks.os, "scandir", unlistable)
     assert hooks.missing_local_shards(pattern) == [str(tmp_path / "s" / "00002.tar")]
+
+
+def npy(array):
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def spoil_sample(index, field, value):
+    """``rewrite_shard``'s change: sample ``index``'s ``field`` becomes ``value(old bytes)``."""
+    def change(i, sample):
+        if i == index:
+            sample[field] = value(sample[field])
+    return change
+
+
+BAD_MEMBERS = {  # a well-formed member training can't use -> the reason its sample is skipped and counted under
+    "tokens.npy with 2 rows": ("tokens.npy", lambda b: npy(np.load(io.BytesIO(b))[:2]), "tokens.npy bad shape"),
+    "tokens.npy 1-D": ("tokens.npy", lambda b: npy(np.ones(5, np.int32)), "tokens.npy bad shape"),
+    "tokens.npy wider than the context": ("tokens.npy", lambda b: npy(np.ones((3, 40), np.int32)), "tokens.npy bad shape"),
+    "token ids beyond the vocabulary": ("tokens.npy", lambda b: npy(np.full((3, 4), 10**7, np.int32)), "tokens.npy bad ids"),
+    "negative token ids": ("tokens.npy", lambda b: npy(np.full((3, 4), -1, np.int32)), "tokens.npy bad ids"),
+    "float token ids": ("tokens.npy", lambda b: npy(np.ones((3, 4), np.float32)), "tokens.npy bad dtype"),
+    "json a list": ("json", lambda b: b"[1]", "json not an object"),
+    "json a string": ("json", lambda b: b'"x"', "json not an object"),
+    "record a string": ("json", lambda b: json.dumps({**json.loads(b), "paraclip_image_embedding": "x"}).encode(),
+                        "paraclip_image_embedding not an object"),
+}
+
+
+def skip_reasons(caplog):
+    return [r.getMessage() for r in caplog.records if "ParaCLIP: skipped sample" in r.getMessage()]
+
+
+@pytest.mark.parametrize("case", BAD_MEMBERS)
+def test_well_formed_but_unusable_members_are_skipped_and_counted(world, tmp_path, caplog, case):
+    """One such sample is left out, named, with its reason; the other 15 go on (before: the whole run stopped,
+    or ids past the vocabulary reached the embedding: IndexError on the CPU, a device assert on a GPU)."""
+    model, preprocess_train, _ = tiny_model(world["init"])
+    tokenizer = open_clip.get_tokenizer(TINY_MODEL)
+    field, value, kind = BAD_MEMBERS[case]
+    shard = rewrite_shard(world["embedded"] / "00000.tar", tmp_path / "bad.tar", spoil_sample(3, field, value))
+    key = list(read_tar_samples(shard))[3]["__key__"]
+    stages = paraclip_decode_stages(preprocess_train, tokenizer, embedding_sha256=visual_fingerprint(model.visual),
+                                    embedding_dim=model.visual.output_dim)
+    with caplog.at_level(logging.WARNING):
+        out = pipeline(shard, stages)
+    assert len(out) == 15 and int(torch.stack([t for _, t in out]).max()) < tokenizer.vocab_size
+    [skipped] = skip_reasons(caplog)
+    assert f"skipped sample '{key}' of {shard}" in skipped and f"'{kind}': 1" in skipped, skipped
+    if field == "json" and case != "record a string":  # the image path reads the json too (stored token ids)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert len(pipeline(shard, paraclip_decode_stages(preprocess_train, tokenizer))) == 15
+        assert f"'{kind}': 1" in skip_reasons(caplog)[0]
+
+
+def test_embeddings_of_another_transform_or_architecture_are_refused_naming_both(world, tmp_path, caplog):
+    """Same weights: another image mean or QuickGELU instead of GELU gives other embeddings, refused with the
+    flag and both values named; records made before these fields existed are used, with a log line saying so."""
+    tokenizer = open_clip.get_tokenizer(TINY_MODEL)
+    shard = world["embedded"] / "00000.tar"
+
+    def stages(**kwargs):
+        model, preprocess, _ = open_clip.create_model_and_transforms(TINY_MODEL, pretrained=str(world["init"]), **kwargs)
+        return paraclip_decode_stages(preprocess, tokenizer, embedding_sha256=visual_fingerprint(model.visual),
+                                      expected_architecture=visual_architecture(model.visual),
+                                      expected_preprocess=preprocess_config(model.visual))
+    assert len(pipeline(shard, stages())) == 16
+    with pytest.raises(EmbeddingMismatch, match=re.escape(
+            f"shard {shard} holds image embeddings made with image transform mean "
+            f"{list(open_clip.OPENAI_DATASET_MEAN)!r}, but this run's --image-mean gives [0.0, 0.0, 0.0]")):
+        pipeline(shard, stages(image_mean=(0.0, 0.0, 0.0)))
+    with pytest.raises(EmbeddingMismatch, match="--image-interpolation gives 'bilinear'"):
+        pipeline(shard, stages(image_interpolation="bilinear"))
+    with pytest.raises(EmbeddingMismatch, match=f"shard {shard} holds image embeddings of model '{TINY_MODEL}' .* "
+                                                f"architecture sha256 .*QuickGELU"):
+        pipeline(shard, stages(force_quick_gelu=True))
+
+    def old_record(i, sample):
+        meta = json.loads(sample["json"])
+        for field in ("visual_architecture", "preprocess", "precision"):
+            del meta["paraclip_image_embedding"][field]
+        sample["json"] = json.dumps(meta).encode()
+    old = rewrite_shard(shard, tmp_path / "old.tar", old_record)
+    with caplog.at_level(logging.WARNING):
+        assert len(pipeline(old, stages(force_quick_gelu=True, image_mean=(0.0, 0.0, 0.0)))) == 16
+    unchecked = [r.getMessage() for r in caplog.records if "can't be checked" in r.getMessage()]
+    assert len(unchecked) == 2 and "record no image tower architecture" in unchecked[0] \
+        and "record no image transform" in unchecked[1], unchecked
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--image-mean", "0", "0", "0"), "this run's --image-mean gives [0.0, 0.0, 0.0]"),
+    (("--force-quick-gelu",), "in architecture sha256"),
+])
+def test_training_refuses_embeddings_of_another_transform_or_architecture(world, patched_install, flags, message):
+    proc = one_step(world, "other-" + flags[0].strip("-"), world["embedded"] / "00000.tar", "--image-embeddings", *flags)
+    assert proc.returncode != 0 and "EmbeddingMismatch" in proc.stderr and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_rerun_with_another_precision_embeds_again_and_says_why(world, tmp_path, caplog):
+    """--precision amp is recorded (and autocasts on the CPU too, so the embeddings differ); a rerun in fp32
+    does not take those shards for its own."""
+    caplog.set_level(logging.INFO)
+    shards, out = str(world["plain"] / "00000.tar"), tmp_path / "out"
+    embed(shards, world["init"], "--output", out, "--precision", "amp")
+    amp = list(read_tar_samples(out / "00000.tar"))
+    assert json.loads(amp[0]["json"])["paraclip_image_embedding"]["precision"] == "amp"
+    assert [s["img_emb.npy"] for s in amp] != [s["img_emb.npy"] for s in read_tar_samples(world["embedded"] / "00000.tar")]
+    caplog.clear()
+    embed(shards, world["init"], "--output", out)
+    assert (f"{out / '00000.tar'}: embedded before with other settings (embedding precision 'amp' (now 'fp32')): "
+            f"embedding it again") in caplog.text
+    assert json.loads(next(read_tar_samples(out / "00000.tar"))["json"])["paraclip_image_embedding"]["precision"] == "fp32"
+    assert "autocast on --device, CUDA or CPU" in " ".join(embed_images_help().split())
+
+
+def embed_images_help():
+    import contextlib
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), pytest.raises(SystemExit):
+        embed_images.parse_args(["--help"])
+    return buf.getvalue()
+
+
+def test_a_rerun_skips_a_shard_whose_first_image_has_no_embedding(world, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    src = rewrite_shard(world["plain"] / "00000.tar", tmp_path / "00000.tar",
+                        spoil_sample(0, "png", lambda b: b[:60]))  # undecodable: copied without an embedding
+    embed(str(src), world["init"])
+    assert "15/16 samples embedded" in caplog.text
+    caplog.clear()
+    embed(str(src), world["init"])
+    assert f"{src}: already embedded with these weights, skipped" in caplog.text and "samples embedded" not in caplog.text
+
+
+def test_a_compact_shard_after_a_four_field_one_is_named_as_mixing_them(world, tmp_path):
+    model, preprocess_train, _ = tiny_model(world["init"])
+    tokenizer = open_clip.get_tokenizer(TINY_MODEL)
+    embed(str(world["plain"] / "00001.tar"), world["init"], "--compact", "--output", tmp_path / "compact")
+    first, compact = world["embedded"] / "00000.tar", tmp_path / "compact" / "00001.tar"
+    stages = paraclip_decode_stages(preprocess_train, tokenizer, embedding_sha256=visual_fingerprint(model.visual),
+                                    first_shard=str(first))
+    with pytest.raises(MixedShards, match=re.escape(
+            f"shard {compact} is a compact ('.pcl' members) shard, but the first shard of --train-data ({first}) is a "
+            f"four-field one: compact and four-field shards can't be mixed in one run")):
+        pipeline(compact, stages)
+    with pytest.raises(MixedShards, match="train on compact shards with --image-embeddings"):
+        pipeline(compact, paraclip_decode_stages(preprocess_train, tokenizer))

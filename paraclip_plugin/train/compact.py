@@ -50,8 +50,8 @@ class RequireCompact:
     """Keep samples with a ``.pcl`` member and metadata; skip and count the rest, unless the shard has
     none at all (then it is not a compact shard: stop with an error naming it)."""
 
-    def __init__(self, skipped, shard_has_member):
-        self.skipped, self.shard_has_member = skipped, shard_has_member
+    def __init__(self, skipped, shard_has_member, first_shard=None):
+        self.skipped, self.shard_has_member, self.first_shard = skipped, shard_has_member, first_shard
         self.checked = {}
 
     def __call__(self, samples):
@@ -63,10 +63,11 @@ class RequireCompact:
             if url not in self.checked:
                 self.checked[url] = self.shard_has_member(url, (f".{COMPACT_FIELD}",))
             if self.checked[url] is False:
+                first = f" ({self.first_shard})" if self.first_shard else ""
                 raise MissingEmbeddings(
                     f"shard {url} has no '{COMPACT_FIELD}' member in any sample, but the first shard of "
-                    f"--train-data is a compact one: make all of them with paraclip-embed-images --compact, "
-                    f"or train on the four-field shards")
+                    f"--train-data{first} is a compact one: compact and four-field shards can't be mixed in one "
+                    f"run; make all of them with paraclip-embed-images --compact, or train on the four-field shards")
             self.skipped.skip(sample, f"missing {COMPACT_FIELD} or json", f"missing {COMPACT_FIELD}/json")
 
 

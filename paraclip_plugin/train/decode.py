@@ -19,8 +19,8 @@ import webdataset as wds
 from open_clip_train.data import expand_urls, get_dataset_size
 
 from paraclip_plugin.train.compact import COMPACT_FIELD, RequireCompact, UnpackCompact
-from paraclip_plugin.train.embeddings import EMBEDDING_FIELD, CachedImageEmbedding, MissingEmbeddings
-from paraclip_plugin.train.pretokenized import TextTokens
+from paraclip_plugin.train.embeddings import EMBEDDING_FIELD, BadSample, CachedImageEmbedding, MissingEmbeddings
+from paraclip_plugin.train.pretokenized import TextTokens, text_problem  # noqa: F401 (text_problem: re-exported)
 from paraclip_plugin.shards import CAPTION, IMAGE_EXTENSIONS, PARA1, PARA2, SIZES_FILE, read_sizes_json
 
 REQUIRED_TEXTS = (CAPTION, PARA1, PARA2)
@@ -53,6 +53,19 @@ class NotAParaCLIPShard(ValueError):
 
 class NoUsableSamples(ValueError):
     pass
+
+
+class MixedShards(ValueError):
+    pass
+
+
+def mixed_shards_error(url, kind, first_shard, first_kind):
+    """The error for a shard of another kind than the first shard of --train-data."""
+    first = f"the first shard of --train-data ({first_shard})" if first_shard else "the first shard of --train-data"
+    return MixedShards(
+        f"shard {url} is a {kind} shard, but {first} is a {first_kind} one: compact and four-field shards can't be "
+        f"mixed in one run (the kind is decided from the first shard); train on shards of one kind (with "
+        f"--image-embeddings, compact ones from paraclip-embed-images --compact, four-field ones otherwise)")
 
 
 class SkippedSamples:
@@ -113,10 +126,11 @@ class SkipIncomplete:
     (stop with an error that names the shard).
     """
 
-    def __init__(self, skipped, image_fields=IMAGE_EXTENSIONS):
+    def __init__(self, skipped, image_fields=IMAGE_EXTENSIONS, first_shard=None):
         self.skipped = skipped
         # an image file, or with --image-embeddings the stored embedding instead
         self.image_fields = tuple(image_fields)
+        self.first_shard = first_shard
         self.checked_shards = {}
 
     def missing_fields(self, sample):
@@ -125,6 +139,12 @@ class SkipIncomplete:
             missing.append("|".join(self.image_fields) if self.image_fields != IMAGE_EXTENSIONS
                            else "image (" + "|".join(IMAGE_EXTENSIONS) + ")")
         return missing
+
+    def compact_shard_error(self, url):
+        if EMBEDDING_FIELD not in self.image_fields:
+            return MixedShards(f"shard {url} is a compact shard ('.{COMPACT_FIELD}' members, no images or texts): "
+                               f"train on compact shards with --image-embeddings")
+        return mixed_shards_error(url, f"compact ('.{COMPACT_FIELD}' members)", self.first_shard, "four-field")
 
     def require_in_shard(self, url, suffixes, error):
         """Read the shard's member names once (per worker); raise ``error`` if no member ends with ``suffixes``."""
@@ -140,6 +160,8 @@ class SkipIncomplete:
                 yield sample
                 continue
             url = sample.get("__url__", "?")
+            if COMPACT_FIELD in sample:
+                raise self.compact_shard_error(url)
             if PARA1 in missing or PARA2 in missing:
                 self.require_in_shard(url, (f".{PARA1}", f".{PARA2}"), NotAParaCLIPShard(
                     f"shard {url} has no '{PARA1}' or '{PARA2}' member in any sample: it is not a ParaCLIP "
@@ -166,12 +188,21 @@ class SkipBadText:
                 self.skipped.skip(sample, problem)
 
 
-def text_problem(field, data):
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return f"{field} is not UTF-8"
-    return None if text.strip() else f"{field} is empty"
+class SkipBadSamples:
+    """A per-sample stage (``fn(sample) -> sample``); a sample it finds unusable (``BadSample``: a json that is
+    not an object, token ids of the wrong shape or out of the vocabulary) is skipped and counted."""
+
+    def __init__(self, skipped, fn):
+        self.skipped, self.fn = skipped, fn
+
+    def __call__(self, samples):
+        for sample in samples:
+            try:
+                sample = self.fn(sample)
+            except BadSample as e:
+                self.skipped.skip(sample, str(e), e.kind)
+                continue
+            yield sample
 
 
 class DecodeOrSkip:
@@ -212,47 +243,51 @@ class SkipBadEmbedding:
 
 
 def paraclip_decode_stages(preprocess_img, tokenizer, embedding_sha256=None, embedding_label="", embedding_dim=None,
-                           precision="fp32"):
+                           precision="fp32", first_shard=None, **embedding_checks):
     """Per-sample stages -> ``(image, texts)``; with ``embedding_sha256`` (``--image-embeddings``)
-    ``image`` is the stored embedding checked against that fingerprint, and no image is decoded.
-    Incomplete, undecodable and otherwise bad samples are skipped and counted (``SkippedSamples``)."""
+    ``image`` is the stored embedding checked against that fingerprint (and ``embedding_checks``:
+    ``CachedImageEmbedding``'s ``expected_architecture``, ``expected_preprocess``), and no image is decoded.
+    Incomplete, undecodable and otherwise bad samples are skipped and counted (``SkippedSamples``).
+    ``first_shard`` names the first shard of --train-data in the error for a compact shard among them."""
     skipped = SkippedSamples()
     if embedding_sha256 is None:
         return [
-            SkipIncomplete(skipped),
+            SkipIncomplete(skipped, first_shard=first_shard),
             SkipBadText(skipped),
             DecodeOrSkip(skipped, "pilrgb"),
-            wds.map(TextTokens(tokenizer)),
+            SkipBadSamples(skipped, TextTokens(tokenizer)),
             wds.rename(image=";".join(IMAGE_EXTENSIONS)),
             wds.map_dict(image=preprocess_img),
             skipped.keep,
             wds.to_tuple("image", "texts"),
         ]
     return [
-        SkipIncomplete(skipped, image_fields=(EMBEDDING_FIELD,)),
+        SkipIncomplete(skipped, image_fields=(EMBEDDING_FIELD,), first_shard=first_shard),
         SkipBadText(skipped),
         wds.map(drop_images),
         # no image handler: text, json and npy members only
         DecodeOrSkip(skipped),
-        wds.map(CachedImageEmbedding(embedding_sha256, embedding_label, precision)),
+        SkipBadSamples(skipped, CachedImageEmbedding(embedding_sha256, embedding_label, precision, **embedding_checks)),
         SkipBadEmbedding(skipped, embedding_dim),
-        wds.map(TextTokens(tokenizer)),
+        SkipBadSamples(skipped, TextTokens(tokenizer)),
         skipped.keep,
         wds.to_tuple("image", "texts"),
     ]
 
 
-def compact_decode_stages(tokenizer, embedding_sha256, embedding_label="", embedding_dim=None, precision="fp32"):
+def compact_decode_stages(tokenizer, embedding_sha256, embedding_label="", embedding_dim=None, precision="fp32",
+                          first_shard=None, **embedding_checks):
     """``--image-embeddings`` on compact shards (``compact.py``): one ``.pcl`` member (embedding and
-    token ids) and the json records per sample, checked as in ``paraclip_decode_stages``."""
+    token ids) and the json records per sample, checked as in ``paraclip_decode_stages``. Their texts
+    were checked when the shard was made (``embed_images.py`` leaves out samples training would skip)."""
     skipped = SkippedSamples()
     return [
-        RequireCompact(skipped, shard_has_member),
+        RequireCompact(skipped, shard_has_member, first_shard),
         DecodeOrSkip(skipped),  # the json; .pcl stays bytes
         UnpackCompact(skipped),
-        wds.map(CachedImageEmbedding(embedding_sha256, embedding_label, precision)),
+        SkipBadSamples(skipped, CachedImageEmbedding(embedding_sha256, embedding_label, precision, **embedding_checks)),
         SkipBadEmbedding(skipped, embedding_dim),
-        wds.map(TextTokens(tokenizer, stored_only=True)),
+        SkipBadSamples(skipped, TextTokens(tokenizer, stored_only=True)),
         skipped.keep,
         wds.to_tuple("image", "texts"),
     ]

@@ -7,14 +7,18 @@ Per sample it adds ``<key>.img_emb.npy`` (float16 encode_image(preprocess_val(im
 of the frozen image tower) and, unless ``--no-tokens``, ``<key>.tokens.npy`` (the ids of caption,
 para1 and para2 from ``--model``'s tokenizer), and records both sources in ``<key>.json``
 (``paraclip_image_embedding``: model, pretrained tag, sha256 of the image weights, also as
-training's 16-bit ``--precision`` choices convert them;
+training's 16-bit ``--precision`` choices convert them, sha256 of the image tower's architecture, the
+image transform (open_clip's preprocess config) and ``--precision``;
 ``paraclip_tokens``: tokenizer and its fingerprint); see paraclip_plugin/train/embeddings.py and
-pretokenized.py. All other members are copied unchanged. (``python scripts/embed_images.py`` is the
+pretokenized.py. All other members are copied unchanged. A sample that training would skip for its
+texts (one missing, empty, white space only or not UTF-8) gets no token ids (a warning names it) and
+is left out of ``--compact`` shards, so both kinds of shard train on the same samples. (``python scripts/embed_images.py`` is the
 same program.)
 
 Shards are rewritten in place (or written to ``--output``) one at a time, atomically: a shard is
 either the old file or the complete new one. A rerun skips shards already embedded with the same
-image weights (and tokenizer), so a killed job resumes at the shard it was working on. Runs on the
+image weights, architecture, transform and precision (and tokenizer), so a killed job resumes at the shard
+it was working on; a shard embedded with other settings is embedded again (the log says which differ). Runs on the
 GPU when there is one. Train on the result with ``--paraclip-loss --image-embeddings``.
 """
 import argparse
@@ -33,11 +37,13 @@ from torchvision import transforms
 
 from paraclip_plugin.train.compact import COMPACT_FIELD, pack
 from paraclip_plugin.train.embeddings import (EMBEDDING_FIELD, METADATA_KEY as EMBEDDING_KEY, embedding_record,
-                                        encode_embedding, precision_fingerprints, visual_fingerprint)
+                                              encode_embedding, precision_fingerprints, preprocess_config,
+                                              visual_architecture, visual_fingerprint)
 from paraclip_plugin.paraphrase.inputs import expand_inputs, split_for_job
 from paraclip_plugin.paraphrase.shard_io import InputError, count_tar_samples, read_tar_samples
+from paraclip_plugin.train.model import freeze_visual
 from paraclip_plugin.train.pretokenized import (METADATA_KEY as TOKENS_KEY, TEXT_FIELDS, TOKENS_FIELD, stored_tokens,
-                                          tokenizer_pad_id, tokens_record)
+                                                texts_problem, tokenizer_pad_id, tokens_record)
 from paraclip_plugin.shards import (IMAGE_EXTENSIONS, METADATA, OutputBusy, SizesFileError, atomic_tar_writer,
                                     read_sizes_json, update_sizes_json)
 
@@ -54,7 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=4, help="image decoding processes")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--precision", choices=("fp32", "amp"), default="fp32",
-                   help="amp: bf16 autocast on CUDA (faster; features differ from fp32 by bf16 rounding)")
+                   help="amp: bf16 autocast on --device, CUDA or CPU (faster on a GPU; on the CPU often slower); "
+                        "features differ from fp32 by bf16 rounding. Recorded with the embeddings: a rerun with "
+                        "the other precision embeds the shards again")
     p.add_argument("--transfer", choices=("uint8", "float32"), default="uint8",
                    help="uint8 (default): the data workers stop before the image transform's to-tensor and "
                         "Normalize steps, which run on --device, bit for bit the same; 4x fewer bytes per image "
@@ -121,6 +129,19 @@ def sample_metadata(sample):
     return meta
 
 
+def short(value, limit=40):
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def record_difference(old, new, label):
+    """What differs between a stored record and this run's, as short phrases ([] when they are equal)."""
+    if not isinstance(old, dict):
+        return [f"no {label} record"]
+    return [f"{label} {key} {short(old.get(key))} (now {short(new.get(key))})"
+            for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+
+
 def image_bytes(sample):
     return next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
 
@@ -148,7 +169,9 @@ class ShardEmbedder:
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model, _, self.preprocess = open_clip.create_model_and_transforms(
             args.model, pretrained=args.pretrained, device=self.device)
-        self.visual = model.visual.eval().requires_grad_(False)
+        # frozen as training freezes it (model.py; ResNet towers get FrozenBatchNorm2d), so the fingerprint and
+        # the architecture recorded are those training compares
+        self.visual = freeze_visual(model).visual
         # the workers' part of the transform, and what the image tower's device does before the tower
         split = split_preprocess(self.preprocess) if args.transfer == "uint8" else None
         self.worker_preprocess, self.normalize = split or (self.preprocess, None)
@@ -158,7 +181,9 @@ class ShardEmbedder:
         self.spent = {"waiting": 0.0, "encoding": 0.0, "writing": 0.0}  # seconds, by run()
         # also what these weights hash to in training's 16-bit weight precisions (--precision pure_bf16, ...)
         self.record = embedding_record(args.model, args.pretrained, visual_fingerprint(self.visual),
-                                       precision_fingerprints(args.model, args.pretrained))
+                                       precision_fingerprints(args.model, args.pretrained),
+                                       architecture=visual_architecture(self.visual),
+                                       preprocess=preprocess_config(self.visual), precision=args.precision)
         self.tokenizer = open_clip.get_tokenizer(args.model) if args.tokens else None
         if self.tokenizer is not None:
             self.tokens_record = tokens_record(args.model, self.tokenizer)
@@ -171,39 +196,46 @@ class ShardEmbedder:
         is forkserver): everything but the image tower, which only this process runs."""
         return {k: v for k, v in self.__dict__.items() if k != "visual"}
 
-    def is_done(self, path):
-        """True when ``path`` was written by a run with the same image weights (and tokenizer)."""
+    def shard_difference(self, path):
+        """None when ``path`` was written by a run with the same image weights, architecture, transform and
+        precision (and tokenizer); else why not: "" where it holds no embedding (or does not exist), else
+        what differs. Shards are replaced whole, so one sample with an embedding (and, with token ids, with
+        texts training uses) speaks for the shard."""
         if not os.path.exists(path):
-            return False
-        if self.args.compact:
-            sample = next(iter(read_tar_samples(path)), None)
-            try:
-                meta = sample_metadata(sample) if sample else {}
-            except ValueError:
-                return False
-            return (sample is not None and COMPACT_FIELD in sample and meta.get(EMBEDDING_KEY) == self.record
-                    and meta.get(TOKENS_KEY) == self.tokens_record)
+            return ""
+        first = None
         for sample in read_tar_samples(path):
-            if not any(ext in sample for ext in IMAGE_EXTENSIONS):
+            if self.args.compact:  # a compact shard holds only samples with an embedding and token ids
+                return self.sample_difference(sample) if COMPACT_FIELD in sample else ""
+            if EMBEDDING_FIELD not in sample:
                 continue
-            try:
-                meta = sample_metadata(sample)
-            except ValueError:  # copied as it was, without an embedding: the next sample speaks for the shard
-                continue
-            # shards are replaced whole, so the first sample with an image speaks for the shard
-            done = EMBEDDING_FIELD in sample and meta.get(EMBEDDING_KEY) == self.record
-            if self.tokenizer is not None:
-                done = done and TOKENS_FIELD in sample and meta.get(TOKENS_KEY) == self.tokens_record
-            return done
-        return False
+            if texts_problem(sample) is None:
+                return self.sample_difference(sample)
+            first = first or sample  # embedded without token ids: its texts are not used
+        return self.sample_difference(first, tokens=False) if first else ""
+
+    def sample_difference(self, sample, tokens=True):
+        try:
+            meta = sample_metadata(sample)
+        except ValueError as e:
+            return f"sample '{sample['__key__']}': its .json is not readable ({e})"
+        differences = record_difference(meta.get(EMBEDDING_KEY), self.record, "embedding")
+        if tokens and self.tokenizer is not None:
+            if not self.args.compact and TOKENS_FIELD not in sample:
+                differences.append("no token ids")
+            differences += record_difference(meta.get(TOKENS_KEY), self.tokens_record, "tokens")
+        return "; ".join(differences) or None
 
     def add_tokens(self, sample, meta):
-        if self.tokenizer is not None and all(f in sample for f in TEXT_FIELDS):
+        """Add the token ids of the three texts; returns why training would skip them instead (then no ids)."""
+        problem = texts_problem(sample)
+        if self.tokenizer is not None and problem is None:
             texts = [sample[f].decode("utf-8") for f in TEXT_FIELDS]
             buf = io.BytesIO()
             np.save(buf, stored_tokens(self.tokenizer, texts, self.pad_id))
             sample[TOKENS_FIELD] = buf.getvalue()
             meta[TOKENS_KEY] = self.tokens_record
+        return problem
 
     def prepare_samples(self, src):
         """(samples of ``src`` with token ids added and old embeddings dropped, [(index, image bytes)])."""
@@ -215,15 +247,17 @@ class ShardEmbedder:
             sample.pop(EMBEDDING_FIELD, None)  # never keep an embedding of other weights
             try:
                 meta = sample_metadata(sample)
-                self.add_tokens(sample, meta)
-            except UnicodeDecodeError as e:  # a bad sample loses its embedding, not the shard
-                logging.warning(f"{src}: sample '{sample['__key__']}' copied without an embedding: a text is "
-                                f"not UTF-8 ({e})")
-                continue
-            except ValueError as e:
+            except ValueError as e:  # a bad sample loses its embedding, not the shard
                 logging.warning(f"{src}: sample '{sample['__key__']}' copied without an embedding: its .json is "
                                 f"not readable ({e})")
                 continue
+            if self.tokenizer is not None:  # no token ids of other texts or another tokenizer stay
+                sample.pop(TOKENS_FIELD, None)
+                meta.pop(TOKENS_KEY, None)
+            problem = self.add_tokens(sample, meta)
+            if problem:
+                logging.warning(f"{src}: sample '{sample['__key__']}': {problem}, so training skips it: no token "
+                                f"ids{', not in the compact shard' if self.args.compact else ''}")
             meta.pop(EMBEDDING_KEY, None)
             sample[METADATA] = json.dumps(meta).encode()
             with_image.append((i, data))
@@ -290,9 +324,7 @@ class ShardEmbedder:
         out = []
         for i, feature in zip(rows, features):
             sample = samples[i]
-            if TOKENS_FIELD not in sample:
-                logging.warning(f"{src}: sample '{sample.get('__key__')}' lacks a caption or paraphrase: "
-                                f"not in the compact shard")
+            if TOKENS_FIELD not in sample:  # texts training skips: warned by prepare_samples
                 continue
             meta = json.loads(sample[METADATA])
             meta[EMBEDDING_KEY] = self.record
@@ -342,12 +374,15 @@ def embed_shards(args, embedder, shards):
     jobs, started = [], time.time()
     for src in shards:
         dst = os.path.join(args.output, os.path.basename(src)) if args.output else src
-        if embedder.is_done(dst):
+        difference = embedder.shard_difference(dst)
+        if difference is None:
             logging.info(f"{dst}: already embedded with these weights, skipped")
             # a job killed between the shard's rename and its sizes.json update left it uncounted
             if args.output and os.path.basename(dst) not in read_sizes_json(args.output):
                 update_sizes_json(args.output, {os.path.basename(dst): count_tar_samples(dst)})
         else:
+            if difference:
+                logging.info(f"{dst}: embedded before with other settings ({difference}): embedding it again")
             jobs.append((src, dst))
     total, looping = 0, time.time()
     for dst, count, embedded, seconds in embedder.run(jobs):

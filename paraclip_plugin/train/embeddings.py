@@ -5,12 +5,14 @@ With a frozen image tower, every epoch recomputes the same image features from t
 
     <key>.img_emb.npy   float16 [embed_dim]: encode_image(preprocess_val(image), normalize=True)
     <key>.json          gains "paraclip_image_embedding": {"model", "pretrained", "visual_sha256",
-                        "visual_sha256_by_precision"}
+                        "visual_sha256_by_precision", "visual_architecture", "preprocess", "precision"}
 
 The record is per sample (not a side file per folder) so shards stay self-describing when they
 are copied, merged or listed from other places. ``--image-embeddings`` in training reads the
 embeddings instead of the image, checks every sample's record against the training model's image
-weights, and refuses others with an error naming the shard.
+weights, its image tower's architecture (``visual_architecture``) and image transform (``preprocess``),
+and refuses others with an error naming the shard. Records made before those two fields existed are
+read; a log line says what can't be checked.
 
 The trade-off: the embedding is of one fixed view of the image (open_clip's validation transform:
 resize + center crop), so training sees no image augmentation. ParaCLIP's recipe trains with the
@@ -20,6 +22,8 @@ visual forward.
 """
 import hashlib
 import io
+import json
+import logging
 
 import numpy as np
 import torch
@@ -60,10 +64,34 @@ def precision_fingerprints(model_name, pretrained):
     return fingerprints
 
 
-def embedding_record(model_name, pretrained, visual_sha256, by_precision=None):
+def visual_architecture(visual):
+    """sha256 of the image tower's module structure: every submodule's name and class, so the same weights
+    in another architecture (GELU vs QuickGELU: ``--force-quick-gelu``, ``ViT-B-32`` vs ``ViT-B-32-quickgelu``)
+    hash differently. Settings (``extra_repr``) are left out: torch versions print them differently, and
+    those that change an output's shape change the weights' fingerprint anyway. The tower's own class is left out (the frozen
+    tower's is a subclass of it, ``model.py``), and so is patch dropout (train-time only, and a frozen
+    tower runs in eval mode). open_clip's ``LayerNormFp32`` counts as ``LayerNorm``: ``--precision bf16|fp16``
+    build it to compute the same LayerNorm in float32 (a precision, not an architecture)."""
+    lines = [f"{name}: {type(module).__name__.removesuffix('Fp32')}"
+             for name, module in visual.named_modules() if name and name.split(".")[0] != "patch_dropout"]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def preprocess_config(visual):
+    """The image transform open_clip set on the tower (``preprocess_cfg``: size, mean, std, interpolation,
+    resize mode, ...) as its JSON form (tuples become lists), or None where the tower has none."""
+    config = getattr(visual, "preprocess_cfg", None)
+    return json.loads(json.dumps(config)) if config is not None else None
+
+
+def embedding_record(model_name, pretrained, visual_sha256, by_precision=None, architecture=None, preprocess=None,
+                     precision=None):
     record = {"model": model_name, "pretrained": pretrained, "visual_sha256": visual_sha256}
     if by_precision:
         record["visual_sha256_by_precision"] = dict(by_precision)
+    for key, value in (("visual_architecture", architecture), ("preprocess", preprocess), ("precision", precision)):
+        if value is not None:
+            record[key] = value
     return record
 
 
@@ -89,26 +117,70 @@ class MissingEmbeddings(ValueError):
     pass
 
 
+class BadSample(ValueError):
+    """One sample's member is well-formed but unusable: the sample is skipped and counted under ``kind``
+    (``decode.SkipBadSamples``), not a reason to stop training."""
+
+    def __init__(self, message, kind=None):
+        super().__init__(message)
+        self.kind = kind
+
+
+def json_record(sample, key):
+    """The ``key`` object in the sample's decoded ``.json`` (None where there is none); BadSample where the
+    json or the record is not a JSON object."""
+    meta = sample.get("json")
+    if meta is None:
+        return None
+    if not isinstance(meta, dict):
+        raise BadSample(f"its json is a {type(meta).__name__}, not an object", "json not an object")
+    record = meta.get(key)
+    if record is not None and not isinstance(record, dict):
+        raise BadSample(f"its json's '{key}' is a {type(record).__name__}, not an object", f"{key} not an object")
+    return record
+
+
+# preprocess_cfg key -> the open_clip_train flag that sets it
+PREPROCESS_FLAGS = {"size": "--force-image-size", "mean": "--image-mean", "std": "--image-std",
+                    "interpolation": "--image-interpolation", "resize_mode": "--image-resize-mode"}
+
+
 class CachedImageEmbedding:
     """Decode stage: ``sample["image"]`` = the stored embedding, after checking who made it.
 
     ``expected_sha256`` is the training model's ``visual_fingerprint``, taken in the training
     ``precision``; a sample made with other image weights (another model, another pretrained tag, a
-    fine-tuned tower) stops training.
+    fine-tuned tower), another tower architecture (``expected_architecture``) or another image transform
+    (``expected_preprocess``) stops training. Records without the architecture or the transform (older
+    shards) are used, with one log line per data worker saying what was not checked.
     """
 
-    def __init__(self, expected_sha256, expected_label="", precision="fp32"):
+    def __init__(self, expected_sha256, expected_label="", precision="fp32", expected_architecture=None,
+                 expected_preprocess=None):
         self.expected_sha256 = expected_sha256
         self.expected_label = expected_label
         self.precision = precision
+        self.expected_architecture = expected_architecture
+        self.expected_preprocess = expected_preprocess
+        self.unchecked = set()  # fields already reported as not recorded
 
     def __call__(self, sample):
         url = sample.get("__url__", "?")
-        record = (sample.get("json") or {}).get(METADATA_KEY)
+        record = json_record(sample, METADATA_KEY)
         if record is None:
             raise MissingEmbeddings(
                 f"shard {url}: sample '{sample.get('__key__')}' has {EMBEDDING_FIELD} but no "
                 f"'{METADATA_KEY}' record in its json; re-run scripts/embed_images.py on it")
+        self.check_weights(url, record)
+        self.check_architecture(url, record)
+        self.check_preprocess(url, record)
+        sample["image"] = torch.from_numpy(np.ascontiguousarray(sample[EMBEDDING_FIELD]))
+        return sample
+
+    def made_by(self, record):
+        return f"model '{record.get('model')}' pretrained '{record.get('pretrained')}'"
+
+    def check_weights(self, url, record):
         stored = expected_fingerprint(record, self.precision)
         if stored is None:
             raise EmbeddingMismatch(
@@ -117,10 +189,45 @@ class CachedImageEmbedding:
                 f"scripts/embed_images.py on it, or train with --precision amp_bf16, amp or fp32")
         if stored != self.expected_sha256:
             raise EmbeddingMismatch(
-                f"shard {url} holds image embeddings of model '{record.get('model')}' pretrained "
-                f"'{record.get('pretrained')}' (visual weights sha256 {str(stored)[:12]} in --precision "
-                f"{self.precision}), but this run's image tower {self.expected_label}has sha256 "
-                f"{self.expected_sha256[:12]}: re-embed with scripts/embed_images.py for this model, "
-                f"or drop --image-embeddings")
-        sample["image"] = torch.from_numpy(np.ascontiguousarray(sample[EMBEDDING_FIELD]))
-        return sample
+                f"shard {url} holds image embeddings of {self.made_by(record)} (visual weights sha256 "
+                f"{str(stored)[:12]} in --precision {self.precision}), but this run's image tower "
+                f"{self.expected_label}has sha256 {self.expected_sha256[:12]}: re-embed with "
+                f"scripts/embed_images.py for this model, or drop --image-embeddings")
+
+    def not_recorded(self, url, field, what):
+        """True (and one log line per data worker) when the record has no ``field``."""
+        if field is None:
+            return False
+        if field not in self.unchecked:
+            self.unchecked.add(field)
+            logging.warning(f"ParaCLIP: shard {url}: its image embeddings record no {what} (made by an older "
+                            f"scripts/embed_images.py), so it can't be checked against this run's; re-run "
+                            f"scripts/embed_images.py on it to have it checked")
+        return True
+
+    def check_architecture(self, url, record):
+        stored = record.get("visual_architecture")
+        if self.expected_architecture is None or (stored is None and self.not_recorded(
+                url, "visual_architecture", "image tower architecture")):
+            return
+        if stored != self.expected_architecture:
+            raise EmbeddingMismatch(
+                f"shard {url} holds image embeddings of {self.made_by(record)} with image tower architecture "
+                f"sha256 {str(stored)[:12]}, but this run's image tower {self.expected_label}has the same weights "
+                f"in architecture sha256 {self.expected_architecture[:12]} (another activation such as QuickGELU "
+                f"vs GELU: --force-quick-gelu or a '-quickgelu' model name, or other layer settings): train with "
+                f"the model the embeddings were made with, or re-embed with scripts/embed_images.py for this one")
+
+    def check_preprocess(self, url, record):
+        stored = record.get("preprocess")
+        if self.expected_preprocess is None or (stored is None and self.not_recorded(
+                url, "preprocess", "image transform")):
+            return
+        for key in sorted(set(stored) & set(self.expected_preprocess)):  # a key only one side has: unknown
+            if stored.get(key) != self.expected_preprocess.get(key):
+                flag = PREPROCESS_FLAGS.get(key, f"the image transform's '{key}'")
+                raise EmbeddingMismatch(
+                    f"shard {url} holds image embeddings made with image transform {key} "
+                    f"{stored.get(key)!r}, but this run's {flag} gives {self.expected_preprocess.get(key)!r}: "
+                    f"train with the transform the embeddings were made with (drop or change {flag}), or "
+                    f"re-embed with scripts/embed_images.py")

@@ -17,7 +17,7 @@ from paraclip_plugin.train.attention import enable_causal_attention
 from paraclip_plugin.shards import IMAGE_EXTENSIONS, SIZES_FILE
 from paraclip_plugin.train.decode import (compact_decode_stages, first_sample_fields, is_compact, local_path,
                                          paraclip_decode_stages, shard_size_stages)
-from paraclip_plugin.train.embeddings import visual_fingerprint
+from paraclip_plugin.train.embeddings import preprocess_config, visual_architecture, visual_fingerprint
 from paraclip_plugin.train.loss import DEFAULT_TERMS, ParaCLIPLoss, parse_terms, parse_weights
 from paraclip_plugin.train.model import enable_paraphrase_forward, freeze_visual
 
@@ -54,7 +54,8 @@ def add_arguments(parser):
         "--image-embeddings", action="store_true", default=False,
         help="With --paraclip-loss: read the image features stored in the shards (img_emb.npy, or the .pcl "
              "member of compact shards; scripts/embed_images.py) instead of decoding images and running the frozen "
-             "image tower. Embeddings made with other image weights are refused. No image augmentation. "
+             "image tower. Embeddings made with other image weights, another image tower architecture or another image "
+             "transform (--image-mean, --image-std, ...) are refused. No image augmentation. "
              "--val-data shards with images are read as stock open_clip reads them (through the frozen tower).")
     group.add_argument(
         "--text-trimming", action=argparse.BooleanOptionalAction, default=True,
@@ -211,12 +212,21 @@ def wds_decode_stages(args, preprocess_img, tokenizer, is_train):
         logging.info(f"ParaCLIP: reading cached image embeddings; image tower sha256 "
                      f"{_frozen_visual['visual_sha256']} ({args.model}, pretrained {args.pretrained}, "
                      f"precision {args.precision}).")
+    visual = _frozen_visual["visual"]
     checks = dict(embedding_sha256=_frozen_visual["visual_sha256"],
                   embedding_label=f"('{args.model}', pretrained '{args.pretrained}') ",
-                  embedding_dim=getattr(_frozen_visual["visual"], "output_dim", None), precision=args.precision)
+                  embedding_dim=getattr(visual, "output_dim", None), precision=args.precision,
+                  expected_architecture=visual_architecture(visual), expected_preprocess=preprocess_config(visual),
+                  first_shard=first_shard(args.train_data) if is_train else None)
     if is_compact(fields):
         return shard_size_stages(args, is_train) + compact_decode_stages(tokenizer, **checks)
     return shard_size_stages(args, is_train) + paraclip_decode_stages(preprocess_img, tokenizer, **checks)
+
+
+def first_shard(shards):
+    """The first shard URL of a --train-data value (named in errors about mixing shard kinds)."""
+    urls, _ = expand_urls(shards) if shards else ([], None)
+    return urls[0] if urls else None
 
 
 def keep_torch_logs(args):

@@ -19,7 +19,8 @@ import hashlib
 import numpy as np
 import torch
 
-from paraclip_plugin.shards import CAPTION, METADATA, PARA1, PARA2
+from paraclip_plugin.shards import CAPTION, PARA1, PARA2
+from paraclip_plugin.train.embeddings import BadSample, json_record
 
 TOKENS_FIELD = "tokens.npy"
 METADATA_KEY = "paraclip_tokens"
@@ -27,6 +28,35 @@ TEXT_FIELDS = (CAPTION, PARA1, PARA2)
 
 # probe texts for the fingerprint: plain words, punctuation, numbers, non-ASCII, a long run
 PROBES = ["a photo of a cat.", "Two DOGS, 3 birds & one über-café!", "東京の夜景", "word " * 100]
+
+
+def text_problem(field, data):
+    """Why training skips a caption/paraphrase (not UTF-8, empty or white space only), or None."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"{field} is not UTF-8"
+    return None if text.strip() else f"{field} is empty"
+
+
+def texts_problem(sample):
+    """The first reason training would skip the sample's three texts (a missing one, ``text_problem``), or None."""
+    for field in TEXT_FIELDS:
+        problem = f"missing {field}" if field not in sample else text_problem(field, sample[field])
+        if problem:
+            return problem
+    return None
+
+
+def tokenizer_vocab_size(tokenizer):
+    """How many token ids the tokenizer has (open_clip's SimpleTokenizer, or the HF tokenizer it wraps), or None."""
+    size = getattr(tokenizer, "vocab_size", None)
+    if size is None and hasattr(tokenizer, "tokenizer"):
+        try:
+            size = len(tokenizer.tokenizer)
+        except TypeError:
+            return None
+    return size
 
 
 def tokenizer_pad_id(tokenizer):
@@ -68,7 +98,9 @@ class TextTokens:
     """Decode stage: ``sample["texts"]`` = [3, context] ids of caption, para1, para2.
 
     From ``tokens.npy`` when its record matches this tokenizer, else by tokenizing the texts; with
-    ``stored_only`` (compact shards, which hold no texts) a mismatch stops training instead.
+    ``stored_only`` (compact shards, which hold no texts) a mismatch stops training instead. Stored ids
+    that are not [3, n] integers with 1 <= n <= context and every id in the vocabulary raise ``BadSample``
+    (skipped and counted: ``decode.SkipBadSamples``).
     """
 
     def __init__(self, tokenizer, stored_only=False):
@@ -77,21 +109,40 @@ class TextTokens:
         self.fingerprint = tokenizer_fingerprint(tokenizer)
         self.pad_id = tokenizer_pad_id(tokenizer)
         self.context_length = int(tokenizer([""]).shape[1])
+        self.vocab_size = tokenizer_vocab_size(tokenizer)
         self.stored_used = self.tokenized = 0
 
     def matches(self, sample):
-        record = (sample.get(METADATA) or {}).get(METADATA_KEY)
+        record = json_record(sample, METADATA_KEY)
         return TOKENS_FIELD in sample and record is not None and record.get("fingerprint") == self.fingerprint
+
+    def ids_problem(self, ids):
+        """Why stored ids can't be used (wrong shape, dtype or range), or None."""
+        if not isinstance(ids, np.ndarray) or not np.issubdtype(ids.dtype, np.integer):
+            return f"not integer ids ({getattr(ids, 'dtype', type(ids).__name__)})", "dtype"
+        if ids.ndim != 2 or ids.shape[0] != len(TEXT_FIELDS) or not 1 <= ids.shape[1] <= self.context_length:
+            return (f"shape {ids.shape}, expected ({len(TEXT_FIELDS)}, n) with 1 <= n <= the context "
+                    f"length {self.context_length}"), "shape"
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or (self.vocab_size is not None and high >= self.vocab_size):
+            return f"ids from {low} to {high}, outside the tokenizer's vocabulary [0, {self.vocab_size})", "ids"
+        return None
+
+    def stored(self, sample):
+        ids = sample[TOKENS_FIELD]
+        problem = self.ids_problem(ids)
+        if problem is not None:
+            raise BadSample(f"{TOKENS_FIELD} has {problem[0]}", f"{TOKENS_FIELD} bad {problem[1]}")
+        texts = np.full((len(TEXT_FIELDS), self.context_length), self.pad_id, dtype=np.int64)
+        texts[:, :ids.shape[1]] = ids
+        return torch.from_numpy(texts)
 
     def __call__(self, sample):
         if self.matches(sample):
-            ids = sample[TOKENS_FIELD]
-            texts = np.full((len(TEXT_FIELDS), self.context_length), self.pad_id, dtype=np.int64)
-            texts[:, :ids.shape[1]] = ids
-            sample["texts"] = torch.from_numpy(texts)
+            sample["texts"] = self.stored(sample)
             self.stored_used += 1
         elif self.stored_only:
-            record = (sample.get(METADATA) or {}).get(METADATA_KEY) or {}
+            record = json_record(sample, METADATA_KEY) or {}
             raise TokenizerMismatch(
                 f"shard {sample.get('__url__', '?')}: sample '{sample.get('__key__')}' holds token ids of "
                 f"tokenizer '{record.get('tokenizer')}' (context {record.get('context_length')}), not of this "
