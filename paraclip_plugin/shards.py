@@ -16,6 +16,7 @@ shard under its final name and ``sizes.json`` stays correct when several jobs wr
 import contextlib
 import errno
 import fcntl
+import itertools
 import json
 import os
 import tempfile
@@ -88,20 +89,22 @@ def replace_durably(tmp, path):
 @contextlib.contextmanager
 def atomic_file(path, mode="wb"):
     """Open ``path + ".partial"`` (locked: see ``_open_locked``); fsync and rename it to ``path`` on success
-    (and fsync the folder), remove it on any error."""
+    (and fsync the folder), remove it on any error; the lock is released only after either."""
     tmp = partial_path(path)
     stream = os.fdopen(_open_locked(tmp, path), mode)
+    # The lock is held until the rename (or removal) is done: a second writer that takes it after
+    # us finds ``tmp`` gone (``_open_locked`` then makes a new one), never our finished file to empty.
     try:
         yield stream
         stream.flush()
         os.fsync(stream.fileno())
-        stream.close()
         replace_durably(tmp, path)
     except BaseException:
-        stream.close()
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+    finally:
+        stream.close()
 
 
 @contextlib.contextmanager
@@ -128,9 +131,10 @@ def current_umask():
     return mask
 
 
-def atomic_write_bytes(path, data, mode=None, prefix=".tmp-"):
-    """Write a small file by write-to-temp + rename (fsync-ed, folder too); a unique temp name (``prefix``), so
-    concurrent writers are safe. ``mode``: default what open() gives under the umask (mkstemp's 0600 would
+@contextlib.contextmanager
+def _fsynced_temp(path, data, mode, prefix):
+    """A temp file next to ``path`` (unique name: ``prefix``) holding ``data``, fsync-ed, for the body to rename
+    or link; removed on an error. ``mode``: default what open() gives under the umask (mkstemp's 0600 would
     hide sizes.json from the group's other jobs)."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=os.path.basename(path))
@@ -140,11 +144,34 @@ def atomic_write_bytes(path, data, mode=None, prefix=".tmp-"):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        replace_durably(tmp, path)
+        yield tmp
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def atomic_write_bytes(path, data, mode=None, prefix=".tmp-"):
+    """Write a small file by write-to-temp + rename (fsync-ed, folder too); a unique temp name (``prefix``), so
+    concurrent writers are safe."""
+    with _fsynced_temp(path, data, mode, prefix) as tmp:
+        replace_durably(tmp, path)
+
+
+def atomic_create_text(path, text):
+    """Write a new small file atomically, never replacing one: ``path`` if free, else ``<stem>-2<ext>``,
+    ``-3``... (a hard link claims the name, so two writers at once never take the same). Returns the path."""
+    stem, ext = os.path.splitext(path)
+    with _fsynced_temp(path, text.encode(), None, ".tmp-") as tmp:
+        for n in itertools.count(1):
+            candidate = path if n == 1 else f"{stem}-{n}{ext}"
+            try:
+                os.link(tmp, candidate)
+            except FileExistsError:
+                continue
+            os.remove(tmp)
+            fsync_dir(os.path.dirname(os.path.abspath(candidate)))
+            return candidate
 
 
 def atomic_write_text(path, text):

@@ -7,7 +7,7 @@ import time
 
 from test_paraphrase_cli import cli
 from test_paraphrase_pipeline import input_captions
-from test_paraphrase_support import samples_of, server, write_input_shards  # noqa: F401
+from test_paraphrase_support import samples_of, server, write_input_shards, write_samples  # noqa: F401
 
 BATCH = ("--backend", "openai-batch", "--batch-poll-interval", "0.05", "--batch-max-requests", "5")
 
@@ -155,3 +155,22 @@ def texts_of_a_run_without_stops(server, pattern, out):
     rc, _, stderr = cli(server, pattern, out, *BATCH)
     assert rc == 0, stderr
     return texts(out)
+
+
+def test_the_batch_prefill_keeps_and_refuses_the_samples_the_run_does(server, tmp_path):
+    jpg = b"\xff\xd8jpg"
+    good = ("000001", {"jpg": jpg, "txt": b"a red car parked near the old house"})
+    no_image = ("000002", {"txt": b"a caption whose image failed to download"})  # dropped by the run: never paid
+    write_samples(tmp_path / "in" / "00000.tar", [good, no_image])
+    rc, _, stderr = cli(server, str(tmp_path / "in" / "00000.tar"), tmp_path / "out", *BATCH)
+    assert rc == 0, stderr
+    prompts = [json.loads(line)["body"]["messages"][0]["content"] for lines in request_files(server).values()
+               for line in lines]
+    assert len(prompts) == server.requests == 2 and not any("failed to download" in p for p in prompts)
+
+    latin1 = ("000003", {"jpg": jpg, "txt": b"caf\xe9 tables on a sunny street corner"})  # not UTF-8
+    write_samples(tmp_path / "bad" / "00000.tar", [good, no_image, latin1])
+    before = len(server.files)
+    rc, _, stderr = cli(server, str(tmp_path / "bad" / "00000.tar"), tmp_path / "out2", *BATCH)
+    assert rc != 0 and "bad/00000.tar: sample '000003': unreadable txt/json member" in stderr.splitlines()[-1]
+    assert len(server.files) == before and server.requests == 2  # nothing uploaded, submitted or paid

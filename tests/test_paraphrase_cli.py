@@ -1,11 +1,16 @@
 """scripts/make_shards.py as users run it: a subprocess talking HTTP to the local server."""
+import fcntl
+import gzip
 import json
 import os
 import signal
 import subprocess
 import time
 
-from test_paraphrase_support import MAKE_SHARDS, PYTHON, read_tar, samples_of, server, write_input_shards  # noqa: F401
+import pytest
+
+from test_paraphrase_support import (MAKE_SHARDS, PYTHON, read_tar, samples_of, server, write_input_shards,  # noqa: F401
+                                     write_samples)
 
 SENTINEL_KEY = "sk-SENTINEL-4e1f0c9a-never-write-me"
 
@@ -152,3 +157,91 @@ def test_sbatch_example_logs_where_slurm_can_open_and_splits_explicitly(monkeypa
     assert (args.num_jobs, args.job_index, args.backend) == (32, 17, "vllm")
     paths = [f"{i:05d}.tar" for i in range(100)]
     assert split_for_job(paths, args.num_jobs, args.job_index) == ["00017.tar", "00049.tar", "00081.tar"]
+
+
+def test_a_second_run_on_an_output_being_written_stops_before_any_request(server, tmp_path):
+    pattern = write_input_shards(tmp_path / "in", num_shards=2, per_shard=6)
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / "00000.tar.partial", "wb") as held:  # another run is writing 00000.tar
+        fcntl.flock(held, fcntl.LOCK_EX)
+        rc, _, stderr = cli(server, pattern, out)
+        assert rc != 0 and "00000.tar: another process is writing it now" in stderr.splitlines()[-1]
+        assert server.requests == 0  # stopped at once: not after paying for the shard, nor going on to 00001
+        assert (out / "00000.tar.partial").exists() and not list(out.glob("*.tar"))
+
+
+def test_compressed_tar_inputs_are_written_as_uncompressed_tar(server, tmp_path):
+    pattern = write_input_shards(tmp_path / "plain", num_shards=1, per_shard=6)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "00000.tar.gz").write_bytes(gzip.compress((tmp_path / "plain" / "00000.tar").read_bytes()))
+    rc, _, stderr = cli(server, pattern, tmp_path / "reference")
+    assert rc == 0, stderr
+    out = tmp_path / "out"
+    rc, _, stderr = cli(server, str(tmp_path / "in" / "00000.tar.gz"), out)
+    assert rc == 0, stderr
+    assert sorted(p.name for p in out.glob("00000*")) == ["00000.tar"]
+    assert (out / "00000.tar").read_bytes()[:2] != b"\x1f\x8b"  # not gzip: what a .tar name promises
+    assert read_tar(out / "00000.tar") == read_tar(tmp_path / "reference" / "00000.tar")
+    assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": len(samples_of(out / "00000.tar"))}
+    (out / "sizes.json").unlink()  # a job killed before its sizes.json update: the rerun skips and counts the shard
+    paid = server.requests
+    rc, _, stderr = cli(server, str(tmp_path / "in" / "00000.tar.gz"), out)
+    assert rc == 0 and server.requests == paid
+    assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": len(samples_of(out / "00000.tar"))}
+
+
+def test_two_inputs_with_one_output_name_are_refused_naming_both(server, tmp_path):
+    (tmp_path / "part1.txt").write_text("a red car parked near the old house\n")
+    (tmp_path / "part1.jsonl").write_text(json.dumps({"caption": "a yellow bird sitting on a wire"}) + "\n")
+    rc, _, stderr = cli(server, str(tmp_path / "part1.*"), tmp_path / "out")
+    assert rc != 0 and server.requests == 0 and not (tmp_path / "out").exists()
+    assert (f"error: {tmp_path}/part1.jsonl and {tmp_path}/part1.txt: both inputs would be written to the output "
+            "'part1.jsonl'") in stderr
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--concurrency", "0"), ("--max-attempts", "0"), ("--max-tokens", "0"), ("--num-jobs", "0"), ("--job-index", "-1"),
+    ("--timeout", "-1"), ("--timeout", "nan"), ("--max-retries", "-1"), ("--max-wait", "-1"), ("--top-p", "0"),
+    ("--top-p", "1.5"), ("--temperature", "-0.5"), ("--min-words", "0"), ("--max-words", "0"),
+    ("--max-length-ratio", "0"), ("--max-refused-fraction", "1.5"), ("--malformed-retries", "-1"),
+    ("--price-per-1k-prompt", "-1"), ("--batch-poll-interval", "0"), ("--batch-max-requests", "0"),
+    ("--batch-max-bytes", "0"), ("--batch-rounds", "0"), ("--batch-discount", "-1"), ("--tensor-parallel-size", "0"),
+    ("--max-model-len", "0"), ("--gpu-memory-utilization", "1.5"),
+])
+def test_numeric_flags_out_of_range_are_refused_naming_the_flag(flag, value, capsys):
+    from paraclip_plugin.paraphrase.cli import parse_args
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["--input", "x.tar", "--output", "out", "--model", "m", "--num-jobs", "1", "--job-index", "0",
+                    flag, value])
+    assert stop.value.code == 2 and f"argument {flag}: must be " in capsys.readouterr().err
+
+
+def test_min_words_above_max_words_is_refused(capsys):
+    from paraclip_plugin.paraphrase.cli import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(["--input", "x.tar", "--output", "out", "--model", "m", "--min-words", "9", "--max-words", "3"])
+    assert "--min-words 9 is above --max-words 3" in capsys.readouterr().err
+
+
+def test_a_stopped_run_writes_its_stats_and_never_replaces_anothers(server, tmp_path):
+    write_input_shards(tmp_path / "in", num_shards=1, per_shard=6)
+    write_samples(tmp_path / "in" / "00001.tar", [("k", {"jpg": b"\xff\xd8", "txt": b"caf\xe9 tables on a street"})])
+    out = tmp_path / "out"
+    # Stats files another run wrote in the coming seconds (names go down to the second): never replaced.
+    (out / "stats").mkdir(parents=True)
+    now = time.time()
+    others = [out / "stats" / f"{time.strftime('%Y%m%dT%H%M%S', time.localtime(now + s))}-job0of1.json"
+              for s in range(-1, 60)]
+    for path in others:
+        path.write_text("another run's stats")
+    rc, _, stderr = cli(server, str(tmp_path / "in" / "{00000..00001}.tar"), out,
+                        "--price-per-1k-prompt", "1", "--price-per-1k-completion", "1")
+    assert rc != 0 and "00001.tar: sample 'k': unreadable txt/json member" in stderr  # after paying for 00000
+    assert all(path.read_text() == "another run's stats" for path in others)
+    (written,) = set((out / "stats").iterdir()) - set(others)
+    assert written.name.endswith("-job0of1-2.json") and str(written) in stderr
+    stats = json.loads(written.read_text())
+    assert stats["status"] == "failed" and stats["error"].startswith("InputError: ") and "00001.tar" in stats["error"]
+    assert stats["requests"] == server.requests > 0 and stats["estimated_cost_usd"] > 0
+    assert stats["shards_written"] == 1 and (out / "00000.tar").exists()

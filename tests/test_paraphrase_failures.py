@@ -5,6 +5,7 @@ Numbers refer to issue 9's cases: (1) systematic refusals, (2) finish_reason, (3
 (7) the API key's host.
 """
 import json
+import os
 
 import pytest
 
@@ -17,7 +18,7 @@ from paraclip_plugin.paraphrase.local_server import (OPENAI_MAX_TOKENS_ERROR, Lo
 from paraclip_plugin.paraphrase.prompts import PromptSet
 from test_paraphrase_cli import SENTINEL_KEY, cli, tar_contents
 from test_paraphrase_pipeline import make_generator, run
-from test_paraphrase_support import read_tar, samples_of, server, write_input_shards  # noqa: F401
+from test_paraphrase_support import read_tar, samples_of, server, write_input_shards, write_samples  # noqa: F401
 
 
 def no_traceback(stderr):
@@ -75,6 +76,46 @@ def test_a_model_whose_every_answer_is_unusable_writes_no_empty_shard(server, tm
     assert rc != 0 and no_traceback(stderr)
     assert "00000.tar: every kept sample was dropped (step1_empty, step1_refusal)" in stderr
     assert not list(out.glob("*.tar")) and not (out / "sizes.json").exists()
+
+
+def declined_shard(path, caption):
+    """A small input whose one kept caption the model declines (the other sample is too short to keep)."""
+    return write_samples(path, [("000000", {"jpg": b"\xff\xd8", "txt": caption.encode()}),
+                                ("000001", {"jpg": b"\xff\xd8", "txt": b"ok"})])
+
+
+def test_an_input_whose_every_sample_is_dropped_is_listed_and_the_others_are_written(server, tmp_path):
+    declined = "an explicit photo that the model declines"
+    declined_shard(tmp_path / "in" / "00000.tar", declined)
+    write_input_shards(tmp_path / "other", num_shards=1, per_shard=6)
+    os.rename(tmp_path / "other" / "00000.tar", tmp_path / "in" / "00001.tar")
+    server.refuse_text(declined, times=10 ** 6)  # "I'm sorry, but I can't help with that", every attempt
+    out, pattern = tmp_path / "out", str(tmp_path / "in" / "{00000..00001}.tar")
+    for attempt in range(2):
+        rc, _, stderr = cli(server, pattern, out, "--stats", str(tmp_path / f"stats{attempt}.json"))
+        assert rc != 0 and no_traceback(stderr)
+        assert (f"error: 1 of 2 inputs could not be written (the others are): {tmp_path}/in/00000.tar: every kept "
+                "sample was dropped (step1_refusal)") in stderr.splitlines()[-1]
+        assert sorted(p.name for p in out.glob("*.tar*")) == ["00001.tar"]  # never an empty 00000.tar
+        assert json.loads((out / "sizes.json").read_text()) == {"00001.tar": len(samples_of(out / "00001.tar"))}
+        stats = json.loads((tmp_path / f"stats{attempt}.json").read_text())
+        assert stats["status"] == "incomplete" and list(stats["failed_inputs"]) == [f"{tmp_path}/in/00000.tar"]
+        if attempt == 0:
+            paid = server.requests
+    assert server.requests == paid  # the rerun replayed the declined answers from the cache
+    assert stats["shards_skipped"] == 1 and stats["requests"] == 0
+
+
+def test_inputs_failing_one_after_another_stop_the_job(server, tmp_path):
+    for i in range(4):
+        declined_shard(tmp_path / "in" / f"{i:05d}.tar", f"declined caption number {i} of the job")
+    server.refuse_text("declined caption", times=10 ** 6)  # as a wrong chat template would make every answer
+    rc, _, stderr = cli(server, str(tmp_path / "in" / "*.tar"), tmp_path / "out", "--stats", str(tmp_path / "s.json"))
+    assert rc != 0 and no_traceback(stderr)
+    assert "3 inputs in a row could not be written, a systematic fault: stopping" in stderr
+    assert not any("number 3" in p for _, p, _ in server.log)  # the fourth input was never paid for
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert stats["status"] == "failed" and len(stats["failed_inputs"]) == 3
 
 
 def test_one_refused_caption_is_dropped_and_the_job_goes_on(server, tmp_path):

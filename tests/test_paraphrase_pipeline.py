@@ -4,14 +4,15 @@ import os
 
 import pytest
 
-from paraclip_plugin.paraphrase import cleaning
+from paraclip_plugin.paraphrase import cleaning, pipeline
 from paraclip_plugin.paraphrase.backends.openai_backend import OpenAIBackend
 from paraclip_plugin.paraphrase.cache import CompletionCache
 from paraclip_plugin.paraphrase.inputs import expand_inputs
 from paraclip_plugin.paraphrase.local_server import raw_reply
 from paraclip_plugin.paraphrase.pipeline import GenerationOptions, ParaphraseGenerator
 from paraclip_plugin.paraphrase.prompts import PromptSet
-from test_paraphrase_support import read_tar, samples_of, server, write_input_shards  # noqa: F401
+from paraclip_plugin.paraphrase.shard_io import InputError
+from test_paraphrase_support import read_tar, samples_of, server, write_input_shards, write_samples  # noqa: F401
 
 MODEL = "local-paraphraser"
 
@@ -210,3 +211,47 @@ def test_exhausted_retries_stop_the_job_without_writing_a_shard(server, tmp_path
     generator.backend.close()
     assert server.requests == 2  # one try + one client retry
     assert not list((tmp_path / "out").glob("*.tar*"))
+
+
+JPG = b"\xff\xd8jpg"
+GOOD = ("000000", {"jpg": JPG, "txt": b"a red car parked near the old house"})
+
+
+@pytest.mark.parametrize("samples, message", [
+    ([GOOD, ("000001", {"jpg": JPG, "txt": b"a small boat on a calm lake"}), ("000000", {"jpg": JPG, "txt": b"a tree"})],
+     r"sample key '000000' occurs twice, apart"),
+    ([GOOD, ("000000", {"txt": b"a tall green tree in a sunny park"})], r"sample '000000' has two 'txt' members"),
+    ([GOOD, ("000001", {"jpg": JPG, "txt": b"a small boat on a calm lake", "json": b"[1, 2]"})],
+     r"sample '000001': its json member is list, not a JSON object"),
+    ([GOOD, ("000001", {"jpg": JPG, "txt": b"a small boat on a calm lake", "json": b"null"})],
+     r"sample '000001': its json member is NoneType, not a JSON object"),
+])
+def test_bad_samples_stop_the_job_naming_file_and_sample_before_any_request(server, tmp_path, samples, message):
+    pattern = write_samples(tmp_path / "in" / "00000.tar", samples)
+    with pytest.raises(InputError, match=rf"in/00000\.tar: {message}"):
+        run(server, tmp_path, pattern)
+    assert server.requests == 0
+    assert os.listdir(tmp_path / "out") == []  # no shard, no .partial, no sizes.json
+
+
+def test_an_output_another_run_finished_before_we_took_its_lock_is_skipped(server, tmp_path, monkeypatch):
+    pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=6)
+    run(server, tmp_path, pattern, out="other")
+    finished = (tmp_path / "other" / "00000.tar").read_bytes()
+    paid = server.requests
+    real = pipeline.atomic_file
+
+    def other_run_renames_its_shard_first(path, *args):
+        with open(path, "wb") as f:  # the other run's rename, between our exists-check and our lock
+            f.write(finished)
+        return real(path, *args)
+
+    monkeypatch.setattr(pipeline, "atomic_file", other_run_renames_its_shard_first)
+    (tmp_path / "fresh").mkdir()  # a cache of its own: everything would be paid for again
+    _, stats = run(server, tmp_path / "fresh", pattern)
+    out = tmp_path / "fresh" / "out"
+    assert server.requests == paid and stats["requests"] == 0
+    assert (stats["shards_written"], stats["shards_skipped"]) == (0, 1)
+    assert (out / "00000.tar").read_bytes() == finished and sorted(os.listdir(out)) == [
+        ".sizes.json.lock", "00000.tar", "sizes.json"]  # no .partial left
+    assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": len(samples_of(out / "00000.tar"))}

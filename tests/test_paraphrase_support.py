@@ -47,21 +47,31 @@ def write_input_shards(folder, num_shards=3, per_shard=12, seed=0, with_json=Tru
     """img2dataset layout: ``<key>.jpg``, ``<key>.txt``, ``<key>.json`` per sample. Returns the pattern."""
     rng = random.Random(seed)
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     index = 0
     for s in range(num_shards):
-        with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
-            for caption in make_captions(rng, per_shard):
-                key = f"{s:05d}{index:04d}"
-                members = {"jpg": jpeg_bytes(rng), "txt": caption.encode()}
-                if with_json:
-                    members["json"] = json.dumps({"key": key, "url": f"http://x/{index}.jpg"}).encode()
-                for ext, data in members.items():
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-                index += 1
+        samples = []
+        for caption in make_captions(rng, per_shard):
+            key = f"{s:05d}{index:04d}"
+            members = {"jpg": jpeg_bytes(rng), "txt": caption.encode()}
+            if with_json:
+                members["json"] = json.dumps({"key": key, "url": f"http://x/{index}.jpg"}).encode()
+            samples.append((key, members))
+            index += 1
+        write_samples(folder / f"{s:05d}.tar", samples)
     return str(folder / ("{" + f"00000..{num_shards - 1:05d}" + "}.tar"))
+
+
+def write_samples(path, samples):
+    """A tar of ``[(key, {ext: bytes})]``, members in that order (a key given twice is written twice). Returns it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
 
 
 def read_tar(path):

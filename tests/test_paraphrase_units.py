@@ -8,9 +8,12 @@ import pytest
 from paraclip_plugin.paraphrase import cleaning
 from paraclip_plugin.paraphrase.backends.base import Completion
 from paraclip_plugin.paraphrase.cache import CompletionCache, request_seed
-from paraclip_plugin.paraphrase.inputs import read_caption_file, slurm_job_defaults, split_for_job
+from paraclip_plugin.paraphrase.inputs import (expand_inputs, output_name, read_caption_file, slurm_job_defaults,
+                                               split_for_job)
 from paraclip_plugin.paraphrase.prompts import PAPER_VERSION, PromptSet, load_prompts
 from paraclip_plugin.paraphrase.shard_io import InputError, atomic_tar_writer, read_tar_samples
+from paraclip_plugin.shards import atomic_create_text
+from test_paraphrase_support import write_samples
 
 
 def test_prompts_are_the_papers_wording():
@@ -144,6 +147,52 @@ def test_caption_files_report_file_and_line(tmp_path):
         read_caption_file(str(bad))
 
 
+def test_a_caption_file_that_is_not_utf8_names_the_line_and_the_byte_offset(tmp_path):
+    # Far past the text reader's buffer (8 KiB), whose own error counts from the buffer, not the file.
+    head = "".join(f"a caption number {i} of the file\r\n" for i in range(3000)).encode()
+    path = tmp_path / "caps.txt"
+    path.write_bytes(head + b"caf\xe9 tables on a street\n")
+    offset = len(head) + 3
+    with pytest.raises(InputError, match=rf"caps\.txt:3001: not UTF-8 text: byte 0xe9 at offset {offset} of the file"):
+        read_caption_file(str(path))
+
+
+def test_output_names_and_inputs_that_would_share_one(tmp_path):
+    assert [output_name(f"/d/{n}") for n in ("a.tar", "a.tar.gz", "b.TGZ", "c.tar.xz", "d.txt", "e.jsonl")] == [
+        "a.tar", "a.tar", "b.tar", "c.tar", "d.jsonl", "e.jsonl"]
+    for first, second in (("part1.jsonl", "part1.txt"), ("00000.tar", "00000.tar.gz")):
+        for name in (first, second):
+            (tmp_path / name).write_bytes(b"")
+        with pytest.raises(InputError, match=rf"{first} and .*{second}: both inputs would be written to the "
+                                             rf"output '{output_name(second)}'"):
+            expand_inputs(f"{tmp_path}/{first}::{tmp_path}/{second}", output_name)
+        for name in (first, second):
+            (tmp_path / name).unlink()
+
+
+def test_a_sample_key_twice_is_an_error_naming_the_file_and_the_key(tmp_path):
+    jpg = b"\xff\xd8jpg"
+    apart = write_samples(tmp_path / "apart.tar", [("000001", {"jpg": jpg, "txt": b"a red car"}),
+                                                   ("000002", {"jpg": jpg, "txt": b"a boat"}),
+                                                   ("000001", {"jpg": jpg, "txt": b"a tree"})])
+    with pytest.raises(InputError, match=r"apart\.tar: sample key '000001' occurs twice, apart"):
+        list(read_tar_samples(apart))
+    twice = write_samples(tmp_path / "twice.tar", [("000003", {"jpg": jpg, "txt": b"a tree"}),
+                                                   ("000003", {"txt": b"a tall tree"})])
+    with pytest.raises(InputError, match=r"twice\.tar: sample '000003' has two 'txt' members"):
+        list(read_tar_samples(twice))
+
+
+def test_a_new_file_never_replaces_one(tmp_path):
+    path = str(tmp_path / "stats" / "run.json")
+    (tmp_path / "stats").mkdir()
+    assert atomic_create_text(path, "first") == path
+    assert atomic_create_text(path, "second") == str(tmp_path / "stats" / "run-2.json")
+    assert atomic_create_text(path, "third") == str(tmp_path / "stats" / "run-3.json")
+    assert [(p.name, p.read_text()) for p in sorted((tmp_path / "stats").iterdir())] == [
+        ("run-2.json", "second"), ("run-3.json", "third"), ("run.json", "first")]  # no temp file left
+
+
 def test_tar_round_trip_in_webdataset_layout(tmp_path):
     path = str(tmp_path / "s.tar")
     with atomic_tar_writer(path) as sink:
@@ -204,6 +253,30 @@ def test_a_second_writer_of_the_same_shard_is_refused_and_a_dead_writers_partial
     _write_one(path)
     assert [s["txt"] for s in read_tar_samples(path)] == [b"second"]
     assert not (tmp_path / "s.tar.partial").exists()
+
+
+def test_a_partial_stays_locked_until_it_is_renamed(tmp_path, monkeypatch):
+    """Released before the rename, the lock would let a second writer open the finished ``.partial`` and empty it
+    just before it became the output."""
+    import fcntl
+
+    from paraclip_plugin import shards
+    path = str(tmp_path / "s.tar")
+    locked_at_rename = []
+    real = shards.replace_durably
+
+    def rename(tmp, final):
+        with open(tmp, "rb") as other:  # another open file: as a second process's
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked_at_rename.append(False)
+            except BlockingIOError:
+                locked_at_rename.append(True)
+        real(tmp, final)
+
+    monkeypatch.setattr(shards, "replace_durably", rename)
+    _write_one(path)
+    assert locked_at_rename == [True] and [s["txt"] for s in read_tar_samples(path)] == [b"second"]
 
 
 def _write_one(path):

@@ -15,8 +15,13 @@ Keys never appear in logs, shards, the cache or the stats.
 Failures: a server that refuses requests systematically (most of a batch, or the job's first 8)
 stops the job with its own message and a non-zero exit, writing nothing for that input; a rerun
 redoes it. One refused caption, a content filter or a token-limit cut-off drops that sample by
-reason. 429/5xx/timeouts are retried by the openai client; a Retry-After beyond its 120 s cap is
-waited out up to --max-wait, then the job stops. Every stop keeps the cache: rerun to resume.
+reason. An input whose every kept sample is dropped is not written (never an empty output): the job
+goes on with the others and ends non-zero naming it (3 such inputs in a row stop the job). 429/5xx/
+timeouts are retried by the openai client; a Retry-After beyond its 120 s cap is waited out up to
+--max-wait, then the job stops. Bad input (a caption that is not UTF-8, a sample key twice, a .json
+that is not an object) stops the job naming the file and sample, before that input's first request.
+A second run given an output another run is writing stops before paying for it. Every stop keeps
+the cache and writes the stats (status "failed", the error): rerun to resume.
 """
 import argparse
 import os
@@ -28,25 +33,53 @@ import logging
 from ..extras import require_extra
 from .backends import GenerationError, make_backend
 from .cache import CompletionCache
-from .inputs import expand_inputs, slurm_job_defaults, split_for_job
-from .pipeline import GenerationOptions, ParaphraseGenerator
+from .inputs import expand_inputs, output_name, slurm_job_defaults, split_for_job
+from .pipeline import GenerationOptions, JobIncomplete, ParaphraseGenerator
 from .prompts import PromptSet, load_prompts
 from .shard_io import InputError
 from ..shards import OutputBusy, SizesFileError
+
+
+def _number(kind, low, high=None, low_open=False):
+    """An argparse ``type``: a ``kind`` (int or float) from ``low`` (excluded if ``low_open``) to ``high``; argparse
+    names the flag in its error."""
+    what = "an integer" if kind is int else "a number"
+    bounds = (f"in {'(' if low_open else '['}{low}, {high}]" if high is not None
+              else f"{'>' if low_open else '>='} {low}")
+
+    def parse(text):
+        value = kind(text)  # not a number: argparse's own "invalid int/float value" line
+        if not ((value > low if low_open else value >= low) and (high is None or value <= high)):  # NaN too
+            raise argparse.ArgumentTypeError(f"must be {what} {bounds}, not {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE_INT, NON_NEGATIVE_INT = _number(int, 1), _number(int, 0)
+POSITIVE, NON_NEGATIVE = _number(float, 0, low_open=True), _number(float, 0)
+FRACTION, OPEN_FRACTION = _number(float, 0, 1), _number(float, 0, 1, low_open=True)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="paraclip-make-shards", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("input / output")
     io.add_argument("--input", required=True,
-                    help="input shards (img2dataset .tar) or caption files (.txt one per line, .jsonl): "
-                         "brace patterns and globs, several joined with '::'")
-    io.add_argument("--output", required=True, help="output folder: one shard (or .jsonl) per input, same base name, + sizes.json")
+                    help="input shards (img2dataset .tar; .tar.gz/.tgz/.tar.bz2/.tar.xz read too) or caption files "
+                         "(.txt one per line, .jsonl): brace patterns and globs, several joined with '::'")
+    io.add_argument("--output", required=True,
+                    help="output folder: one shard (or .jsonl) per input, same base name (compressed tars are written "
+                         "as uncompressed .tar, caption files as .jsonl; two inputs with one output name are refused), "
+                         "+ sizes.json")
     io.add_argument("--caption-field", default="caption", help="caption field of .jsonl inputs")
     io.add_argument("--cache", default=None,
                     help="sqlite cache of completions (default OUTPUT/cache.sqlite); '{job_index}' is replaced, "
                          "for one file per job on file systems without POSIX locks")
-    io.add_argument("--stats", default=None, help="stats JSON of this run (default OUTPUT/stats/<time>-job<I>of<N>.json)")
+    io.add_argument("--stats", default=None,
+                    help="stats JSON of this run, written also when it stops (status, error) (default "
+                         "OUTPUT/stats/<time>-job<I>of<N>.json, never replacing one: -2, -3... added; a path given "
+                         "here is replaced)")
     io.add_argument("--export-sft", default=None, metavar="FILE",
                     help="also write the (prompt, paraphrase) pairs of every sample this job has written (also in "
                          "an earlier, stopped run) as chat-format JSONL for instruction tuning; '{job_index}' is "
@@ -61,17 +94,17 @@ def parse_args(argv=None):
     gen.add_argument("--prompts", default=None,
                      help='JSON file {"step1": "...{text}...", "step2": "...{text}...", "version": optional} '
                           "replacing the paper's prompts")
-    gen.add_argument("--temperature", type=float, default=1.0, help="paper: 1.0")
-    gen.add_argument("--top-p", type=float, default=0.1, help="paper: 0.1")
-    gen.add_argument("--max-tokens", type=int, default=512,
+    gen.add_argument("--temperature", type=NON_NEGATIVE, default=1.0, help="paper: 1.0")
+    gen.add_argument("--top-p", type=OPEN_FRACTION, default=0.1, help="paper: 0.1")
+    gen.add_argument("--max-tokens", type=POSITIVE_INT, default=512,
                      help="token limit per output (sent as --token-param); part of the cache key, like "
                           "--temperature, --top-p and --seed: changing one makes new requests")
-    gen.add_argument("--min-words", type=int, default=2, help="keep captions of at least this many words")
-    gen.add_argument("--max-words", type=int, default=15, help="keep captions of at most this many words")
-    gen.add_argument("--max-attempts", type=int, default=3, help="attempts per step before a rejected sample is dropped")
-    gen.add_argument("--max-length-ratio", type=float, default=3.0,
+    gen.add_argument("--min-words", type=POSITIVE_INT, default=2, help="keep captions of at least this many words")
+    gen.add_argument("--max-words", type=POSITIVE_INT, default=15, help="keep captions of at most this many words")
+    gen.add_argument("--max-attempts", type=POSITIVE_INT, default=3, help="attempts per step before a rejected sample is dropped")
+    gen.add_argument("--max-length-ratio", type=POSITIVE, default=3.0,
                      help="reject outputs longer than this times the input (+20 characters)")
-    gen.add_argument("--max-refused-fraction", type=float, default=0.5,
+    gen.add_argument("--max-refused-fraction", type=FRACTION, default=0.5,
                      help="stop the job when the server refuses (400/422) more than this fraction of a batch of "
                           ">= 4 requests (or the job's first 8): a systematic refusal, not one bad caption")
 
@@ -85,42 +118,44 @@ def parse_args(argv=None):
     api.add_argument("--token-param", choices=("auto", "max_tokens", "max_completion_tokens"), default="auto",
                      help="name of the token-limit field: auto sends max_completion_tokens to api.openai.com and "
                           "max_tokens elsewhere, and switches once if the server rejects the name")
-    api.add_argument("--concurrency", type=int, default=64, help="requests in flight")
-    api.add_argument("--timeout", type=float, default=60.0, help="seconds per request attempt")
-    api.add_argument("--max-retries", type=int, default=8,
+    api.add_argument("--concurrency", type=POSITIVE_INT, default=64, help="requests in flight")
+    api.add_argument("--timeout", type=POSITIVE, default=60.0, help="seconds per request attempt")
+    api.add_argument("--max-retries", type=NON_NEGATIVE_INT, default=8,
                      help="client retries of 429/5xx/timeouts (honours Retry-After up to 120 s)")
-    api.add_argument("--max-wait", type=float, default=900.0,
+    api.add_argument("--max-wait", type=NON_NEGATIVE, default=900.0,
                      help="seconds to wait out a rate limit whose Retry-After exceeds the client's 120 s, per "
                           "stretch of rate limiting; beyond it the job stops (rerun to resume)")
-    api.add_argument("--malformed-retries", type=int, default=5, help="retries of unparseable 200 responses")
-    api.add_argument("--price-per-1k-prompt", type=float, default=0.0, help="USD per 1k prompt tokens, for the cost estimate")
-    api.add_argument("--price-per-1k-completion", type=float, default=0.0, help="USD per 1k completion tokens")
+    api.add_argument("--malformed-retries", type=NON_NEGATIVE_INT, default=5, help="retries of unparseable 200 responses")
+    api.add_argument("--price-per-1k-prompt", type=NON_NEGATIVE, default=0.0, help="USD per 1k prompt tokens, for the cost estimate")
+    api.add_argument("--price-per-1k-completion", type=NON_NEGATIVE, default=0.0, help="USD per 1k completion tokens")
 
     bt = p.add_argument_group("openai-batch backend (also takes --base-url, --api-key-env, --token-param, "
                               "--timeout, --max-retries)")
-    bt.add_argument("--batch-poll-interval", type=float, default=60.0, help="seconds between status checks")
-    bt.add_argument("--batch-max-requests", type=int, default=50_000, help="requests per batch file (the API's limit)")
-    bt.add_argument("--batch-max-bytes", type=int, default=200_000_000, help="bytes per batch file (the API's limit)")
-    bt.add_argument("--batch-rounds", type=int, default=3,
+    bt.add_argument("--batch-poll-interval", type=POSITIVE, default=60.0, help="seconds between status checks")
+    bt.add_argument("--batch-max-requests", type=POSITIVE_INT, default=50_000, help="requests per batch file (the API's limit)")
+    bt.add_argument("--batch-max-bytes", type=POSITIVE_INT, default=200_000_000, help="bytes per batch file (the API's limit)")
+    bt.add_argument("--batch-rounds", type=POSITIVE_INT, default=3,
                     help="rounds of batches for expired or failed requests before the job stops (rerun resumes)")
-    bt.add_argument("--batch-discount", type=float, default=0.5, help="price factor of batch requests, for the cost estimate")
+    bt.add_argument("--batch-discount", type=NON_NEGATIVE, default=0.5, help="price factor of batch requests, for the cost estimate")
 
     vl = p.add_argument_group("vllm backend")
-    vl.add_argument("--tensor-parallel-size", type=int, default=1)
+    vl.add_argument("--tensor-parallel-size", type=POSITIVE_INT, default=1)
     vl.add_argument("--seed", type=int, default=0,
                     help="base of the per-request seeds (each derived from the request's cache key)")
     vl.add_argument("--chat-template", default=None, metavar="FILE",
                     help="Jinja chat template for models whose tokenizer has none (LLaMA-1-style paraphrasers)")
-    vl.add_argument("--max-model-len", type=int, default=None,
+    vl.add_argument("--max-model-len", type=POSITIVE_INT, default=None,
                     help="vLLM's context length (default: the model's); prompts longer than it are dropped by reason")
-    vl.add_argument("--gpu-memory-utilization", type=float, default=None,
+    vl.add_argument("--gpu-memory-utilization", type=OPEN_FRACTION, default=None,
                     help="share of GPU memory vLLM may take (its default 0.9)")
 
     jobs = p.add_argument_group("splitting (defaults from a contiguous SLURM array: SLURM_ARRAY_TASK_COUNT / "
                                 "SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN; pass both when resubmitting some tasks)")
-    jobs.add_argument("--num-jobs", type=int, default=None)
-    jobs.add_argument("--job-index", type=int, default=None)
+    jobs.add_argument("--num-jobs", type=POSITIVE_INT, default=None)
+    jobs.add_argument("--job-index", type=NON_NEGATIVE_INT, default=None)
     args = p.parse_args(argv)
+    if args.min_words > args.max_words:
+        p.error(f"--min-words {args.min_words} is above --max-words {args.max_words}: no caption would be kept")
     if args.num_jobs is None or args.job_index is None:
         try:
             num_jobs, job_index = slurm_job_defaults()
@@ -168,7 +203,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s make_shards: %(message)s")
     logging.getLogger("paraclip_plugin").setLevel(logging.INFO)  # our progress lines; the client's stay quiet
     try:
-        inputs = split_for_job(expand_inputs(args.input), args.num_jobs, args.job_index)
+        inputs = split_for_job(expand_inputs(args.input, output_name), args.num_jobs, args.job_index)
         prompts = load_prompts(args.prompts) if args.prompts else PromptSet()
     except (InputError, ValueError) as e:
         sys.exit(f"error: {e}")
@@ -187,17 +222,24 @@ def main(argv=None):
     except (ValueError, ImportError) as e:
         sys.exit(f"error: {e}")
     generator = ParaphraseGenerator(backend, args.model, prompts, CompletionCache(cache_path), options, args.backend)
+    export_sft = args.export_sft.replace("{job_index}", str(args.job_index)) if args.export_sft else None
     try:
-        if args.backend == "openai-batch":  # few large batches for the whole job, then shards from the cache
-            generator.prefill(inputs, args.output)
-        export_sft = args.export_sft.replace("{job_index}", str(args.job_index)) if args.export_sft else None
-        stats = generator.run(inputs, args.output, stats_path, export_sft, job=(args.num_jobs, args.job_index))
-    except (InputError, GenerationError, OutputBusy, SizesFileError) as e:
+        # openai-batch: few large batches for the whole job first, then shards from the cache
+        stats = generator.run(inputs, args.output, stats_path, export_sft, job=(args.num_jobs, args.job_index),
+                              prefill=args.backend == "openai-batch", replace_stats=args.stats is not None)
+    except JobIncomplete as e:
+        print_summary(e.stats, generator.stats_file)
         sys.exit(f"error: {e}")
+    except (InputError, GenerationError, OutputBusy, SizesFileError) as e:
+        sys.exit(f"error: {e}" + (f" (stats of the run so far: {generator.stats_file})" if generator.stats_file else ""))
     finally:
         backend.close()
+    print_summary(stats, generator.stats_file)
+
+
+def print_summary(stats, stats_file):
     print(f"{stats['samples_out']}/{stats['samples_in']} samples written, {stats['requests']} requests, "
-          f"{stats['cache_hits']} cache hits, dropped {stats['dropped']}; stats: {stats_path}", file=sys.stderr)
+          f"{stats['cache_hits']} cache hits, dropped {stats['dropped']}; stats: {stats_file}", file=sys.stderr)
 
 
 if __name__ == "__main__":

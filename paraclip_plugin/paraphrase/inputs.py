@@ -5,17 +5,22 @@ joined with ``::``. The sorted list is dealt round-robin to ``num_jobs`` jobs, s
 an equal share whatever the numbering; SLURM array variables give the defaults.
 """
 import glob
+import io
 import json
 import os
+import re
 
 import braceexpand
 
 from .shard_io import InputError
 
 CAPTION_FILE_EXTENSIONS = (".txt", ".jsonl")
+_COMPRESSED_TAR = re.compile(r"[.](tar[.](gz|bz2|xz)|tgz)$", re.IGNORECASE)
 
 
-def expand_inputs(spec):
+def expand_inputs(spec, output_name=os.path.basename):
+    """The sorted input paths of ``spec``, each once; refused when one is missing or two would have outputs
+    of one name (``output_name`` of an input: its output file's name)."""
     paths = []
     for pattern in spec.split("::"):
         for expanded in braceexpand.braceexpand(pattern):
@@ -26,12 +31,29 @@ def expand_inputs(spec):
         raise InputError(f"{missing[0]}: input file not found ({len(missing)} of {len(paths)} inputs missing)")
     if not paths:
         raise InputError(f"{spec}: no input files match")
-    # Same basename twice would make two jobs write one output shard.
-    names = [os.path.basename(p) for p in paths]
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise InputError(f"{dup}: two inputs share this file name; output shards are named after inputs")
-    return sorted(dict.fromkeys(paths))
+    paths = sorted(dict.fromkeys(paths))
+    check_output_names(paths, output_name)
+    return paths
+
+
+def check_output_names(paths, output_name=os.path.basename):
+    """Refuse two inputs whose outputs would have one name (one would be skipped, or two jobs write one file)."""
+    owner = {}
+    for path in paths:
+        first = owner.setdefault(output_name(path), path)
+        if first != path:
+            raise InputError(f"{first} and {path}: both inputs would be written to the output {output_name(path)!r} "
+                             "(outputs are named after inputs); rename one, or run them into different --output folders")
+
+
+def output_name(input_path):
+    """The paraphrase job's output name of an input: its base name, with caption files written as .jsonl and
+    compressed tars (.tar.gz, .tgz, .tar.bz2, .tar.xz) written uncompressed as .tar."""
+    name = os.path.basename(input_path)
+    if is_caption_file(input_path):
+        return os.path.splitext(name)[0] + ".jsonl"
+    match = _COMPRESSED_TAR.search(name)
+    return name[:match.start()] + ".tar" if match else name
 
 
 def slurm_job_defaults(environ=os.environ):
@@ -64,12 +86,7 @@ def is_caption_file(path):
 def read_caption_file(path, caption_field="caption"):
     """Records ``{"__key__": line number, "caption": str, "record": dict}`` from .txt or .jsonl."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        try:
-            lines = list(f)
-        except UnicodeDecodeError as e:
-            raise InputError(f"{path}: not UTF-8 text ({e})") from e
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(_text_lines(path), start=1):
         if not line.strip():
             continue
         if path.endswith(".txt"):
@@ -83,3 +100,21 @@ def read_caption_file(path, caption_field="caption"):
             raise InputError(f"{path}:{number}: no string field {caption_field!r} (set --caption-field)")
         records.append({"__key__": number, "caption": record[caption_field].strip(), "record": record})
     return records
+
+
+def _text_lines(path):
+    """The lines of a UTF-8 text file, as a text-mode ``open`` reads them; not UTF-8: an error naming the
+    file, the line and the byte offset (``open``'s own error counts from a read buffer, not the file)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return _decoded_lines(data)
+    except UnicodeDecodeError as e:
+        line = sum(text.endswith("\n") for text in _decoded_lines(data[:e.start])) + 1
+        raise InputError(f"{path}:{line}: not UTF-8 text: byte {data[e.start]:#04x} at offset {e.start} of the "
+                         f"file ({e.reason})") from None
+
+
+def _decoded_lines(data):
+    """The lines of UTF-8 ``data`` with universal newlines (``\\r\\n`` and ``\\r`` read as ``\\n``)."""
+    return list(io.StringIO(data.decode("utf-8"), newline=None))

@@ -1,8 +1,9 @@
 """Input shards -> filter -> dedupe -> step 1 -> step 2 -> clean / retry / drop -> output shards.
 
-One output per input, with the input's base name, written to ``<name>.partial`` and renamed when
-complete: a rerun skips every output that exists, and ``kill -9`` never leaves half a shard under
-a final name. Work is done a shard at a time: step 1 for the shard's unique captions (one backend
+One output per input, with the input's base name (``output_name``), written to ``<name>.partial`` and
+renamed when complete: a rerun skips every output that exists, and ``kill -9`` never leaves half a shard
+under a final name. The ``.partial``'s lock is taken before the shard's first request, so a second run on
+the same output stops before paying. Work is done a shard at a time: step 1 for the shard's unique captions (one backend
 batch), then step 2 on step 1's outputs, each with up to ``max_attempts`` rounds for rejected
 outputs. Every completion goes to the cache as it arrives, so a rerun after a crash pays for
 nothing twice and, replaying the same outputs, writes the same shards.
@@ -10,6 +11,7 @@ nothing twice and, replaying the same outputs, writes the same shards.
 import collections
 import dataclasses
 import json
+import logging
 import os
 import time
 
@@ -18,11 +20,13 @@ from tqdm import tqdm
 from . import cleaning
 from .backends.base import FINAL_FINISH_REASONS, PROMPT_TOO_LONG, GenerationError
 from .cache import CompletionCache, request_key
-from .inputs import is_caption_file, read_caption_file
+from .inputs import check_output_names, is_caption_file, output_name, read_caption_file
 from .prompts import PromptSet
-from ..shards import (CAPTION, IMAGE_EXTENSIONS, METADATA, PARA1, PARA2, atomic_file, atomic_write_text,
-                      read_sizes_json, update_sizes_json)
-from .shard_io import InputError, atomic_tar_writer, count_tar_samples, read_tar_samples
+from ..shards import (CAPTION, IMAGE_EXTENSIONS, METADATA, PARA1, PARA2, atomic_create_text, atomic_file,
+                      atomic_write_text, read_sizes_json, update_sizes_json)
+from .shard_io import InputError, TarSampleWriter, count_tar_samples, read_tar_samples
+
+log = logging.getLogger(__name__)
 
 
 # Drops that say more about the service (or its settings) than about one caption: an input whose
@@ -83,9 +87,45 @@ class RefusalGuard:
             f"(first refusal: {messages[0]}); stopping: nothing is written for this input and a rerun redoes it")
 
 
-def output_name(input_path):
-    name = os.path.basename(input_path)
-    return os.path.splitext(name)[0] + ".jsonl" if is_caption_file(input_path) else name
+MAX_FAILED_IN_A_ROW = 3  # inputs that could not be written, one after another, before the job stops
+
+
+class ShardNotWritten(GenerationError):
+    """Every kept sample of one input was dropped: nothing is written for it (never an empty output)."""
+
+
+class JobIncomplete(GenerationError):
+    """The run wrote what it could, but some inputs could not be written (``stats["failed_inputs"]``)."""
+
+    def __init__(self, message, stats):
+        super().__init__(message)
+        self.stats = stats
+
+
+class _WrittenMeanwhile(Exception):
+    """Another run finished the output while this one waited for its lock."""
+
+
+def _read_shard_items(in_path):
+    """``(items, Counter of dropped samples by reason)`` of an input shard; a caption that is not UTF-8 or a
+    ``.json`` member that is not a JSON object is an error naming the file and the sample."""
+    items, dropped = [], collections.Counter()
+    for sample in read_tar_samples(in_path):
+        images = [ext for ext in IMAGE_EXTENSIONS if ext in sample]
+        if CAPTION not in sample or not images:
+            dropped["no_caption" if CAPTION not in sample else "no_image"] += 1
+            continue
+        where = f"{in_path}: sample {sample['__key__']!r}"
+        try:
+            caption = sample[CAPTION].decode("utf-8").strip()
+            meta = json.loads(sample[METADATA]) if METADATA in sample else {}
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"{where}: unreadable txt/json member ({e})") from e
+        if not isinstance(meta, dict):
+            raise InputError(f"{where}: its {METADATA} member is {type(meta).__name__}, not a JSON object "
+                             "(the output adds fields to it)")
+        items.append({"caption": caption, "sample": sample, "images": images, "meta": meta})
+    return items, dropped
 
 
 class ParaphraseGenerator:
@@ -102,6 +142,8 @@ class ParaphraseGenerator:
         self.counts = collections.Counter()  # samples, requests, tokens
         self.dropped = collections.Counter()  # samples dropped, by reason
         self.retried = collections.Counter()  # rejected outputs that got another attempt, by reason
+        self.failed = {}  # input -> why it could not be written (this run)
+        self.stats_file = None  # where run() wrote its stats
 
     # --- the two steps ------------------------------------------------------------------------
 
@@ -187,17 +229,6 @@ class ParaphraseGenerator:
 
     # --- one input -> one output ---------------------------------------------------------------
 
-    def _filtered(self, items):
-        """Drop (and count) items whose caption fails the word-count filter."""
-        kept = []
-        for item in items:
-            reason = self._keep_caption(item["caption"])
-            if reason:
-                self.dropped[reason] += 1
-            else:
-                kept.append(item)
-        return kept
-
     def _paraphrased(self, items):
         """``[(item, para1, para2)]`` for kept items; the rest are counted by reason."""
         results = self.paraphrase([item["caption"] for item in items])
@@ -212,11 +243,11 @@ class ParaphraseGenerator:
         if items and not out and drops <= _SERVICE_DROPS:
             hint = (" (prompt_too_long: raise vLLM's --max-model-len, or shorten --prompts)"
                     if any(d.endswith(PROMPT_TOO_LONG) for d in drops) else "")
-            raise GenerationError(
+            raise ShardNotWritten(
                 f"every kept sample was refused or cut off by the service ({', '.join(sorted(drops))}){hint}; "
                 "nothing is written for this input and a rerun redoes it")
         if items and not out:  # never an empty output that a rerun would take for done
-            raise GenerationError(
+            raise ShardNotWritten(
                 f"every kept sample was dropped ({', '.join(sorted(drops))}): the model's answers were not "
                 f"usable paraphrases after {self.options.max_attempts} attempts each (a wrong chat template, "
                 f"a model answering outside the message content, or prompts it does not follow?); nothing is "
@@ -224,58 +255,70 @@ class ParaphraseGenerator:
                 f"gives them again")
         return out
 
-    def process_shard(self, in_path, out_path):
-        items = []
-        for sample in read_tar_samples(in_path):
-            self.counts["samples_in"] += 1
-            images = [ext for ext in IMAGE_EXTENSIONS if ext in sample]
-            if CAPTION not in sample or not images:
-                self.dropped["no_caption" if CAPTION not in sample else "no_image"] += 1
-                continue
-            try:
-                caption = sample[CAPTION].decode("utf-8").strip()
-                meta = json.loads(sample[METADATA]) if METADATA in sample else {}
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise InputError(f"{in_path}: sample {sample['__key__']!r}: unreadable txt/json member ({e})") from e
-            items.append({"caption": caption, "sample": sample, "images": images, "meta": meta})
-        written = self._paraphrased(self._filtered(items))
-        with atomic_tar_writer(out_path) as sink:
-            for item, para1, para2 in written:
-                sample = item["sample"]
-                out = {"__key__": sample["__key__"], "__mtime__": sample["__mtime__"], CAPTION: sample[CAPTION],
-                       PARA1: para1, PARA2: para2,
-                       METADATA: json.dumps({**item["meta"], **self._metadata()}, ensure_ascii=False)}
-                out.update({ext: sample[ext] for ext in item["images"]})  # image bytes, unchanged
-                sink.write(out)
-        update_sizes_json(os.path.dirname(out_path), {out_path: len(written)})
+    def _load(self, in_path):
+        """``(kept items, Counter of dropped samples by reason, samples read)`` of one input. The whole input is
+        read and checked first: bad input stops the job here, naming the file and sample, before any request."""
+        if is_caption_file(in_path):
+            items, dropped = read_caption_file(in_path, self.options.caption_field), collections.Counter()
+        else:
+            items, dropped = _read_shard_items(in_path)
+        read = len(items) + sum(dropped.values())
+        kept = []
+        for item in items:
+            reason = self._keep_caption(item["caption"])
+            if reason:
+                dropped[reason] += 1
+            else:
+                kept.append(item)
+        return kept, dropped, read
+
+    def _write_output(self, in_path, out_path):
+        """One input -> its output; returns the samples written. The output's lock (its ``.partial``) is taken
+        before the input is read or anything requested: a second run given the same output stops here
+        (``OutputBusy``) without paying, and one whose output another run finished between its exists-check and
+        taking the lock raises ``_WrittenMeanwhile``."""
+        with atomic_file(out_path) as stream:
+            if os.path.exists(out_path):
+                raise _WrittenMeanwhile(out_path)
+            kept, dropped, read = self._load(in_path)
+            self.counts["samples_in"] += read
+            self.dropped.update(dropped)
+            written = self._paraphrased(kept)
+            (self._write_records if is_caption_file(in_path) else self._write_samples)(stream, written)
+        if not is_caption_file(in_path):
+            update_sizes_json(os.path.dirname(out_path), {out_path: len(written)})
         return len(written)
 
-    def process_caption_file(self, in_path, out_path):
-        items = read_caption_file(in_path, self.options.caption_field)
-        self.counts["samples_in"] += len(items)
-        written = self._paraphrased(self._filtered(items))
-        with atomic_file(out_path, "w") as f:
-            for item, para1, para2 in written:
-                record = {**item["record"], "caption": item["caption"], "paraphrase_1": para1,
-                          "paraphrase_2": para2, **self._metadata()}
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        return len(written)
+    def _write_samples(self, stream, written):
+        """A four-field tar shard: the input's samples (image bytes unchanged) with both paraphrases."""
+        sink = TarSampleWriter(stream)
+        for item, para1, para2 in written:
+            sample = item["sample"]
+            out = {"__key__": sample["__key__"], "__mtime__": sample["__mtime__"], CAPTION: sample[CAPTION],
+                   PARA1: para1, PARA2: para2,
+                   METADATA: json.dumps({**item["meta"], **self._metadata()}, ensure_ascii=False)}
+            out.update({ext: sample[ext] for ext in item["images"]})
+            sink.write(out)
+        sink.close()
+
+    def _write_records(self, stream, written):
+        """JSONL: each caption file record with its caption and both paraphrases."""
+        for item, para1, para2 in written:
+            record = {**item["record"], "caption": item["caption"], "paraphrase_1": para1,
+                      "paraphrase_2": para2, **self._metadata()}
+            stream.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
 
     # --- a run ---------------------------------------------------------------------------------
 
     def prefill(self, inputs, output_dir):
         """Both steps for every kept caption of ``inputs`` not yet written, in one backend call per step
-        and attempt (the Batch API's way: few large batches); ``run`` then writes shards from the cache."""
+        and attempt (the Batch API's way: few large batches); ``run`` then writes shards from the cache. Every
+        input is read and checked as ``run`` does (the same samples kept, the same errors) before anything is sent."""
         captions = []
         for in_path in inputs:
-            if os.path.exists(os.path.join(output_dir, output_name(in_path))):
-                continue
-            if is_caption_file(in_path):
-                records = read_caption_file(in_path, self.options.caption_field)
-            else:
-                records = [{"caption": s[CAPTION].decode("utf-8", "replace").strip()}
-                           for s in read_tar_samples(in_path) if CAPTION in s]
-            captions.extend(r["caption"] for r in records if not self._keep_caption(r["caption"]))
+            if not os.path.exists(os.path.join(output_dir, output_name(in_path))):
+                kept, _, _ = self._load(in_path)
+                captions.extend(item["caption"] for item in kept)
         if captions:
             self.paraphrase(captions)
         # What run() counts again from the cache is not counted twice; requests and tokens stay.
@@ -283,49 +326,106 @@ class ParaphraseGenerator:
             self.counts[name] = 0
         self.retried.clear()
 
-    def run(self, inputs, output_dir, stats_path=None, export_sft=None, job=(1, 0)):
-        os.makedirs(output_dir, exist_ok=True)
+    def run(self, inputs, output_dir, stats_path=None, export_sft=None, job=(1, 0), prefill=False,
+            replace_stats=True):
+        """Write the output of every input not yet written; ``prefill`` first (the Batch API backend).
+
+        Inputs whose every kept sample was dropped are not written (never an empty output); the others are, and
+        the run then raises ``JobIncomplete`` naming them, unless ``MAX_FAILED_IN_A_ROW`` fail one after another
+        (a systematic fault: a wrong chat template, too low --max-tokens), which stops it at once. The stats go to
+        ``stats_path`` however the run ends (``status``, ``error``, ``failed_inputs``); ``replace_stats=False``
+        never replaces an existing file there (``<stem>-2.json`` ... instead). ``self.stats_file``: where they went."""
         start = time.time()
+        self.failed = {}
+        try:
+            check_output_names(inputs, output_name)
+            os.makedirs(output_dir, exist_ok=True)
+            if prefill:
+                self.prefill(inputs, output_dir)
+            self._write_outputs(inputs, output_dir)
+        except BaseException as e:  # Ctrl-C too: what was paid for is recorded
+            self._save_stats(stats_path, self.stats(time.time() - start, job, error=e), replace_stats)
+            raise
+        stats = self.stats(time.time() - start, job)
+        self._save_stats(stats_path, stats, replace_stats)
+        if export_sft:
+            self.export_sft(export_sft, [os.path.join(output_dir, output_name(p)) for p in inputs])
+        if self.failed:
+            raise JobIncomplete(f"{len(self.failed)} of {len(inputs)} inputs could not be written (the others are): "
+                                + "; ".join(f"{p}: {reason}" for p, reason in self.failed.items()), stats)
+        return stats
+
+    def _write_outputs(self, inputs, output_dir):
         bar = tqdm(total=len(inputs), unit="shard", desc="shards", disable=not self.options.progress)
         samples_bar = tqdm(unit="sample", desc="samples", disable=not self.options.progress)
+        in_a_row = 0  # inputs that could not be written, one after another
         for in_path in inputs:
-            out_path = os.path.join(output_dir, output_name(in_path))
-            if os.path.abspath(out_path) == os.path.abspath(in_path):
-                raise InputError(f"{in_path}: output would overwrite the input; choose another --output")
             before = self.counts["samples_in"]
-            if os.path.exists(out_path):
-                self.counts["shards_skipped"] += 1
-                self._repair_sizes(out_path)
+            try:
+                written = self._write_input(in_path, output_dir)
+            except ShardNotWritten as e:
+                self.failed[in_path] = str(e)
+                log.warning("%s: not written: %s", in_path, e)
+                in_a_row += 1
+                if in_a_row >= MAX_FAILED_IN_A_ROW:
+                    raise GenerationError(
+                        f"{in_a_row} inputs in a row could not be written, a systematic fault: stopping "
+                        f"(last: {in_path}: {e})") from None
             else:
-                process = self.process_caption_file if is_caption_file(in_path) else self.process_shard
-                try:
-                    self.counts["samples_out"] += process(in_path, out_path)
-                except GenerationError as e:
-                    raise GenerationError(f"{in_path}: {e}") from None
-                self.counts["shards_written"] += 1
+                if written:  # (an output found done says nothing either way)
+                    in_a_row = 0
             samples_bar.update(self.counts["samples_in"] - before)
             samples_bar.set_postfix(requests=self.counts["requests"], cache_hits=self.counts["cache_hits"])
             bar.update(1)
         samples_bar.close()
         bar.close()
-        stats = self.stats(time.time() - start, job)
-        if stats_path:
-            os.makedirs(os.path.dirname(os.path.abspath(stats_path)), exist_ok=True)
-            atomic_write_text(stats_path, json.dumps(stats, indent=1) + "\n")
-        if export_sft:
-            self.export_sft(export_sft, [os.path.join(output_dir, output_name(p)) for p in inputs])
-        return stats
+
+    def _write_input(self, in_path, output_dir):
+        """Write one input's output unless done; True if this run wrote it."""
+        out_path = os.path.join(output_dir, output_name(in_path))
+        if os.path.abspath(out_path) == os.path.abspath(in_path):
+            raise InputError(f"{in_path}: output would overwrite the input; choose another --output")
+        if not os.path.exists(out_path):
+            try:
+                self.counts["samples_out"] += self._write_output(in_path, out_path)
+                self.counts["shards_written"] += 1
+                return True
+            except _WrittenMeanwhile:
+                pass  # another run (same output folder) finished it just before we took its lock
+            except ShardNotWritten:
+                raise
+            except GenerationError as e:
+                raise GenerationError(f"{in_path}: {e}") from None
+        self.counts["shards_skipped"] += 1
+        self._repair_sizes(out_path)
+        return False
+
+    def _save_stats(self, path, stats, replace):
+        if not path:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        text = json.dumps(stats, indent=1) + "\n"
+        if replace:
+            atomic_write_text(path, text)
+            self.stats_file = path
+        else:
+            self.stats_file = atomic_create_text(path, text)
 
     def _repair_sizes(self, out_path):
         """A job killed between a shard's rename and its sizes.json update left it uncounted."""
         if out_path.endswith(".tar") and os.path.basename(out_path) not in read_sizes_json(os.path.dirname(out_path)):
             update_sizes_json(os.path.dirname(out_path), {out_path: count_tar_samples(out_path)})
 
-    def stats(self, wall_seconds, job=(1, 0)):
+    def stats(self, wall_seconds, job=(1, 0), error=None):
+        """The run's counts; ``status``: complete, incomplete (``failed_inputs`` not written) or failed (stopped
+        by ``error``: what was paid for until then is counted all the same)."""
         o = self.options
         cost = (self.counts["prompt_tokens"] * o.price_per_1k_prompt
                 + self.counts["completion_tokens"] * o.price_per_1k_completion) / 1000 * o.price_factor
         return {
+            "status": "failed" if error is not None else "incomplete" if self.failed else "complete",
+            "error": None if error is None else f"{type(error).__name__}: {error}".splitlines()[0],
+            "failed_inputs": dict(self.failed),
             "model": self.model, "backend": self.backend_name, "prompt_version": self.prompts.version,
             "num_jobs": job[0], "job_index": job[1],
             "shards_written": self.counts["shards_written"], "shards_skipped": self.counts["shards_skipped"],

@@ -21,13 +21,16 @@ class InputError(ValueError):
 
 
 def read_tar_samples(path):
-    """Yield ``{"__key__": key, ext: bytes, ...}`` per sample, grouping consecutive members by key."""
+    """Yield ``{"__key__": key, ext: bytes, ...}`` per sample, grouping consecutive members by key.
+
+    A key met again after other keys, or one member twice in a sample, is an error naming the file and
+    the key: webdataset would read such a shard (or one written from it) wrongly or not at all."""
     try:
         tar = tarfile.open(path, "r:*")
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise InputError(f"{path}: cannot read as a tar shard ({e})") from e
     with tar:
-        sample = None
+        sample, seen = None, set()
         try:
             for member in tar:
                 if not member.isfile():
@@ -39,7 +42,13 @@ def read_tar_samples(path):
                 if sample is None or sample["__key__"] != key:
                     if sample is not None:
                         yield sample
+                    if key in seen:
+                        raise InputError(f"{path}: sample key {key!r} occurs twice, apart (member {member.name!r}); "
+                                         "each key must be one run of consecutive members")
+                    seen.add(key)
                     sample = {"__key__": key, "__mtime__": int(member.mtime)}
+                elif ext in sample:
+                    raise InputError(f"{path}: sample {key!r} has two {ext!r} members ({member.name!r} twice)")
                 sample[ext] = tar.extractfile(member).read()
             ended = _ends_with_end_of_archive(tar)
         except (tarfile.TarError, EOFError, zlib.error) as e:
