@@ -174,3 +174,25 @@ def test_the_batch_prefill_keeps_and_refuses_the_samples_the_run_does(server, tm
     rc, _, stderr = cli(server, str(tmp_path / "bad" / "00000.tar"), tmp_path / "out2", *BATCH)
     assert rc != 0 and "bad/00000.tar: sample '000003': unreadable txt/json member" in stderr.splitlines()[-1]
     assert len(server.files) == before and server.requests == 2  # nothing uploaded, submitted or paid
+
+
+def test_a_second_run_of_the_same_job_stops_before_submitting_a_batch(server, tmp_path):
+    """An array task submitted twice: while the first run waits for its batches, the second stops at
+    once, naming the output, and submits nothing."""
+    pattern = write_input_shards(tmp_path / "in", num_shards=2, per_shard=10)
+    out = tmp_path / "out"
+    server.batch_seconds = 60
+    first = cli(server, pattern, out, *BATCH, wait=False)
+    try:
+        step1_batches = -(-len(kept_captions(pattern)) // 5)
+        deadline = time.time() + 30
+        while time.time() < deadline and len(server.batches) < step1_batches:
+            time.sleep(0.05)
+        submitted = len(server.batches)
+        assert submitted == step1_batches
+        rc, _, stderr = cli(server, pattern, out, *BATCH)
+        assert rc != 0 and "another run of job 0 of 1 is submitting batches" in stderr and str(out) in stderr
+        assert len(server.batches) == submitted and len(server.files) == submitted
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()

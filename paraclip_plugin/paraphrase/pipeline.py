@@ -9,7 +9,9 @@ outputs. Every completion goes to the cache as it arrives, so a rerun after a cr
 nothing twice and, replaying the same outputs, writes the same shards.
 """
 import collections
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -22,7 +24,7 @@ from .backends.base import FINAL_FINISH_REASONS, PROMPT_TOO_LONG, GenerationErro
 from .cache import CompletionCache, request_key
 from .inputs import check_output_names, is_caption_file, output_name, read_caption_file
 from .prompts import PromptSet
-from ..shards import (CAPTION, IMAGE_EXTENSIONS, METADATA, PARA1, PARA2, atomic_create_text, atomic_file,
+from ..shards import (CAPTION, IMAGE_EXTENSIONS, METADATA, PARA1, PARA2, OutputBusy, atomic_create_text, atomic_file,
                       atomic_write_text, read_sizes_json, update_sizes_json)
 from .shard_io import InputError, TarSampleWriter, count_tar_samples, read_tar_samples
 
@@ -100,6 +102,23 @@ class JobIncomplete(GenerationError):
     def __init__(self, message, stats):
         super().__init__(message)
         self.stats = stats
+
+
+@contextlib.contextmanager
+def _prefill_lock(output_dir, job):
+    """Held while a job prefills through the Batch API: a second run of the same job on this output (an
+    array task submitted twice) stops before it submits anything. The shards' own locks come later."""
+    path = os.path.join(output_dir, f".prefill-job{job[1]}of{job[0]}.lock")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputBusy(f"{output_dir}: another run of job {job[1]} of {job[0]} is submitting batches for this "
+                             f"output now ({path} is locked); two jobs were given the same inputs and output") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 class _WrittenMeanwhile(Exception):
@@ -341,7 +360,8 @@ class ParaphraseGenerator:
             check_output_names(inputs, output_name)
             os.makedirs(output_dir, exist_ok=True)
             if prefill:
-                self.prefill(inputs, output_dir)
+                with _prefill_lock(output_dir, job):
+                    self.prefill(inputs, output_dir)
             self._write_outputs(inputs, output_dir)
         except BaseException as e:  # Ctrl-C too: what was paid for is recorded
             self._save_stats(stats_path, self.stats(time.time() - start, job, error=e), replace_stats)
