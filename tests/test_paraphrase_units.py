@@ -57,23 +57,49 @@ def test_prompts_replaced_from_a_file(tmp_path):
     ("<THINK>x</THINK>Paraphrase: \"A dog runs\"", "A dog runs"),
     ("reasoning whose opening tag was in the prompt\n</think>\nA dog runs", "A dog runs"),
     ("<think>\nThe user wants a paraphrase, let me consider every wor", ""),
-    # chat models' lead-ins: on a line of their own (the answer is on a later line), or before the answer
-    ('Sure! Here is a paraphrased version:\n\n"A red car by the old house"', "A red car by the old house"),
-    ("Certainly! Here's a reworded version:\n\n\"A crimson auto\"", "A crimson auto"),
-    ('Here is a concise paraphrase of the caption:\n\n"A crimson car."', "A crimson car."),
-    ("Below is a shorter way to say it:\nA crimson car.", "A crimson car."),
-    ("Sure, here you go: A crimson car.", "A crimson car."),
-    ("**Paraphrase:** A crimson car.", "A crimson car."),
-    ("Here are two options:\n1. A dog runs.\n2. A hound runs.", "A dog runs."),
-    ("Sure! Here is a paraphrased version:", ""),
-    # ... and captions that only look like one stay whole
-    ("Sure-footed goat on a cliff", "Sure-footed goat on a cliff"),
-    ("Here is my dog: a beagle", "Here is my dog: a beagle"),
-    ("Text on a sign, version 2", "Text on a sign, version 2"),
-    ("10 dogs run: a race", "10 dogs run: a race"),
 ])
 def test_cleaning_strips_wrappers(raw, expected):
     assert cleaning.clean(raw) == expected
+
+
+ANSWER = "A crimson auto waits by the aged home."
+
+
+@pytest.mark.parametrize("raw", [
+    # a lead-in before the answer, on its line
+    "Sure! Here's a paraphrase: {}", "Sure, I'd be happy to help! Here's a paraphrased version: {}",
+    "OK! Here's a paraphrase: {}", "Alright, here's a rephrased caption: {}", "Sure, here's one way to say it: {}",
+    "Here's a paraphrased version of the caption, avoiding the original words: {}", "Here it is: {}",
+    "Here's my attempt: {}", "Sure thing! {}", "Got it! {}", "Rewritten caption: {}", "Rephrase: {}",
+    "Alternative caption: {}", "Paraphrased version of the caption: {}", "Paraphrased Caption: \"{}\"",
+    "**Paraphrased caption:** {}", "Paraphrase - {}", "\"{}\" (8 words)",
+    # ... or on lines of its own, the answer after it
+    "Sure! Here is a paraphrased version:\n\n\"{}\"", "Here is a concise paraphrase of the caption:\n\n{}",
+    "Sure! Here's a concise paraphrase that avoids the original words.\n\n{}", "**Paraphrased caption**\n\n{}",
+    "### Paraphrase\n{}", "Paraphrase\n{}", "Sure! I'd be happy to help.\n\n{}", "Sure.\n{}",
+    "Below is a shorter way to say it:\n{}", "Here are two options:\n1. {}\n2. A red auto.",
+    "Original: a red car parked near the old house\nParaphrase: {}", "1. {}\n2. A red auto.",
+])
+def test_cleaning_strips_a_chat_models_lead_ins(raw):
+    assert cleaning.clean(raw.format(ANSWER)) == ANSWER
+
+
+@pytest.mark.parametrize("caption", [
+    # paraphrases that only start like a lead-in stay whole (a list marker, an acknowledgement word, a label)
+    "1. FC Köln fans celebrate in the stadium", "3) Close-up of a dandelion", "- 20% off all summer dresses",
+    "Sure Fire Red Hot Sauce bottle on a table", "Sure, a dog on a beach", "Okay, so this is a red car",
+    "Of course, the cat sleeps on the sofa", "Text: Happy Birthday written on a chocolate cake",
+    "Caption: sunset over the lake", "Version 2: the redesigned company logo", "My version: homemade lasagna",
+    "The new version: iPhone 12 in blue", "Here is the text: welcome to Paris", "Here is my dog: a beagle",
+    "Here's the new caption for the album: Abbey Road", "Output: 12V power supply adapter", "__init__ file icon",
+    "'Tis the season: christmas lights on a house", "Step 1: mix the flour",
+])
+def test_cleaning_keeps_answers_that_only_look_like_lead_ins(caption):
+    assert cleaning.clean(caption) == caption
+
+
+def test_a_line_ending_in_a_colon_is_joined_with_the_words_after_it():
+    assert cleaning.clean('A sign that reads:\n"Welcome home"') == 'A sign that reads: "Welcome home"'
 
 
 def test_rejection_reasons():

@@ -1,8 +1,10 @@
 """Normalise raw LLM outputs, and name why an output is not a usable paraphrase.
 
 Chat models wrap answers in quotes, prefix them ("Paraphrase: ...", "Sure! Here is a paraphrased
-version:", "**Paraphrase:**", "1."), put such a lead-in on a line of its own before the answer, or add
-lines of commentary after it; reasoning models (DeepSeek-R1 style, Qwen3) put their reasoning in ``<think>...</think>``
+version:", "**Paraphrased caption:**"), put such a lead-in on a line of its own before the answer, list
+several answers ("1. ...", "2. ..."), or add lines of commentary after it. Lead-ins are recognised by their
+paraphrasing words, so an answer that merely starts like one ("Text: ...", "1. FC Köln ...", "Okay, so ...")
+stays whole. Reasoning models (DeepSeek-R1 style, Qwen3) put their reasoning in ``<think>...</think>``
 before the answer; those are stripped (an unclosed ``<think>``, cut off by the token limit, leaves
 nothing). What is left is rejected with a reason name when it is empty, a
 refusal, far longer than its input, or (step 2) the same as step 1's output. Reason names are the
@@ -18,18 +20,32 @@ REQUEST_REJECTED = "request_rejected"  # the API refused the request itself (4xx
 CONTENT_FILTER = "content_filter"  # finish_reason: the service withheld the output
 LENGTH = "length"  # finish_reason: the token limit cut the output off
 
-# A lead-in before the answer: an acknowledgement ("Sure!"), a "Here is a paraphrased version:" phrase
-# and/or a label ("Paraphrase:", "Rephrased caption:"), in that order, each optional.
-_ACK = r"(?:sure|certainly|of course|okay|absolutely|no problem)[!.,]+\s*"
-_HERE = (r"here(?:'s| is| are)\b[^:\n]{0,80}?(?:paraphras|version|rewr|reword|rephras|caption|text|sentence|"
-         r"alternative|option|answer)[^:\n]{0,40}:|here you go\s*[:!.]")
-_LABEL = (r"(?:(?:a|the|my)\s+)?(?:(?:concise|shorter|short|new|reworded|rephrased|paraphrased?)\s+)*"
-          r"(?:paraphrased?|paraphrasing|rephrased|rephrasing|reworded|rewording|rewrite|version|text|caption|sentence|"
-          r"answer|output)"
-          r"(?:\s*\d+)?\s*:")
-_PREFIX = re.compile(rf"^\s*(?:{_ACK})?(?:(?:{_HERE})\s*)?(?:(?:{_LABEL})\s*)?", re.IGNORECASE)
-_BULLET = re.compile(r"^\s*(?:\d+[.)]|[-*\u2022])\s+")
-_BOLD = re.compile(r"\*\*|__")
+# Lead-ins are recognised by paraphrasing words, so that captions which merely start like one ("Text: ...",
+# "Version 2: ...", "Here is my dog: ...", "1. FC Köln ...", "Okay, so ...") stay whole.
+_PARA = r"(?:paraphras|rephras|reword|rewrit|revis|concise|shorter|version|way to (?:say|put|phrase)|say it|attempt)"
+# an acknowledgement: stripped when it ends in "!", or when a lead-in or nothing follows it
+_ACK = re.compile(r"(?:sure(?: thing)?|certainly|of course|ok(?:ay)?|absolutely|no problem|great|alright|got it)"
+                  r"\s*([!.,]+)\s*", re.IGNORECASE)
+_PLEASANTRY = re.compile(r"(?:i'?d|i would|i'?m|i am|i'?ll)\s+(?:be\s+)?(?:happy|glad)\s+to\s+help(?:\s+with\s+that)?"
+                         r"\s*[!.,]*\s*", re.IGNORECASE)
+# "Here is a paraphrased version ...:", "Here you go:", "Here it is:"
+_HERE = re.compile(rf"(?:here(?:'s| is| are)\b[^:\n]{{0,80}}?{_PARA}[^:\n]{{0,100}}:|here (?:you go|it is)\s*[:!.])\s*",
+                   re.IGNORECASE)
+# "Sure! Here's a concise paraphrase that avoids the original words." (the answer on the next line)
+_HERE_SENTENCE = re.compile(rf"(?:\W*\w+\W*)?here(?:'s| is| are)\b.*{_PARA}", re.IGNORECASE)
+# "Paraphrase:", "Rephrased caption:", "Paraphrased version of the caption:", "Alternative caption -"
+_LABEL_WORDS = (r"(?:(?:a|the|my|one)\s+)?(?:(?:concise|shorter|reworded|rephrased|paraphrased|rewritten|revised|"
+                r"alternative|alternate)\s+)*(?:paraphrased?|paraphrasing|rephrased?|rephrasing|reworded|rewording|"
+                r"rewrite|rewritten|revised|(?:concise|shorter|reworded|rephrased|paraphrased|rewritten|revised|"
+                r"alternative|alternate)\s+(?:caption|text|version|sentence|description))"
+                r"(?:\s+of\s+(?:the|this|your)\s+(?:caption|text|sentence))?(?:\s*\d+)?")
+_LABEL = re.compile(rf"{_LABEL_WORDS}\s*(?::|\s-|\s\u2013)\s*", re.IGNORECASE)
+_HEADING = re.compile(rf"{_LABEL_WORDS}\s*:?", re.IGNORECASE)  # "**Paraphrase**" / "### Paraphrase" on its own line
+_ORIGINAL = re.compile(r"(?:original|input)(?:\s+(?:caption|text|sentence))?\s*:", re.IGNORECASE)
+# a line ending in ":" that announces what follows ("Below is a shorter way to say it:", "Here are two options:")
+_ANNOUNCES = re.compile(rf"{_PARA}|option|alternativ|caption|below|following", re.IGNORECASE)
+_BULLET = re.compile(r"^(?:\d+[.)]|[-*\u2022])\s+")
+_WORD_COUNT = re.compile(r"\s*\(\d+ words?\)$", re.IGNORECASE)
 _THINK = re.compile(r"<think>.*?(?:</think>|\Z)", re.IGNORECASE | re.DOTALL)
 _QUOTES = "\"'“”‘’`«»"
 _REFUSAL = re.compile(
@@ -40,24 +56,55 @@ _REFUSAL = re.compile(
 
 
 def clean(text):
-    """The answer: the first line that holds more than a lead-in, without its lead-in, list marker,
-    bold markers or surrounding quotes. A line ending in ":" before further lines is a lead-in too."""
+    """The answer: the first line that is not a lead-in, without its lead-in, list marker, bold markers or
+    surrounding quotes (and a trailing "(7 words)")."""
     if text is None:
         return ""
     text = _THINK.sub("", text)
     # Templates that open <think> in the prompt (Qwen3, R1 distills) leave only the closing tag.
     close = text.lower().rfind("</think>")
     text = text[close + len("</think>"):] if close >= 0 else text
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    lines = [line.strip().replace("**", "").lstrip("#").strip() for line in text.strip().splitlines() if line.strip()]
+    lines = [line for line in lines if line]
+    listed = sum(bool(_BULLET.match(line)) for line in lines) >= 2  # a list of answers: take the first
     for i, line in enumerate(lines):
-        out = _unwrap(line)
-        if out and not (out.endswith(":") and i + 1 < len(lines)):
-            return out
+        more = i + 1 < len(lines)
+        rest = _strip_lead_in(line)
+        if more and _is_lead_in(line, rest):
+            continue
+        if listed or i > 0:
+            rest = _BULLET.sub("", rest)
+        if more and rest.endswith(":"):  # "A sign that reads:" and the words on the next line
+            rest = f"{rest} {_BULLET.sub('', lines[i + 1])}"
+        return _unquote(_WORD_COUNT.sub("", rest))
     return ""
 
 
-def _unwrap(line):
-    out = _PREFIX.sub("", _BULLET.sub("", _BOLD.sub("", line)), count=1)
+def _strip_lead_in(line):
+    """``line`` without an acknowledgement, a "Here is ...:" phrase and a label at its start."""
+    rest = line
+    ack = _ACK.match(rest)
+    if ack:
+        after = rest[ack.end():]
+        after = after[_PLEASANTRY.match(after).end():] if _PLEASANTRY.match(after) else after
+        if "!" in ack.group(1) or not after or _HERE.match(after) or _LABEL.match(after):
+            rest = after
+    rest = rest[_PLEASANTRY.match(rest).end():] if _PLEASANTRY.match(rest) else rest
+    for lead in (_HERE, _LABEL):
+        match = lead.match(rest)
+        rest = rest[match.end():] if match else rest
+    return rest.strip()
+
+
+def _is_lead_in(line, rest):
+    """Whether a line followed by others only announces the answer (they hold it)."""
+    return (not rest or bool(_HEADING.fullmatch(line)) or bool(_ORIGINAL.match(line))
+            or bool(_ACK.match(line) and _PLEASANTRY.search(line))
+            or (":" not in line and bool(_HERE_SENTENCE.match(line)))
+            or (line.endswith(":") and bool(_ANNOUNCES.search(line))))
+
+
+def _unquote(out):
     # Quotes can sit inside a prefix ("Paraphrase: "x"") so strip after the prefix, repeatedly.
     while len(out) >= 2 and out[0] in _QUOTES:
         if out[-1] in _QUOTES:
