@@ -39,7 +39,6 @@ import os
 import sys
 
 import torch
-from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from .paraphrased_retrieval import InputError, load_json, precision, warn
 
@@ -77,6 +76,8 @@ def check_imagenet_root(root, templates=None):
     if len(classes) != IMAGENET_CLASSES:
         raise InputError(f"{val}: {len(classes)} class folders, expected {IMAGENET_CLASSES} "
                          "(labels are positions in the sorted wnid list)")
+    # imported here: torchvision's import probes optional packages, which the eval extra's check must come before
+    from torchvision.datasets.folder import IMG_EXTENSIONS
     empty = [os.path.join(val, d) for d in classes if not _has_image(os.path.join(val, d))]
     if empty:
         raise InputError(f"{', '.join(empty[:3])}{f' and {len(empty) - 3} more' if len(empty) > 3 else ''}: "
@@ -88,6 +89,7 @@ def check_imagenet_root(root, templates=None):
 
 def _has_image(folder):
     """Whether torchvision's ``ImageFolder`` finds a sample in ``folder`` (its walk, its extension test)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
     return any(has_file_allowed_extension(name, IMG_EXTENSIONS)
                for _, _, names in os.walk(folder, followlinks=True) for name in names)
 
