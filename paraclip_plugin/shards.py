@@ -44,18 +44,23 @@ def partial_path(path):
     return f"{path}.partial"
 
 
+def lock_or_busy(fd, busy):
+    """Take an exclusive ``flock`` on ``fd`` (held until it is closed), or close it and raise ``OutputBusy(busy)``."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OutputBusy(busy) from None
+
+
 def _open_locked(tmp, path):
     """``tmp`` opened for writing, emptied, under an exclusive ``flock`` that the writer holds until it
     closes it: a second writer of the same output is refused instead of interleaving with the first, and
     a partial file left by a killed writer (its lock gone with it) is reused."""
     for _ in range(10):
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o666)  # less the umask, as open() does
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise OutputBusy(f"{path}: another process is writing it now ({tmp} is locked); "
-                             f"two jobs were given the same output") from None
+        lock_or_busy(fd, f"{path}: another process is writing it now ({tmp} is locked); "
+                         f"two jobs were given the same output")
         try:  # the lock is on the file we opened: is that still the one named tmp (not renamed meanwhile)?
             same = os.path.samestat(os.fstat(fd), os.stat(tmp))
         except FileNotFoundError:

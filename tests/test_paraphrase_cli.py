@@ -11,6 +11,7 @@ import pytest
 
 from test_paraphrase_support import (MAKE_SHARDS, PYTHON, read_tar, samples_of, server, write_input_shards,  # noqa: F401
                                      write_samples)
+from paraclip_plugin.paraphrase.local_server import LocalChatServer
 
 SENTINEL_KEY = "sk-SENTINEL-4e1f0c9a-never-write-me"
 
@@ -191,6 +192,42 @@ def test_compressed_tar_inputs_are_written_as_uncompressed_tar(server, tmp_path)
     assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": len(samples_of(out / "00000.tar"))}
 
 
+def test_an_output_an_earlier_version_wrote_under_the_compressed_name_is_kept(server, tmp_path):
+    """Before, a .tar.gz input's output was written uncompressed under the input's name: a rerun keeps it
+    (it is counted in sizes.json under that name) instead of writing the same samples again as .tar."""
+    pattern = write_input_shards(tmp_path / "plain", num_shards=1, per_shard=6)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "00000.tar.gz").write_bytes(gzip.compress((tmp_path / "plain" / "00000.tar").read_bytes()))
+    out = tmp_path / "out"
+    rc, _, stderr = cli(server, pattern, out)
+    assert rc == 0, stderr
+    os.rename(out / "00000.tar", out / "00000.tar.gz")
+    (out / "sizes.json").write_text(json.dumps({"00000.tar.gz": 6}))
+    paid = server.requests
+    rc, _, stderr = cli(server, str(tmp_path / "in" / "00000.tar.gz"), out)
+    assert rc == 0 and server.requests == paid and "written by an earlier version as" in stderr
+    assert sorted(p.name for p in out.glob("00000*")) == ["00000.tar.gz"]
+    assert json.loads((out / "sizes.json").read_text()) == {"00000.tar.gz": 6}
+
+
+def test_sigterm_stops_the_run_and_its_stats_record_what_was_paid(tmp_path):
+    """scancel and SLURM's time limit send SIGTERM: the stats are written, with the requests made so far."""
+    pattern = write_input_shards(tmp_path / "in", num_shards=3, per_shard=20)
+    with LocalChatServer(latency=0.05) as slow:
+        proc = cli(slow, pattern, tmp_path / "out", "--concurrency", "1", "--stats", str(tmp_path / "s.json"),
+                   wait=False)
+        deadline = time.time() + 30
+        while slow.requests < 5 and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+        paid = slow.requests
+    assert proc.returncode == 128 + signal.SIGTERM and "error: stopped by SIGTERM" in stderr.decode()
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert stats["status"] == "failed" and "SIGTERM" in stats["error"]
+    assert paid >= 5 and paid - 1 <= stats["requests"] <= paid  # the answers it got (one may be in flight)
+
+
 def test_two_inputs_with_one_output_name_are_refused_naming_both(server, tmp_path):
     (tmp_path / "part1.txt").write_text("a red car parked near the old house\n")
     (tmp_path / "part1.jsonl").write_text(json.dumps({"caption": "a yellow bird sitting on a wire"}) + "\n")
@@ -207,7 +244,8 @@ def test_two_inputs_with_one_output_name_are_refused_naming_both(server, tmp_pat
     ("--max-length-ratio", "0"), ("--max-refused-fraction", "1.5"), ("--malformed-retries", "-1"),
     ("--price-per-1k-prompt", "-1"), ("--batch-poll-interval", "0"), ("--batch-max-requests", "0"),
     ("--batch-max-bytes", "0"), ("--batch-rounds", "0"), ("--batch-discount", "-1"), ("--tensor-parallel-size", "0"),
-    ("--max-model-len", "0"), ("--gpu-memory-utilization", "1.5"),
+    ("--max-model-len", "0"), ("--gpu-memory-utilization", "1.5"), ("--temperature", "inf"), ("--timeout", "1e400"),
+    ("--price-per-1k-prompt", "inf"), ("--batch-poll-interval", "inf"),
 ])
 def test_numeric_flags_out_of_range_are_refused_naming_the_flag(flag, value, capsys):
     from paraclip_plugin.paraphrase.cli import parse_args

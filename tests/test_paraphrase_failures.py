@@ -92,8 +92,13 @@ def test_an_input_whose_every_sample_is_dropped_is_listed_and_the_others_are_wri
     server.refuse_text(declined, times=10 ** 6)  # "I'm sorry, but I can't help with that", every attempt
     out, pattern = tmp_path / "out", str(tmp_path / "in" / "{00000..00001}.tar")
     for attempt in range(2):
-        rc, _, stderr = cli(server, pattern, out, "--stats", str(tmp_path / f"stats{attempt}.json"))
+        rc, _, stderr = cli(server, pattern, out, "--stats", str(tmp_path / f"stats{attempt}.json"),
+                            "--export-sft", str(out / "sft.jsonl"))
         assert rc != 0 and no_traceback(stderr)
+        # the pairs of what was written (two per sample), none of the input that was not
+        sft = [json.loads(line) for line in (out / "sft.jsonl").read_text().splitlines()]
+        assert sft and len(sft) <= 2 * len(samples_of(out / "00001.tar"))
+        assert not any(declined in m["content"] for r in sft for m in r["messages"])
         assert (f"error: 1 of 2 inputs could not be written (the others are): {tmp_path}/in/00000.tar: every kept "
                 "sample was dropped (step1_refusal)") in stderr.splitlines()[-1]
         assert sorted(p.name for p in out.glob("*.tar*")) == ["00001.tar"]  # never an empty 00000.tar
@@ -104,6 +109,24 @@ def test_an_input_whose_every_sample_is_dropped_is_listed_and_the_others_are_wri
             paid = server.requests
     assert server.requests == paid  # the rerun replayed the declined answers from the cache
     assert stats["shards_skipped"] == 1 and stats["requests"] == 0
+
+
+def test_a_rerun_counts_failures_in_a_row_among_the_inputs_it_reaches(server, tmp_path):
+    """Inputs 0, 2, 4 can't be written; 1, 3 were written by a run that was then stopped. A rerun skips 1 and 3
+    as done, so its three failures are not in a row: it writes 5 (before, it stopped there, on every rerun)."""
+    for i in (0, 2, 4):
+        declined_shard(tmp_path / "in" / f"{i:05d}.tar", f"declined caption number {i} of the job")
+    for i in (1, 3, 5):
+        write_input_shards(tmp_path / f"good{i}", num_shards=1, per_shard=4, seed=i)
+        os.rename(tmp_path / f"good{i}" / "00000.tar", tmp_path / "in" / f"{i:05d}.tar")
+    server.refuse_text("declined caption", times=10 ** 6)
+    out = tmp_path / "out"
+    rc, _, stderr = cli(server, str(tmp_path / "in" / "{00000..00003}.tar"), out)
+    assert rc != 0 and sorted(p.name for p in out.glob("*.tar")) == ["00001.tar", "00003.tar"]
+    rc, _, stderr = cli(server, str(tmp_path / "in" / "*.tar"), out)
+    assert rc != 0 and no_traceback(stderr) and "a systematic fault" not in stderr
+    assert "3 of 6 inputs could not be written" in stderr
+    assert sorted(p.name for p in out.glob("*.tar")) == ["00001.tar", "00003.tar", "00005.tar"]
 
 
 def test_inputs_failing_one_after_another_stop_the_job(server, tmp_path):

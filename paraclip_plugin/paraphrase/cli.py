@@ -24,7 +24,9 @@ A second run given an output another run is writing stops before paying for it. 
 the cache and writes the stats (status "failed", the error): rerun to resume.
 """
 import argparse
+import math
 import os
+import signal
 import sys
 import time
 
@@ -49,7 +51,8 @@ def _number(kind, low, high=None, low_open=False):
 
     def parse(text):
         value = kind(text)  # not a number: argparse's own "invalid int/float value" line
-        if not ((value > low if low_open else value >= low) and (high is None or value <= high)):  # NaN too
+        if not ((value > low if low_open else value >= low) and (high is None or value <= high)
+                and math.isfinite(value)):  # NaN and inf too
             raise argparse.ArgumentTypeError(f"must be {what} {bounds}, not {text}")
         return value
 
@@ -196,6 +199,14 @@ def build_backend(args, cache_path, environ=os.environ):
                         token_param=args.token_param, max_wait=args.max_wait, **sampling)
 
 
+class Terminated(BaseException):
+    """SIGTERM (``scancel``, a SLURM time limit), raised in the main thread so the run writes its stats."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(f"stopped by {signal.Signals(signum).name}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     # before any input is read or any request sent
@@ -223,10 +234,14 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     generator = ParaphraseGenerator(backend, args.model, prompts, CompletionCache(cache_path), options, args.backend)
     export_sft = args.export_sft.replace("{job_index}", str(args.job_index)) if args.export_sft else None
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         # openai-batch: few large batches for the whole job first, then shards from the cache
         stats = generator.run(inputs, args.output, stats_path, export_sft, job=(args.num_jobs, args.job_index),
                               prefill=args.backend == "openai-batch", replace_stats=args.stats is not None)
+    except Terminated as e:
+        print(f"error: {e}; stats of the run so far: {generator.stats_file}", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     except JobIncomplete as e:
         print_summary(e.stats, generator.stats_file)
         sys.exit(f"error: {e}")

@@ -11,7 +11,6 @@ nothing twice and, replaying the same outputs, writes the same shards.
 import collections
 import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from .backends.base import FINAL_FINISH_REASONS, PROMPT_TOO_LONG, GenerationErro
 from .cache import CompletionCache, request_key
 from .inputs import check_output_names, is_caption_file, output_name, read_caption_file
 from .prompts import PromptSet
-from ..shards import (CAPTION, IMAGE_EXTENSIONS, METADATA, PARA1, PARA2, OutputBusy, atomic_create_text, atomic_file,
+from ..shards import (CAPTION, IMAGE_EXTENSIONS, METADATA, PARA1, PARA2, atomic_create_text, atomic_file, lock_or_busy,
                       atomic_write_text, read_sizes_json, update_sizes_json)
 from .shard_io import InputError, TarSampleWriter, count_tar_samples, read_tar_samples
 
@@ -110,12 +109,9 @@ def _prefill_lock(output_dir, job):
     array task submitted twice) stops before it submits anything. The shards' own locks come later."""
     path = os.path.join(output_dir, f".prefill-job{job[1]}of{job[0]}.lock")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+    lock_or_busy(fd, f"{output_dir}: another run of job {job[1]} of {job[0]} is submitting batches for this output "
+                     f"now ({path} is locked); two jobs were given the same inputs and output")
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OutputBusy(f"{output_dir}: another run of job {job[1]} of {job[0]} is submitting batches for this "
-                             f"output now ({path} is locked); two jobs were given the same inputs and output") from None
         yield
     finally:
         os.close(fd)
@@ -182,6 +178,7 @@ class ParaphraseGenerator:
 
                 def on_result(index, completion, misses=misses, raw=raw, refused=refused):
                     source = misses[index]
+                    self.counts["requests"] += 1  # answered (refused ones too): a stopped run counts what it paid
                     self.refusals.observe(step, completion)
                     self.counts["prompt_tokens"] += completion.prompt_tokens
                     self.counts["completion_tokens"] += completion.completion_tokens
@@ -194,7 +191,6 @@ class ParaphraseGenerator:
                     self.cache.put(*key[:3], step, attempt, source, completion)
                     raw[source] = completion
 
-                self.counts["requests"] += len(misses)
                 keys = [request_key(*key[:3], step, attempt, s) for s in misses]
                 self.backend.generate([self.prompts.render(step, s) for s in misses], on_result, keys=keys)
                 self.refusals.check(step, len(misses), refused)
@@ -369,7 +365,7 @@ class ParaphraseGenerator:
         stats = self.stats(time.time() - start, job)
         self._save_stats(stats_path, stats, replace_stats)
         if export_sft:
-            self.export_sft(export_sft, [os.path.join(output_dir, output_name(p)) for p in inputs])
+            self.export_sft(export_sft, [os.path.join(output_dir, output_name(p)) for p in inputs if p not in self.failed])
         if self.failed:
             raise JobIncomplete(f"{len(self.failed)} of {len(inputs)} inputs could not be written (the others are): "
                                 + "; ".join(f"{p}: {reason}" for p, reason in self.failed.items()), stats)
@@ -382,7 +378,7 @@ class ParaphraseGenerator:
         for in_path in inputs:
             before = self.counts["samples_in"]
             try:
-                written = self._write_input(in_path, output_dir)
+                self._write_input(in_path, output_dir)
             except ShardNotWritten as e:
                 self.failed[in_path] = str(e)
                 log.warning("%s: not written: %s", in_path, e)
@@ -391,9 +387,8 @@ class ParaphraseGenerator:
                     raise GenerationError(
                         f"{in_a_row} inputs in a row could not be written, a systematic fault: stopping "
                         f"(last: {in_path}: {e})") from None
-            else:
-                if written:  # (an output found done says nothing either way)
-                    in_a_row = 0
+            else:  # written now, or found done (a rerun): either way the fault is not systematic
+                in_a_row = 0
             samples_bar.update(self.counts["samples_in"] - before)
             samples_bar.set_postfix(requests=self.counts["requests"], cache_hits=self.counts["cache_hits"])
             bar.update(1)
@@ -405,6 +400,12 @@ class ParaphraseGenerator:
         out_path = os.path.join(output_dir, output_name(in_path))
         if os.path.abspath(out_path) == os.path.abspath(in_path):
             raise InputError(f"{in_path}: output would overwrite the input; choose another --output")
+        legacy = os.path.join(output_dir, os.path.basename(in_path))
+        if legacy != out_path and os.path.exists(legacy) and not os.path.exists(out_path):
+            # paraclip-plugin before 2026-11-26 wrote a compressed input's output, uncompressed, under its name
+            log.warning("%s: written by an earlier version as %s (an uncompressed tar): kept as it is", in_path, legacy)
+            self.counts["shards_skipped"] += 1
+            return False
         if not os.path.exists(out_path):
             try:
                 self.counts["samples_out"] += self._write_output(in_path, out_path)
