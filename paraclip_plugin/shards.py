@@ -174,7 +174,14 @@ def atomic_create_text(path, text):
                 os.link(tmp, candidate)
             except FileExistsError:
                 continue
-            os.remove(tmp)
+            except OSError:  # no hard links on this file system (some FUSE mounts): claim the name, rename over it
+                try:
+                    os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                except FileExistsError:
+                    continue
+                os.replace(tmp, candidate)
+            else:
+                os.remove(tmp)
             fsync_dir(os.path.dirname(os.path.abspath(candidate)))
             return candidate
 

@@ -1,5 +1,7 @@
 """Prompts, cleaning, cache, input handling and the torch-free import path, piece by piece."""
+import errno
 import json
+import os
 import subprocess
 import sys
 
@@ -209,7 +211,12 @@ def test_a_sample_key_twice_is_an_error_naming_the_file_and_the_key(tmp_path):
         list(read_tar_samples(twice))
 
 
-def test_a_new_file_never_replaces_one(tmp_path):
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_a_new_file_never_replaces_one(tmp_path, monkeypatch, hard_links):
+    if not hard_links:  # as gcsfuse / s3fs answer link(2)
+        def no_link(src, dst):
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported", src)
+        monkeypatch.setattr(os, "link", no_link)
     path = str(tmp_path / "stats" / "run.json")
     (tmp_path / "stats").mkdir()
     assert atomic_create_text(path, "first") == path
@@ -312,8 +319,6 @@ def _write_one(path):
 
 def test_outputs_are_fsynced_then_renamed_then_their_folder_fsynced(tmp_path, monkeypatch):
     """A rename is durable only once the folder is synced; a folder that can't be synced (EINVAL) still works."""
-    import errno
-    import os
 
     from paraclip_plugin import shards
     events = []
