@@ -74,7 +74,9 @@ def test_compact_shards_are_refused_for_other_weights_tokenizers_or_missing_memb
     with pytest.raises(TokenizerMismatch, match=f"shard {compact / '00000.tar'}: .*re-run paraclip-embed-images "
                                                 f"--compact"):
         pipeline(compact / "00000.tar", compact_decode_stages(other_tokenizer, visual_fingerprint(model.visual)))
-    with pytest.raises(MissingEmbeddings, match=f"shard {world['embedded'] / '00000.tar'} has no 'pcl' member"):
+    with pytest.raises(MissingEmbeddings, match=f"shard {world['embedded'] / '00000.tar'} is a four-field \\(no '.pcl' "
+                                                f"member in any sample\\) shard, but the first shard of --train-data is a "
+                                                f"compact one: compact and four-field shards can't be mixed"):
         pipeline(world["embedded"] / "00000.tar", compact_decode_stages(tokenizer, visual_fingerprint(model.visual)))
     # one sample without its member, one with a broken one: skipped and counted, the rest kept
     holes = tmp_path / "holes.tar"

@@ -298,3 +298,25 @@ def test_a_file_that_is_not_utf8_exits_2_naming_it_and_its_line(data_root, tmp_p
                  "--imagenet-templates", str(root / "imagenet_templates.json"), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert f"{path}:{line}: not UTF-8 (" in err and "no-such-model" not in err, err
+
+
+def test_an_image_folder_is_listed_as_its_task_reads_it(tmp_path, monkeypatch):
+    """A gallery is its folder's own files: a sub-folder it never reads (lost+found on a volume) is not walked;
+    a folder the walk needs and can't list is an input error naming it (exit 2), not a traceback."""
+    from paraclip_plugin.eval import table1
+    gallery = tmp_path / "val2017"
+    (gallery / "lost+found").mkdir(parents=True)
+    (gallery / "a.jpg").write_bytes(b"x")
+    scandir = os.scandir
+
+    def no_lost_and_found(path):
+        if str(path).endswith("lost+found"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(table1.os, "scandir", no_lost_and_found)
+    before = table1.fingerprint(str(gallery), False, depth=1)
+    (gallery / "b.jpg").write_bytes(b"y")
+    assert table1.fingerprint(str(gallery), False, depth=1) != before
+    with pytest.raises(table1.InputError, match=r"lost\+found: can't be listed \(Permission denied\)"):
+        table1.fingerprint(str(gallery), False)

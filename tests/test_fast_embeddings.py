@@ -536,6 +536,44 @@ def test_a_rerun_skips_a_shard_whose_first_image_has_no_embedding(world, tmp_pat
     assert f"{src}: already embedded with these weights, skipped" in caplog.text and "samples embedded" not in caplog.text
 
 
+def test_patch_dropout_is_no_architecture_in_open_clip_or_timm_towers(tmp_path):
+    """--force-patch-dropout (train-time only) must not refuse the embeddings: open_clip's own towers name the
+    module patch_dropout, timm's trunk.patch_drop."""
+    from paraclip_plugin.train.embeddings import visual_architecture
+    from paraclip_plugin.train.model import freeze_visual
+    config = tmp_path / "tiny-timm.json"
+    config.write_text(json.dumps({"embed_dim": 64, "vision_cfg": {
+        "timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False, "timm_pool": "avg",
+        "timm_proj": "linear", "image_size": 224}, "text_cfg": {"context_length": 32, "vocab_size": 49408,
+                                                                "width": 64, "heads": 2, "layers": 2}}))
+    open_clip.add_model_config(str(config))
+    open_clip.add_model_config(str(TINY_CONFIG))
+    for name in ("tiny-timm", TINY_MODEL):
+        towers = [freeze_visual(open_clip.create_model(name, **kw)).visual for kw in ({}, {"force_patch_dropout": 0.5})]
+        assert {type(m).__name__ for t in towers for m in t.modules()} >= {"PatchDropout"}
+        assert visual_architecture(towers[0]) == visual_architecture(towers[1])
+
+
+def test_a_rerun_takes_shards_embedded_by_an_older_version_for_done(world, tmp_path, caplog):
+    """Records from before the architecture, transform and precision were recorded: training reads them (with
+    a log line), so a resumed embed job keeps them too instead of redoing the GPU work."""
+    caplog.set_level(logging.INFO)
+
+    def older(i, sample):
+        meta = json.loads(sample["json"])
+        for field in ("visual_architecture", "preprocess", "precision"):
+            del meta["paraclip_image_embedding"][field]
+        sample["json"] = json.dumps(meta).encode()
+
+    out = tmp_path / "out"
+    out.mkdir()
+    rewrite_shard(world["embedded"] / "00000.tar", out / "00000.tar", older)
+    before = (out / "00000.tar").read_bytes()
+    embed(str(world["plain"] / "00000.tar"), world["init"], "--output", out)
+    assert f"{out / '00000.tar'}: already embedded with these weights, skipped" in caplog.text
+    assert (out / "00000.tar").read_bytes() == before
+
+
 def test_a_compact_shard_after_a_four_field_one_is_named_as_mixing_them(world, tmp_path):
     model, preprocess_train, _ = tiny_model(world["init"])
     tokenizer = open_clip.get_tokenizer(TINY_MODEL)

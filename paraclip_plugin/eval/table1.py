@@ -135,30 +135,35 @@ def sha256_of(path):
     return digest.hexdigest()
 
 
-def _files(folder):
-    """Sorted (relative name, ``os.stat_result`` or None for a broken link) of every file under ``folder``:
-    one ``scandir`` per folder, links followed, each folder once."""
+def _files(folder, depth):
+    """Sorted (relative name, ``os.stat_result`` or None for a broken link) of every file under ``folder`` down
+    to ``depth`` levels (1: its own files), as the task reads it: one ``scandir`` per folder, links followed,
+    each folder once. A folder that can't be listed is an ``InputError`` naming it."""
     top = os.stat(folder)
-    found, seen, pending = [], {(top.st_dev, top.st_ino)}, [""]
+    found, seen, pending = [], {(top.st_dev, top.st_ino)}, [("", 1)]
     while pending:
-        relative = pending.pop()
-        with os.scandir(os.path.join(folder, relative)) as entries:
-            for entry in entries:
-                name = os.path.join(relative, entry.name)
-                try:
-                    stat = entry.stat()
-                except OSError:
-                    found.append((name, None))
-                    continue
-                if not entry.is_dir():
-                    found.append((name, stat))
-                elif (stat.st_dev, stat.st_ino) not in seen:
-                    seen.add((stat.st_dev, stat.st_ino))
-                    pending.append(name)
+        relative, level = pending.pop()
+        try:
+            with os.scandir(os.path.join(folder, relative)) as entries:
+                entries = list(entries)
+        except OSError as e:
+            raise InputError(f"{os.path.join(folder, relative)}: can't be listed ({e.strerror})") from None
+        for entry in entries:
+            name = os.path.join(relative, entry.name)
+            try:
+                stat = entry.stat()
+            except OSError:
+                found.append((name, None))
+                continue
+            if not entry.is_dir():
+                found.append((name, stat))
+            elif level < depth and (stat.st_dev, stat.st_ino) not in seen:
+                seen.add((stat.st_dev, stat.st_ino))
+                pending.append((name, level + 1))
     return sorted(found, key=lambda item: item[0])
 
 
-def fingerprint(path, contents=True):
+def fingerprint(path, contents=True, depth=64):
     """``{"path", "sha256"}``: ``path`` resolved (links followed) and a sha256 of what is there: a file's
     bytes; for a folder, each file's relative name with its bytes' sha256 (``contents``) or, for image
     folders of any size, its size and mtime_ns only (one ``stat`` per file, no image read)."""
@@ -166,7 +171,7 @@ def fingerprint(path, contents=True):
     if not os.path.isdir(real):
         return {"path": real, "sha256": sha256_of(real)}
     digest = hashlib.sha256()
-    for name, stat in _files(real):
+    for name, stat in _files(real, depth):
         state = (None if stat is None else sha256_of(os.path.join(real, name)) if contents
                  else [stat.st_size, stat.st_mtime_ns])
         digest.update((json.dumps([name, state]) + "\n").encode())
@@ -177,9 +182,9 @@ def task_fingerprint(task, paths, prepared, imagenet_templates=None):
     """What ``task`` reads, each input ``fingerprint``ed: text and annotation files by content, image folders
     by listing. Part of a kept result's key, so changed data is computed again."""
     if task == "paraphrased-retrieval":
-        return {"pairs": fingerprint(paths["pairs"]), "gallery": fingerprint(_gallery(paths)[0], contents=False)}
+        return {"pairs": fingerprint(paths["pairs"]), "gallery": fingerprint(_gallery(paths)[0], False, depth=1)}
     if task in ("vg-relation", "vg-attribution"):
-        return {"annotations": fingerprint(paths["annotations"]), "images": fingerprint(paths["images"], False)}
+        return {"annotations": fingerprint(paths["annotations"]), "images": fingerprint(paths["images"], False, depth=1)}
     if task == "sts":  # the files read, not the whole folder (SentEval's data/downstream holds other tasks)
         return {t.name: fingerprint(t.path) for t in prepared}
     if task == "zeroshot-imagenet":
@@ -187,9 +192,9 @@ def task_fingerprint(task, paths, prepared, imagenet_templates=None):
         # with the devkit, torchvision writes meta.bin from it on the first run: the devkit is what stays the same
         devkit = os.path.join(root, "ILSVRC2012_devkit_t12.tar.gz")
         return {"meta": fingerprint(devkit if os.path.isfile(devkit) else os.path.join(root, "meta.bin")),
-                "val": fingerprint(os.path.join(root, "val"), contents=False),
+                "val": fingerprint(os.path.join(root, "val"), False),  # ImageFolder walks the class folders down
                 "templates": fingerprint(imagenet_templates) if imagenet_templates else None}
-    return {"annotations": fingerprint(prepared["annotations"]), "images": fingerprint(prepared["images"], False)}
+    return {"annotations": fingerprint(prepared["annotations"]), "images": fingerprint(prepared["images"], False, depth=1)}
 
 
 def _version(package):
@@ -212,7 +217,9 @@ def run_table1(model_name, pretrained, data_root, tasks=TASKS, model_config=None
     paths = task_paths(data_root)
     prepared = {task: prepare(task, paths[task], imagenet_templates, coco_split) for task in tasks}  # fail before loading
     pretrained_file = pretrained if pretrained and os.path.isfile(pretrained) else None
-    fingerprints = {task: task_fingerprint(task, paths[task], prepared[task], imagenet_templates) for task in tasks}
+    # (random init: nothing kept is reused, so nothing to compare)
+    fingerprints = {task: task_fingerprint(task, paths[task], prepared[task], imagenet_templates)
+                    for task in tasks} if pretrained else {}
     inputs = {
         "model": model_name,
         "pretrained": pretrained,
@@ -233,7 +240,7 @@ def run_table1(model_name, pretrained, data_root, tasks=TASKS, model_config=None
     shared = {k: v for k, v in inputs.items() if k != "tasks"}
     results, seconds, model = {}, {}, None
     for task in tasks:
-        computed_from = {**shared, "input_files": fingerprints[task]}
+        computed_from = {**shared, "input_files": fingerprints.get(task)}
         # random init (no --pretrained): nothing names the weights, so nothing kept is reused
         kept = _kept_task(keep_tasks, task, computed_from) if pretrained else None
         if kept is not None:

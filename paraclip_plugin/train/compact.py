@@ -46,6 +46,19 @@ def unpack(data):
     return embedding, tokens
 
 
+class MixedShards(MissingEmbeddings):
+    pass
+
+
+def mixed_shards_error(url, kind, first_shard, first_kind):
+    """The error for a shard of another kind than the first shard of --train-data."""
+    first = f"the first shard of --train-data ({first_shard})" if first_shard else "the first shard of --train-data"
+    return MixedShards(
+        f"shard {url} is a {kind} shard, but {first} is a {first_kind} one: compact and four-field shards can't be "
+        f"mixed in one run (the kind is decided from the first shard); train on shards of one kind (with "
+        f"--image-embeddings, compact ones from paraclip-embed-images --compact, four-field ones otherwise)")
+
+
 class RequireCompact:
     """Keep samples with a ``.pcl`` member and metadata; skip and count the rest, unless the shard has
     none at all (then it is not a compact shard: stop with an error naming it)."""
@@ -63,11 +76,8 @@ class RequireCompact:
             if url not in self.checked:
                 self.checked[url] = self.shard_has_member(url, (f".{COMPACT_FIELD}",))
             if self.checked[url] is False:
-                first = f" ({self.first_shard})" if self.first_shard else ""
-                raise MissingEmbeddings(
-                    f"shard {url} has no '{COMPACT_FIELD}' member in any sample, but the first shard of "
-                    f"--train-data{first} is a compact one: compact and four-field shards can't be mixed in one "
-                    f"run; make all of them with paraclip-embed-images --compact, or train on the four-field shards")
+                raise mixed_shards_error(url, f"four-field (no '.{COMPACT_FIELD}' member in any sample)",
+                                         self.first_shard, "compact")
             self.skipped.skip(sample, f"missing {COMPACT_FIELD} or json", f"missing {COMPACT_FIELD}/json")
 
 

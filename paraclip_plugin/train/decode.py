@@ -18,7 +18,7 @@ import torch
 import webdataset as wds
 from open_clip_train.data import expand_urls, get_dataset_size
 
-from paraclip_plugin.train.compact import COMPACT_FIELD, RequireCompact, UnpackCompact
+from paraclip_plugin.train.compact import COMPACT_FIELD, MixedShards, RequireCompact, UnpackCompact, mixed_shards_error  # noqa: F401
 from paraclip_plugin.train.embeddings import EMBEDDING_FIELD, BadSample, CachedImageEmbedding, MissingEmbeddings
 from paraclip_plugin.train.pretokenized import TextTokens, text_problem  # noqa: F401 (text_problem: re-exported)
 from paraclip_plugin.shards import CAPTION, IMAGE_EXTENSIONS, PARA1, PARA2, SIZES_FILE, read_sizes_json
@@ -53,19 +53,6 @@ class NotAParaCLIPShard(ValueError):
 
 class NoUsableSamples(ValueError):
     pass
-
-
-class MixedShards(ValueError):
-    pass
-
-
-def mixed_shards_error(url, kind, first_shard, first_kind):
-    """The error for a shard of another kind than the first shard of --train-data."""
-    first = f"the first shard of --train-data ({first_shard})" if first_shard else "the first shard of --train-data"
-    return MixedShards(
-        f"shard {url} is a {kind} shard, but {first} is a {first_kind} one: compact and four-field shards can't be "
-        f"mixed in one run (the kind is decided from the first shard); train on shards of one kind (with "
-        f"--image-embeddings, compact ones from paraclip-embed-images --compact, four-field ones otherwise)")
 
 
 class SkippedSamples:

@@ -36,9 +36,9 @@ from PIL import Image
 from torchvision import transforms
 
 from paraclip_plugin.train.compact import COMPACT_FIELD, pack
-from paraclip_plugin.train.embeddings import (EMBEDDING_FIELD, METADATA_KEY as EMBEDDING_KEY, embedding_record,
-                                              encode_embedding, precision_fingerprints, preprocess_config,
-                                              visual_architecture, visual_fingerprint)
+from paraclip_plugin.train.embeddings import (ADDED_FIELDS, EMBEDDING_FIELD, METADATA_KEY as EMBEDDING_KEY,
+                                              embedding_record, encode_embedding, precision_fingerprints,
+                                              preprocess_config, visual_architecture, visual_fingerprint)
 from paraclip_plugin.paraphrase.inputs import expand_inputs, split_for_job
 from paraclip_plugin.paraphrase.shard_io import InputError, count_tar_samples, read_tar_samples
 from paraclip_plugin.train.model import freeze_visual
@@ -138,12 +138,18 @@ def record_difference(old, new, label):
     """What differs between a stored record and this run's, as short phrases ([] when they are equal)."""
     if not isinstance(old, dict):
         return [f"no {label} record"]
+    # a field records of older versions lack is not compared (training reads them too): no work is redone
     return [f"{label} {key} {short(old.get(key))} (now {short(new.get(key))})"
-            for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+            for key in sorted(set(old) | set(new))
+            if old.get(key) != new.get(key) and (key in old or key not in ADDED_FIELDS)]
 
 
 def image_bytes(sample):
     return next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+
+
+# samples read to find one with an embedding (a shard's first images can be undecodable, so have none)
+DONE_PROBE = 64
 
 
 class ShardImages(torch.utils.data.IterableDataset):
@@ -204,7 +210,9 @@ class ShardEmbedder:
         if not os.path.exists(path):
             return ""
         first = None
-        for sample in read_tar_samples(path):
+        for n, sample in enumerate(read_tar_samples(path)):
+            if n == DONE_PROBE and first is None:  # not one embedding among the first samples: not embedded
+                return ""
             if self.args.compact:  # a compact shard holds only samples with an embedding and token ids
                 return self.sample_difference(sample) if COMPACT_FIELD in sample else ""
             if EMBEDDING_FIELD not in sample:

@@ -64,16 +64,22 @@ def precision_fingerprints(model_name, pretrained):
     return fingerprints
 
 
+# patch dropout's module names: open_clip's own towers (``patch_dropout``) and timm's (``trunk.patch_drop``)
+PATCH_DROPOUT = {"patch_dropout", "patch_drop"}
+# fields a record gained on 2026-11-26: an older record without them is read, and they are not checked
+ADDED_FIELDS = ("visual_architecture", "preprocess", "precision")
+
+
 def visual_architecture(visual):
     """sha256 of the image tower's module structure: every submodule's name and class, so the same weights
     in another architecture (GELU vs QuickGELU: ``--force-quick-gelu``, ``ViT-B-32`` vs ``ViT-B-32-quickgelu``)
     hash differently. Settings (``extra_repr``) are left out: torch versions print them differently, and
     those that change an output's shape change the weights' fingerprint anyway. The tower's own class is left out (the frozen
     tower's is a subclass of it, ``model.py``), and so is patch dropout (train-time only, and a frozen
-    tower runs in eval mode). open_clip's ``LayerNormFp32`` counts as ``LayerNorm``: ``--precision bf16|fp16``
+    tower runs in eval mode: ``--force-patch-dropout``). open_clip's ``LayerNormFp32`` counts as ``LayerNorm``: ``--precision bf16|fp16``
     build it to compute the same LayerNorm in float32 (a precision, not an architecture)."""
-    lines = [f"{name}: {type(module).__name__.removesuffix('Fp32')}"
-             for name, module in visual.named_modules() if name and name.split(".")[0] != "patch_dropout"]
+    lines = [f"{name}: {type(module).__name__.removesuffix('Fp32')}" for name, module in visual.named_modules()
+             if name and not PATCH_DROPOUT & set(name.split("."))]
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
@@ -223,6 +229,8 @@ class CachedImageEmbedding:
         if self.expected_preprocess is None or (stored is None and self.not_recorded(
                 url, "preprocess", "image transform")):
             return
+        if stored == self.expected_preprocess:  # every sample: the quick way
+            return
         for key in sorted(set(stored) & set(self.expected_preprocess)):  # a key only one side has: unknown
             if stored.get(key) != self.expected_preprocess.get(key):
                 flag = PREPROCESS_FLAGS.get(key, f"the image transform's '{key}'")
@@ -230,4 +238,4 @@ class CachedImageEmbedding:
                     f"shard {url} holds image embeddings made with image transform {key} "
                     f"{stored.get(key)!r}, but this run's {flag} gives {self.expected_preprocess.get(key)!r}: "
                     f"train with the transform the embeddings were made with (drop or change {flag}), or "
-                    f"re-embed with scripts/embed_images.py")
+                    f"train from the images (without --image-embeddings)")

@@ -118,7 +118,7 @@ class TextTokens:
 
     def ids_problem(self, ids):
         """Why stored ids can't be used (wrong shape, dtype or range), or None."""
-        if not isinstance(ids, np.ndarray) or not np.issubdtype(ids.dtype, np.integer):
+        if not isinstance(ids, np.ndarray) or ids.dtype.kind not in "iu":
             return f"not integer ids ({getattr(ids, 'dtype', type(ids).__name__)})", "dtype"
         if ids.ndim != 2 or ids.shape[0] != len(TEXT_FIELDS) or not 1 <= ids.shape[1] <= self.context_length:
             return (f"shape {ids.shape}, expected ({len(TEXT_FIELDS)}, n) with 1 <= n <= the context "
