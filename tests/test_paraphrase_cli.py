@@ -204,10 +204,11 @@ def test_an_output_an_earlier_version_wrote_under_the_compressed_name_is_kept(se
     os.rename(out / "00000.tar", out / "00000.tar.gz")
     (out / "sizes.json").write_text(json.dumps({"00000.tar.gz": 6}))
     paid = server.requests
-    rc, _, stderr = cli(server, str(tmp_path / "in" / "00000.tar.gz"), out)
-    assert rc == 0 and server.requests == paid and "written by an earlier version as" in stderr
+    rc, _, stderr = cli(server, str(tmp_path / "in" / "00000.tar.gz"), out, "--export-sft", str(out / "sft.jsonl"))
+    assert rc == 0 and server.requests == paid and "written by an earlier version as" in stderr, stderr
     assert sorted(p.name for p in out.glob("00000*")) == ["00000.tar.gz"]
     assert json.loads((out / "sizes.json").read_text()) == {"00000.tar.gz": 6}
+    assert len((out / "sft.jsonl").read_text().splitlines()) >= 6  # its samples' pairs are exported
 
 
 def test_sigterm_stops_the_run_and_its_stats_record_what_was_paid(tmp_path):
@@ -223,6 +224,7 @@ def test_sigterm_stops_the_run_and_its_stats_record_what_was_paid(tmp_path):
         _, stderr = proc.communicate(timeout=60)
         paid = slow.requests
     assert proc.returncode == 128 + signal.SIGTERM and "error: stopped by SIGTERM" in stderr.decode()
+    assert "stats of the run so far: " + str(tmp_path / "s.json") in stderr.decode()
     stats = json.loads((tmp_path / "s.json").read_text())
     assert stats["status"] == "failed" and "SIGTERM" in stats["error"]
     assert paid >= 5 and paid - 1 <= stats["requests"] <= paid  # the answers it got (one may be in flight)
@@ -283,3 +285,17 @@ def test_a_stopped_run_writes_its_stats_and_never_replaces_anothers(server, tmp_
     assert stats["status"] == "failed" and stats["error"].startswith("InputError: ") and "00001.tar" in stats["error"]
     assert stats["requests"] == server.requests > 0 and stats["estimated_cost_usd"] > 0
     assert stats["shards_written"] == 1 and (out / "00000.tar").exists()
+
+
+def test_a_second_sigterm_is_ignored_while_the_stats_are_written():
+    from paraclip_plugin.paraphrase import cli as make_shards_cli
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, make_shards_cli._raise_terminated)
+        with pytest.raises(make_shards_cli.Terminated, match="stopped by SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGTERM)  # the second one: nothing happens
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -81,6 +81,8 @@ ANSWER = "A crimson auto waits by the aged home."
     "### Paraphrase\n{}", "Paraphrase\n{}", "Sure! I'd be happy to help.\n\n{}", "Sure.\n{}",
     "Below is a shorter way to say it:\n{}", "Here are two options:\n1. {}\n2. A red auto.",
     "Original: a red car parked near the old house\nParaphrase: {}", "1. {}\n2. A red auto.",
+    "The paraphrased caption is: {}", "A possible paraphrase is: {}", "Paraphrased caption (8 words): {}", "> {}",
+    "Rephrased caption -- {}", "Sure\n{}", "New caption: {}", "Here is a simpler description:\n{}",
 ])
 def test_cleaning_strips_a_chat_models_lead_ins(raw):
     assert cleaning.clean(raw.format(ANSWER)) == ANSWER
@@ -94,14 +96,17 @@ def test_cleaning_strips_a_chat_models_lead_ins(raw):
     "Caption: sunset over the lake", "Version 2: the redesigned company logo", "My version: homemade lasagna",
     "The new version: iPhone 12 in blue", "Here is the text: welcome to Paris", "Here is my dog: a beagle",
     "Here's the new caption for the album: Abbey Road", "Output: 12V power supply adapter", "__init__ file icon",
-    "'Tis the season: christmas lights on a house", "Step 1: mix the flour",
+    "'Tis the season: christmas lights on a house", "Step 1: mix the flour", "#1 Dad mug on a kitchen table",
+    "#MeToo protesters march downtown",
 ])
 def test_cleaning_keeps_answers_that_only_look_like_lead_ins(caption):
     assert cleaning.clean(caption) == caption
 
 
-def test_a_line_ending_in_a_colon_is_joined_with_the_words_after_it():
-    assert cleaning.clean('A sign that reads:\n"Welcome home"') == 'A sign that reads: "Welcome home"'
+@pytest.mark.parametrize("raw", ['A sign that reads:\n"Welcome home"', "A poster with the following text:\nSALE 50% OFF",
+                                 "Caption contest winner:\nfunny cat"])
+def test_a_line_ending_in_a_colon_is_joined_with_the_words_after_it(raw):
+    assert cleaning.clean(raw) == " ".join(raw.split())
 
 
 def test_rejection_reasons():

@@ -184,7 +184,7 @@ def task_fingerprint(task, paths, prepared, imagenet_templates=None):
     if task == "paraphrased-retrieval":
         return {"pairs": fingerprint(paths["pairs"]), "gallery": fingerprint(_gallery(paths)[0], False, depth=1)}
     if task in ("vg-relation", "vg-attribution"):
-        return {"annotations": fingerprint(paths["annotations"]), "images": fingerprint(paths["images"], False, depth=1)}
+        return {"annotations": fingerprint(paths["annotations"]), "images": fingerprint(paths["images"], False)}
     if task == "sts":  # the files read, not the whole folder (SentEval's data/downstream holds other tasks)
         return {t.name: fingerprint(t.path) for t in prepared}
     if task == "zeroshot-imagenet":
@@ -194,7 +194,7 @@ def task_fingerprint(task, paths, prepared, imagenet_templates=None):
         return {"meta": fingerprint(devkit if os.path.isfile(devkit) else os.path.join(root, "meta.bin")),
                 "val": fingerprint(os.path.join(root, "val"), False),  # ImageFolder walks the class folders down
                 "templates": fingerprint(imagenet_templates) if imagenet_templates else None}
-    return {"annotations": fingerprint(prepared["annotations"]), "images": fingerprint(prepared["images"], False, depth=1)}
+    return {"annotations": fingerprint(prepared["annotations"]), "images": fingerprint(prepared["images"], False)}
 
 
 def _version(package):

@@ -21,11 +21,12 @@ CONTENT_FILTER = "content_filter"  # finish_reason: the service withheld the out
 LENGTH = "length"  # finish_reason: the token limit cut the output off
 
 # Lead-ins are recognised by paraphrasing words, so that captions which merely start like one ("Text: ...",
-# "Version 2: ...", "Here is my dog: ...", "1. FC Köln ...", "Okay, so ...") stay whole.
-_PARA = r"(?:paraphras|rephras|reword|rewrit|revis|concise|shorter|version|way to (?:say|put|phrase)|say it|attempt)"
+# "Version 2: ...", "Here is my dog: ...", "1. FC Köln ...", "Okay, so ...", "#1 Dad mug") stay whole.
+_PARA = (r"(?:paraphras|rephras|reword|rewrit|revis|concise|shorter|simpler|version|way to (?:say|put|phrase)|"
+         r"say it|attempt)")
+_ACK_WORDS = r"(?:sure(?: thing)?|certainly|of course|ok(?:ay)?|absolutely|no problem|great|alright|got it)"
 # an acknowledgement: stripped when it ends in "!", or when a lead-in or nothing follows it
-_ACK = re.compile(r"(?:sure(?: thing)?|certainly|of course|ok(?:ay)?|absolutely|no problem|great|alright|got it)"
-                  r"\s*([!.,]+)\s*", re.IGNORECASE)
+_ACK = re.compile(rf"{_ACK_WORDS}\s*([!.,]+)\s*", re.IGNORECASE)
 _PLEASANTRY = re.compile(r"(?:i'?d|i would|i'?m|i am|i'?ll)\s+(?:be\s+)?(?:happy|glad)\s+to\s+help(?:\s+with\s+that)?"
                          r"\s*[!.,]*\s*", re.IGNORECASE)
 # "Here is a paraphrased version ...:", "Here you go:", "Here it is:"
@@ -33,18 +34,19 @@ _HERE = re.compile(rf"(?:here(?:'s| is| are)\b[^:\n]{{0,80}}?{_PARA}[^:\n]{{0,10
                    re.IGNORECASE)
 # "Sure! Here's a concise paraphrase that avoids the original words." (the answer on the next line)
 _HERE_SENTENCE = re.compile(rf"(?:\W*\w+\W*)?here(?:'s| is| are)\b.*{_PARA}", re.IGNORECASE)
-# "Paraphrase:", "Rephrased caption:", "Paraphrased version of the caption:", "Alternative caption -"
-_LABEL_WORDS = (r"(?:(?:a|the|my|one)\s+)?(?:(?:concise|shorter|reworded|rephrased|paraphrased|rewritten|revised|"
-                r"alternative|alternate)\s+)*(?:paraphrased?|paraphrasing|rephrased?|rephrasing|reworded|rewording|"
-                r"rewrite|rewritten|revised|(?:concise|shorter|reworded|rephrased|paraphrased|rewritten|revised|"
-                r"alternative|alternate)\s+(?:caption|text|version|sentence|description))"
-                r"(?:\s+of\s+(?:the|this|your)\s+(?:caption|text|sentence))?(?:\s*\d+)?")
-_LABEL = re.compile(rf"{_LABEL_WORDS}\s*(?::|\s-|\s\u2013)\s*", re.IGNORECASE)
-_HEADING = re.compile(rf"{_LABEL_WORDS}\s*:?", re.IGNORECASE)  # "**Paraphrase**" / "### Paraphrase" on its own line
+# "Paraphrase:", "Rephrased caption:", "The paraphrased caption is:", "Paraphrased version of the caption (8 words):"
+_ADJECTIVES = r"(?:concise|shorter|simpler|reworded|rephrased|paraphrased|rewritten|revised|alternative|alternate|possible)"
+_LABEL_WORDS = (rf"(?:(?:a|the|my|one)\s+)?(?:{_ADJECTIVES}\s+)*(?:paraphrased?|paraphrasing|rephrased?|rephrasing|"
+                rf"reworded|rewording|rewrite|rewritten|revised|new\s+caption|"
+                rf"{_ADJECTIVES}\s+(?:caption|text|version|sentence|description))"
+                r"(?:\s+of\s+(?:the|this|your)\s+(?:caption|text|sentence))?(?:\s*\d+)?(?:\s*\([^)\n]{0,30}\))?(?:\s+is)?")
+_LABEL = re.compile(rf"{_LABEL_WORDS}\s*(?::|\s-{{1,2}}|\s[\u2013\u2014])\s*", re.IGNORECASE)
+_HEADING = re.compile(rf"{_LABEL_WORDS}\s*:?|{_ACK_WORDS}[!.,]*", re.IGNORECASE)  # "**Paraphrase**", "Sure" alone
 _ORIGINAL = re.compile(r"(?:original|input)(?:\s+(?:caption|text|sentence))?\s*:", re.IGNORECASE)
 # a line ending in ":" that announces what follows ("Below is a shorter way to say it:", "Here are two options:")
-_ANNOUNCES = re.compile(rf"{_PARA}|option|alternativ|caption|below|following", re.IGNORECASE)
+_ANNOUNCES = re.compile(rf"{_PARA}|option|alternativ|^here(?:'s| is| are)\b", re.IGNORECASE)
 _BULLET = re.compile(r"^(?:\d+[.)]|[-*\u2022])\s+")
+_MARKDOWN = re.compile(r"^(?:#{1,6}|>)\s+")  # a heading's or a quote's marker
 _WORD_COUNT = re.compile(r"\s*\(\d+ words?\)$", re.IGNORECASE)
 _THINK = re.compile(r"<think>.*?(?:</think>|\Z)", re.IGNORECASE | re.DOTALL)
 _QUOTES = "\"'“”‘’`«»"
@@ -64,7 +66,7 @@ def clean(text):
     # Templates that open <think> in the prompt (Qwen3, R1 distills) leave only the closing tag.
     close = text.lower().rfind("</think>")
     text = text[close + len("</think>"):] if close >= 0 else text
-    lines = [line.strip().replace("**", "").lstrip("#").strip() for line in text.strip().splitlines() if line.strip()]
+    lines = [_MARKDOWN.sub("", line.strip().replace("**", "")).strip() for line in text.strip().splitlines()]
     lines = [line for line in lines if line]
     listed = sum(bool(_BULLET.match(line)) for line in lines) >= 2  # a list of answers: take the first
     for i, line in enumerate(lines):
@@ -85,15 +87,18 @@ def _strip_lead_in(line):
     rest = line
     ack = _ACK.match(rest)
     if ack:
-        after = rest[ack.end():]
-        after = after[_PLEASANTRY.match(after).end():] if _PLEASANTRY.match(after) else after
+        after = _after(_PLEASANTRY, rest[ack.end():])
         if "!" in ack.group(1) or not after or _HERE.match(after) or _LABEL.match(after):
             rest = after
-    rest = rest[_PLEASANTRY.match(rest).end():] if _PLEASANTRY.match(rest) else rest
-    for lead in (_HERE, _LABEL):
-        match = lead.match(rest)
-        rest = rest[match.end():] if match else rest
+    for lead in (_PLEASANTRY, _HERE, _LABEL):
+        rest = _after(lead, rest)
     return rest.strip()
+
+
+def _after(lead, text):
+    """``text`` without ``lead`` at its start."""
+    match = lead.match(text)
+    return text[match.end():] if match else text
 
 
 def _is_lead_in(line, rest):

@@ -45,7 +45,7 @@ from ..shards import OutputBusy, SizesFileError
 def _number(kind, low, high=None, low_open=False):
     """An argparse ``type``: a ``kind`` (int or float) from ``low`` (excluded if ``low_open``) to ``high``; argparse
     names the flag in its error."""
-    what = "an integer" if kind is int else "a number"
+    what = "an integer" if kind is int else "a finite number"
     bounds = (f"in {'(' if low_open else '['}{low}, {high}]" if high is not None
               else f"{'>' if low_open else '>='} {low}")
 
@@ -204,6 +204,7 @@ class Terminated(BaseException):
 
 
 def _raise_terminated(signum, frame):
+    signal.signal(signum, signal.SIG_IGN)  # a second one must not cut the stats write short
     raise Terminated(f"stopped by {signal.Signals(signum).name}")
 
 
@@ -240,7 +241,8 @@ def main(argv=None):
         stats = generator.run(inputs, args.output, stats_path, export_sft, job=(args.num_jobs, args.job_index),
                               prefill=args.backend == "openai-batch", replace_stats=args.stats is not None)
     except Terminated as e:
-        print(f"error: {e}; stats of the run so far: {generator.stats_file}", file=sys.stderr)
+        print(f"error: {e}" + (f"; stats of the run so far: {generator.stats_file}" if generator.stats_file else ""),
+              file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
     except JobIncomplete as e:
         print_summary(e.stats, generator.stats_file)

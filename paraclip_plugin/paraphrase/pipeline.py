@@ -103,6 +103,14 @@ class JobIncomplete(GenerationError):
         self.stats = stats
 
 
+def _written_output(in_path, output_dir):
+    """Where ``in_path``'s output is: ``output_name``, or where paraclip-plugin before 2026-11-26 wrote a compressed
+    input's output (uncompressed, under the input's own name) when only that exists."""
+    out_path = os.path.join(output_dir, output_name(in_path))
+    legacy = os.path.join(output_dir, os.path.basename(in_path))
+    return legacy if legacy != out_path and os.path.exists(legacy) and not os.path.exists(out_path) else out_path
+
+
 @contextlib.contextmanager
 def _prefill_lock(output_dir, job):
     """Held while a job prefills through the Batch API: a second run of the same job on this output (an
@@ -365,7 +373,7 @@ class ParaphraseGenerator:
         stats = self.stats(time.time() - start, job)
         self._save_stats(stats_path, stats, replace_stats)
         if export_sft:
-            self.export_sft(export_sft, [os.path.join(output_dir, output_name(p)) for p in inputs if p not in self.failed])
+            self.export_sft(export_sft, [_written_output(p, output_dir) for p in inputs if p not in self.failed])
         if self.failed:
             raise JobIncomplete(f"{len(self.failed)} of {len(inputs)} inputs could not be written (the others are): "
                                 + "; ".join(f"{p}: {reason}" for p, reason in self.failed.items()), stats)
@@ -400,10 +408,9 @@ class ParaphraseGenerator:
         out_path = os.path.join(output_dir, output_name(in_path))
         if os.path.abspath(out_path) == os.path.abspath(in_path):
             raise InputError(f"{in_path}: output would overwrite the input; choose another --output")
-        legacy = os.path.join(output_dir, os.path.basename(in_path))
-        if legacy != out_path and os.path.exists(legacy) and not os.path.exists(out_path):
-            # paraclip-plugin before 2026-11-26 wrote a compressed input's output, uncompressed, under its name
-            log.warning("%s: written by an earlier version as %s (an uncompressed tar): kept as it is", in_path, legacy)
+        written = _written_output(in_path, output_dir)
+        if written != out_path:
+            log.warning("%s: written by an earlier version as %s (an uncompressed tar): kept as it is", in_path, written)
             self.counts["shards_skipped"] += 1
             return False
         if not os.path.exists(out_path):

@@ -211,8 +211,8 @@ class ShardEmbedder:
             return ""
         first = None
         for n, sample in enumerate(read_tar_samples(path)):
-            if n == DONE_PROBE and first is None:  # not one embedding among the first samples: not embedded
-                return ""
+            if n == DONE_PROBE:  # decided from the first samples
+                break
             if self.args.compact:  # a compact shard holds only samples with an embedding and token ids
                 return self.sample_difference(sample) if COMPACT_FIELD in sample else ""
             if EMBEDDING_FIELD not in sample:
