@@ -17,7 +17,6 @@ Images are embedded once, texts in batches; the result holds AO@k and JS@k betwe
 the paraphrase's rankings (metrics.py) and recall@1/5/10 of the gold image for both kinds of query.
 All scores are fractions in [0, 1].
 """
-import io
 import json
 import os
 import sys
@@ -27,6 +26,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ..textfiles import NotUTF8, decode_utf8, lines_of
 from .metrics import average_overlap_from_scores, jaccard_at_k_from_scores, recall_at_k
 
 PAIR_KEYS = ("query", "paraphrase", "image")
@@ -49,16 +49,15 @@ def read_text(path, what):
     except OSError as e:
         raise InputError(f"{path}: cannot read {what}: {e.strerror}") from None
     try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise InputError(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start}); the {what} must be UTF-8") from None
+        return decode_utf8(data)
+    except NotUTF8 as e:
+        raise InputError(f"{path}:{e.line}: not UTF-8 ({e.reason} at byte {e.offset}); the {what} must be UTF-8") from None
 
 
 def text_lines(path, what):
     """The lines of ``read_text``'s file as ``for line in open(path)`` gives them (split at \\n, \\r\\n and \\r
     only, unlike ``str.splitlines``), without their line ends."""
-    return [line.rstrip("\n") for line in io.StringIO(read_text(path, what), newline=None)]
+    return [line.rstrip("\n") for line in lines_of(read_text(path, what))]
 
 
 def load_json(path, what):

@@ -5,7 +5,6 @@ joined with ``::``. The sorted list is dealt round-robin to ``num_jobs`` jobs, s
 an equal share whatever the numbering; SLURM array variables give the defaults.
 """
 import glob
-import io
 import json
 import os
 import re
@@ -13,6 +12,7 @@ import re
 import braceexpand
 
 from .shard_io import InputError
+from ..textfiles import NotUTF8, decode_utf8, lines_of
 
 CAPTION_FILE_EXTENSIONS = (".txt", ".jsonl")
 _COMPRESSED_TAR = re.compile(r"[.](tar[.](gz|bz2|xz)|tgz)$", re.IGNORECASE)
@@ -104,17 +104,11 @@ def read_caption_file(path, caption_field="caption"):
 
 def _text_lines(path):
     """The lines of a UTF-8 text file, as a text-mode ``open`` reads them; not UTF-8: an error naming the
-    file, the line and the byte offset (``open``'s own error counts from a read buffer, not the file)."""
+    file, the line and the byte offset."""
     with open(path, "rb") as f:
         data = f.read()
     try:
-        return _decoded_lines(data)
-    except UnicodeDecodeError as e:
-        line = sum(text.endswith("\n") for text in _decoded_lines(data[:e.start])) + 1
-        raise InputError(f"{path}:{line}: not UTF-8 text: byte {data[e.start]:#04x} at offset {e.start} of the "
-                         f"file ({e.reason})") from None
-
-
-def _decoded_lines(data):
-    """The lines of UTF-8 ``data`` with universal newlines (``\\r\\n`` and ``\\r`` read as ``\\n``)."""
-    return list(io.StringIO(data.decode("utf-8"), newline=None))
+        return lines_of(decode_utf8(data))
+    except NotUTF8 as e:
+        raise InputError(f"{path}:{e.line}: not UTF-8 text: byte {e.byte:#04x} at offset {e.offset} of the file "
+                         f"({e.reason})") from None

@@ -339,7 +339,7 @@ class ParaphraseGenerator:
         input is read and checked as ``run`` does (the same samples kept, the same errors) before anything is sent."""
         captions = []
         for in_path in inputs:
-            if not os.path.exists(os.path.join(output_dir, output_name(in_path))):
+            if not os.path.exists(_written_output(in_path, output_dir)):
                 kept, _, _ = self._load(in_path)
                 captions.extend(item["caption"] for item in kept)
         if captions:

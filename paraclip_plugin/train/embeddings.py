@@ -207,8 +207,8 @@ class CachedImageEmbedding:
         if field not in self.unchecked:
             self.unchecked.add(field)
             logging.warning(f"ParaCLIP: shard {url}: its image embeddings record no {what} (made by an older "
-                            f"scripts/embed_images.py), so it can't be checked against this run's; re-run "
-                            f"scripts/embed_images.py on it to have it checked")
+                            f"scripts/embed_images.py), so it can't be checked against this run's; embed it again "
+                            f"into a new --output folder to have it checked (a rerun into the same one keeps it)")
         return True
 
     def check_architecture(self, url, record):
