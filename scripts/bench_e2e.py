@@ -3,6 +3,7 @@
 
     python scripts/bench_e2e.py --folder /tmp/e2e --json e2e.json          # CUDA: ViT-B-32, 51,200 samples
     python scripts/bench_e2e.py --cpu-smoke --folder /tmp/e2e-smoke        # CPU, tiny model: checks the script
+    python scripts/bench_e2e.py --shards-only --folder /tmp/e2e            # step 1 alone (CPU), for a later run
 
 1. Writes LAION-like four-field shards (256 px JPEGs of ~15 KiB, texts of 8-16 words) in parallel.
 2. Times, in this order, each a fresh open_clip_train process with the same model, batch and workers:
@@ -85,6 +86,9 @@ def parse_args(argv=None):
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
     p.add_argument("--run-timeout", type=float, default=240, help="seconds before one run is stopped")
     p.add_argument("--json", default=None, help="write the results here (after every case)")
+    p.add_argument("--shards-only", action="store_true",
+                   help="write the shards and stop (gpu_check.sh does this on the CPU while its tests run); a "
+                        "later run with the same --folder, --samples and --per-shard uses them")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="CPU, paraclip-tiny, 512 samples, batch 32, 2 workers, fp32: checks the script only")
     args = p.parse_args(argv)
@@ -225,6 +229,32 @@ def embed(args, name, plain, embedded, *extra):
     return result
 
 
+def plain_shards(args):
+    """The four-field shards every case starts from: (brace pattern, {seconds, mean_jpeg_kib}). Written
+    here, or those an earlier run (--shards-only) wrote in the same --folder with the same settings: its
+    record is written after the last shard, and removed before shards are written over."""
+    folder = os.path.join(args.folder, "plain")
+    record, settings = os.path.join(folder, "written.json"), {"samples": args.samples, "per_shard": args.per_shard}
+    try:
+        with open(record) as f:
+            written = json.load(f)
+        if {key: written.get(key) for key in settings} == settings:
+            print(f"shards: {args.samples} samples, written by an earlier run in {written['result']['seconds']}s",
+                  flush=True)
+            return written["pattern"], dict(written["result"], reused=True)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if os.path.exists(record):
+        os.remove(record)
+    start = time.time()
+    pattern, mean_jpeg = write_shards(folder, args.samples, args.per_shard, processes=args.workers)
+    result = {"seconds": round(time.time() - start, 1), "mean_jpeg_kib": round(mean_jpeg / 1024, 1)}
+    atomic_write_text(record, json.dumps(dict(settings, pattern=pattern, result=result)) + "\n")
+    print(f"shards: {args.samples} samples, mean JPEG {mean_jpeg / 1024:.1f} KiB, in {time.time() - start:.0f}s",
+          flush=True)
+    return pattern, result
+
+
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.folder, exist_ok=True)
@@ -232,7 +262,9 @@ def main(argv=None):
     unknown = set(cases) - set(CASES)
     if unknown:
         raise SystemExit(f"bench_e2e.py: unknown --cases {', '.join(sorted(unknown))}")
-    if not args.cpu_smoke:
+    if args.shards_only:
+        device = "n/a (shards only)"
+    elif not args.cpu_smoke:
         import torch
         if not torch.cuda.is_available():
             raise SystemExit("bench_e2e.py needs a CUDA GPU (or --cpu-smoke to check the script on CPU)")
@@ -247,15 +279,12 @@ def main(argv=None):
         if args.json:
             atomic_write_text(args.json, json.dumps(results, indent=1) + "\n")
 
+    plain, results["shards"] = plain_shards(args)
+    if args.shards_only:
+        return 0
     # one random-init checkpoint for every run: embed_images.py and training must see the same image weights
     args.init = os.path.join(args.folder, "init.pt")
     save_init(args)
-    start = time.time()
-    plain, mean_jpeg = write_shards(os.path.join(args.folder, "plain"), args.samples, args.per_shard,
-                                    processes=args.workers)
-    results["shards"] = {"seconds": round(time.time() - start, 1), "mean_jpeg_kib": round(mean_jpeg / 1024, 1)}
-    print(f"shards: {args.samples} samples, mean JPEG {mean_jpeg / 1024:.1f} KiB, in {time.time() - start:.0f}s",
-          flush=True)
     save()
     # the shards embedded for the cached cases: the first --embed-samples' worth
     shards = -(-min(args.embed_samples or args.samples, args.samples) // args.per_shard)

@@ -4,6 +4,7 @@
     python scripts/bench_step.py                       # CUDA: ViT-B-32, batches 1024 and 3072, bf16 autocast
     python scripts/bench_step.py --compile             # + torch.compile of the plugin's model
     python scripts/bench_step.py --steps-only naive,plugin-emb,plugin-emb+compile --json step.json
+    python scripts/bench_step.py --steps-only naive@1024,plugin-emb+causal+compile@1024,plugin-emb@3072
     python scripts/bench_step.py --cpu-smoke           # CPU, tiny model, small batches: checks the script runs
 
 Steps compared, same batch sizes, random init, captions of 12-24 tokens, tensors already on the device,
@@ -50,7 +51,8 @@ def parse_args():
     p.add_argument("--peak-tflops", type=float, default=None, help="the card's bf16 peak (default: by device name)")
     p.add_argument("--steps-only", default="naive,plugin-img,plugin-emb",
                    help="cases, comma-separated: naive, plugin-img, plugin-emb, each plugin one also as NAME+compile, "
-                        "NAME+causal and NAME+causal+compile")
+                        "NAME+causal and NAME+causal+compile; each at every --batch-sizes, or NAME@BATCH at that "
+                        "one only")
     p.add_argument("--profile", default="1024", metavar="BATCHES",
                    help="batch sizes whose cases are also profiled (3 steps under torch.profiler: kernel time by "
                         "kind, top kernels, GPU busy share), comma-separated; '' for none (default: %(default)s)")
@@ -65,6 +67,7 @@ def parse_args():
     if args.compile:
         args.steps_only += ",plugin-img+compile,plugin-emb+compile"
     args.profile_batches = {int(b) for b in args.profile.split(",") if b.strip()}
+    args.plan = plan(args.steps_only, args.batch_sizes)
     return args
 
 
@@ -114,13 +117,34 @@ def plugin_step(model, loss_fn, images, texts, embeddings, use_embeddings):
     return loss_fn(**out)
 
 
+def parse_case(name):
+    """'plugin-emb+causal+compile' -> ('plugin-emb', ['causal', 'compile']); an unknown case stops the run."""
+    kind, *modifiers = name.split("+")
+    if kind not in ("naive", "plugin-img", "plugin-emb") or modifiers not in ([], ["compile"], ["causal"], [
+            "causal", "compile"]) or (modifiers and kind == "naive"):
+        raise SystemExit(f"bench_step.py: unknown case '{name}' in --steps-only")
+    return kind, modifiers
+
+
+def plan(steps_only, batch_sizes):
+    """(case, batch) in the order they run: batch by batch (--batch-sizes), each batch's cases in
+    --steps-only's order; NAME@BATCH runs NAME at that batch only. Checked before anything runs."""
+    batches = [int(b) for b in batch_sizes.split(",")]
+    pairs = []
+    for token in steps_only.split(","):
+        name, at, only = token.partition("@")
+        parse_case(name)
+        if at and (not only.isdigit() or int(only) not in batches):
+            raise SystemExit(f"bench_step.py: --steps-only '{token}': the batch after @ must be one of "
+                             f"--batch-sizes {batch_sizes}")
+        pairs += [(name, b) for b in batches if not at or b == int(only)]
+    return sorted(pairs, key=lambda pair: batches.index(pair[1]))  # stable: each batch keeps the cases' order
+
+
 class Case:
     def __init__(self, name, args, device, autocast):
         self.name, self.args, self.device, self.autocast = name, args, device, autocast
-        self.kind, *modifiers = name.split("+")
-        if self.kind not in ("naive", "plugin-img", "plugin-emb") or modifiers not in ([], ["compile"], ["causal"], [
-                "causal", "compile"]) or (modifiers and self.kind == "naive"):
-            raise SystemExit(f"bench_step.py: unknown case '{name}' in --steps-only")
+        self.kind, modifiers = parse_case(name)
         compiled = "compile" in modifiers
         self.model = make_model(args, device, plugin=self.kind != "naive", causal="causal" in modifiers)
         self.callable_model = torch.compile(self.model) if compiled else self.model
@@ -247,22 +271,20 @@ def main():
     peak = device_peak(args, device)
     print(f"device: {where}; model {args.model}, random init; captions {args.caption_tokens} tokens; "
           f"bf16 peak {peak or 'unknown'} TFLOP/s", flush=True)
-    names = args.steps_only.split(",")
     results = {}
-    for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-        for name in names:
-            case = Case(name, args, device, autocast)
-            results[name, batch_size] = run_case(case, batch_size, args)
-            del case
-            print(f"{name} at batch {batch_size}: "
-                  f"{ {k: v for k, v in results[name, batch_size].items() if k != 'profile'} }", flush=True)
-            if "profile" in results[name, batch_size]:
-                print(f"  profile: {json.dumps(results[name, batch_size]['profile'])}", flush=True)
-            if args.json:  # after every case: a run stopped at its time limit keeps what it measured
-                atomic_write_text(args.json, json.dumps(
-                    {"device": where, "torch": torch.__version__, "model": args.model, "bf16_peak_tflops": peak,
-                     "caption_tokens": args.caption_tokens, "steps": args.steps, "warmup": args.warmup,
-                     "cases": [dict(step=n, batch=b, **r) for (n, b), r in results.items()]}, indent=1) + "\n")
+    for name, batch_size in args.plan:
+        case = Case(name, args, device, autocast)
+        results[name, batch_size] = run_case(case, batch_size, args)
+        del case
+        print(f"{name} at batch {batch_size}: "
+              f"{ {k: v for k, v in results[name, batch_size].items() if k != 'profile'} }", flush=True)
+        if "profile" in results[name, batch_size]:
+            print(f"  profile: {json.dumps(results[name, batch_size]['profile'])}", flush=True)
+        if args.json:  # after every case: a run stopped at its time limit keeps what it measured
+            atomic_write_text(args.json, json.dumps(
+                {"device": where, "torch": torch.__version__, "model": args.model, "bf16_peak_tflops": peak,
+                 "caption_tokens": args.caption_tokens, "steps": args.steps, "warmup": args.warmup,
+                 "cases": [dict(step=n, batch=b, **r) for (n, b), r in results.items()]}, indent=1) + "\n")
     print(f"| step | batch | samples/s | peak memory (GiB) | TFLOP/s | % of bf16 peak | x naive |")
     print("|---|---|---|---|---|---|---|")
     for (name, batch_size), r in results.items():

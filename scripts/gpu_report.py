@@ -77,13 +77,18 @@ def tests_summary(cases, **extra):
 VERBOSE_RE = re.compile(r"^\S+::(\S+) (PASSED|FAILED|ERROR|SKIPPED)\b", re.M)
 
 
-def read_tests_log(path):
-    """The tests that finished, from the stage's ``pytest -v`` log, where no junit xml was written (the
-    stage was stopped at its budget): {"passed", "failed", "skipped", "cases", "stopped": True}."""
-    if not os.path.exists(path):
+def read_tests_log(logs):
+    """The tests that finished, from the stage's ``pytest -v`` output, where no junit xml was written (the
+    stage was stopped at its budget): {"passed", "failed", "skipped", "cases", "stopped": True}. That
+    output is in the ``tests-K.log`` files of pytest_parallel.py's processes (until it ends), or in
+    ``tests.log`` (a plain pytest run)."""
+    paths = sorted(glob.glob(os.path.join(logs, "tests-*.log")),
+                   key=lambda p: int(re.search(r"-(\d+)\.log$", p).group(1))) or [os.path.join(logs, "tests.log")]
+    if not any(os.path.exists(path) for path in paths):
         return None
     outcome = {"PASSED": "passed", "FAILED": "failed", "ERROR": "error", "SKIPPED": "skipped"}
     cases = [{"name": name, "outcome": outcome[word], "seconds": None, "properties": {}}
+             for path in paths if os.path.exists(path)
              for name, word in VERBOSE_RE.findall(open(path, errors="replace").read())]
     return tests_summary(cases, stopped=True)
 
@@ -190,7 +195,7 @@ def collect(args):
         **(read_json(os.path.join(args.work, "started.json")) or run_facts(args.cpu_smoke)),
         "stages": stages,
         "tests": (read_tests(os.path.join(args.work, "tests.xml"))
-                  or read_tests_log(os.path.join(args.work, "logs", "tests.log"))),
+                  or read_tests_log(os.path.join(args.work, "logs"))),
         "step": step,
         "e2e": e2e,
     }

@@ -2,11 +2,13 @@
 known to work before device time is spent on it; and the README's GPU section is its filed result."""
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
 
 import open_clip
+import pytest
 import test_gpu
 from conftest import PYTHON, REPO, TINY_CONFIG, TINY_MODEL
 
@@ -30,12 +32,24 @@ def test_gpu_check_cpu_smoke_runs_every_stage(tmp_path, patched_install):
     assert not [p for p in os.listdir(tmp_path) if p.startswith("gpu_check.")]  # the scratch folder is removed
     with tarfile.open(tmp_path / "out" / "logs.tar.gz") as logs:
         names = logs.getnames()
-    assert {"logs/tests.log", "logs/step.log", "logs/e2e.log", "logs/e2e/stock.log", "logs/e2e/cached.log"} <= set(names)
+    assert {"logs/tests.log", "logs/shards.log", "logs/step.log", "logs/e2e.log", "logs/e2e/stock.log",
+            "logs/e2e/cached.log"} <= set(names)
+    assert not [n for n in names if n.startswith("logs/tests-")]  # the parallel processes' logs: in tests.log
     result = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert result["kind"] == "cpu-smoke"
-    assert [(s["stage"], s["rc"]) for s in result["stages"]] == [("tests", 0), ("step", 0), ("e2e", 0)]
+    # the shards are written beside the tests (either may end first), before anything is timed
+    stages = [(s["stage"], s["rc"]) for s in result["stages"]]
+    assert sorted(stages[:2]) == [("shards", 0), ("tests", 0)] and stages[2:] == [("step", 0), ("e2e", 0)]
+    assert result["e2e"]["shards"]["reused"] is True and result["e2e"]["shards"]["seconds"] > 0
     tests = result["tests"]
     assert (tests["passed"], tests["failed"], tests["skipped"]) == (9, 0, 0)
+    # pytest_parallel.py ran the open_clip_train tests in processes of their own: one junit xml, collection order
+    assert [c["name"] for c in tests["cases"]] == [
+        *(f"test_trimmed_text_features_and_gradients_match_stock_under_autocast[dtype{i}]" for i in (0, 1)),
+        "test_causal_attention_runs_flash_attention_and_matches_the_mask_under_bf16",
+        "test_embed_images_finishes_uint8_images_on_the_device_bit_for_bit",
+        *(f"test_frozen_image_tower_gets_no_gradient_and_stays_bit_identical[{p}]" for p in ("amp_bf16", "amp")),
+        *(f"test_open_clip_train_paraclip_steps_in_amp_bf16[{c}]" for c in ("eager", "torchcompile", "torchcompile+causal"))]
     # the measured differences reach the result file, as the tests bounded them
     measured = {c["name"]: c["properties"] for c in tests["cases"]}
     open_clip.add_model_config(str(TINY_CONFIG))
@@ -48,8 +62,10 @@ def test_gpu_check_cpu_smoke_runs_every_stage(tmp_path, patched_install):
         assert 0 <= float(props[f"{prefix}_grad_max_rel_diff"]) <= test_gpu.GRAD_RTOL, (case, props)
         assert props[f"{prefix}_grad_worst_param"] in parameters, (case, props)
     assert measured["test_open_clip_train_paraclip_steps_in_amp_bf16[torchcompile]"]["recompiles"].isdigit()
-    assert {(c["step"], c["batch"]) for c in result["step"]["cases"]} == {
-        (s, b) for s in ("naive", "plugin-img", "plugin-emb", "plugin-emb+causal") for b in (16, 32)}
+    # plugin-emb+causal@16: that case at that batch only
+    assert [(c["step"], c["batch"]) for c in result["step"]["cases"]] == [
+        ("naive", 16), ("plugin-img", 16), ("plugin-emb", 16), ("plugin-emb+causal", 16),
+        ("naive", 32), ("plugin-img", 32), ("plugin-emb", 32)]
     profiled = [c for c in result["step"]["cases"] if "profile" in c]  # --cpu-smoke profiles batch 16
     assert {(c["step"], c["batch"]) for c in profiled} == {
         (s, 16) for s in ("naive", "plugin-img", "plugin-emb", "plugin-emb+causal")}
@@ -123,3 +139,79 @@ def test_a_call_stopped_at_its_limit_is_collected_here_with_the_devices_facts(tm
     assert "2 passed, 1 failed (the stage was stopped before pytest ended" in md
     assert "| test_open_clip_train_paraclip_steps_in_amp_bf16[eager] | passed | n/a |" in md
     assert "**NVIDIA H100 80GB HBM3**" in md and "`--paraclip-loss --image-embeddings --causal-attention --torchcompile`" in md
+
+
+def script_module(name):
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+
+
+SAMPLE_TESTS = '''
+import time
+def test_passes():
+    pass
+def test_slow_alone():
+    time.sleep(float(__import__("os").environ.get("SLOW_SECONDS", "0")))
+def test_fails():
+    assert False, "boom"
+'''
+
+
+def test_pytest_parallel_runs_alone_tests_apart_and_merges_their_results(tmp_path):
+    """A real run to the end: the --alone test in a process of its own, all in one junit xml in collection
+    order, every process's -v output printed, the worst exit status; then a run stopped at its budget
+    (as gpu_check.sh's stage does it): what finished is read from the processes' logs."""
+    (tmp_path / "test_sample.py").write_text(SAMPLE_TESTS)
+    script = [PYTHON, str(REPO / "scripts" / "pytest_parallel.py"), str(tmp_path / "test_sample.py"), "--alone", "slow"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(tmp_path))
+    proc = subprocess.run(script + ["--junitxml", str(tmp_path / "all.xml"), "--logs", str(tmp_path / "logs"), "--",
+                                    "-p", "no:cacheprovider", "-o", "junit_family=xunit1"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "3 tests in 2 processes at once; exit 0, 1" in proc.stdout
+    assert "test_sample.py::test_slow_alone PASSED" in proc.stdout and "test_sample.py::test_fails FAILED" in proc.stdout
+    assert os.listdir(tmp_path / "logs") == []  # printed above, then removed
+    result = gpu_report_module().read_tests(str(tmp_path / "all.xml"))
+    assert [(c["name"], c["outcome"]) for c in result["cases"]] == [
+        ("test_passes", "passed"), ("test_slow_alone", "passed"), ("test_fails", "failed")]
+    assert (result["passed"], result["failed"]) == (2, 1)
+
+    work = tmp_path / "work"
+    stopped = subprocess.run(["timeout", "-k", "5", "8", *script, "--junitxml", str(work / "tests.xml"),
+                              "--logs", str(work / "logs"), "--", "-p", "no:cacheprovider"],
+                             capture_output=True, text=True, env=dict(env, SLOW_SECONDS="120"), cwd=tmp_path,
+                             timeout=60)
+    assert stopped.returncode == 124, stopped.stdout + stopped.stderr
+    assert not (work / "tests.xml").exists() and sorted(os.listdir(work / "logs")) == ["tests-1.log", "tests-2.log"]
+    tests = gpu_report_module().read_tests_log(str(work / "logs"))
+    assert (tests["passed"], tests["failed"], tests["stopped"]) == (1, 1, True)
+    assert [c["name"] for c in tests["cases"]] == ["test_passes", "test_fails"]
+
+
+def test_bench_step_plan_runs_cases_at_one_batch_when_named_so():
+    plan = script_module("bench_step").plan
+    assert plan("naive@1024,plugin-emb+causal+compile@1024,plugin-emb@3072", "1024,3072") == [
+        ("naive", 1024), ("plugin-emb+causal+compile", 1024), ("plugin-emb", 3072)]
+    assert plan("naive,plugin-emb@3072,plugin-img", "1024,3072") == [
+        ("naive", 1024), ("plugin-img", 1024), ("naive", 3072), ("plugin-emb", 3072), ("plugin-img", 3072)]
+    for bad, says in (("naive@2048", "--steps-only 'naive@2048': the batch after @ must be one of --batch-sizes"),
+                      ("naive@", "--steps-only 'naive@'"), ("plugin-emb+fast@1024", "unknown case 'plugin-emb+fast'")):
+        with pytest.raises(SystemExit, match=re.escape(says)):
+            plan(bad, "1024,3072")
+
+
+def test_bench_e2e_uses_shards_an_earlier_run_wrote_only_with_the_same_settings(tmp_path):
+    bench_e2e = script_module("bench_e2e")
+    args = bench_e2e.parse_args(["--folder", str(tmp_path), "--samples", "8", "--per-shard", "4", "--workers", "1"])
+    pattern, first = bench_e2e.plain_shards(args)
+    assert "reused" not in first and pattern.endswith("{00000..00001}.tar")
+    assert bench_e2e.plain_shards(args) == (pattern, dict(first, reused=True))
+    args.samples = 12  # other settings: written again, the record of the old ones gone first
+    (tmp_path / "plain" / "00000.tar").write_bytes(b"")  # as a stopped writer could leave a shard
+    pattern, again = bench_e2e.plain_shards(args)
+    assert "reused" not in again and pattern.endswith("{00000..00002}.tar")
+    assert os.path.getsize(tmp_path / "plain" / "00000.tar") > 0
+    assert json.loads((tmp_path / "plain" / "written.json").read_text())["samples"] == 12
