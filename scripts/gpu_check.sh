@@ -13,7 +13,7 @@
 #                   ratio's baseline), embed (makes the cached shards), cached+causal+compile, --paraclip-loss
 #                   from JPEGs, and the 32,768 --accum-freq step
 #
-# Every target is measured in one call: about 6.5 minutes on an H200 (2026-11-26). Each stage has a hard
+# Every target is measured in one call: 7.3 minutes on an H200 (2026-11-26 13:24). Each stage has a hard
 # time budget (tests 120 s, shards 120 s beside them, step 120 s, e2e 300 s), so the check ends inside one
 # 10-minute device call. GPU_CHECK_STAGES="e2e" (say) reruns only some stages. GPU_CHECK_STEP_CASES and
 # GPU_CHECK_E2E_CASES pick bench_step.py's and bench_e2e.py's cases (in the order given: results are
@@ -42,6 +42,12 @@ export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 STATUS=0
 STAGES=${GPU_CHECK_STAGES:-tests step e2e}  # a subset reruns only those stages
+# the commit measured (started.json): GPU_CHECK_COMMIT, or this checkout's HEAD, marked +changes where the
+# files differ from it (a copied tree whose git metadata is older than its files: pass GPU_CHECK_COMMIT)
+if [ -z "${GPU_CHECK_COMMIT:-}" ] && git rev-parse --verify -q HEAD > /dev/null 2>&1; then
+    GPU_CHECK_COMMIT=$(git rev-parse --short=12 HEAD)$(git diff --quiet HEAD -- 2> /dev/null || echo +changes)
+    export GPU_CHECK_COMMIT
+fi
 
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 

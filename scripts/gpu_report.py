@@ -111,6 +111,12 @@ def environment():
     return env
 
 
+def short_commit(commit):
+    """'a3421b4b43a1+changes' -> 'a3421b4b43+changes' (gpu_check.sh marks a tree that differs from its commit)."""
+    sha, plus, rest = (commit or "?").partition("+")
+    return sha[:10] + plus + rest
+
+
 def step_case(step, name, batch):
     for case in (step or {}).get("cases", []):
         if case["step"] == name and case["batch"] == batch and not case.get("oom"):
@@ -219,7 +225,7 @@ def render(result, source):
     env = result["environment"]
     lines = [f"Measured {result['date']} on **{env.get('gpu', 'no GPU')}** "
              f"({env.get('gpu_memory_gib', '?')} GiB, driver {env.get('driver') or '?'}, {env.get('cpu_cores')} CPU cores), "
-             f"torch {env.get('torch')}, commit {(result.get('commit') or '?')[:10]}; source: `{source}`"
+             f"torch {env.get('torch')}, commit {short_commit(result.get('commit'))}; source: `{source}`"
              + (" (CPU smoke run: checks the scripts, measures nothing)" if result["kind"] == "cpu-smoke" else "") + ".",
              ""]
     if result.get("stages"):

@@ -37,6 +37,10 @@ def test_gpu_check_cpu_smoke_runs_every_stage(tmp_path, patched_install):
     assert not [n for n in names if n.startswith("logs/tests-")]  # the parallel processes' logs: in tests.log
     result = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert result["kind"] == "cpu-smoke"
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+    changed = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=REPO).returncode != 0
+    assert result["commit"] == head.strip() + ("+changes" if changed else ""), result["commit"]
+    assert f"commit {result['commit'][:10]}{'+changes' if changed else ''};" in (tmp_path / "out" / "gpu_check.md").read_text()
     # the shards are written beside the tests (either may end first), before anything is timed
     stages = [(s["stage"], s["rc"]) for s in result["stages"]]
     assert sorted(stages[:2]) == [("shards", 0), ("tests", 0)] and stages[2:] == [("step", 0), ("e2e", 0)]
