@@ -1,5 +1,8 @@
 """scripts/gpu_check.sh --cpu-smoke: every stage of the GPU check, tiny, on the CPU, so the script is
-known to work before device time is spent on it; and the README's GPU section is its filed result."""
+known to work before device time is spent on it; the parts of it that a stopped or partial device call
+relies on (pytest_parallel.py, bench_step.py's plan, bench_e2e.py's shards, gpu_report.py collect); and
+the README's GPU section is its filed result."""
+import importlib
 import json
 import os
 import re
@@ -13,13 +16,17 @@ import test_gpu
 from conftest import PYTHON, REPO, TINY_CONFIG, TINY_MODEL
 
 
-def gpu_report_module():
+def script_module(name):
+    """scripts/<name>.py as a module (scripts/ is not a package)."""
     sys.path.insert(0, str(REPO / "scripts"))
     try:
-        import gpu_report
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(REPO / "scripts"))
-    return gpu_report
+
+
+def gpu_report_module():
+    return script_module("gpu_report")
 
 
 def test_gpu_check_cpu_smoke_runs_every_stage(tmp_path, patched_install):
@@ -143,14 +150,6 @@ def test_a_call_stopped_at_its_limit_is_collected_here_with_the_devices_facts(tm
     assert "2 passed, 1 failed (the stage was stopped before pytest ended" in md
     assert "| test_open_clip_train_paraclip_steps_in_amp_bf16[eager] | passed | n/a |" in md
     assert "**NVIDIA H100 80GB HBM3**" in md and "`--paraclip-loss --image-embeddings --causal-attention --torchcompile`" in md
-
-
-def script_module(name):
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
 
 
 SAMPLE_TESTS = '''
