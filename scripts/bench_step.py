@@ -137,7 +137,7 @@ def plan(steps_only, batch_sizes):
         if at and (not only.isdigit() or int(only) not in batches):
             raise SystemExit(f"bench_step.py: --steps-only '{token}': the batch after @ must be one of "
                              f"--batch-sizes {batch_sizes}")
-        pairs += [(name, b) for b in batches if not at or b == int(only)]
+        pairs += [(name, b) for b in batches if (not at or b == int(only)) and (name, b) not in pairs]
     return sorted(pairs, key=lambda pair: batches.index(pair[1]))  # stable: each batch keeps the cases' order
 
 

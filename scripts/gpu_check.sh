@@ -16,8 +16,9 @@
 # Every target is measured in one call: 7.3 minutes on an H200 (2026-11-26 13:24). Each stage has a hard
 # time budget (tests 120 s, shards 120 s beside them, step 120 s, e2e 300 s), so the check ends inside one
 # 10-minute device call. GPU_CHECK_STAGES="e2e" (say) reruns only some stages. GPU_CHECK_STEP_CASES and
-# GPU_CHECK_E2E_CASES pick bench_step.py's and bench_e2e.py's cases (in the order given: results are
-# kept case by case, so a stage stopped at its budget keeps what it measured); GPU_CHECK_TESTS_BUDGET,
+# GPU_CHECK_E2E_CASES pick bench_step.py's and bench_e2e.py's cases (e2e's in the order given, step's
+# batch by batch, each batch's in the order given: results are kept case by case, so a stage stopped at
+# its budget keeps what it measured); GPU_CHECK_TESTS_BUDGET, GPU_CHECK_SHARDS_BUDGET,
 # GPU_CHECK_STEP_BUDGET and GPU_CHECK_E2E_BUDGET their seconds.
 # Results: $OUT/gpu_check.json and gpu_check.md (+ logs.tar.gz), made by scripts/gpu_report.py;
 # `python scripts/gpu_report.py publish $OUT/gpu_check.json` files them under benchmarks/ and
@@ -43,9 +44,10 @@ T0=$(date +%s)
 STATUS=0
 STAGES=${GPU_CHECK_STAGES:-tests step e2e}  # a subset reruns only those stages
 # the commit measured (started.json): GPU_CHECK_COMMIT, or this checkout's HEAD, marked +changes where the
-# files differ from it (a copied tree whose git metadata is older than its files: pass GPU_CHECK_COMMIT)
+# files differ from it: changed, or new and not ignored (a copied tree whose git metadata is older than
+# its files: pass GPU_CHECK_COMMIT)
 if [ -z "${GPU_CHECK_COMMIT:-}" ] && git rev-parse --verify -q HEAD > /dev/null 2>&1; then
-    GPU_CHECK_COMMIT=$(git rev-parse --short=12 HEAD)$(git diff --quiet HEAD -- 2> /dev/null || echo +changes)
+    GPU_CHECK_COMMIT=$(git rev-parse --short=12 HEAD)$([ -z "$(git status --porcelain 2> /dev/null)" ] || echo +changes)
     export GPU_CHECK_COMMIT
 fi
 
@@ -76,9 +78,9 @@ shards_done() {  # before anything is timed
     [ -z "$SHARDS" ] || wait "$SHARDS" || STATUS=1
 }
 
-run_tests() {  # run_tests ENV...: stage 1 under `env ENV...`
+run_tests() {  # run_tests ENV...: stage 1 under `env ENV...` (the tests' files in $SCRATCH, removed at the end)
     stage tests "$BUDGET" env "$@" $PY scripts/pytest_parallel.py tests/test_gpu.py --alone open_clip_train \
-        --junitxml "$WORK/tests.xml" --logs "$WORK/logs" -- -p no:cacheprovider -m gpu -o junit_family=xunit1
+        --tmp "$SCRATCH" --junitxml "$WORK/tests.xml" --logs "$WORK/logs" -- -p no:cacheprovider -m gpu -o junit_family=xunit1
 }
 
 if [ "$SMOKE" = 0 ]; then

@@ -77,19 +77,26 @@ def tests_summary(cases, **extra):
 VERBOSE_RE = re.compile(r"^\S+::(\S+) (PASSED|FAILED|ERROR|SKIPPED)\b", re.M)
 
 
-def read_tests_log(logs):
-    """The tests that finished, from the stage's ``pytest -v`` output, where no junit xml was written (the
-    stage was stopped at its budget): {"passed", "failed", "skipped", "cases", "stopped": True}. That
-    output is in the ``tests-K.log`` files of pytest_parallel.py's processes (until it ends), or in
-    ``tests.log`` (a plain pytest run)."""
-    paths = sorted(glob.glob(os.path.join(logs, "tests-*.log")),
-                   key=lambda p: int(re.search(r"-(\d+)\.log$", p).group(1))) or [os.path.join(logs, "tests.log")]
-    if not any(os.path.exists(path) for path in paths):
+def read_stopped_tests(work):
+    """A tests stage stopped before pytest wrote ``tests.xml`` (its time budget): the tests that finished,
+    {"passed", "failed", "skipped", "cases", "stopped": True}. From pytest_parallel.py's parts: process
+    K's junit xml (``tests-K.xml``) where it wrote one, else the tests its ``pytest -v`` log
+    (``logs/tests-K.log``) shows finished; or from ``logs/tests.log`` (a plain pytest run)."""
+    logs = os.path.join(work, "logs")
+    parts = sorted({int(m.group(1)) for path in glob.glob(os.path.join(logs, "tests-*.log"))
+                    + glob.glob(os.path.join(work, "tests-*.xml"))
+                    for m in [re.search(r"tests-(\d+)\.(log|xml)$", path)] if m})
+    sources = [(os.path.join(work, f"tests-{k}.xml"), os.path.join(logs, f"tests-{k}.log")) for k in parts]
+    if not sources and not os.path.exists(os.path.join(logs, "tests.log")):
         return None
     outcome = {"PASSED": "passed", "FAILED": "failed", "ERROR": "error", "SKIPPED": "skipped"}
-    cases = [{"name": name, "outcome": outcome[word], "seconds": None, "properties": {}}
-             for path in paths if os.path.exists(path)
-             for name, word in VERBOSE_RE.findall(open(path, errors="replace").read())]
+    cases = []
+    for xml, log in sources or [(None, os.path.join(logs, "tests.log"))]:
+        if xml and os.path.exists(xml):
+            cases += read_tests(xml)["cases"]
+        elif os.path.exists(log):
+            cases += [{"name": name, "outcome": outcome[word], "seconds": None, "properties": {}}
+                      for name, word in VERBOSE_RE.findall(open(log, errors="replace").read())]
     return tests_summary(cases, stopped=True)
 
 
@@ -153,6 +160,8 @@ def targets(step, e2e):
         add("plugin step at batch 3,072: peak GPU memory", worst, "< 80 GiB",
             bool(fits) and len(fits) == len(big) and worst < 80,
             ", ".join(f"{c['step']} {'OOM' if c.get('oom') else format(c.get('peak_gib') or 0, '.1f')}" for c in big))
+    else:
+        add("plugin step at batch 3,072: peak GPU memory", None, "< 80 GiB", None, "not measured")
     cases = (e2e or {}).get("cases", {})
     accum = cases.get("accum")
     if accum:
@@ -160,6 +169,8 @@ def targets(step, e2e):
             accum["exit"] == 0 and accum.get("optimizer_steps", 0) >= 1,
             f"exit {accum['exit']}, {accum.get('optimizer_steps')} optimizer steps, GPU memory in use "
             f"max {accum.get('gpu_memory_max_gib')} GiB")
+    else:
+        add("one optimizer step of 32,768 via --accum-freq", None, "runs", None, "not measured")
     stock, para = (cases.get(k, {}).get("samples_per_s") for k in ("stock", "paraclip"))
     # (c) is --paraclip-loss --image-embeddings with whichever further flags ran fastest
     cached_runs = {k: c["samples_per_s"] for k, c in cases.items()
@@ -201,7 +212,7 @@ def collect(args):
         **(read_json(os.path.join(args.work, "started.json")) or run_facts(args.cpu_smoke)),
         "stages": stages,
         "tests": (read_tests(os.path.join(args.work, "tests.xml"))
-                  or read_tests_log(os.path.join(args.work, "logs"))),
+                  or read_stopped_tests(args.work)),
         "step": step,
         "e2e": e2e,
     }

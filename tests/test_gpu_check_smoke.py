@@ -6,9 +6,12 @@ import importlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
+import time
+import xml.etree.ElementTree as ET
 
 import open_clip
 import pytest
@@ -45,7 +48,7 @@ def test_gpu_check_cpu_smoke_runs_every_stage(tmp_path, patched_install):
     result = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert result["kind"] == "cpu-smoke"
     head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
-    changed = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=REPO).returncode != 0
+    changed = bool(subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout)
     assert result["commit"] == head.strip() + ("+changes" if changed else ""), result["commit"]
     assert f"commit {result['commit'][:10]}{'+changes' if changed else ''};" in (tmp_path / "out" / "gpu_check.md").read_text()
     # the shards are written beside the tests (either may end first), before anything is timed
@@ -143,6 +146,8 @@ def test_a_call_stopped_at_its_limit_is_collected_here_with_the_devices_facts(tm
     assert targets["end to end, cached embeddings: samples/s"]["value"] == 15000.0
     assert targets["end to end, cached vs stock"]["value"] == 5.0 and targets["end to end, cached vs stock"]["met"]
     assert "cached+causal+compile" in targets["end to end, cached vs stock"]["note"]
+    for lost in ("one optimizer step of 32,768 via --accum-freq", "plugin step at batch 3,072: peak GPU memory"):
+        assert (targets[lost]["met"], targets[lost]["note"]) == (None, "not measured")  # a row, not a gap
     tests = result["tests"]
     assert (tests["passed"], tests["failed"], tests["stopped"]) == (2, 1, True)
     assert [c["outcome"] for c in tests["cases"]] == ["passed", "failed", "passed"]
@@ -153,45 +158,115 @@ def test_a_call_stopped_at_its_limit_is_collected_here_with_the_devices_facts(tm
 
 
 SAMPLE_TESTS = '''
-import time
-def test_passes():
-    pass
+import os, signal, time
+import pytest
+def test_passes(record_property):
+    record_property("measured", "0.5")
 def test_slow_alone():
-    time.sleep(float(__import__("os").environ.get("SLOW_SECONDS", "0")))
-def test_fails():
-    assert False, "boom"
+    open(os.environ["PID_FILE"], "w").write(str(os.getpid())) if "PID_FILE" in os.environ else None
+    time.sleep(float(os.environ.get("SLOW_SECONDS", "0")))
+@pytest.mark.parametrize("words", ["a b", "c"])
+def test_fails(words):
+    assert words != "a b", "boom"
+class TestA:
+    def test_same(self):
+        pass
+class TestB:
+    def test_same(self):
+        if "KILL_ALONE" in os.environ:
+            os.kill(os.getpid(), signal.SIGKILL)
 '''
 
 
-def test_pytest_parallel_runs_alone_tests_apart_and_merges_their_results(tmp_path):
-    """A real run to the end: the --alone test in a process of its own, all in one junit xml in collection
-    order, every process's -v output printed, the worst exit status; then a run stopped at its budget
-    (as gpu_check.sh's stage does it): what finished is read from the processes' logs."""
+def pytest_parallel(tmp_path, name, *alone, env=None, timeout=300, wrap=(), options=()):
+    """scripts/pytest_parallel.py on tmp_path/test_sample.py; results in tmp_path/name/."""
     (tmp_path / "test_sample.py").write_text(SAMPLE_TESTS)
-    script = [PYTHON, str(REPO / "scripts" / "pytest_parallel.py"), str(tmp_path / "test_sample.py"), "--alone", "slow"]
-    env = dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(tmp_path))
-    proc = subprocess.run(script + ["--junitxml", str(tmp_path / "all.xml"), "--logs", str(tmp_path / "logs"), "--",
-                                    "-p", "no:cacheprovider", "-o", "junit_family=xunit1"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "3 tests in 2 processes at once; exit 0, 1" in proc.stdout
-    assert "test_sample.py::test_slow_alone PASSED" in proc.stdout and "test_sample.py::test_fails FAILED" in proc.stdout
-    assert os.listdir(tmp_path / "logs") == []  # printed above, then removed
-    result = gpu_report_module().read_tests(str(tmp_path / "all.xml"))
-    assert [(c["name"], c["outcome"]) for c in result["cases"]] == [
-        ("test_passes", "passed"), ("test_slow_alone", "passed"), ("test_fails", "failed")]
-    assert (result["passed"], result["failed"]) == (2, 1)
+    cmd = [*wrap, PYTHON, str(REPO / "scripts" / "pytest_parallel.py"), str(tmp_path / "test_sample.py"),
+           *(x for text in alone for x in ("--alone", text)), "--junitxml", str(tmp_path / name / "tests.xml"),
+           "--logs", str(tmp_path / name / "logs"), "--", "-p", "no:cacheprovider", "-o", "junit_family=xunit1", *options]
+    env = dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(tmp_path), **(env or {}))
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=timeout)
 
-    work = tmp_path / "work"
-    stopped = subprocess.run(["timeout", "-k", "5", "8", *script, "--junitxml", str(work / "tests.xml"),
-                              "--logs", str(work / "logs"), "--", "-p", "no:cacheprovider"],
-                             capture_output=True, text=True, env=dict(env, SLOW_SECONDS="120"), cwd=tmp_path,
-                             timeout=60)
+
+def outcomes(result):
+    return [(c["name"], c["outcome"]) for c in result["cases"]]
+
+
+def test_pytest_parallel_runs_alone_tests_apart_and_merges_their_results(tmp_path):
+    """A real run to the end: the --alone tests in processes of their own, all in one junit xml in
+    collection order (ids with spaces, one name in two classes), the measured properties kept, every
+    process's -v output printed, the first failing exit status."""
+    proc = pytest_parallel(tmp_path, "run", "slow", "TestB")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "6 tests in 3 processes at once; exit 1, 0, 0" in proc.stdout
+    assert "test_sample.py::test_slow_alone PASSED" in proc.stdout and "test_fails[a b] FAILED" in proc.stdout
+    assert sorted(os.listdir(tmp_path / "run")) == ["logs", "tests.xml"] and os.listdir(tmp_path / "run" / "logs") == []
+    assert [p for p in os.listdir(tmp_path) if p.startswith("pytest_parallel.")] == []  # the --basetemp folders
+    result = gpu_report_module().read_tests(str(tmp_path / "run" / "tests.xml"))
+    assert outcomes(result) == [("test_passes", "passed"), ("test_slow_alone", "passed"), ("test_fails[a b]", "failed"),
+                                ("test_fails[c]", "passed"), ("test_same", "passed"), ("test_same", "passed")]
+    assert result["cases"][0]["properties"] == {"measured": "0.5"} and (result["passed"], result["failed"]) == (5, 1)
+    root = ET.parse(tmp_path / "run" / "tests.xml").getroot()
+    assert [c.get("classname") for c in root.iter("testcase")][-2:] == ["test_sample.TestA", "test_sample.TestB"]
+
+
+def test_pytest_parallel_reports_a_killed_process_and_a_failed_collection_as_errors(tmp_path):
+    """A process killed by a signal (no xml) is an error for each of its tests, never a pass; a
+    collection that fails is one error; both exit 1."""
+    killed = pytest_parallel(tmp_path, "killed", "TestB", env={"KILL_ALONE": "1"}, options=("-k", "not test_fails"))
+    assert killed.returncode == 1 and "exit 0, -9" in killed.stdout, killed.stdout + killed.stderr
+    result = gpu_report_module().read_tests(str(tmp_path / "killed" / "tests.xml"))
+    assert outcomes(result) == [("test_passes", "passed"), ("test_slow_alone", "passed"), ("test_same", "passed"),
+                                ("test_same", "error")]
+    case = ET.parse(tmp_path / "killed" / "tests.xml").getroot().findall(".//testcase")[-1]
+    assert case.find("error").get("message") == "its pytest process ended with -9 and wrote no result (signal 9)"
+
+    (tmp_path / "test_broken.py").write_text("import no_such_module_here\n")
+    broken = subprocess.run([PYTHON, str(REPO / "scripts" / "pytest_parallel.py"), str(tmp_path / "test_broken.py"),
+                             "--junitxml", str(tmp_path / "broken.xml"), "--logs", str(tmp_path / "broken-logs")],
+                            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=tmp_path,
+                            timeout=120)
+    assert broken.returncode == 1 and "collecting" in broken.stdout and "no_such_module_here" in broken.stdout
+    result = gpu_report_module().read_tests(str(tmp_path / "broken.xml"))
+    assert (result["passed"], result["failed"]) == (0, 1) and result["cases"][0]["name"] == "collection"
+
+
+def test_pytest_parallel_stopped_at_its_budget_stops_its_processes_and_keeps_what_finished(tmp_path):
+    """Stopped as gpu_check.sh's stage stops it (timeout: SIGTERM to the group), and by a SIGTERM to it
+    alone: its pytest processes end too, and gpu_report reads what finished from the parts: the
+    finished process's junit xml (its measured properties too), the others' -v logs."""
+    stopped = pytest_parallel(tmp_path, "work", "slow", env={"SLOW_SECONDS": "120"}, wrap=("timeout", "-k", "5", "10"))
     assert stopped.returncode == 124, stopped.stdout + stopped.stderr
-    assert not (work / "tests.xml").exists() and sorted(os.listdir(work / "logs")) == ["tests-1.log", "tests-2.log"]
-    tests = gpu_report_module().read_tests_log(str(work / "logs"))
-    assert (tests["passed"], tests["failed"], tests["stopped"]) == (1, 1, True)
-    assert [c["name"] for c in tests["cases"]] == ["test_passes", "test_fails"]
+    work = tmp_path / "work"
+    assert sorted(os.listdir(work)) == ["logs", "tests-1.xml"] and sorted(os.listdir(work / "logs")) == [
+        "tests-1.log", "tests-2.log"]
+    tests = gpu_report_module().read_stopped_tests(str(work))
+    assert (tests["passed"], tests["failed"], tests["stopped"]) == (4, 1, True)
+    assert tests["cases"][0]["properties"] == {"measured": "0.5"}
+    assert "test_slow_alone" not in [c["name"] for c in tests["cases"]]
+
+    (tmp_path / "test_sample.py").write_text(SAMPLE_TESTS)
+    pid_file = tmp_path / "slow.pid"
+    proc = subprocess.Popen([PYTHON, str(REPO / "scripts" / "pytest_parallel.py"), str(tmp_path / "test_sample.py"),
+                             "--alone", "slow", "--junitxml", str(tmp_path / "alone" / "tests.xml"),
+                             "--logs", str(tmp_path / "alone" / "logs"), "--", "-p", "no:cacheprovider"],
+                            env=dict(os.environ, PYTHONPATH=str(REPO), SLOW_SECONDS="120", PID_FILE=str(pid_file)),
+                            cwd=tmp_path, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not pid_file.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    pid = int(pid_file.read_text())
+    for _ in range(50):  # the slow test's process: stopped with its parent
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError(f"pytest process {pid} outlived pytest_parallel.py")
 
 
 def test_bench_step_plan_runs_cases_at_one_batch_when_named_so():
@@ -200,6 +275,7 @@ def test_bench_step_plan_runs_cases_at_one_batch_when_named_so():
         ("naive", 1024), ("plugin-emb+causal+compile", 1024), ("plugin-emb", 3072)]
     assert plan("naive,plugin-emb@3072,plugin-img", "1024,3072") == [
         ("naive", 1024), ("plugin-img", 1024), ("naive", 3072), ("plugin-emb", 3072), ("plugin-img", 3072)]
+    assert plan("naive@1024,naive", "1024,3072") == [("naive", 1024), ("naive", 3072)]  # each pair once
     for bad, says in (("naive@2048", "--steps-only 'naive@2048': the batch after @ must be one of --batch-sizes"),
                       ("naive@", "--steps-only 'naive@'"), ("plugin-emb+fast@1024", "unknown case 'plugin-emb+fast'")):
         with pytest.raises(SystemExit, match=re.escape(says)):
