@@ -18,6 +18,12 @@ def decode_utf8(data):
         raise NotUTF8(line, e.start, data[e.start], e.reason) from None
 
 
+def read_utf8(path):
+    """The whole file decoded; ``NotUTF8`` (``decode_utf8``) or the ``OSError`` of reading it."""
+    with open(path, "rb") as f:
+        return decode_utf8(f.read())
+
+
 def lines_of(text):
     """The lines of ``text`` as ``for line in open(path)`` gives them: split at ``\\n``, ``\\r\\n`` and ``\\r`` only
     (unlike ``str.splitlines``), each line end read as ``\\n``."""

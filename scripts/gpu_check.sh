@@ -78,8 +78,10 @@ shards_done() {  # before anything is timed
     [ -z "$SHARDS" ] || wait "$SHARDS" || STATUS=1
 }
 
-run_tests() {  # run_tests ENV...: stage 1 under `env ENV...` (the tests' files in $SCRATCH, removed at the end)
-    stage tests "$BUDGET" env "$@" $PY scripts/pytest_parallel.py tests/test_gpu.py --alone open_clip_train \
+run_tests() {  # run_tests BUDGET ENV...: stage 1 under `env ENV...` (the tests' files in $SCRATCH, removed at the end)
+    local budget=$1
+    shift
+    stage tests "$budget" env "$@" $PY scripts/pytest_parallel.py tests/test_gpu.py --alone open_clip_train \
         --tmp "$SCRATCH" --junitxml "$WORK/tests.xml" --logs "$WORK/logs" -- -p no:cacheprovider -m gpu -o junit_family=xunit1
 }
 
@@ -96,8 +98,7 @@ if [ "$SMOKE" = 0 ]; then
     { nvidia-smi; df -h /dev/shm "$SCRATCH"; nproc; free -g; } > "$WORK/logs/machine.log" 2>&1
     $PY scripts/gpu_report.py started --work "$WORK"
     shards
-    BUDGET=${GPU_CHECK_TESTS_BUDGET:-120}
-    want tests && run_tests PARACLIP_TEST_DEVICE=cuda
+    want tests && run_tests "${GPU_CHECK_TESTS_BUDGET:-120}" PARACLIP_TEST_DEVICE=cuda
     shards_done
     want step && stage step "${GPU_CHECK_STEP_BUDGET:-120}" $PY scripts/bench_step.py --steps 10 --warmup 3 --json "$WORK/step.json" \
         --steps-only "${GPU_CHECK_STEP_CASES:-naive@1024,plugin-emb+causal+compile@1024,plugin-emb@3072}"
@@ -106,8 +107,7 @@ if [ "$SMOKE" = 0 ]; then
 else
     $PY scripts/gpu_report.py started --work "$WORK" --cpu-smoke
     shards --cpu-smoke
-    BUDGET=600
-    want tests && run_tests PARACLIP_TEST_DEVICE=cpu
+    want tests && run_tests 600 PARACLIP_TEST_DEVICE=cpu
     shards_done
     want step && stage step 300 $PY scripts/bench_step.py --cpu-smoke --json "$WORK/step.json" \
         --steps-only naive,plugin-img,plugin-emb,plugin-emb+causal@16

@@ -83,9 +83,9 @@ def read_stopped_tests(work):
     K's junit xml (``tests-K.xml``) where it wrote one, else the tests its ``pytest -v`` log
     (``logs/tests-K.log``) shows finished; or from ``logs/tests.log`` (a plain pytest run)."""
     logs = os.path.join(work, "logs")
-    parts = sorted({int(m.group(1)) for path in glob.glob(os.path.join(logs, "tests-*.log"))
-                    + glob.glob(os.path.join(work, "tests-*.xml"))
-                    for m in [re.search(r"tests-(\d+)\.(log|xml)$", path)] if m})
+    # each process's log exists until pytest_parallel.py has written tests.xml
+    parts = sorted(int(re.search(r"tests-(\d+)\.log$", path).group(1))
+                   for path in glob.glob(os.path.join(logs, "tests-*.log")))
     sources = [(os.path.join(work, f"tests-{k}.xml"), os.path.join(logs, f"tests-{k}.log")) for k in parts]
     if not sources and not os.path.exists(os.path.join(logs, "tests.log")):
         return None

@@ -105,6 +105,8 @@ def merge_junit(parts, order, out):
 
 def main(argv=None):
     args = parse_args(argv)
+    folder = os.path.dirname(os.path.abspath(args.junitxml))
+    os.makedirs(folder, exist_ok=True)
     ids, failed = collect(args.paths, args.options)
     if failed:
         merge_junit([("", [" ".join(args.paths) + "::collection"], "collecting the tests failed: " + failed)],
@@ -112,7 +114,6 @@ def main(argv=None):
         print(f"pytest_parallel.py: collecting {' '.join(args.paths)} failed: {failed}")
         return 1
     os.makedirs(args.logs, exist_ok=True)
-    folder = os.path.dirname(os.path.abspath(args.junitxml))
     scratch = tempfile.mkdtemp(prefix="pytest_parallel.", dir=args.tmp)
     procs = []
 

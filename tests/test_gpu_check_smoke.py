@@ -178,14 +178,22 @@ class TestB:
 '''
 
 
+def parallel_cmd(tmp_path, name, *alone, tests="test_sample.py", options=()):
+    """scripts/pytest_parallel.py on tmp_path/<tests> (SAMPLE_TESTS by default); results in tmp_path/name/."""
+    if tests == "test_sample.py":
+        (tmp_path / tests).write_text(SAMPLE_TESTS)
+    return [PYTHON, str(REPO / "scripts" / "pytest_parallel.py"), str(tmp_path / tests),
+            *(x for text in alone for x in ("--alone", text)), "--junitxml", str(tmp_path / name / "tests.xml"),
+            "--logs", str(tmp_path / name / "logs"), "--", "-p", "no:cacheprovider", "-o", "junit_family=xunit1", *options]
+
+
+def parallel_env(tmp_path, **extra):
+    return dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(tmp_path), **extra)
+
+
 def pytest_parallel(tmp_path, name, *alone, env=None, timeout=300, wrap=(), options=()):
-    """scripts/pytest_parallel.py on tmp_path/test_sample.py; results in tmp_path/name/."""
-    (tmp_path / "test_sample.py").write_text(SAMPLE_TESTS)
-    cmd = [*wrap, PYTHON, str(REPO / "scripts" / "pytest_parallel.py"), str(tmp_path / "test_sample.py"),
-           *(x for text in alone for x in ("--alone", text)), "--junitxml", str(tmp_path / name / "tests.xml"),
-           "--logs", str(tmp_path / name / "logs"), "--", "-p", "no:cacheprovider", "-o", "junit_family=xunit1", *options]
-    env = dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(tmp_path), **(env or {}))
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=timeout)
+    return subprocess.run([*wrap, *parallel_cmd(tmp_path, name, *alone, options=options)], capture_output=True,
+                          text=True, env=parallel_env(tmp_path, **(env or {})), cwd=tmp_path, timeout=timeout)
 
 
 def outcomes(result):
@@ -222,12 +230,10 @@ def test_pytest_parallel_reports_a_killed_process_and_a_failed_collection_as_err
     assert case.find("error").get("message") == "its pytest process ended with -9 and wrote no result (signal 9)"
 
     (tmp_path / "test_broken.py").write_text("import no_such_module_here\n")
-    broken = subprocess.run([PYTHON, str(REPO / "scripts" / "pytest_parallel.py"), str(tmp_path / "test_broken.py"),
-                             "--junitxml", str(tmp_path / "broken.xml"), "--logs", str(tmp_path / "broken-logs")],
-                            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=tmp_path,
-                            timeout=120)
+    broken = subprocess.run(parallel_cmd(tmp_path, "broken", tests="test_broken.py"), capture_output=True, text=True,
+                            env=parallel_env(tmp_path), cwd=tmp_path, timeout=120)
     assert broken.returncode == 1 and "collecting" in broken.stdout and "no_such_module_here" in broken.stdout
-    result = gpu_report_module().read_tests(str(tmp_path / "broken.xml"))
+    result = gpu_report_module().read_tests(str(tmp_path / "broken" / "tests.xml"))
     assert (result["passed"], result["failed"]) == (0, 1) and result["cases"][0]["name"] == "collection"
 
 
@@ -245,13 +251,9 @@ def test_pytest_parallel_stopped_at_its_budget_stops_its_processes_and_keeps_wha
     assert tests["cases"][0]["properties"] == {"measured": "0.5"}
     assert "test_slow_alone" not in [c["name"] for c in tests["cases"]]
 
-    (tmp_path / "test_sample.py").write_text(SAMPLE_TESTS)
     pid_file = tmp_path / "slow.pid"
-    proc = subprocess.Popen([PYTHON, str(REPO / "scripts" / "pytest_parallel.py"), str(tmp_path / "test_sample.py"),
-                             "--alone", "slow", "--junitxml", str(tmp_path / "alone" / "tests.xml"),
-                             "--logs", str(tmp_path / "alone" / "logs"), "--", "-p", "no:cacheprovider"],
-                            env=dict(os.environ, PYTHONPATH=str(REPO), SLOW_SECONDS="120", PID_FILE=str(pid_file)),
-                            cwd=tmp_path, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(parallel_cmd(tmp_path, "alone", "slow"), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            env=parallel_env(tmp_path, SLOW_SECONDS="120", PID_FILE=str(pid_file)))
     deadline = time.time() + 60
     while not pid_file.exists() and time.time() < deadline:
         time.sleep(0.2)

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ..textfiles import NotUTF8, decode_utf8, lines_of
+from ..textfiles import NotUTF8, lines_of, read_utf8
 from .metrics import average_overlap_from_scores, jaccard_at_k_from_scores, recall_at_k
 
 PAIR_KEYS = ("query", "paraphrase", "image")
@@ -44,12 +44,9 @@ def read_text(path, what):
     """A user's UTF-8 text file, whole and with its line ends as they are; a file that cannot be read or
     is not UTF-8 is an ``InputError`` naming it (and the line of the first bad byte)."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        return read_utf8(path)
     except OSError as e:
         raise InputError(f"{path}: cannot read {what}: {e.strerror}") from None
-    try:
-        return decode_utf8(data)
     except NotUTF8 as e:
         raise InputError(f"{path}:{e.line}: not UTF-8 ({e.reason} at byte {e.offset}); the {what} must be UTF-8") from None
 

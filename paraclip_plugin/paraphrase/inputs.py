@@ -12,7 +12,7 @@ import re
 import braceexpand
 
 from .shard_io import InputError
-from ..textfiles import NotUTF8, decode_utf8, lines_of
+from ..textfiles import NotUTF8, lines_of, read_utf8
 
 CAPTION_FILE_EXTENSIONS = (".txt", ".jsonl")
 _COMPRESSED_TAR = re.compile(r"[.](tar[.](gz|bz2|xz)|tgz)$", re.IGNORECASE)
@@ -105,10 +105,8 @@ def read_caption_file(path, caption_field="caption"):
 def _text_lines(path):
     """The lines of a UTF-8 text file, as a text-mode ``open`` reads them; not UTF-8: an error naming the
     file, the line and the byte offset."""
-    with open(path, "rb") as f:
-        data = f.read()
     try:
-        return lines_of(decode_utf8(data))
+        return lines_of(read_utf8(path))
     except NotUTF8 as e:
         raise InputError(f"{path}:{e.line}: not UTF-8 text: byte {e.byte:#04x} at offset {e.offset} of the file "
                          f"({e.reason})") from None

@@ -404,7 +404,7 @@ class ParaphraseGenerator:
         bar.close()
 
     def _write_input(self, in_path, output_dir):
-        """Write one input's output unless done; True if this run wrote it."""
+        """Write one input's output unless done."""
         out_path = os.path.join(output_dir, output_name(in_path))
         if os.path.abspath(out_path) == os.path.abspath(in_path):
             raise InputError(f"{in_path}: output would overwrite the input; choose another --output")
@@ -412,12 +412,12 @@ class ParaphraseGenerator:
         if written != out_path:
             log.warning("%s: written by an earlier version as %s (an uncompressed tar): kept as it is", in_path, written)
             self.counts["shards_skipped"] += 1
-            return False
+            return
         if not os.path.exists(out_path):
             try:
                 self.counts["samples_out"] += self._write_output(in_path, out_path)
                 self.counts["shards_written"] += 1
-                return True
+                return
             except _WrittenMeanwhile:
                 pass  # another run (same output folder) finished it just before we took its lock
             except ShardNotWritten:
@@ -426,7 +426,6 @@ class ParaphraseGenerator:
                 raise GenerationError(f"{in_path}: {e}") from None
         self.counts["shards_skipped"] += 1
         self._repair_sizes(out_path)
-        return False
 
     def _save_stats(self, path, stats, replace):
         if not path:

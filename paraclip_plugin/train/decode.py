@@ -20,10 +20,9 @@ from open_clip_train.data import expand_urls, get_dataset_size
 
 from paraclip_plugin.train.compact import COMPACT_FIELD, MixedShards, RequireCompact, UnpackCompact, mixed_shards_error  # noqa: F401
 from paraclip_plugin.train.embeddings import EMBEDDING_FIELD, BadSample, CachedImageEmbedding, MissingEmbeddings
-from paraclip_plugin.train.pretokenized import TextTokens, text_problem  # noqa: F401 (text_problem: re-exported)
-from paraclip_plugin.shards import CAPTION, IMAGE_EXTENSIONS, PARA1, PARA2, SIZES_FILE, read_sizes_json
+from paraclip_plugin.train.pretokenized import TextTokens, text_problem, texts_problem  # noqa: F401 (text_problem: re-exported)
+from paraclip_plugin.shards import IMAGE_EXTENSIONS, PARA1, PARA2, SIZES_FILE, TEXT_FIELDS, read_sizes_json
 
-REQUIRED_TEXTS = (CAPTION, PARA1, PARA2)
 
 
 def local_path(url):
@@ -121,7 +120,7 @@ class SkipIncomplete:
         self.checked_shards = {}
 
     def missing_fields(self, sample):
-        missing = [field for field in REQUIRED_TEXTS if field not in sample]
+        missing = [field for field in TEXT_FIELDS if field not in sample]
         if not any(field in sample for field in self.image_fields):
             missing.append("|".join(self.image_fields) if self.image_fields != IMAGE_EXTENSIONS
                            else "image (" + "|".join(IMAGE_EXTENSIONS) + ")")
@@ -168,7 +167,7 @@ class SkipBadText:
 
     def __call__(self, samples):
         for sample in samples:
-            problem = next(filter(None, (text_problem(field, sample[field]) for field in REQUIRED_TEXTS)), None)
+            problem = texts_problem(sample)  # the same test embed_images.py applies
             if problem is None:
                 yield sample
             else:

@@ -22,6 +22,7 @@ it was working on; a shard embedded with other settings is embedded again (the l
 GPU when there is one. Train on the result with ``--paraclip-loss --image-embeddings``.
 """
 import argparse
+import functools
 import io
 import json
 import logging
@@ -112,11 +113,17 @@ def finish_preprocess(images, normalize):
     CPU, as in the transform; the images then index that table on their device. Doing the arithmetic
     there instead differs in the last bit: CUDA divides by a Python number through its reciprocal
     (measured on an H200: ``embed_images`` fed the tower values 1 ulp off the CPU transform's)."""
-    channels = images.shape[-3]
-    values = torch.arange(256, dtype=torch.float32).div(255)
-    table = normalize(values.expand(channels, 1, 256).contiguous()).reshape(-1).to(images.device)
-    offsets = torch.arange(0, 256 * channels, 256, dtype=torch.int32, device=images.device).view(channels, 1, 1)
+    table, offsets = value_table(normalize, images.shape[-3], images.device)
     return table[images.int() + offsets]
+
+
+@functools.lru_cache(maxsize=8)
+def value_table(normalize, channels, device):
+    """``finish_preprocess``'s table of each channel's 256 values, and each channel's offset into it: made
+    once per job (transform, channels and device stay), not per batch (a copy to the device each time)."""
+    values = torch.arange(256, dtype=torch.float32).div(255)
+    table = normalize(values.expand(channels, 1, 256).contiguous()).reshape(-1).to(device)
+    return table, torch.arange(0, 256 * channels, 256, dtype=torch.int32, device=device).view(channels, 1, 1)
 
 
 def sample_metadata(sample):

@@ -202,8 +202,6 @@ class CachedImageEmbedding:
 
     def not_recorded(self, url, field, what):
         """True (and one log line per data worker) when the record has no ``field``."""
-        if field is None:
-            return False
         if field not in self.unchecked:
             self.unchecked.add(field)
             logging.warning(f"ParaCLIP: shard {url}: its image embeddings record no {what} (made by an older "

@@ -19,12 +19,11 @@ import hashlib
 import numpy as np
 import torch
 
-from paraclip_plugin.shards import CAPTION, PARA1, PARA2
+from paraclip_plugin.shards import TEXT_FIELDS
 from paraclip_plugin.train.embeddings import BadSample, json_record
 
 TOKENS_FIELD = "tokens.npy"
 METADATA_KEY = "paraclip_tokens"
-TEXT_FIELDS = (CAPTION, PARA1, PARA2)
 
 # probe texts for the fingerprint: plain words, punctuation, numbers, non-ASCII, a long run
 PROBES = ["a photo of a cat.", "Two DOGS, 3 birds & one über-café!", "東京の夜景", "word " * 100]
