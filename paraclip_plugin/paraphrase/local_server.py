@@ -33,6 +33,7 @@ import collections
 import email.parser
 import email.policy
 import hashlib
+import itertools
 import json
 import sys
 import threading
@@ -112,6 +113,7 @@ class LocalChatServer(ThreadingHTTPServer):
         self.reasoning = False
         self.bodies = []  # JSON body of every chat request
         self.files, self.batches = {}, {}  # the Batch API's state: id -> record
+        self._file_ids, self._batch_ids = itertools.count(1), itertools.count(1)  # ids are never reused
         self.batch_seconds = 0.0  # how long a batch stays in_progress
         self.held = set()  # ids of batches that stay in_progress until taken out (batches end at their own times)
         self.expire_next = 0  # the next batch's last N requests expire unanswered
@@ -255,7 +257,7 @@ class LocalChatServer(ThreadingHTTPServer):
 
     def _add_file(self, data, filename, purpose):
         with self.lock:
-            file_id = f"file-{len(self.files) + 1:04d}"
+            file_id = f"file-{next(self._file_ids):04d}"
             record = {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
                       "filename": filename, "purpose": purpose, "status": "processed"}
             self.files[file_id] = {**record, "data": data}
@@ -270,7 +272,7 @@ class LocalChatServer(ThreadingHTTPServer):
 
     def create_batch(self, body):
         with self.lock:
-            batch_id = f"batch_{len(self.batches) + 1:04d}"
+            batch_id = f"batch_{next(self._batch_ids):04d}"
             lines = self.files[body["input_file_id"]]["data"].decode().splitlines()
             batch = {"id": batch_id, "object": "batch", "endpoint": body["endpoint"], "errors": None,
                      "input_file_id": body["input_file_id"], "completion_window": body["completion_window"],
@@ -378,6 +380,25 @@ class LocalChatServer(ThreadingHTTPServer):
         """Batch lines answered (200): what the Batch API bills."""
         with self.lock:
             return sum(1 for _, _, outcome in self.log if outcome == "ok")
+
+
+def run_batch_file(server, in_path, out_path):
+    """What ``vllm run-batch -i in_path -o out_path`` writes, answered by ``server``: one line per request, in input
+    order, ``{"id": "vllm-...", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}``; a refused
+    request has ``body`` null and vLLM's ``ErrorResponse`` as ``error``."""
+    lines = []
+    with open(in_path, encoding="utf-8") as f:
+        for number, line in enumerate(f):
+            request = json.loads(line)
+            status, data, _, _ = server.answer(request["body"])
+            payload = json.loads(data)
+            ok = status == 200
+            lines.append({"id": f"vllm-{number:032x}", "custom_id": request["custom_id"],
+                          "response": {"status_code": status, "request_id": f"vllm-batch-{number:032x}",
+                                       "body": payload if ok else None},
+                          "error": None if ok else {"error": {**payload.get("error", payload), "code": status}}})
+    with open(out_path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in lines)
 
 
 def public(batch):

@@ -108,14 +108,16 @@ def _ambiguous(error):
     return isinstance(status, int) and (status in (408, 409, 429) or status >= 500)
 
 
-def _outage(error):
-    """A failure of ``retrieve`` that waiting can cure."""
-    return _ambiguous(error)
-
-
 def _error_of(body):
     return body.get("error") if isinstance(body, dict) and isinstance(body.get("error"), dict) else (
         body if isinstance(body, dict) else {})
+
+
+def _reason(error, status):
+    """A short name for a line's outcome: OpenAI's error code (vLLM's is the status number), else its type."""
+    code = error.get("code")
+    return (code if isinstance(code, str) and code else error.get("type")
+            or (f"http_{status}" if status else "no_response"))
 
 
 class _Call:
@@ -125,6 +127,8 @@ class _Call:
         self.keys, self.on_result = keys, on_result
         self.index = {key: i for i, key in enumerate(keys)}
         self.results = [None] * len(keys)
+        self.batches = []  # ids of the batches this call submitted or resumed
+        self.stopped = False  # the pipeline stopped the job from ``on_result`` (a systematic refusal)
 
     def deliver(self, custom_id, completion):
         """False if ``custom_id`` is not this call's."""
@@ -134,7 +138,11 @@ class _Call:
         if self.results[i] is None:
             self.results[i] = completion
             if self.on_result is not None:
-                self.on_result(i, completion)
+                try:
+                    self.on_result(i, completion)
+                except BaseException:
+                    self.stopped = True
+                    raise
         return True
 
     def pending(self):
@@ -186,15 +194,26 @@ class OpenAIBatchBackend:
     # --- one call: rounds of batches until every request is answered, refused or failed ---------------
 
     def generate(self, prompts, on_result=None, keys=None, step=None):
-        try:
-            return self._generate(prompts, on_result, keys, step)
-        except openai.OpenAIError as e:  # what the client gave up on: one line, never the request's headers
-            raise GenerationError(api_error_message(f"the Batch API at {self.endpoint}", e)) from None
-
-    def _generate(self, prompts, on_result, keys, step):
         if keys is None:
             raise ValueError("the openai-batch backend needs a cache key per request (custom_id)")
-        call, stats = _Call(keys, on_result), self.step_stats[f"step{step}" if step else "requests"]
+        call = _Call(keys, on_result)
+        try:
+            return self._generate(prompts, call, step)
+        except openai.OpenAIError as e:  # what the client gave up on: one line, never the request's headers
+            raise GenerationError(api_error_message(f"the Batch API at {self.endpoint}", e)) from None
+        finally:
+            if call.stopped:
+                self._void_refusals(call.batches)
+
+    def _void_refusals(self, batch_ids):
+        """The job stopped on a systematic refusal: this call's batches not read to the end are read again by the
+        rerun, their answers kept and their refusals (made under what the rerun has fixed) asked again."""
+        for batch_id in batch_ids:
+            self.db.execute("UPDATE batches SET state='submitted-refusals-void' WHERE batch_id=? AND state LIKE "
+                            "'submitted%'", (batch_id,))
+
+    def _generate(self, prompts, call, step):
+        keys, stats = call.keys, self.step_stats[f"step{step}" if step else "requests"]
         # answers paid for in batches that earlier calls read, requests failed for good in this run,
         # then batches a stopped run never read
         for custom_id, completion in self._kept_results(keys):
@@ -204,6 +223,7 @@ class OpenAIBatchBackend:
                 call.deliver(keys[i], Completion(None, error=REQUEST_FAILED, message=self._failed[keys[i]]))
         for batch_id in self._unread_batches([keys[i] for i in call.pending()]):
             log.info("batch %s: resuming (recorded before a previous run stopped)", batch_id)
+            call.batches.append(batch_id)
             self._finish(batch_id, self._wait_any([batch_id])[1], call, stats)
         self._check_cancelled([keys[i] for i in call.pending()])
         for _ in range(self.max_rounds):
@@ -249,28 +269,35 @@ class OpenAIBatchBackend:
         if self.offline:
             return self._write_files(files, step)
         queue, flight, enqueued, backed_off = collections.deque(files), {}, 0, 0.0
+        full = False  # the organization's queue refused a batch: submit nothing more until one of ours ends
         while queue or flight:
-            while queue and (not flight or enqueued + queue[0][1] <= self.max_enqueued_tokens):
+            while queue and not (flight and (full or enqueued + queue[0][1] > self.max_enqueued_tokens)):
                 data, tokens = queue.popleft()
-                flight[self._submitted(data, stats)] = (data, tokens)
+                batch_id = self._submitted(data, stats)
+                call.batches.append(batch_id)
+                flight[batch_id] = (data, tokens)
                 enqueued += tokens
             batch_id, batch = self._wait_any(list(flight))
             data, tokens = flight.pop(batch_id)
             enqueued -= tokens
-            if self._finish(batch_id, batch, call, stats) == "token_limit":
-                stats["batches_resubmitted"] += 1
-                queue.appendleft((data, tokens))
-                if not flight:  # none of ours ahead of it: the queue is full of other batches of the organization
-                    delay = min(max(self.poll_interval, 1.0) * 2 ** min(stats["batches_resubmitted"], 10), 600.0)
-                    if backed_off + delay > self.max_wait:
-                        raise GenerationError(
-                            f"batch {batch_id} failed on the organization's enqueued-token limit and nothing of this "
-                            f"job is in flight: waiting {delay:.0f} s more would exceed --max-wait {self.max_wait:.0f} s; "
-                            f"other batches fill the queue (or --batch-max-enqueued-tokens is above the limit): rerun later")
-                    log.warning("batch %s: the enqueued-token limit is reached by other batches; waiting %.0f s before "
-                                "submitting it again", batch_id, delay)
-                    backed_off += delay
-                    self._sleep(delay)
+            if self._finish(batch_id, batch, call, stats) != "token_limit":
+                full = False
+                continue
+            stats["batches_resubmitted"] += 1
+            queue.appendleft((data, tokens))
+            full = True
+            if not flight:  # none of ours ahead of it: other batches of the organization fill the queue
+                delay = min(max(self.poll_interval, 1.0) * 2 ** min(stats["batches_resubmitted"], 10), 600.0)
+                if backed_off + delay > self.max_wait:
+                    raise GenerationError(
+                        f"batch {batch_id} failed on the organization's enqueued-token limit with nothing of this job "
+                        f"in flight: waiting {delay:.0f} s more would exceed --max-wait {self.max_wait:.0f} s; other "
+                        f"batches fill the queue, or one request file is above the limit (lower "
+                        f"--batch-max-enqueued-tokens): rerun later")
+                log.warning("batch %s: the enqueued-token limit is reached by other batches; waiting %.0f s before "
+                            "submitting it again", batch_id, delay)
+                backed_off += delay
+                self._sleep(delay)
 
     # --- the local record -------------------------------------------------------------------------
 
@@ -282,14 +309,15 @@ class OpenAIBatchBackend:
             yield from self.db.execute(query.format(",".join("?" * len(chunk))), chunk)
 
     def _batches_holding(self, custom_ids, state):
+        """Recorded batches in ``state`` (a LIKE pattern) that hold any of ``custom_ids``, oldest first."""
         found = set(self._select_in(
             "SELECT DISTINCT b.created, b.batch_id FROM batch_requests r JOIN batches b ON b.batch_id = r.batch_id "
-            f"WHERE b.state = '{state}' AND r.custom_id IN ({{}})", custom_ids))
+            f"WHERE b.state LIKE '{state}' AND r.custom_id IN ({{}})", custom_ids))
         return [batch_id for _, batch_id in sorted(found)]
 
     def _unread_batches(self, custom_ids):
         """Recorded batches, not read yet, that hold any of ``custom_ids``, oldest first."""
-        return self._batches_holding(custom_ids, "submitted")
+        return self._batches_holding(custom_ids, "submitted%")
 
     def _check_cancelled(self, custom_ids):
         """Requests of a batch someone cancelled are submitted again only when asked to."""
@@ -333,7 +361,7 @@ class OpenAIBatchBackend:
         """The batch for this request file: one recorded and not yet read, one the server holds with its
         metadata (created by a run that stopped before recording it), or a new one."""
         file_hash = hashlib.sha256(data).hexdigest()
-        row = self.db.execute("SELECT batch_id FROM batches WHERE file_hash=? AND state='submitted'",
+        row = self.db.execute("SELECT batch_id FROM batches WHERE file_hash=? AND state LIKE 'submitted%'",
                               (file_hash,)).fetchone()
         if row:
             log.info("batch %s: resuming (recorded before a previous run stopped)", row[0])
@@ -408,7 +436,7 @@ class OpenAIBatchBackend:
         except openai.NotFoundError:
             return "vanished"
         except openai.APIError as e:
-            if not _outage(e):
+            if not _ambiguous(e):  # an outage: waiting can cure it
                 raise
             now = time.monotonic()
             self._outage_since = self._outage_since or now
@@ -465,8 +493,13 @@ class OpenAIBatchBackend:
             message = "; ".join(f"{getattr(e, 'code', None)}: {getattr(e, 'message', e)}" for e in errors[:3])
             raise GenerationError(f"batch {batch_id} failed: {message or 'no reason given'}")
         others = []  # answers to requests of another call: kept for it
+        void = self.db.execute("SELECT state FROM batches WHERE batch_id=?", (batch_id,)).fetchone() == (
+            "submitted-refusals-void",)
         try:
             for custom_id, completion in self._results(batch, stats):
+                if void and completion.error == REQUEST_REJECTED:
+                    stats["retried_next_round"]["refusal_before_a_systematic_stop"] += 1
+                    continue
                 if not call.deliver(custom_id, completion):
                     others.append((custom_id, json.dumps(dataclasses.asdict(completion))))
         except openai.NotFoundError as e:
@@ -499,11 +532,13 @@ class OpenAIBatchBackend:
                     if outcome is not None:
                         yield outcome
 
-    def _outcome(self, record, stats, where=None):
+    def _outcome(self, record, stats):
         custom_id = record["custom_id"]
         response = record.get("response") or {}
         status, body = response.get("status_code"), response.get("body")
-        error = _error_of(body)
+        # OpenAI puts a refusal's error in the body; vLLM's run-batch in the line's "error" (an object or a string)
+        error = _error_of(body) or _error_of(record.get("error")) or (
+            {"message": record["error"]} if isinstance(record.get("error"), str) else {})
         if status == 200 and isinstance(body, dict):
             try:
                 completion = read_completion(ChatCompletion.construct(**body))
@@ -515,13 +550,12 @@ class OpenAIBatchBackend:
                 stats["completion_tokens"] += completion.completion_tokens
                 return custom_id, completion
         elif status in (400, 422):
-            reason = error.get("code") or error.get("type") or f"http_{status}"
+            reason = _reason(error, status)
             stats["refused"][reason] += 1
             message = error.get("message") or str(body)
             return custom_id, Completion(None, error=REQUEST_REJECTED, message=f"HTTP {status}: {message}")
         else:  # expired, cancelled, 429/5xx inside the batch
-            reason = ((record.get("error") or {}).get("code") or error.get("code") or error.get("type")
-                      or (f"http_{status}" if status else "no_response"))
+            reason = _reason(error, status)
         self._last_failure[custom_id] = reason
         stats["retried_next_round"][reason] += 1
         return None
