@@ -252,8 +252,12 @@ def test_a_cancelled_batch_stops_the_job_until_resubmission_is_asked_for(server,
     assert not list(out.glob("*.tar"))
     rc, stderr, _ = run(server, job, out)  # a rerun without the flag: the same stop, nothing submitted
     assert rc != 0 and "batch batch_0002 was cancelled" in stderr and len(server.batches) == 3
+    counts = server.batches["batch_0002"]["request_counts"]
+    unanswered = server.files[server.batches["batch_0002"]["input_file_id"]]["data"].count(b"\n") - counts["completed"]
+    assert counts["completed"] > 0 and unanswered > 0
     rc, stderr, stats = run(server, job, out, "--batch-resubmit-cancelled")
     assert rc == 0, stderr
+    assert stats["batches"]["step1"]["requests_submitted"] == unanswered  # only what the cancelled batch left
     assert texts(out) == job.reference
     assert server.paid_lines() == job.paid and nothing_paid_twice(server)  # the cancelled batch's answers kept
     assert batch_states(out)["batch_0002"] == "cancelled-resubmitted"
@@ -263,8 +267,9 @@ def test_a_cancelled_batch_stops_the_job_until_resubmission_is_asked_for(server,
 
 def test_polling_survives_a_retrieve_outage_longer_than_the_clients_retries(server, job, tmp_path):
     server.retrieve_failures = 5  # the client retries nothing (--max-retries 0): five failed polls in a row
-    rc, stderr, _ = run(server, job, tmp_path / "out", "--max-retries", "0", "--max-wait", "60")
+    rc, stderr, stats = run(server, job, tmp_path / "out", "--max-retries", "0", "--max-wait", "60")
     assert rc == 0, stderr
+    assert sum(s["batches_created"] for s in stats["batches"].values()) == len(server.batches)  # none twice
     assert "status unavailable (InternalServerError)" in stderr and server.retrieve_failures <= 0
     assert texts(tmp_path / "out") == job.reference and server.paid_lines() == job.paid
 

@@ -21,7 +21,11 @@ timeouts are retried by the openai client; a Retry-After beyond its 120 s cap is
 --max-wait, then the job stops. Bad input (a caption that is not UTF-8, a sample key twice, a .json
 that is not an object) stops the job naming the file and sample, before that input's first request.
 A second run given an output another run is writing stops before paying for it. Every stop keeps
-the cache and writes the stats (status "failed", the error): rerun to resume.
+the cache and writes the stats (status "failed", the error): rerun to resume. --backend openai-batch
+handles the Batch API's own outcomes (README, "OpenAI Batch API"): a refused line drops its sample for good, a line
+failing in every round drops it for this run, a token_limit_exceeded batch is submitted again, a lost create reply
+is found by the batch's metadata, a vanished batch's requests are sent again, a cancelled batch stops the job
+(--batch-resubmit-cancelled), status outages are waited out up to --max-wait.
 """
 import argparse
 import math
@@ -135,14 +139,14 @@ def parse_args(argv=None):
     api.add_argument("--price-per-1k-completion", type=NON_NEGATIVE, default=0.0, help="USD per 1k completion tokens")
 
     bt = p.add_argument_group("openai-batch backend (also takes --base-url, --api-key-env, --token-param, "
-                              "--timeout, --max-retries)")
+                              "--timeout, --max-retries, --max-wait)")
     bt.add_argument("--batch-poll-interval", type=POSITIVE, default=60.0, help="seconds between status checks")
     bt.add_argument("--batch-max-requests", type=_number(int, 1, MAX_REQUESTS_PER_FILE), default=MAX_REQUESTS_PER_FILE,
                     help="requests per batch file (at most the API's 50,000)")
     bt.add_argument("--batch-max-bytes", type=_number(int, 1, MAX_BYTES_PER_FILE), default=MAX_BYTES_PER_FILE,
                     help="bytes per batch file (at most the API's 200 MB)")
     bt.add_argument("--batch-max-enqueued-tokens", type=POSITIVE_INT, default=DEFAULT_MAX_ENQUEUED_TOKENS,
-                    help="input tokens this job keeps enqueued at once (estimated as UTF-8 bytes / 3 per message): "
+                    help="input tokens this job keeps enqueued at once (estimated as UTF-8 bytes / 3 + 8 per request): "
                          "set it under your organization's batch queue limit for the model (default 1,800,000, under "
                          "tier 1's 2M for gpt-4o-mini); further files wait for batches to end, and a batch failed with "
                          "token_limit_exceeded is submitted again in the same run")
