@@ -39,6 +39,7 @@ submitted, for ``vllm run-batch -i FILE -o RESULTS``; results files in its outpu
 import collections
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -230,10 +231,10 @@ class OpenAIBatchBackend:
             pending = call.pending()
             if not pending:
                 break
-            lines = [json.dumps({"custom_id": keys[i], "method": "POST", "url": "/v1/chat/completions",
+            lines = (json.dumps({"custom_id": keys[i], "method": "POST", "url": "/v1/chat/completions",
                                  "body": {**self.body, "messages": [{"role": "user", "content": prompts[i]}]}},
-                                separators=(",", ":")) + "\n" for i in pending]
-            self._run_files(list(self._files(lines)), call, stats, step)
+                                separators=(",", ":")) + "\n" for i in pending)
+            self._run_files(self._files(lines), call, stats, step)  # files made as they are submitted
         pending = call.pending()
         if pending:
             reasons = collections.Counter()
@@ -267,11 +268,17 @@ class OpenAIBatchBackend:
         """Submit ``files`` while the enqueued estimate stays within budget; read each batch as it ends; a file
         whose batch failed on the token limit is submitted again once there is room."""
         if self.offline:
-            return self._write_files(files, step)
-        queue, flight, enqueued, backed_off = collections.deque(files), {}, 0, 0.0
+            return self._write_files(list(files), step)
+        queue, flight, enqueued, backed_off = collections.deque(), {}, 0, 0.0
         full = False  # the organization's queue refused a batch: submit nothing more until one of ours ends
-        while queue or flight:
-            while queue and not (flight and (full or enqueued + queue[0][1] > self.max_enqueued_tokens)):
+
+        def ready():  # the next file, if any (made from the request lines only now)
+            if not queue:
+                queue.extend(itertools.islice(files, 1))
+            return bool(queue)
+
+        while ready() or flight:
+            while ready() and not (flight and (full or enqueued + queue[0][1] > self.max_enqueued_tokens)):
                 data, tokens = queue.popleft()
                 batch_id = self._submitted(data, stats)
                 call.batches.append(batch_id)
