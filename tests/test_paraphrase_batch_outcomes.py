@@ -215,6 +215,7 @@ def test_a_lost_create_reply_is_found_by_its_metadata_not_created_twice(server, 
     assert len(hashes) == len(set(hashes))  # no request file made two batches
     for b in server.batches.values():
         assert hashlib.sha256(server.files[b["input_file_id"]]["data"]).hexdigest() == b["metadata"]["paraclip_request_file"]
+        assert b["metadata"]["paraclip_job"].endswith("job 0 of 1") and str(tmp_path) not in json.dumps(b["metadata"])
     assert set(batch_states(out)) == set(server.batches)  # every batch the server made is recorded and read
     assert texts(out) == job.reference and server.paid_lines() == job.paid and nothing_paid_twice(server)
 

@@ -28,6 +28,7 @@ is found by the batch's metadata, a vanished batch's requests are sent again, a 
 (--batch-resubmit-cancelled), status outages are waited out up to --max-wait.
 """
 import argparse
+import hashlib
 import math
 import os
 import signal
@@ -192,6 +193,12 @@ def parse_args(argv=None):
     return args
 
 
+def job_name(args):
+    """What a batch's metadata says of its job: the output folder as a hash (no local path leaves the host)."""
+    folder = hashlib.sha256(os.path.abspath(args.output).encode()).hexdigest()[:16]
+    return f"output {folder} job {args.job_index} of {args.num_jobs}"
+
+
 def build_backend(args, cache_path, environ=os.environ):
     sampling = dict(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
     if args.backend == "vllm":
@@ -223,7 +230,7 @@ def build_backend(args, cache_path, environ=os.environ):
                             timeout=args.timeout, max_retries=args.max_retries,
                             write_requests=args.write_batch_requests,
                             read_results=args.read_batch_results.split("::") if args.read_batch_results else (),
-                            job_name=f"{os.path.abspath(args.output)[-400:]} job {args.job_index} of {args.num_jobs}",
+                            job_name=job_name(args),
                             **sampling)
     return make_backend("openai", model=args.model, api_key=api_key,
                         base_url=base_url, concurrency=args.concurrency, timeout=args.timeout,
