@@ -17,6 +17,7 @@ import os
 import sqlite3
 
 from .backends.base import Completion
+from .cleaning import REQUEST_REJECTED
 
 # v2: the key gained ``settings``; entries of the first schema (table ``completions``) lack it, so
 # they are left unread (which sampling made them is unknown).
@@ -86,10 +87,13 @@ class CompletionCache:
         return found
 
     def put(self, model, prompt_version, settings, step, attempt, input_text, completion):
+        refused = completion.error == REQUEST_REJECTED
+        output = completion.message if refused else completion.text
+        finish_reason = REQUEST_REJECTED if refused else completion.finish_reason
         self.db.execute(
             "INSERT OR REPLACE INTO completions_v2 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (model, prompt_version, settings_key(settings), step, input_text, attempt, completion.text,
-             completion.finish_reason, completion.prompt_tokens, completion.completion_tokens),
+            (model, prompt_version, settings_key(settings), step, input_text, attempt, output, finish_reason,
+             completion.prompt_tokens, completion.completion_tokens),
         )
 
     def __len__(self):

@@ -21,9 +21,14 @@ timeouts are retried by the openai client; a Retry-After beyond its 120 s cap is
 --max-wait, then the job stops. Bad input (a caption that is not UTF-8, a sample key twice, a .json
 that is not an object) stops the job naming the file and sample, before that input's first request.
 A second run given an output another run is writing stops before paying for it. Every stop keeps
-the cache and writes the stats (status "failed", the error): rerun to resume.
+the cache and writes the stats (status "failed", the error): rerun to resume. --backend openai-batch
+handles the Batch API's own outcomes (README, "OpenAI Batch API"): a refused line drops its sample for good, a line
+failing in every round drops it for this run, a token_limit_exceeded batch is submitted again, a lost create reply
+is found by the batch's metadata, a vanished batch's requests are sent again, a cancelled batch stops the job
+(--batch-resubmit-cancelled), status outages are waited out up to --max-wait.
 """
 import argparse
+import hashlib
 import math
 import os
 import signal
@@ -33,7 +38,8 @@ import time
 import logging
 
 from ..extras import require_extra
-from .backends import GenerationError, make_backend
+from .backends import GenerationError, RequestsWritten, make_backend
+from .backends.limits import DEFAULT_MAX_ENQUEUED_TOKENS, MAX_BYTES_PER_FILE, MAX_REQUESTS_PER_FILE
 from .cache import CompletionCache
 from .inputs import expand_inputs, output_name, slurm_job_defaults, split_for_job
 from .pipeline import GenerationOptions, JobIncomplete, ParaphraseGenerator
@@ -127,19 +133,37 @@ def parse_args(argv=None):
                      help="client retries of 429/5xx/timeouts (honours Retry-After up to 120 s)")
     api.add_argument("--max-wait", type=NON_NEGATIVE, default=900.0,
                      help="seconds to wait out a rate limit whose Retry-After exceeds the client's 120 s, per "
-                          "stretch of rate limiting; beyond it the job stops (rerun to resume)")
+                          "stretch of rate limiting (openai-batch: an outage of the batch status, or a full "
+                          "enqueued-token queue); beyond it the job stops (rerun to resume)")
     api.add_argument("--malformed-retries", type=NON_NEGATIVE_INT, default=5, help="retries of unparseable 200 responses")
     api.add_argument("--price-per-1k-prompt", type=NON_NEGATIVE, default=0.0, help="USD per 1k prompt tokens, for the cost estimate")
     api.add_argument("--price-per-1k-completion", type=NON_NEGATIVE, default=0.0, help="USD per 1k completion tokens")
 
     bt = p.add_argument_group("openai-batch backend (also takes --base-url, --api-key-env, --token-param, "
-                              "--timeout, --max-retries)")
+                              "--timeout, --max-retries, --max-wait)")
     bt.add_argument("--batch-poll-interval", type=POSITIVE, default=60.0, help="seconds between status checks")
-    bt.add_argument("--batch-max-requests", type=POSITIVE_INT, default=50_000, help="requests per batch file (the API's limit)")
-    bt.add_argument("--batch-max-bytes", type=POSITIVE_INT, default=200_000_000, help="bytes per batch file (the API's limit)")
+    bt.add_argument("--batch-max-requests", type=_number(int, 1, MAX_REQUESTS_PER_FILE), default=MAX_REQUESTS_PER_FILE,
+                    help="requests per batch file (at most the API's 50,000)")
+    bt.add_argument("--batch-max-bytes", type=_number(int, 1, MAX_BYTES_PER_FILE), default=MAX_BYTES_PER_FILE,
+                    help="bytes per batch file (at most the API's 200 MB)")
+    bt.add_argument("--batch-max-enqueued-tokens", type=POSITIVE_INT, default=DEFAULT_MAX_ENQUEUED_TOKENS,
+                    help="input tokens this job keeps enqueued at once (estimated as UTF-8 bytes / 3 + 8 per request): "
+                         "set it under your organization's batch queue limit for the model (default 1,800,000, under "
+                         "tier 1's 2M for gpt-4o-mini); further files wait for batches to end, and a batch failed with "
+                         "token_limit_exceeded is submitted again in the same run")
     bt.add_argument("--batch-rounds", type=POSITIVE_INT, default=3,
-                    help="rounds of batches for expired or failed requests before the job stops (rerun resumes)")
+                    help="rounds of batches for expired or failed requests; a request failing in every round is "
+                         "dropped as request_failed (a rerun asks again)")
+    bt.add_argument("--batch-resubmit-cancelled", action="store_true",
+                    help="submit the unanswered requests of a batch someone cancelled (without it the job stops "
+                         "naming the batch)")
     bt.add_argument("--batch-discount", type=NON_NEGATIVE, default=0.5, help="price factor of batch requests, for the cost estimate")
+    bt.add_argument("--write-batch-requests", default=None, metavar="DIR",
+                    help="offline (vllm run-batch): write the request files of the next step to DIR and stop (exit 3) "
+                         "instead of submitting them; nothing is sent to a server")
+    bt.add_argument("--read-batch-results", default=None, metavar="FILE",
+                    help="offline: read `vllm run-batch` output files (several joined with '::') into the cache; "
+                         "requests still without a result are written to --write-batch-requests")
 
     vl = p.add_argument_group("vllm backend")
     vl.add_argument("--tensor-parallel-size", type=POSITIVE_INT, default=1)
@@ -169,6 +193,12 @@ def parse_args(argv=None):
     return args
 
 
+def job_name(args):
+    """What a batch's metadata says of its job: the output folder as a hash (no local path leaves the host)."""
+    folder = hashlib.sha256(os.path.abspath(args.output).encode()).hexdigest()[:16]
+    return f"output {folder} job {args.job_index} of {args.num_jobs}"
+
+
 def build_backend(args, cache_path, environ=os.environ):
     sampling = dict(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
     if args.backend == "vllm":
@@ -185,18 +215,30 @@ def build_backend(args, cache_path, environ=os.environ):
                             seed=args.seed, chat_template=template, **sampling, **engine)
     # imported here: the openai extra is checked (require_extra) before anything imports it
     from .backends.openai_backend import api_key_for, resolve_base_url
-    base_url, source = resolve_base_url(args.base_url, environ)
-    api_key = api_key_for(base_url, args.api_key_env, environ, source)
+    offline = args.backend == "openai-batch" and (args.write_batch_requests or args.read_batch_results)
+    if offline:  # vllm run-batch: nothing is sent, no key is read
+        base_url, api_key = args.base_url or "http://localhost/v1", "EMPTY"
+    else:
+        base_url, source = resolve_base_url(args.base_url, environ)
+        api_key = api_key_for(base_url, args.api_key_env, environ, source)
     if args.backend == "openai-batch":
         return make_backend("openai-batch", model=args.model, api_key=api_key, state_path=cache_path, base_url=base_url,
                             token_param=args.token_param, poll_interval=args.batch_poll_interval,
                             max_rounds=args.batch_rounds, max_requests=args.batch_max_requests,
-                            max_bytes=args.batch_max_bytes, timeout=args.timeout, max_retries=args.max_retries,
+                            max_bytes=args.batch_max_bytes, max_enqueued_tokens=args.batch_max_enqueued_tokens,
+                            max_wait=args.max_wait, resubmit_cancelled=args.batch_resubmit_cancelled,
+                            timeout=args.timeout, max_retries=args.max_retries,
+                            write_requests=args.write_batch_requests,
+                            read_results=args.read_batch_results.split("::") if args.read_batch_results else (),
+                            job_name=job_name(args),
                             **sampling)
     return make_backend("openai", model=args.model, api_key=api_key,
                         base_url=base_url, concurrency=args.concurrency, timeout=args.timeout,
                         max_retries=args.max_retries, malformed_retries=args.malformed_retries,
                         token_param=args.token_param, max_wait=args.max_wait, **sampling)
+
+
+EXIT_REQUESTS_WRITTEN = 3  # --write-batch-requests: the files are written, the job waits for their results
 
 
 class Terminated(BaseException):
@@ -240,6 +282,9 @@ def main(argv=None):
         # openai-batch: few large batches for the whole job first, then shards from the cache
         stats = generator.run(inputs, args.output, stats_path, export_sft, job=(args.num_jobs, args.job_index),
                               prefill=args.backend == "openai-batch", replace_stats=args.stats is not None)
+    except RequestsWritten as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(EXIT_REQUESTS_WRITTEN)
     except Terminated as e:
         print(f"error: {e}" + (f"; stats of the run so far: {generator.stats_file}" if generator.stats_file else ""),
               file=sys.stderr)

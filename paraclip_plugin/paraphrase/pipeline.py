@@ -19,7 +19,7 @@ import time
 from tqdm import tqdm
 
 from . import cleaning
-from .backends.base import FINAL_FINISH_REASONS, PROMPT_TOO_LONG, GenerationError
+from .backends.base import FINAL_FINISH_REASONS, PROMPT_TOO_LONG, REQUEST_FAILED, GenerationError
 from .cache import CompletionCache, request_key
 from .inputs import check_output_names, is_caption_file, output_name, read_caption_file
 from .prompts import PromptSet
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 # Drops that say more about the service (or its settings) than about one caption: an input whose
 # every sample ends this way is never written as an empty output.
 _SERVICE_DROPS = {f"step{step}_{reason}" for step in (1, 2)
-                  for reason in (cleaning.REQUEST_REJECTED, *FINAL_FINISH_REASONS)}
+                  for reason in (cleaning.REQUEST_REJECTED, REQUEST_FAILED, *FINAL_FINISH_REASONS)}
 
 
 @dataclasses.dataclass
@@ -182,17 +182,20 @@ class ParaphraseGenerator:
             self.counts["cache_hits"] += len(raw)
             misses = [s for s in pending if s not in raw]
             if misses:
-                refused = []
+                refused = {}  # source -> its refusal
 
                 def on_result(index, completion, misses=misses, raw=raw, refused=refused):
                     source = misses[index]
+                    if completion.error == REQUEST_FAILED:  # never answered: nothing paid, nothing cached
+                        reasons[source] = completion.error
+                        return
                     self.counts["requests"] += 1  # answered (refused ones too): a stopped run counts what it paid
                     self.refusals.observe(step, completion)
                     self.counts["prompt_tokens"] += completion.prompt_tokens
                     self.counts["completion_tokens"] += completion.completion_tokens
                     if completion.error in (cleaning.REQUEST_REJECTED, PROMPT_TOO_LONG):  # not cached: a rerun asks
                         if completion.error == cleaning.REQUEST_REJECTED:  # again (with another --max-model-len)
-                            refused.append(completion.message)
+                            refused[source] = completion
                         reasons[source] = completion.error
                         return
                     # Cached before use: a crash after this line never pays for this request again.
@@ -200,8 +203,13 @@ class ParaphraseGenerator:
                     raw[source] = completion
 
                 keys = [request_key(*key[:3], step, attempt, s) for s in misses]
-                self.backend.generate([self.prompts.render(step, s) for s in misses], on_result, keys=keys)
-                self.refusals.check(step, len(misses), refused)
+                self.backend.generate([self.prompts.render(step, s) for s in misses], on_result, keys=keys, step=step)
+                self.refusals.check(step, len(misses), [c.message for c in refused.values()])
+                if getattr(self.backend, "final_refusals", False):
+                    # One refused caption, not a systematic refusal (checked above): kept as refused, so no later
+                    # call (the shards' pass, a rerun) asks again and meets it as a batch of refusals.
+                    for source, completion in refused.items():
+                        self.cache.put(*key[:3], step, attempt, source, completion)
             retry = []
             for source in pending:
                 if source not in raw:  # the service refused the request itself: no retry helps
@@ -447,8 +455,10 @@ class ParaphraseGenerator:
         """The run's counts; ``status``: complete, incomplete (``failed_inputs`` not written) or failed (stopped
         by ``error``: what was paid for until then is counted all the same)."""
         o = self.options
-        cost = (self.counts["prompt_tokens"] * o.price_per_1k_prompt
-                + self.counts["completion_tokens"] * o.price_per_1k_completion) / 1000 * o.price_factor
+        cost = self._cost(self.counts["prompt_tokens"], self.counts["completion_tokens"])
+        batches = self._batch_stats()
+        if batches is not None:  # what the batches read in this run hold, each paid line once
+            cost = sum(step["estimated_cost_usd"] for step in batches.values())
         return {
             "status": "failed" if error is not None else "incomplete" if self.failed else "complete",
             "error": None if error is None else f"{type(error).__name__}: {error}".splitlines()[0],
@@ -463,9 +473,27 @@ class ParaphraseGenerator:
             "prompt_tokens": self.counts["prompt_tokens"], "completion_tokens": self.counts["completion_tokens"],
             "settings": self.settings,
             "rate_limit_wait_seconds": round(sum(getattr(self.backend, "rate_limit_waits", ())), 3),
+            **({"batches": batches} if batches is not None else {}),
             "estimated_cost_usd": round(cost, 6), "price_factor": o.price_factor, "wall_seconds": round(wall_seconds, 3),
             "samples_per_second": round(self.counts["samples_in"] / wall_seconds, 2) if wall_seconds else None,
         }
+
+    def _cost(self, prompt_tokens, completion_tokens):
+        o = self.options
+        return (prompt_tokens * o.price_per_1k_prompt + completion_tokens * o.price_per_1k_completion) / 1000 * o.price_factor
+
+    def _batch_stats(self):
+        """Per step, what a batch backend submitted and read in this run (None for other backends): requests
+        submitted, answered, refused and failed by reason, batches created / adopted / resubmitted / vanished, and
+        the estimated cost of the answered lines."""
+        steps = getattr(self.backend, "step_stats", None)
+        if steps is None:
+            return None
+        out = {}
+        for name, counts in sorted(steps.items()):
+            out[name] = {k: dict(sorted(v.items())) if isinstance(v, dict) else v for k, v in counts.items()}
+            out[name]["estimated_cost_usd"] = round(self._cost(counts["prompt_tokens"], counts["completion_tokens"]), 6)
+        return out
 
     def export_sft(self, path, outputs):
         """The (prompt, paraphrase) pairs of every written sample of ``outputs`` (this run's and those an

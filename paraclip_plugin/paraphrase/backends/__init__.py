@@ -2,9 +2,10 @@
 
 A backend takes a batch of user prompts (the pipeline sends one step of one shard at a time, or of
 the whole job when it prefills) with one cache-key hash per prompt (``keys``), and calls
-``on_result(index, completion)`` as each completion arrives, so the pipeline can cache it at once. Backends are imported only when chosen: ``vllm`` is an optional extra.
+``on_result(index, completion)`` as each completion arrives (``step``: which step the prompts are, for the
+backend's own stats), so the pipeline can cache it at once. Backends are imported only when chosen: ``vllm`` is an optional extra.
 """
-from .base import Completion, GenerationError
+from .base import Completion, GenerationError, RequestsWritten
 
 
 def make_backend(name, **kwargs):
@@ -20,4 +21,4 @@ def make_backend(name, **kwargs):
     raise ValueError(f"unknown backend {name!r} (choose 'openai', 'openai-batch' or 'vllm')")
 
 
-__all__ = ["Completion", "GenerationError", "make_backend"]
+__all__ = ["Completion", "GenerationError", "RequestsWritten", "make_backend"]

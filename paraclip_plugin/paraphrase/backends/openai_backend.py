@@ -154,6 +154,8 @@ def api_error_message(endpoint, error):
         target = redact_url(response.headers.get("location", "") or "?")
         return (f"{endpoint} answered HTTP {status}, a redirect to {target}, which is not followed (credentials "
                 f"go to the URL given only): pass the final URL as --base-url")
+    if isinstance(status, int) and 400 <= status < 500 and status not in (408, 409, 429):  # the client never retries
+        return f"{endpoint} answered HTTP {status}: {type(error).__name__}: {str(error)[:300]}"
     return f"{endpoint} failed after the client's retries: {type(error).__name__}: {str(error)[:300]}"
 
 
@@ -230,7 +232,7 @@ class OpenAIBackend:
         self._clock, self._sleep = time.monotonic, asyncio.sleep  # the rate-limit waits' time (tests fast-forward it)
         self.requests = 0
 
-    def generate(self, prompts, on_result=None, keys=None):
+    def generate(self, prompts, on_result=None, keys=None, step=None):
         return self._loop.run_until_complete(self._generate(prompts, on_result))
 
     async def _generate(self, prompts, on_result):

@@ -98,7 +98,7 @@ class VLLMBackend:
             self.output_settings["chat_template_sha256"] = hashlib.sha256(chat_template.encode()).hexdigest()[:16]
         self.requests = 0
 
-    def generate(self, prompts, on_result=None, keys=None):
+    def generate(self, prompts, on_result=None, keys=None, step=None):
         """``keys`` (one ``cache.request_key`` per prompt) give each request its own seed; without them the
         seed is a function of the base seed and the prompt."""
         if keys is None:
