@@ -31,7 +31,7 @@ from paraclip_plugin.shards import atomic_write_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(REPO, "benchmarks")
-README = os.path.join(REPO, "docs", "benchmarks.md")
+PAGE = os.path.join(REPO, "docs", "benchmarks.md")
 BEGIN, END = "<!-- gpu-benchmark:begin -->", "<!-- gpu-benchmark:end -->"
 
 
@@ -343,14 +343,14 @@ def readme_section():
 
 
 def update_readme(_args=None):
-    text = open(README).read()
+    text = open(PAGE).read()
     if BEGIN not in text or END not in text:
-        raise SystemExit(f"gpu_report: {README} has no {BEGIN} ... {END} section")
+        raise SystemExit(f"gpu_report: {PAGE} has no {BEGIN} ... {END} section")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     new = f"{head}{BEGIN}\n{readme_section()}{END}{tail}"
     if new != text:
-        atomic_write_text(README, new)
+        atomic_write_text(PAGE, new)
     return 0
 
 
