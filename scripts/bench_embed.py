@@ -8,8 +8,8 @@ the DataLoader that embed_images.py's main process reads: its workers read each 
 texts and decode and preprocess the images, and hand the shard's image batch over shared memory.
 With uint8 the workers stop before to-tensor and Normalize (done beside the image tower: on the GPU),
 so each image costs them less and crosses to the main process (and, on a GPU, is pinned and copied)
-in a quarter of the bytes. The image tower is not run: on the GPU it was not the bound (5% busy in
-the H200 run). Reports images/s per transfer (median of interleaved rounds, after the first shard)
+in a quarter of the bytes. The image tower is not run: on a GPU it is not the bound (the GPU check's
+embed rows show the GPU a few percent busy). Reports images/s per transfer (median of interleaved rounds, after the first shard)
 and the ratio to float32.
 """
 import argparse

@@ -13,7 +13,7 @@
 #                   ratio's baseline), embed (makes the cached shards), cached+causal+compile, --paraclip-loss
 #                   from JPEGs, and the 32,768 --accum-freq step
 #
-# Every target is measured in one call: 7.3 minutes on an H200 (2026-11-26 13:24). Each stage has a hard
+# Every target is measured in one call (about 7.5 minutes on an H200). Each stage has a hard
 # time budget (tests 120 s, shards 120 s beside them, step 120 s, e2e 300 s), so the check ends inside one
 # 10-minute device call. GPU_CHECK_STAGES="e2e" (say) reruns only some stages. GPU_CHECK_STEP_CASES and
 # GPU_CHECK_E2E_CASES pick bench_step.py's and bench_e2e.py's cases (e2e's in the order given, step's
@@ -22,7 +22,7 @@
 # GPU_CHECK_STEP_BUDGET and GPU_CHECK_E2E_BUDGET their seconds.
 # Results: $OUT/gpu_check.json and gpu_check.md (+ logs.tar.gz), made by scripts/gpu_report.py;
 # `python scripts/gpu_report.py publish $OUT/gpu_check.json` files them under benchmarks/ and
-# regenerates the README's performance section. Until the end, every stage's results are kept in
+# regenerates the GPU section of docs/benchmarks.md. Until the end, every stage's results are kept in
 # $OUT/work (the machine's facts in started.json first): a device call stopped at its limit still brings
 # them back, and `python scripts/gpu_report.py collect --work <that>/work --out DIR` makes the result.
 #

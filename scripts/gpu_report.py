@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Results of scripts/gpu_check.sh: one JSON file, its Markdown, and the README's performance section.
+"""Results of scripts/gpu_check.sh: one JSON file, its Markdown, and the section of docs/benchmarks.md.
 
     python scripts/gpu_report.py started --work DIR [--cpu-smoke]
         DIR/started.json: the machine, torch, date and commit, written on the device when the check starts
@@ -9,12 +9,12 @@
         $OUT/work on the device, so a call stopped at its time limit still brings it back: collect it
         here then (the machine is named from started.json, not from where collect runs).
     python scripts/gpu_report.py publish OUT/gpu_check.json
-        -> benchmarks/<gpu>-<date>-<HHMM>.json + .md, and the README section between the
-           gpu-benchmark markers regenerated from the files of the newest day in benchmarks/
+        -> benchmarks/<gpu>-<date>-<HHMM>.json + .md, and the section of docs/benchmarks.md between the
+           gpu-benchmark markers regenerated from the newest file per GPU kind in benchmarks/
     python scripts/gpu_report.py readme
-        regenerate the README section only (what `publish` does last)
+        regenerate that section only (what `publish` does last)
 
-No number reaches the README without the file it comes from: the section names its file.
+No number reaches docs/benchmarks.md without the file it comes from: the section names its file.
 """
 import argparse
 import datetime
@@ -31,7 +31,7 @@ from paraclip_plugin.shards import atomic_write_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(REPO, "benchmarks")
-README = os.path.join(REPO, "README.md")
+PAGE = os.path.join(REPO, "docs", "benchmarks.md")
 BEGIN, END = "<!-- gpu-benchmark:begin -->", "<!-- gpu-benchmark:end -->"
 
 
@@ -335,24 +335,22 @@ def filed_benchmarks():
 
 
 def readme_section():
-    """Every call of the newest day (a day's calls often split the stages), each with its file."""
-    files = filed_benchmarks()
-    if not files:
+    """The newest call per GPU kind, each with its file (older calls stay in theirs)."""
+    newest = {read_json(p)["environment"].get("gpu"): p for p in filed_benchmarks()}
+    if not newest:
         return "No GPU measurement is filed in `benchmarks/` yet.\n"
-    day = read_json(files[-1])["date"][:10]
-    blocks = [render(read_json(p), os.path.relpath(p, REPO)) for p in files if read_json(p)["date"][:10] == day]
-    return "\n".join(blocks)
+    return "\n".join(render(read_json(p), os.path.relpath(p, REPO)) for p in newest.values())
 
 
 def update_readme(_args=None):
-    text = open(README).read()
+    text = open(PAGE).read()
     if BEGIN not in text or END not in text:
-        raise SystemExit(f"gpu_report: {README} has no {BEGIN} ... {END} section")
+        raise SystemExit(f"gpu_report: {PAGE} has no {BEGIN} ... {END} section")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     new = f"{head}{BEGIN}\n{readme_section()}{END}{tail}"
     if new != text:
-        atomic_write_text(README, new)
+        atomic_write_text(PAGE, new)
     return 0
 
 

@@ -525,6 +525,16 @@ def embed_images_help():
     return buf.getvalue()
 
 
+@pytest.mark.parametrize("jobs", [["--num-jobs", "2", "--job-index", "5"], ["--job-index", "-1"], ["--num-jobs", "0"]])
+def test_a_job_index_outside_the_jobs_is_a_usage_error(jobs, capsys):
+    with pytest.raises(SystemExit) as exit:
+        embed_images.main(["--shards", "x.tar", "--model", TINY_MODEL, *jobs])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("usage: paraclip-embed-images") and "Traceback" not in "".join(err)
+    assert err[-1].startswith("paraclip-embed-images: error: --job-index ") and "is outside 0.." in err[-1]
+
+
 def test_a_rerun_skips_a_shard_whose_first_image_has_no_embedding(world, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     src = rewrite_shard(world["plain"] / "00000.tar", tmp_path / "00000.tar",

@@ -1,7 +1,7 @@
 """scripts/gpu_check.sh --cpu-smoke: every stage of the GPU check, tiny, on the CPU, so the script is
 known to work before device time is spent on it; the parts of it that a stopped or partial device call
 relies on (pytest_parallel.py, bench_step.py's plan, bench_e2e.py's shards, gpu_report.py collect); and
-the README's GPU section is its filed result."""
+docs/benchmarks.md's GPU section is the newest filed result per GPU kind."""
 import importlib
 import json
 import os
@@ -103,11 +103,21 @@ def test_gpu_check_cpu_smoke_runs_every_stage(tmp_path, patched_install):
     assert "Where a step's time goes" in md
 
 
-def test_readme_gpu_section_is_the_newest_filed_result():
+def test_benchmarks_page_gpu_section_is_the_newest_filed_result_per_gpu_kind():
     gpu_report = gpu_report_module()
-    readme = (REPO / "README.md").read_text()
-    section = readme.split(gpu_report.BEGIN, 1)[1].split(gpu_report.END, 1)[0]
+    page = (REPO / "docs" / "benchmarks.md").read_text()
+    section = page.split(gpu_report.BEGIN, 1)[1].split(gpu_report.END, 1)[0]
     assert section == "\n" + gpu_report.readme_section()
+
+
+def test_the_section_shows_only_the_newest_call_of_each_gpu_kind(tmp_path, monkeypatch):
+    gpu_report = gpu_report_module()
+    for gpu, date in [("NVIDIA H200", "2026-01-01 10:00 UTC"), ("NVIDIA H100", "2026-01-02 10:00 UTC"),
+                      ("NVIDIA H200", "2026-01-03 09:00 UTC"), ("NVIDIA H200", "2026-01-02 11:00 UTC")]:
+        (tmp_path / f"{gpu[-4:]}-{date[:10]}.json").write_text(json.dumps({"date": date, "environment": {"gpu": gpu}}))
+    monkeypatch.setattr(gpu_report, "BENCHMARKS", str(tmp_path))
+    monkeypatch.setattr(gpu_report, "render", lambda result, source: f"{result['date']} {os.path.basename(source)}\n")
+    assert gpu_report.readme_section() == "2026-01-03 09:00 UTC H200-2026-01-03.json\n\n2026-01-02 10:00 UTC H100-2026-01-02.json\n"
 
 
 def test_a_call_stopped_at_its_limit_is_collected_here_with_the_devices_facts(tmp_path, capsys):

@@ -60,7 +60,7 @@ def test_make_shards_without_openai(tmp_path):
     (tmp_path / "captions.txt").write_text("a red circle\n")
     proc = run_without(["openai"], [PYTHON, REPO / "scripts" / "make_shards.py", "--input", tmp_path / "captions.txt",
                                     "--output", tmp_path / "out", "--model", "gpt-4o-mini"])
-    assert_asks_for(proc, "make_shards.py", "openai", "openai")
+    assert_asks_for(proc, "paraclip-make-shards", "openai", "openai")
     assert not (tmp_path / "out").exists()
 
 
@@ -68,7 +68,7 @@ def test_make_shards_vllm_backend_without_vllm(tmp_path):
     (tmp_path / "captions.txt").write_text("a red circle\n")
     proc = run_without(["vllm"], [PYTHON, REPO / "scripts" / "make_shards.py", "--input", tmp_path / "captions.txt",
                                   "--output", tmp_path / "out", "--model", "/models/x", "--backend", "vllm"])
-    assert_asks_for(proc, "make_shards.py", "vllm", "vllm")
+    assert_asks_for(proc, "paraclip-make-shards", "vllm", "vllm")
     assert not (tmp_path / "out").exists()
 
 

@@ -63,7 +63,7 @@ def test_old_records_without_16_bit_fingerprints_are_refused_with_the_working_ch
     stages = paraclip_decode_stages(preprocess_train, open_clip.get_tokenizer(TINY_MODEL),
                                     embedding_sha256=visual_fingerprint(model.visual), precision="pure_bf16")
     with pytest.raises(EmbeddingMismatch, match=f"shard {old}: .* in --precision pure_bf16 .*re-run "
-                                                f"scripts/embed_images.py on it, or train with --precision amp_bf16"):
+                                                f"paraclip-embed-images on it, or train with --precision amp_bf16"):
         pipeline(old, stages)
 
 

@@ -253,7 +253,7 @@ def _raise_terminated(signum, frame):
 def main(argv=None):
     args = parse_args(argv)
     # before any input is read or any request sent
-    require_extra("make_shards.py", f"--backend {args.backend}", "vllm" if args.backend == "vllm" else "openai")
+    require_extra("paraclip-make-shards", f"--backend {args.backend}", "vllm" if args.backend == "vllm" else "openai")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s make_shards: %(message)s")
     logging.getLogger("paraclip_plugin").setLevel(logging.INFO)  # our progress lines; the client's stay quiet
     try:

@@ -104,8 +104,8 @@ class JobIncomplete(GenerationError):
 
 
 def _written_output(in_path, output_dir):
-    """Where ``in_path``'s output is: ``output_name``, or where paraclip-plugin before 2026-11-26 wrote a compressed
-    input's output (uncompressed, under the input's own name) when only that exists."""
+    """Where ``in_path``'s output is: ``output_name``, or, when only that exists, a compressed input's output
+    written uncompressed under the input's own name."""
     out_path = os.path.join(output_dir, output_name(in_path))
     legacy = os.path.join(output_dir, os.path.basename(in_path))
     return legacy if legacy != out_path and os.path.exists(legacy) and not os.path.exists(out_path) else out_path

@@ -91,8 +91,8 @@ class SkippedSamples:
                     f"until the epoch is made) without one usable sample among {self.count} (by reason: "
                     f"{dict(self.reasons)}), from {', '.join(shards[:5])}{', ...' if len(shards) > 5 else ''}: "
                     f"these are not the shards the "
-                    f"flags ask for (--paraclip-loss: four-field shards from scripts/make_shards.py; "
-                    f"--image-embeddings: shards from scripts/embed_images.py)")
+                    f"flags ask for (--paraclip-loss: four-field shards from paraclip-make-shards; "
+                    f"--image-embeddings: shards from paraclip-embed-images)")
 
     def keep(self, samples):
         """The last stage: count what gets through."""
@@ -151,11 +151,11 @@ class SkipIncomplete:
             if PARA1 in missing or PARA2 in missing:
                 self.require_in_shard(url, (f".{PARA1}", f".{PARA2}"), NotAParaCLIPShard(
                     f"shard {url} has no '{PARA1}' or '{PARA2}' member in any sample: it is not a ParaCLIP "
-                    f"four-field shard (make one with scripts/make_shards.py), or drop --paraclip-loss"))
+                    f"four-field shard (make one with paraclip-make-shards), or drop --paraclip-loss"))
             if EMBEDDING_FIELD in self.image_fields and EMBEDDING_FIELD in missing:
                 self.require_in_shard(url, (f".{EMBEDDING_FIELD}",), MissingEmbeddings(
                     f"shard {url} has no '{EMBEDDING_FIELD}' member in any sample: add image embeddings "
-                    f"with scripts/embed_images.py, or drop --image-embeddings"))
+                    f"with paraclip-embed-images, or drop --image-embeddings"))
             self.skipped.skip(sample, f"missing {', '.join(missing)}", "missing " + "+".join(missing))
 
 
@@ -310,7 +310,7 @@ def is_compact(fields):
 
 
 def own_folder_sizes(shards):
-    """{shard url: sample count} from the sizes.json in each local shard's own folder."""
+    """({shard url: sample count} from the sizes.json in each local shard's own folder, every shard url)."""
     urls, _ = expand_urls(shards)
     sizes, folders = {}, {}
     for url in urls:

@@ -76,7 +76,10 @@ def parse_args(argv=None):
                         "texts; ~8x less to store and read with --image-embeddings. Keep the four-field shards.")
     p.add_argument("--num-jobs", type=int, default=1, help="split the shards over this many jobs")
     p.add_argument("--job-index", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0 <= args.job_index < args.num_jobs:
+        p.error(f"--job-index {args.job_index} is outside 0..{args.num_jobs - 1} (--num-jobs {args.num_jobs})")
+    return args
 
 
 def decode_image(data, preprocess):
@@ -111,8 +114,8 @@ def finish_preprocess(images, normalize):
 
     Each channel's 256 possible values go through to-tensor (``/ 255``) and ``normalize`` here, on the
     CPU, as in the transform; the images then index that table on their device. Doing the arithmetic
-    there instead differs in the last bit: CUDA divides by a Python number through its reciprocal
-    (measured on an H200: ``embed_images`` fed the tower values 1 ulp off the CPU transform's)."""
+    there instead differs in the last bit: CUDA divides by a Python number through its reciprocal, which
+    gives values 1 ulp off the CPU transform's."""
     table, offsets = value_table(normalize, images.shape[-3], images.device)
     return table[images.int() + offsets]
 

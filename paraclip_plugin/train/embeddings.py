@@ -1,7 +1,7 @@
 """Cached image embeddings: the frozen image tower's features, stored once in the shards.
 
 With a frozen image tower, every epoch recomputes the same image features from the same pixels
-(up to augmentation). ``scripts/embed_images.py`` computes them once and adds to each sample:
+(up to augmentation). ``paraclip-embed-images`` computes them once and adds to each sample:
 
     <key>.img_emb.npy   float16 [embed_dim]: encode_image(preprocess_val(image), normalize=True)
     <key>.json          gains "paraclip_image_embedding": {"model", "pretrained", "visual_sha256",
@@ -66,7 +66,7 @@ def precision_fingerprints(model_name, pretrained):
 
 # patch dropout's module names: open_clip's own towers (``patch_dropout``) and timm's (``trunk.patch_drop``)
 PATCH_DROPOUT = {"patch_dropout", "patch_drop"}
-# fields a record gained on 2026-11-26: an older record without them is read, and they are not checked
+# fields an older paraclip-embed-images does not record: a record without them is read, and they are not checked
 ADDED_FIELDS = ("visual_architecture", "preprocess", "precision")
 
 
@@ -176,7 +176,7 @@ class CachedImageEmbedding:
         if record is None:
             raise MissingEmbeddings(
                 f"shard {url}: sample '{sample.get('__key__')}' has {EMBEDDING_FIELD} but no "
-                f"'{METADATA_KEY}' record in its json; re-run scripts/embed_images.py on it")
+                f"'{METADATA_KEY}' record in its json; re-run paraclip-embed-images on it")
         self.check_weights(url, record)
         self.check_architecture(url, record)
         self.check_preprocess(url, record)
@@ -191,21 +191,21 @@ class CachedImageEmbedding:
         if stored is None:
             raise EmbeddingMismatch(
                 f"shard {url}: its image embeddings record no fingerprint of the image weights in "
-                f"--precision {self.precision} (made by an older scripts/embed_images.py): re-run "
-                f"scripts/embed_images.py on it, or train with --precision amp_bf16, amp or fp32")
+                f"--precision {self.precision} (made by an older paraclip-embed-images): re-run "
+                f"paraclip-embed-images on it, or train with --precision amp_bf16, amp or fp32")
         if stored != self.expected_sha256:
             raise EmbeddingMismatch(
                 f"shard {url} holds image embeddings of {self.made_by(record)} (visual weights sha256 "
                 f"{str(stored)[:12]} in --precision {self.precision}), but this run's image tower "
                 f"{self.expected_label}has sha256 {self.expected_sha256[:12]}: re-embed with "
-                f"scripts/embed_images.py for this model, or drop --image-embeddings")
+                f"paraclip-embed-images for this model, or drop --image-embeddings")
 
     def not_recorded(self, url, field, what):
         """True (and one log line per data worker) when the record has no ``field``."""
         if field not in self.unchecked:
             self.unchecked.add(field)
             logging.warning(f"ParaCLIP: shard {url}: its image embeddings record no {what} (made by an older "
-                            f"scripts/embed_images.py), so it can't be checked against this run's; embed it again "
+                            f"paraclip-embed-images), so it can't be checked against this run's; embed it again "
                             f"into a new --output folder to have it checked (a rerun into the same one keeps it)")
         return True
 
@@ -220,7 +220,7 @@ class CachedImageEmbedding:
                 f"sha256 {str(stored)[:12]}, but this run's image tower {self.expected_label}has the same weights "
                 f"in architecture sha256 {self.expected_architecture[:12]} (another activation such as QuickGELU "
                 f"vs GELU: --force-quick-gelu or a '-quickgelu' model name, or other layer settings): train with "
-                f"the model the embeddings were made with, or re-embed with scripts/embed_images.py for this one")
+                f"the model the embeddings were made with, or re-embed with paraclip-embed-images for this one")
 
     def check_preprocess(self, url, record):
         stored = record.get("preprocess")

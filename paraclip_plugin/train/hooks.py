@@ -53,7 +53,7 @@ def add_arguments(parser):
     group.add_argument(
         "--image-embeddings", action="store_true", default=False,
         help="With --paraclip-loss: read the image features stored in the shards (img_emb.npy, or the .pcl "
-             "member of compact shards; scripts/embed_images.py) instead of decoding images and running the frozen "
+             "member of compact shards; paraclip-embed-images) instead of decoding images and running the frozen "
              "image tower. Embeddings made with other image weights, another image tower architecture or another image "
              "transform (--image-mean, --image-std, ...) are refused. No image augmentation. "
              "--val-data shards with images are read as stock open_clip reads them (through the frozen tower).")

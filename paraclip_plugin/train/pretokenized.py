@@ -1,7 +1,8 @@
 """Pre-tokenized text: the token ids of caption, para1 and para2, stored once in the shards.
 
 Tokenizing three texts per sample costs a data worker more than reading the sample. When
-``scripts/embed_images.py --tokenizer MODEL`` has stored them, each sample has:
+``paraclip-embed-images`` has stored them (the default; ``--no-tokens`` leaves them out; the tokenizer is
+``--model``'s), each sample has:
 
     <key>.tokens.npy    int32 [3, n]: caption, para1, para2 as the tokenizer gives them, cut after
                         the last non-pad position of the three (n <= context length)
@@ -116,7 +117,7 @@ class TextTokens:
         return TOKENS_FIELD in sample and record is not None and record.get("fingerprint") == self.fingerprint
 
     def ids_problem(self, ids):
-        """Why stored ids can't be used (wrong shape, dtype or range), or None."""
+        """(why stored ids can't be used, which check: "dtype", "shape" or "ids"), or None when they can."""
         if not isinstance(ids, np.ndarray) or ids.dtype.kind not in "iu":
             return f"not integer ids ({getattr(ids, 'dtype', type(ids).__name__)})", "dtype"
         if ids.ndim != 2 or ids.shape[0] != len(TEXT_FIELDS) or not 1 <= ids.shape[1] <= self.context_length:
