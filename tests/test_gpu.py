@@ -191,12 +191,15 @@ def world(tmp_path_factory):
 @pytest.mark.parametrize("compiled,causal", [(False, False), (True, False), (True, True)],
                          ids=["eager", "torchcompile", "torchcompile+causal"])
 def test_open_clip_train_paraclip_steps_in_amp_bf16(device, world, patched_install, compiled, causal, record_property):
-    """open_clip_train.main --paraclip-loss --precision amp_bf16 on one device, eager, --torchcompile and
-    --torchcompile --causal-attention (TORCH_LOGS=recompiles,graph_breaks shows through the plugin, which open_clip_train
-    would silence: the trimmed forward's deliberate graph break is logged and the recompiles are counted)."""
+    """open_clip_train.main --paraclip-loss --precision amp_bf16 on one device, eager (with the loss in blocks:
+    --paraclip-loss-block-size), --torchcompile and --torchcompile --causal-attention (TORCH_LOGS=recompiles,graph_breaks
+    shows through the plugin, which open_clip_train would silence: the trimmed forward's deliberate graph break is
+    logged and the recompiles are counted)."""
     name = f"amp_bf16_{'compiled' if compiled else 'eager'}{'_causal' if causal else ''}"
     args = train_args(world["data"], world["logs"], name, world["init"], "--paraclip-loss",
                       "--precision", "amp_bf16", "--device", device.type, batch_size=16)
+    if not compiled:
+        args += ["--paraclip-loss-block-size", "5"]
     if compiled:
         args += ["--torchcompile"]
     if causal:
@@ -209,6 +212,7 @@ def test_open_clip_train_paraclip_steps_in_amp_bf16(device, world, patched_insta
     assert all(torch.isfinite(torch.tensor(step[t])).item() for step in steps for t in ("Loss", *TERMS))
     assert f"Running with a single process. Device {device.type}" in log
     assert ("ParaCLIP: text attention runs as causal SDPA" in log) == causal
+    assert ("each in blocks of 5 rows" in log) == (not compiled)
     state, init = final_state(world["logs"], name), torch.load(world["init"])
     (visual, text), (init_visual, init_text) = split(state), split(init)
     assert all(torch.equal(visual[k], init_visual[k]) for k in init_visual)
