@@ -29,17 +29,20 @@ def jpeg_bytes(rng, size=256):
 
 
 # a text-length setting's texts: tokens (SOT and EOT included) uniform from half the longest to the longest
-TEXT_LENGTHS = "uniform from half the longest (rounded up) to the longest, SOT and EOT included"
+TEXT_LENGTHS = ("uniform from half the longest (rounded up) to the longest, SOT and EOT included (in the shards, each "
+                "shard's first caption is the longest; in a step's batch, its first)")
 
 
 def text_length_range(longest):
     return -(-longest // 2), longest
 
 
-def caption(rng, longest=None):
-    """8-16 words; with ``longest``, a text of ``text_length_range(longest)`` tokens (its words + SOT + EOT)."""
+def caption(rng, longest=None, at_longest=False):
+    """8-16 words; with ``longest``, a text of ``text_length_range(longest)`` tokens (its words + SOT + EOT),
+    or of ``longest`` tokens exactly (``at_longest``)."""
     low, high = (10, 18) if longest is None else text_length_range(longest)
-    return " ".join(rng.choice(WORDS) for _ in range(rng.integers(low, high + 1) - 2))
+    tokens = high if at_longest and longest is not None else rng.integers(low, high + 1)
+    return " ".join(rng.choice(WORDS) for _ in range(tokens - 2))
 
 
 def shard_name(shard, longest=None):
@@ -60,7 +63,8 @@ def write_shard(folder, shard, count, seed=0, longest=(None,)):
             jpg = jpeg_bytes(rng)
             jpeg_total += len(jpg)
             for sink, length in zip(sinks, longest):
-                sink.write({"__key__": f"{shard:05d}{i:05d}", "jpg": jpg, "txt": caption(texts, length),
+                # each shard's first caption is the setting's longest text, so every shard reaches it
+                sink.write({"__key__": f"{shard:05d}{i:05d}", "jpg": jpg, "txt": caption(texts, length, i == 0),
                             "para1.txt": caption(texts, length), "para2.txt": caption(texts, length)})
     return {name: count for name in names}, jpeg_total
 
