@@ -21,11 +21,11 @@
 # and teardown + its first step ~9 s + its steps: stock 0.38 s, cached 0.07 s; embed ~23 s start-up + ~1,100
 # images/s): tests ~90 s; step ~165 s (naive 3 x 5 s + 5 s, each compiled case a first compile and one dynamic
 # recompile ~75 s); e2e ~300 s (stock and paraclip 45 steps ~50 s each, embed of 3 x 4,096 images ~34 s,
-# cached+causal+compile ~40 s at each setting, accum 4 steps of 32,768 ~47 s): ~9.3 minutes. Each stage has a
+# cached+causal+compile ~40 s at each setting, accum 4 steps of 32,768 in micro-batches of 2,048 ~47 s): ~9.3 minutes. Each stage has a
 # hard time budget (tests 100 s, shards 120 s beside them, step 160 s, e2e 300 s): at most ~9.8 minutes in all,
 # inside one 10-minute device call; a stage stopped at its budget keeps what it measured, and what it did not
 # reach is reported as not measured. stock and paraclip at 24 and 77 do not fit: a second call measures them,
-# GPU_CHECK_STAGES=e2e GPU_CHECK_E2E_CASES=stock@24,paraclip@24,stock@77,paraclip@77 (~4 minutes).
+# GPU_CHECK_STAGES=e2e GPU_CHECK_E2E_CASES=stock@24,paraclip@24,stock@77,paraclip@77 (~4.5 minutes: the shards ~50 s, 4 runs ~50 s each).
 # GPU_CHECK_STAGES="e2e" (say) reruns only some stages. GPU_CHECK_STEP_CASES and GPU_CHECK_E2E_CASES pick
 # bench_step.py's and bench_e2e.py's cases (in the order given: results are kept case by case, so a stage stopped
 # at its budget keeps what it measured); GPU_CHECK_TESTS_BUDGET, GPU_CHECK_SHARDS_BUDGET, GPU_CHECK_STEP_BUDGET and
