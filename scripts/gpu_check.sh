@@ -128,7 +128,7 @@ else
     shards_done
     # the device's cases without +compile (Inductor on 2 CPU cores: minutes), and the other cases once
     want step && stage step 300 $PY scripts/bench_step.py --cpu-smoke --json "$WORK/step.json" --text-lengths "$LENGTHS" \
-        --steps-only naive,plugin-img+causal,plugin-emb+causal,plugin-img@16,plugin-emb@16
+        --steps-only naive,plugin-img+causal,plugin-emb+causal@16,plugin-emb@16
     want e2e && stage e2e 600 $PY scripts/bench_e2e.py --cpu-smoke --folder "$SCRATCH/e2e" --json "$WORK/e2e.json" \
         --text-lengths "$LENGTHS" --cases "${E2E_CASES//+compile/},embed-float32,cached@40,compact@40"
 fi

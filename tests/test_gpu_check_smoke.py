@@ -80,11 +80,11 @@ def test_gpu_check_cpu_smoke_runs_every_stage(tmp_path, patched_install):
     assert measured["test_open_clip_train_paraclip_steps_in_amp_bf16[torchcompile]"]["recompiles"].isdigit()
     blocked = measured["test_blocked_loss_matches_clip_loss_under_bf16_and_keeps_less_memory"]
     assert 0 <= float(blocked["blocked_grad_max_rel_diff"]) <= test_gpu.GRAD_RTOL
-    # every case at every text-length setting (the headline 40 first); plugin-img@16: that case at batch 16 only
+    # every case at every text-length setting (the headline 40 first); plugin-emb@16: that case at batch 16 only
     steps = result["step"]["cases"]
     assert [(c["step"], c["batch"], c["longest"]) for c in steps] == [
-        (name, batch, longest) for batch, names in ((16, ("naive", "plugin-img+causal", "plugin-emb+causal", "plugin-img",
-                                                          "plugin-emb")), (32, ("naive", "plugin-img+causal", "plugin-emb+causal")))
+        (name, batch, longest) for batch, names in ((16, ("naive", "plugin-img+causal", "plugin-emb+causal", "plugin-emb")),
+                                                    (32, ("naive", "plugin-img+causal")))
         for name in names for longest in (40, 24, 77)]
     assert result["step"]["text_length_distribution"].startswith("uniform from half the longest")
     for c in steps:  # the setting reaches the text tower: the batch's longest text is the setting, the cut follows it
@@ -94,7 +94,7 @@ def test_gpu_check_cpu_smoke_runs_every_stage(tmp_path, patched_install):
         assert tokens["tower_ran"] == (77 if c["step"] == "naive" else c["longest"]), c
     profiled = [c for c in steps if "profile" in c]  # --cpu-smoke profiles batch 16 at the headline setting
     assert {(c["step"], c["batch"], c["longest"]) for c in profiled} == {
-        (s, 16, 40) for s in ("naive", "plugin-img+causal", "plugin-emb+causal", "plugin-img", "plugin-emb")}
+        (s, 16, 40) for s in ("naive", "plugin-img+causal", "plugin-emb+causal", "plugin-emb")}
     assert all(abs(sum(c["profile"]["by_kind_pct"].values()) - 100) < 0.5 and c["profile"]["top"] for c in profiled)
     cases = result["e2e"]["cases"]
     # the device's default cases (without +compile), then the others once
