@@ -15,6 +15,7 @@ import xml.etree.ElementTree as ET
 
 import open_clip
 import pytest
+import torch
 import test_gpu
 from conftest import PYTHON, REPO, TINY_CONFIG, TINY_MODEL
 
@@ -200,6 +201,7 @@ def test_a_call_stopped_at_its_limit_is_collected_here_with_the_devices_facts(tm
 SAMPLE_TESTS = '''
 import os, signal, time
 import pytest
+import torch
 def test_passes(record_property):
     record_property("measured", "0.5")
 def test_slow_alone():
@@ -350,3 +352,22 @@ def test_bench_e2e_plan_runs_cases_at_their_text_lengths_and_embeds_once():
                       ("fast", "unknown case 'fast'")):
         with pytest.raises(SystemExit, match=re.escape(says)):
             plan(bad, [40, 24])
+
+
+def test_bench_step_batches_hold_each_text_length_setting():
+    """The setting reaches the text tower: the batch's texts span the setting's range, its longest text is the
+    setting, the plugin's tower runs that many tokens and the naive step the full context."""
+    import argparse
+    bench_step = script_module("bench_step")
+    open_clip.add_model_config(str(REPO / "paraclip_plugin" / "model_configs" / "paraclip-tiny-77.json"))
+    model = open_clip.create_model("paraclip-tiny-77")
+    args = argparse.Namespace(model="paraclip-tiny-77")
+    for longest in (24, 40, 77):
+        _, texts, _ = bench_step.make_batch(args, model, 64, torch.device("cpu"), longest)
+        for kind, ran in (("naive", 77), ("plugin-emb", longest)):
+            tokens = bench_step.text_tokens(argparse.Namespace(kind=kind, model=model), texts, longest)
+            assert tokens == {"longest": longest, "range": [-(-longest // 2), longest], "batch_longest": longest,
+                              "batch_shortest": tokens["batch_shortest"], "tower_ran": ran}
+            assert -(-longest // 2) <= tokens["batch_shortest"] < longest
+    with pytest.raises(SystemExit, match="--text-lengths 78 is longer than paraclip-tiny-77's context"):
+        bench_step.make_batch(args, model, 4, torch.device("cpu"), 78)
