@@ -2,11 +2,17 @@
 """End to end from shards on local disk: real ``torchrun -m open_clip_train.main`` runs on one GPU.
 
     python scripts/bench_e2e.py --folder /tmp/e2e --json e2e.json          # CUDA: ViT-B-32, 51,200 samples
+    python scripts/bench_e2e.py --folder /tmp/e2e --cases stock@40,cached+causal+compile --text-lengths 40,77
     python scripts/bench_e2e.py --cpu-smoke --folder /tmp/e2e-smoke        # CPU, tiny model: checks the script
     python scripts/bench_e2e.py --shards-only --folder /tmp/e2e            # step 1 alone (CPU), for a later run
 
-1. Writes LAION-like four-field shards (256 px JPEGs of ~15 KiB, texts of 8-16 words) in parallel.
-2. Times, in this order, each a fresh open_clip_train process with the same model, batch and workers:
+1. Writes LAION-like four-field shards (256 px JPEGs of ~15 KiB) in parallel, one set per text-length
+   setting (--text-lengths: the longest text in CLIP tokens, SOT and EOT included; each text's length
+   uniform from half the longest, rounded up, to the longest; the same JPEGs in every set). The tokens
+   each setting's first shard really holds are counted with open_clip's tokenizer and recorded.
+2. Times, in --cases order, each a fresh open_clip_train process with the same model, batch and workers
+   (NAME runs at every --text-lengths setting, in that order, NAME@L at setting L only; the embedding
+   passes embed, embed-float32 and compact's run once, over every setting's shards):
      stock        open_clip's own LiT fine-tuning: --lock-image, JPEG + one caption
      paraclip     --paraclip-loss from JPEGs (image tower frozen, three texts)
      embed        scripts/embed_images.py on the GPU (adds img_emb.npy + tokens.npy; images/s)
@@ -24,17 +30,20 @@
    waits included): the steps after --skip-steps warm-up steps together, i.e. their samples over the
    sum of their step times (the harmonic mean of the per-step rates). Data workers deliver batches in
    bursts (each worker one whole batch), so the window should span several rounds of --workers steps:
-   the defaults skip one round and time four. The accum case times its optimizer steps after the first.
+   the defaults skip one round and time three windows of 10 steps. The accum case times its optimizer
+   steps after the first, one window each. samples/s is the windows' median; their range is reported.
    open_clip's 'Data (t)' share of that time is reported as data_wait_pct. It is not all loader time:
    open_clip starts the next step's data timer before its log line, whose loss.item() waits for the GPU
    to finish the step, so with a line per step Data (t) also holds the GPU's backlog. A high share with
    the GPU busy (GPU util) means the step is the bound; with the GPU idle, the loader. Where
    ``nvidia-smi`` exists, GPU utilisation and memory in use are sampled every 0.2 s during each run
    (memory: what the process holds, allocator cache included, so an upper bound of the peak tensor
-   memory).
+   memory). Every training run runs under scripts/peak_memory.py, whose torch.cuda.max_memory_allocated
+   at the end of the run is peak_allocated_gib.
 Ratios against ``stock`` are measured in the same call, on the same machine.
 """
 import argparse
+import itertools
 import json
 import os
 import re
@@ -46,12 +55,13 @@ import threading
 import time
 from datetime import datetime
 
-from synthetic_shards import write_shards
+from synthetic_shards import TEXT_LENGTHS, shard_name, text_length_range, write_shards
 
 from paraclip_plugin.shards import atomic_write_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_CONFIG = os.path.join(REPO, "paraclip_plugin", "model_configs", "paraclip-tiny.json")
+TINY_CONFIG = os.path.join(REPO, "paraclip_plugin", "model_configs", "paraclip-tiny-77.json")  # 77-token context
+PEAK_RE = re.compile(r"^peak_memory: max_memory_allocated ([0-9.]+) GiB, max_memory_reserved ([0-9.]+) GiB", re.M)
 STEP_RE = re.compile(r"^(\S+) \|.*Train Epoch: \d+ \[.*Data \(t\): ([0-9.]+) Batch \(t\): ([0-9.]+), "
                      r"([0-9.e+]+)/s, ([0-9.e+]+)/s/gpu")
 DONE_RE = re.compile(r"done: \d+ images in [0-9.]+s \(([0-9.]+)s after start-up\); waiting for the data workers "
@@ -61,6 +71,8 @@ CASES = ("stock", "paraclip", "embed", "embed-float32", "cached", "cached+causal
 # the cached cases' flags beside --paraclip-loss --image-embeddings
 CACHED = {"cached": (), "cached+causal": ("--causal-attention",), "cached+compile": ("--torchcompile",),
           "cached+causal+compile": ("--causal-attention", "--torchcompile")}
+EMBEDS = ("embed", "embed-float32")  # run once, over every setting's shards
+PORTS = itertools.count(29500)  # a master port per training run
 
 
 def parse_args(argv=None):
@@ -74,31 +86,68 @@ def parse_args(argv=None):
                    help="samples (whole shards) that embed/compact embed and the cached runs read, resampled "
                         "like the others (default: all --samples; fewer saves device time, not loader work)")
     p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=75, help="optimizer steps per training run")
+    p.add_argument("--steps", type=int, default=45, help="optimizer steps per training run")
     p.add_argument("--skip-steps", type=int, default=15, help="first steps left out (warm-up: worker start, "
                                                                 "the first burst of batches)")
+    p.add_argument("--windows", type=int, default=3, help="the timed steps in this many consecutive windows; "
+                                                             "samples/s is their median, their range is reported")
+    p.add_argument("--text-lengths", default="40,24,77", metavar="LONGEST,...",
+                   help=f"text-length settings: the longest text in tokens (SOT/EOT included), each text's length "
+                        f"{TEXT_LENGTHS}; the first is the headline (default: %(default)s)")
     p.add_argument("--workers", type=int, default=15, help="data workers per run (and processes writing shards)")
     p.add_argument("--precision", default="amp_bf16")
     p.add_argument("--accum-batch", type=int, default=32768, help="samples per optimizer step of the accum case")
-    p.add_argument("--accum-micro-batch", type=int, default=4096)
-    p.add_argument("--accum-steps", type=int, default=3, help="optimizer steps of the accum case (the first "
+    p.add_argument("--accum-micro-batch", type=int, default=2048,
+                   help="--batch-size of the accum case (--accum-freq = --accum-batch / this). Its text tower's "
+                        "activations are kept for backward: ~19 KiB per token and layer in bf16 for ViT-B-32 (50 GiB "
+                        "at 3 x 3,072 texts of <= 24 tokens, H200), so 3 x 4,096 texts of 40 tokens need ~110 GiB and "
+                        "3 x 2,048 ~55 GiB (default: %(default)s)")
+    p.add_argument("--accum-steps", type=int, default=4, help="optimizer steps of the accum case (the first "
                                                                  "is left out of its samples/s)")
-    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
+    p.add_argument("--accum-block-size", type=int, default=4096,
+                   help="--paraclip-loss-block-size of the accum case (0: open_clip's ClipLoss, all logits at once)")
+    p.add_argument("--cases", default=",".join(CASES),
+                   help=f"comma-separated, from {', '.join(CASES)}; NAME@LONGEST runs NAME at that text-length "
+                        f"setting only")
     p.add_argument("--run-timeout", type=float, default=240, help="seconds before one run is stopped")
     p.add_argument("--json", default=None, help="write the results here (after every case)")
     p.add_argument("--shards-only", action="store_true",
                    help="write the shards and stop (gpu_check.sh does this on the CPU while its tests run); a "
                         "later run with the same --folder, --samples and --per-shard uses them")
     p.add_argument("--cpu-smoke", action="store_true",
-                   help="CPU, paraclip-tiny, 512 samples, batch 32, 2 workers, fp32: checks the script only")
+                   help="CPU, paraclip-tiny-77 (77-token context), 512 samples, batch 32, 2 workers, fp32, loss blocks "
+                        "of 16: checks the script only")
     args = p.parse_args(argv)
     if args.cpu_smoke:
-        args.model, args.samples, args.per_shard, args.batch_size = "paraclip-tiny", 512, 128, 32
-        args.steps, args.skip_steps, args.workers, args.precision = 6, 2, 2, "fp32"
-        args.accum_batch, args.accum_micro_batch, args.accum_steps = 64, 32, 3
+        args.model, args.samples, args.per_shard, args.batch_size = "paraclip-tiny-77", 512, 128, 32
+        args.steps, args.skip_steps, args.workers, args.precision = 8, 2, 2, "fp32"
+        args.accum_batch, args.accum_micro_batch, args.accum_steps, args.accum_block_size = 64, 32, 4, 16
         # Inductor on 2 CPU cores: minutes, not a check
-        args.cases = ",".join(c for c in args.cases.split(",") if not c.endswith("+compile"))
+        args.cases = ",".join(c for c in args.cases.split(",") if "+compile" not in c)
+    args.lengths = [int(n) for n in args.text_lengths.split(",")]
+    args.plan = plan(args.cases, args.lengths)
     return args
+
+
+def plan(cases, lengths):
+    """(case, longest) in the order they run: --cases' order, a bare NAME at every setting in --text-lengths'
+    order, NAME@L at L only; the embedding passes once (longest None). Checked before anything runs."""
+    pairs = []
+    for token in cases.split(","):
+        name, at, only = token.partition("@")
+        if name not in CASES:
+            raise SystemExit(f"bench_e2e.py: unknown case '{name}' in --cases; cases are {', '.join(CASES)}")
+        if at and (not only.isdigit() or int(only) not in lengths):
+            raise SystemExit(f"bench_e2e.py: --cases '{token}': the setting after @ must be one of --text-lengths "
+                             f"{','.join(map(str, lengths))}")
+        wanted = [None] if name in EMBEDS else [int(only)] if at else lengths
+        pairs += [(name, length) for length in wanted if (name, length) not in pairs]
+    return pairs
+
+
+def case_key(name, longest):
+    """The result's key: 'stock@40'; an embedding pass, over every setting, by its name alone."""
+    return name if longest is None else f"{name}@{longest}"
 
 
 class GpuSampler:
@@ -163,6 +212,13 @@ def step_rates(log_text):
     return rates
 
 
+def windows(timed, count):
+    """The timed steps in ``count`` consecutive windows (as even as can be), each window's samples/s."""
+    count = max(1, min(count, len(timed)))
+    bounds = [round(i * len(timed) / count) for i in range(count + 1)]
+    return [round(len(w) / sum(1 / r[1] for r in w), 1) for w in (timed[a:b] for a, b in zip(bounds, bounds[1:]))]
+
+
 def train(args, name, data, *flags, batch_size=None, steps=None, skip_steps=None):
     batch_size = batch_size or args.batch_size
     steps = steps or args.steps
@@ -170,7 +226,8 @@ def train(args, name, data, *flags, batch_size=None, steps=None, skip_steps=None
     accum = int(flags[flags.index("--accum-freq") + 1]) if "--accum-freq" in flags else 1
     logs = os.path.join(args.folder, "logs")
     cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "1",
-           "--master_port", str(29500 + CASES.index(name)), "-m", "open_clip_train.main",
+           "--master_port", str(next(PORTS)),
+           os.path.join(REPO, "scripts", "peak_memory.py"), "open_clip_train.main",
            "--train-data", data, "--dataset-type", "webdataset", "--dataset-resampled",
            "--train-num-samples", str(steps * batch_size * accum), "--model", args.model,
            "--batch-size", str(batch_size), "--workers", str(args.workers), "--precision", args.precision,
@@ -180,16 +237,23 @@ def train(args, name, data, *flags, batch_size=None, steps=None, skip_steps=None
     if args.cpu_smoke:
         cmd += ["--model-config", TINY_CONFIG]
     shutil.rmtree(os.path.join(logs, name), ignore_errors=True)
+    log = os.path.join(args.folder, f"{name}.log")
     with GpuSampler() as gpu:
-        code, seconds = run(cmd, os.path.join(args.folder, f"{name}.log"), args.run_timeout,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+        code, seconds = run(cmd, log, args.run_timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
     out_log = os.path.join(logs, name, "out.log")
     rates = step_rates(open(out_log).read()) if os.path.exists(out_log) else []
     timed = rates[skip_steps:] if len(rates) > skip_steps else []
     result = {"exit": code, "seconds": round(seconds, 1), "steps_logged": len(rates), "batch": batch_size * accum,
               "flags": " ".join(flags)}
+    peak = PEAK_RE.search(open(log, errors="replace").read()) if os.path.exists(log) else None
+    if peak:
+        result["peak_allocated_gib"], result["peak_reserved_gib"] = float(peak.group(1)), float(peak.group(2))
     if timed:
-        result["samples_per_s"] = round(len(timed) / sum(1 / r[1] for r in timed), 1)
+        rates = windows(timed, args.windows)
+        result["samples_per_s"] = statistics.median(rates)
+        result["windows_samples_per_s"] = rates
+        result["range_samples_per_s"] = [min(rates), max(rates)]
+        result["overall_samples_per_s"] = round(len(timed) / sum(1 / r[1] for r in timed), 1)
         result["timed_steps"] = len(timed)
         # open_clip's Data (t) share of the timed steps' time: the loader, and the GPU's backlog (docstring)
         result["data_wait_pct"] = round(100 * sum(r[2] for r in timed) / sum(r[3] for r in timed), 1)
@@ -229,12 +293,28 @@ def embed(args, name, plain, embedded, *extra):
     return result
 
 
+def measured_text_tokens(folder, lengths, per_shard):
+    """Per setting: the shortest and longest text (CLIP tokens through EOT) in its first shard, counted with
+    open_clip's tokenizer (what training reads)."""
+    from open_clip.tokenizer import tokenize
+    from paraclip_plugin.paraphrase.shard_io import read_tar_samples
+    measured = {}
+    for longest in lengths:
+        texts = [sample[field].decode() for sample in read_tar_samples(os.path.join(folder, shard_name(0, longest)))
+                 for field in ("txt", "para1.txt", "para2.txt")]
+        counts = (tokenize(texts) != 0).sum(dim=1)
+        measured[str(longest)] = {"shortest": int(counts.min()), "longest": int(counts.max()), "texts": len(texts)}
+    return measured
+
+
 def plain_shards(args):
-    """The four-field shards every case starts from: (brace pattern, {seconds, mean_jpeg_kib}). Written
-    here, or those an earlier run (--shards-only) wrote in the same --folder with the same settings: its
-    record is written after the last shard, and removed before shards are written over."""
+    """The four-field shards every case starts from, a set per text-length setting: (brace pattern with
+    '{longest}', {seconds, mean_jpeg_kib, text_tokens}). Written here, or those an earlier run
+    (--shards-only) wrote in the same --folder with the same settings: its record is written after the last
+    shard, and removed before shards are written over."""
     folder = os.path.join(args.folder, "plain")
-    record, settings = os.path.join(folder, "written.json"), {"samples": args.samples, "per_shard": args.per_shard}
+    record = os.path.join(folder, "written.json")
+    settings = {"samples": args.samples, "per_shard": args.per_shard, "text_lengths": sorted(args.lengths)}
     try:
         with open(record) as f:
             written = json.load(f)
@@ -247,21 +327,19 @@ def plain_shards(args):
     if os.path.exists(record):
         os.remove(record)
     start = time.time()
-    pattern, mean_jpeg = write_shards(folder, args.samples, args.per_shard, processes=args.workers)
-    result = {"seconds": round(time.time() - start, 1), "mean_jpeg_kib": round(mean_jpeg / 1024, 1)}
+    pattern, mean_jpeg = write_shards(folder, args.samples, args.per_shard, processes=args.workers,
+                                      longest=sorted(args.lengths))
+    result = {"seconds": round(time.time() - start, 1), "mean_jpeg_kib": round(mean_jpeg / 1024, 1),
+              "text_tokens": measured_text_tokens(folder, sorted(args.lengths), args.per_shard)}
     atomic_write_text(record, json.dumps(dict(settings, pattern=pattern, result=result)) + "\n")
-    print(f"shards: {args.samples} samples, mean JPEG {mean_jpeg / 1024:.1f} KiB, in {time.time() - start:.0f}s",
-          flush=True)
+    print(f"shards: {args.samples} samples per text-length setting ({', '.join(map(str, sorted(args.lengths)))}), "
+          f"mean JPEG {mean_jpeg / 1024:.1f} KiB, in {time.time() - start:.0f}s", flush=True)
     return pattern, result
 
 
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.folder, exist_ok=True)
-    cases = args.cases.split(",")
-    unknown = set(cases) - set(CASES)
-    if unknown:
-        raise SystemExit(f"bench_e2e.py: unknown --cases {', '.join(sorted(unknown))}")
     if args.shards_only:
         device = "n/a (shards only)"
     elif not args.cpu_smoke:
@@ -273,7 +351,8 @@ def main(argv=None):
         device = "CPU (smoke run: not a measurement of the targets)"
     results = {"device": device, "model": args.model, "samples": args.samples, "batch": args.batch_size,
                "workers": args.workers, "precision": args.precision, "steps": args.steps,
-               "skip_steps": args.skip_steps, "cpu_cores": os.cpu_count(), "cases": {}}
+               "skip_steps": args.skip_steps, "windows": args.windows, "text_lengths": args.lengths,
+               "text_length_distribution": TEXT_LENGTHS, "cpu_cores": os.cpu_count(), "cases": {}}
 
     def save():
         if args.json:
@@ -286,35 +365,62 @@ def main(argv=None):
     args.init = os.path.join(args.folder, "init.pt")
     save_init(args)
     save()
-    # the shards embedded for the cached cases: the first --embed-samples' worth
+    # the shards embedded for the cached cases: the first --embed-samples' worth of every setting
     shards = -(-min(args.embed_samples or args.samples, args.samples) // args.per_shard)
-    args.embed_samples = results["embed_samples"] = min(shards * args.per_shard, args.samples)
-    to_embed = os.path.join(os.path.dirname(plain), "{" + f"00000..{shards - 1:05d}" + "}.tar")
-    embedded = os.path.join(args.folder, "embedded")
-    emb_pattern = os.path.join(embedded, os.path.basename(to_embed))
-    for name in cases:
+    results["embed_samples"] = min(shards * args.per_shard, args.samples)
+    args.embed_samples = results["embed_samples"] * len(args.lengths)  # images per embedding pass
+    first = "{" + f"00000..{shards - 1:05d}" + "}.tar"
+    plain_folder = os.path.dirname(plain)
+    to_embed = "::".join(os.path.join(plain_folder, f"t{longest}-{first}") for longest in args.lengths)
+    made = {}
+
+    def embedded(kind):
+        """The folder of the embedded shards (kind 'embed' or 'compact'), made on first use."""
+        folder = os.path.join(args.folder, "embedded" if kind == "embed" else kind)
+        if kind not in made:
+            made[kind] = embed(args, "embed" if kind == "embed" else "embed-compact", to_embed, folder,
+                               *(("--compact",) if kind == "compact" else ()))
+            if kind == "embed":
+                results["cases"]["embed"] = made[kind]
+                print(f"embed: {made[kind]}", flush=True)
+                save()
+        return folder
+
+    for name, longest in args.plan:
+        key = case_key(name, longest)
+        run_name = key.replace("@", "-t")
+        data = plain.replace("{longest}", str(longest))
         if name == "stock":
-            r = train(args, name, plain, "--lock-image")
+            r = train(args, run_name, data, "--lock-image")
         elif name == "paraclip":
-            r = train(args, name, plain, "--paraclip-loss")
+            r = train(args, run_name, data, "--paraclip-loss")
         elif name == "embed":
-            r = embed(args, name, to_embed, embedded)
+            if "embed" in made:
+                continue
+            embedded("embed")
+            continue
         elif name == "embed-float32":
             r = embed(args, name, to_embed, os.path.join(args.folder, "embedded-float32"), "--transfer", "float32")
         elif name in CACHED:
-            r = train(args, name, emb_pattern, "--paraclip-loss", "--image-embeddings", *CACHED[name])
+            r = train(args, run_name, os.path.join(embedded("embed"), f"t{longest}-{first}"), "--paraclip-loss",
+                      "--image-embeddings", *CACHED[name])
         elif name == "compact":
-            compact = os.path.join(args.folder, "compact")
-            made = embed(args, "embed-compact", to_embed, compact, "--compact")
-            r = train(args, name, os.path.join(compact, os.path.basename(to_embed)), "--paraclip-loss", "--image-embeddings")
-            r["embed"] = made
+            fresh = "compact" not in made
+            r = train(args, run_name, os.path.join(embedded("compact"), f"t{longest}-{first}"), "--paraclip-loss",
+                      "--image-embeddings")
+            if fresh:
+                r["embed"] = made["compact"]
         else:  # accum
             accum = args.accum_batch // args.accum_micro_batch
-            r = train(args, name, emb_pattern, "--paraclip-loss", "--image-embeddings", "--accum-freq", str(accum),
+            blocks = ("--paraclip-loss-block-size", str(args.accum_block_size)) if args.accum_block_size else ()
+            r = train(args, run_name, os.path.join(embedded("embed"), f"t{longest}-{first}"), "--paraclip-loss",
+                      "--image-embeddings", "--accum-freq", str(accum), *blocks,
                       batch_size=args.accum_micro_batch, steps=args.accum_steps, skip_steps=1)
             r["optimizer_steps"] = r.pop("steps_logged")
-        results["cases"][name] = r
-        print(f"{name}: {r}", flush=True)
+        if longest is not None:
+            r["longest"], r["text_tokens"] = longest, list(text_length_range(longest))
+        results["cases"][key] = r
+        print(f"{key}: {r}", flush=True)
         save()
     failed = [name for name, r in results["cases"].items() if r["exit"] != 0]
     if failed:

@@ -7,8 +7,12 @@
     python scripts/bench_step.py --steps-only naive@1024,plugin-emb+causal+compile@1024,plugin-emb@3072
     python scripts/bench_step.py --cpu-smoke           # CPU, tiny model, small batches: checks the script runs
 
-Steps compared, same batch sizes, random init, captions of 12-24 tokens, tensors already on the device,
-AdamW on the text tower, the ParaCLIP loss (3 InfoNCE terms):
+Steps compared, same batch sizes, random init, tensors already on the device, AdamW on the text tower, the
+ParaCLIP loss (3 InfoNCE terms), each case at every text-length setting (--text-lengths): the longest text
+in CLIP tokens, SOT and EOT included; each text's length drawn uniformly from half the longest (rounded up)
+to the longest, so a batch's longest text is the setting (24: 12-24 tokens, 40: 20-40, 77: 39-77, the
+whole context). The naive step runs the full context whatever the lengths; the plugin's step cuts each
+batch to its longest text.
 
     naive       locked image tower (no_grad) on images + three encode_text calls at full context
     plugin-img  the plugin's model (open_clip_train --paraclip-loss): frozen image tower on images +
@@ -32,12 +36,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from paraclip_plugin.train.attention import causal_attention
 from paraclip_plugin.train.loss import ParaCLIPLoss, parse_terms, DEFAULT_TERMS
 from paraclip_plugin.train.model import enable_paraphrase_forward, freeze_visual
+from paraclip_plugin.train.trimming import TextTrimming
 from paraclip_plugin.shards import atomic_write_text
+from synthetic_shards import TEXT_LENGTHS, text_length_range
 
 # dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets
 BF16_PEAK_TFLOPS = {"H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0,
                     "H200": 989.4, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
-TINY_CONFIG = "paraclip_plugin/model_configs/paraclip-tiny.json"
+TINY_CONFIG = "paraclip_plugin/model_configs/paraclip-tiny-77.json"  # the tiny model with CLIP's 77-token context
 
 
 def parse_args():
@@ -46,7 +52,10 @@ def parse_args():
     p.add_argument("--batch-sizes", default="1024,3072")
     p.add_argument("--steps", type=int, default=20, help="timed steps per case")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per case (compilation happens here)")
-    p.add_argument("--caption-tokens", default="12,24", help="min,max tokens per text, SOT/EOT included")
+    p.add_argument("--text-lengths", default="40,24,77", metavar="LONGEST,...",
+                   help="text-length settings, each the longest text in tokens (SOT/EOT included; each text's "
+                        f"length {TEXT_LENGTHS}); every case runs at each, in this order, the first is the headline "
+                        "and the one profiled (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="add plugin-img+compile and plugin-emb+compile")
     p.add_argument("--peak-tflops", type=float, default=None, help="the card's bf16 peak (default: by device name)")
     p.add_argument("--steps-only", default="naive,plugin-img,plugin-emb",
@@ -58,15 +67,17 @@ def parse_args():
                         "kind, top kernels, GPU busy share), comma-separated; '' for none (default: %(default)s)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--cpu-smoke", action="store_true",
-                   help="CPU, paraclip-tiny, batches 16,32, 2 steps, float32: checks the script, measures nothing useful")
+                   help="CPU, paraclip-tiny-77 (77-token context), batches 16,32, 2 steps, float32: checks the script, "
+                        "measures nothing useful")
     args = p.parse_args()
     if args.cpu_smoke:
-        args.model, args.batch_sizes, args.steps, args.warmup = "paraclip-tiny", "16,32", 2, 1
+        args.model, args.batch_sizes, args.steps, args.warmup = "paraclip-tiny-77", "16,32", 2, 1
         args.profile = "16"
         open_clip.add_model_config(TINY_CONFIG)
     if args.compile:
         args.steps_only += ",plugin-img+compile,plugin-emb+compile"
     args.profile_batches = {int(b) for b in args.profile.split(",") if b.strip()}
+    args.lengths = [int(n) for n in args.text_lengths.split(",")]
     args.plan = plan(args.steps_only, args.batch_sizes)
     return args
 
@@ -85,23 +96,27 @@ def make_model(args, device, plugin, causal=False):
     return model
 
 
-def make_batch(args, model, batch, device):
-    lo, hi = (int(x) for x in args.caption_tokens.split(","))
+def make_batch(args, model, batch, device, longest):
+    lo, hi = text_length_range(longest)
     context = model.context_length
+    if longest > context:
+        raise SystemExit(f"bench_step.py: --text-lengths {longest} is longer than {args.model}'s context ({context})")
+    generator = torch.Generator().manual_seed(longest)
     texts = torch.zeros(batch, 3, context, dtype=torch.long)
-    lengths = torch.randint(lo, hi + 1, (batch, 3))
+    lengths = torch.randint(lo, hi + 1, (batch, 3), generator=generator)
+    lengths[0, 0] = hi  # the batch's longest text is the setting
     for i in range(batch):
         for f in range(3):
             n = int(lengths[i, f])
             texts[i, f, 0] = 49406
-            texts[i, f, 1:n - 1] = torch.randint(1, 49000, (n - 2,))
+            texts[i, f, 1:n - 1] = torch.randint(1, 49000, (n - 2,), generator=generator)
             texts[i, f, n - 1] = 49407
     size = model.visual.image_size
     size = size if isinstance(size, tuple) else (size, size)
-    images = torch.randn(batch, 3, *size)
+    images = torch.randn(batch, 3, *size, generator=generator)
     with torch.no_grad():
         embeddings = model.encode_image(images[:1].to(device), normalize=True)  # shape only
-    embeddings = torch.nn.functional.normalize(torch.randn(batch, embeddings.shape[-1]), dim=-1).half()
+    embeddings = torch.nn.functional.normalize(torch.randn(batch, embeddings.shape[-1], generator=generator), dim=-1).half()
     return images.to(device), texts.to(device), embeddings.to(device)
 
 
@@ -220,9 +235,22 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_case(case, batch_size, args):
+def text_tokens(case, texts, longest):
+    """The text-length setting and what reached the text tower: the batch's shortest and longest text
+    (tokens through EOT) and the tokens per text the tower ran (the full context for the naive step, the
+    cut for the plugin's)."""
+    flat = texts.reshape(-1, texts.shape[-1])
+    ends = flat.argmax(dim=-1) + 1  # EOT is the highest token id
+    trimming = TextTrimming.for_model(case.model)[0]
+    ran = flat.shape[-1] if case.kind == "naive" or trimming is None else trimming.length(flat)
+    return {"longest": longest, "range": list(text_length_range(longest)), "batch_shortest": int(ends.min()),
+            "batch_longest": int(ends.max()), "tower_ran": int(ran)}
+
+
+def run_case(case, batch_size, longest, args, profile):
     device = case.device
-    batch = make_batch(args, case.model, batch_size, device)
+    batch = make_batch(args, case.model, batch_size, device, longest)
+    tokens = text_tokens(case, batch[1], longest)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -237,11 +265,12 @@ def run_case(case, batch_size, args):
         seconds = (time.perf_counter() - start) / args.steps
         peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
         flops = case.flops(batch)
-        profiled = profile_case(case, batch) if batch_size in args.profile_batches else None
+        profiled = profile_case(case, batch) if profile else None
     except torch.cuda.OutOfMemoryError:
         case.optimizer.zero_grad(set_to_none=True)
-        return dict(oom=True)
-    result = dict(oom=False, samples_per_s=batch_size / seconds, peak_gib=peak, tflops=flops / seconds / 1e12)
+        return dict(oom=True, text_tokens=tokens)
+    result = dict(oom=False, samples_per_s=batch_size / seconds, peak_gib=peak, tflops=flops / seconds / 1e12,
+                  text_tokens=tokens)
     if profiled:
         result["profile"] = profiled
     return result
@@ -269,33 +298,37 @@ def main():
         autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
         where = "CPU (smoke run: not a measurement of the targets)"
     peak = device_peak(args, device)
-    print(f"device: {where}; model {args.model}, random init; captions {args.caption_tokens} tokens; "
-          f"bf16 peak {peak or 'unknown'} TFLOP/s", flush=True)
+    print(f"device: {where}; model {args.model}, random init; longest texts {args.text_lengths} tokens "
+          f"({TEXT_LENGTHS}); bf16 peak {peak or 'unknown'} TFLOP/s", flush=True)
     results = {}
     for name, batch_size in args.plan:
-        case = Case(name, args, device, autocast)
-        results[name, batch_size] = run_case(case, batch_size, args)
+        case = Case(name, args, device, autocast)  # one model per case and batch: compiled once, every length
+        for longest in args.lengths:
+            profile = batch_size in args.profile_batches and longest == args.lengths[0]
+            r = results[name, batch_size, longest] = run_case(case, batch_size, longest, args, profile)
+            print(f"{name} at batch {batch_size}, longest text {longest}: "
+                  f"{ {k: v for k, v in r.items() if k != 'profile'} }", flush=True)
+            if "profile" in r:
+                print(f"  profile: {json.dumps(r['profile'])}", flush=True)
+            if args.json:  # after every case: a run stopped at its time limit keeps what it measured
+                atomic_write_text(args.json, json.dumps(
+                    {"device": where, "torch": torch.__version__, "model": args.model, "bf16_peak_tflops": peak,
+                     "text_lengths": args.lengths, "text_length_distribution": TEXT_LENGTHS,
+                     "steps": args.steps, "warmup": args.warmup,
+                     "cases": [dict(step=n, batch=b, longest=t, **r) for (n, b, t), r in results.items()]},
+                    indent=1) + "\n")
         del case
-        print(f"{name} at batch {batch_size}: "
-              f"{ {k: v for k, v in results[name, batch_size].items() if k != 'profile'} }", flush=True)
-        if "profile" in results[name, batch_size]:
-            print(f"  profile: {json.dumps(results[name, batch_size]['profile'])}", flush=True)
-        if args.json:  # after every case: a run stopped at its time limit keeps what it measured
-            atomic_write_text(args.json, json.dumps(
-                {"device": where, "torch": torch.__version__, "model": args.model, "bf16_peak_tflops": peak,
-                 "caption_tokens": args.caption_tokens, "steps": args.steps, "warmup": args.warmup,
-                 "cases": [dict(step=n, batch=b, **r) for (n, b), r in results.items()]}, indent=1) + "\n")
-    print(f"| step | batch | samples/s | peak memory (GiB) | TFLOP/s | % of bf16 peak | x naive |")
-    print("|---|---|---|---|---|---|---|")
-    for (name, batch_size), r in results.items():
+    print("| step | batch | longest text | samples/s | peak memory (GiB) | TFLOP/s | % of bf16 peak | x naive |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (name, batch_size, longest), r in results.items():
         if r["oom"]:
-            print(f"| {name} | {batch_size} | out of memory | | | | |")
+            print(f"| {name} | {batch_size} | {longest} | out of memory | | | | |")
             continue
-        naive = results.get(("naive", batch_size), {})
+        naive = results.get(("naive", batch_size, longest), {})
         ratio = f"{r['samples_per_s'] / naive['samples_per_s']:.2f}" if naive and not naive["oom"] else "n/a"
         share = f"{100 * r['tflops'] / peak:.1f}" if peak else "n/a"
         memory = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
-        print(f"| {name} | {batch_size} | {r['samples_per_s']:,.0f} | {memory} | {r['tflops']:.3g} "
+        print(f"| {name} | {batch_size} | {longest} | {r['samples_per_s']:,.0f} | {memory} | {r['tflops']:.3g} "
               f"| {share} | {ratio} |")
 
 

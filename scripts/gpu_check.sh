@@ -7,19 +7,30 @@
 #                   scripts/pytest_parallel.py runs each open_clip_train test in a process of its own, all
 #                   at once (start-up and Inductor on the CPU are most of their time). Meanwhile the CPU
 #                   writes stage 3's shards (stage "shards": nothing is timed while the tests run).
-#   2. step         scripts/bench_step.py: naive vs the plugin's step at batch 1,024 (cached embeddings,
-#                   --causal-attention, torch.compile: the 4x target), and the plugin's step at 3,072 (memory)
-#   3. e2e          scripts/bench_e2e.py: real open_clip_train runs from shards on local disk: stock (every
-#                   ratio's baseline), embed (makes the cached shards), cached+causal+compile, --paraclip-loss
-#                   from JPEGs, and the 32,768 --accum-freq step
+#   2. step         scripts/bench_step.py at batch 1,024, each case at the longest texts 40 (the headline), 24 and
+#                   77 tokens: naive; the plugin's step from images (frozen tower forward included,
+#                   --causal-attention, torch.compile: the >= 3x target); the same from cached embeddings
+#   3. e2e          scripts/bench_e2e.py: real open_clip_train runs from shards on local disk, 3 windows each
+#                   (median, range): at longest text 40 stock (every ratio's baseline), --paraclip-loss from
+#                   JPEGs, embed (one pass over every setting's shards), cached+causal+compile, and the 32,768
+#                   --accum-freq step with the loss in blocks (peak torch.cuda.max_memory_allocated); then
+#                   cached+causal+compile at 24 and 77
 #
-# Every target is measured in one call (about 7.5 minutes on an H200). Each stage has a hard
-# time budget (tests 120 s, shards 120 s beside them, step 120 s, e2e 300 s), so the check ends inside one
-# 10-minute device call. GPU_CHECK_STAGES="e2e" (say) reruns only some stages. GPU_CHECK_STEP_CASES and
-# GPU_CHECK_E2E_CASES pick bench_step.py's and bench_e2e.py's cases (e2e's in the order given, step's
-# batch by batch, each batch's in the order given: results are kept case by case, so a stage stopped at
-# its budget keeps what it measured); GPU_CHECK_TESTS_BUDGET, GPU_CHECK_SHARDS_BUDGET,
-# GPU_CHECK_STEP_BUDGET and GPU_CHECK_E2E_BUDGET their seconds.
+# Device time, estimated from the H200 call of 2026-11-26 13:24 (benchmarks/nvidia-h200-2026-11-26-1324*: install
+# and report ~12 s; tests 87 s; a step case ~15 s eager, ~45 s with its first compile; an e2e run ~25 s of start-up
+# and teardown + its first step ~9 s + its steps: stock 0.38 s, cached 0.07 s; embed ~23 s start-up + ~1,100
+# images/s): tests ~90 s; step ~165 s (naive 3 x 5 s + 5 s, each compiled case a first compile and one dynamic
+# recompile ~75 s); e2e ~300 s (stock and paraclip 45 steps ~50 s each, embed of 3 x 4,096 images ~34 s,
+# cached+causal+compile ~40 s at each setting, accum 4 steps of 32,768 in micro-batches of 2,048 ~47 s): ~9.3 minutes. Each stage has a
+# hard time budget (tests 100 s, shards 120 s beside them, step 160 s, e2e 300 s): at most ~9.8 minutes in all,
+# inside one 10-minute device call; a stage stopped at its budget keeps what it measured, and what it did not
+# reach is reported as not measured. stock and paraclip at 24 and 77 do not fit: a second call measures them,
+# GPU_CHECK_STAGES=e2e GPU_CHECK_E2E_CASES=stock@24,paraclip@24,stock@77,paraclip@77 (~4.5 minutes: the shards ~50 s, 4 runs ~50 s each).
+# GPU_CHECK_STAGES="e2e" (say) reruns only some stages. GPU_CHECK_STEP_CASES and GPU_CHECK_E2E_CASES pick
+# bench_step.py's and bench_e2e.py's cases (in the order given: results are kept case by case, so a stage stopped
+# at its budget keeps what it measured); GPU_CHECK_TESTS_BUDGET, GPU_CHECK_SHARDS_BUDGET, GPU_CHECK_STEP_BUDGET and
+# GPU_CHECK_E2E_BUDGET their seconds. GPU_CHECK_COMMIT names the commit measured (pass it where the copy's git
+# metadata is not the tree's).
 # Results: $OUT/gpu_check.json and gpu_check.md (+ logs.tar.gz), made by scripts/gpu_report.py;
 # `python scripts/gpu_report.py publish $OUT/gpu_check.json` files them under benchmarks/ and
 # regenerates the GPU section of docs/benchmarks.md. Until the end, every stage's results are kept in
@@ -46,12 +57,16 @@ STAGES=${GPU_CHECK_STAGES:-tests step e2e}  # a subset reruns only those stages
 # the commit measured (started.json): GPU_CHECK_COMMIT, or this checkout's HEAD, marked +changes where the
 # files differ from it: changed, or new and not ignored (a copied tree whose git metadata is older than
 # its files: pass GPU_CHECK_COMMIT)
-if [ -z "${GPU_CHECK_COMMIT:-}" ] && git rev-parse --verify -q HEAD > /dev/null 2>&1; then
+if [ -n "${GPU_CHECK_COMMIT:-}" ]; then
+    export GPU_CHECK_COMMIT_SOURCE="GPU_CHECK_COMMIT"
+elif git rev-parse --verify -q HEAD > /dev/null 2>&1; then
     GPU_CHECK_COMMIT=$(git rev-parse --short=12 HEAD)$([ -z "$(git status --porcelain 2> /dev/null)" ] || echo +changes)
-    export GPU_CHECK_COMMIT
+    export GPU_CHECK_COMMIT GPU_CHECK_COMMIT_SOURCE="git HEAD of the checkout"
 fi
 
 want() { [[ " $STAGES " == *" $1 "* ]]; }
+LENGTHS=40,24,77  # longest text per setting, in tokens; the first is the headline
+E2E_CASES=stock@40,paraclip@40,embed,cached+causal+compile@40,accum@40,cached+causal+compile@24,cached+causal+compile@77
 
 stage() {  # stage NAME BUDGET_SECONDS COMMAND...: run it under a hard time limit, log to $WORK/logs/NAME.log
     local name=$1 budget=$2 start rc
@@ -70,7 +85,8 @@ stage() {  # stage NAME BUDGET_SECONDS COMMAND...: run it under a hard time limi
 SHARDS=
 shards() {  # stage 3's shards, written in the background (CPU only) while the tests run
     want e2e || return 0
-    stage shards "${GPU_CHECK_SHARDS_BUDGET:-120}" $PY scripts/bench_e2e.py --shards-only --folder "$SCRATCH/e2e" "$@" &
+    stage shards "${GPU_CHECK_SHARDS_BUDGET:-120}" $PY scripts/bench_e2e.py --shards-only --folder "$SCRATCH/e2e" \
+        --text-lengths "$LENGTHS" "$@" &
     SHARDS=$!
 }
 
@@ -98,20 +114,23 @@ if [ "$SMOKE" = 0 ]; then
     { nvidia-smi; df -h /dev/shm "$SCRATCH"; nproc; free -g; } > "$WORK/logs/machine.log" 2>&1
     $PY scripts/gpu_report.py started --work "$WORK"
     shards
-    want tests && run_tests "${GPU_CHECK_TESTS_BUDGET:-120}" PARACLIP_TEST_DEVICE=cuda
+    want tests && run_tests "${GPU_CHECK_TESTS_BUDGET:-100}" PARACLIP_TEST_DEVICE=cuda
     shards_done
-    want step && stage step "${GPU_CHECK_STEP_BUDGET:-120}" $PY scripts/bench_step.py --steps 10 --warmup 3 --json "$WORK/step.json" \
-        --steps-only "${GPU_CHECK_STEP_CASES:-naive@1024,plugin-emb+causal+compile@1024,plugin-emb@3072}"
+    want step && stage step "${GPU_CHECK_STEP_BUDGET:-160}" $PY scripts/bench_step.py --steps 10 --warmup 3 --json "$WORK/step.json" \
+        --batch-sizes 1024 --text-lengths "$LENGTHS" \
+        --steps-only "${GPU_CHECK_STEP_CASES:-naive,plugin-img+causal+compile,plugin-emb+causal+compile}"
     want e2e && stage e2e "${GPU_CHECK_E2E_BUDGET:-300}" $PY scripts/bench_e2e.py --folder "$SCRATCH/e2e" --json "$WORK/e2e.json" \
-        --run-timeout 120 --embed-samples 16384 --cases "${GPU_CHECK_E2E_CASES:-stock,embed,cached+causal+compile,paraclip,accum}"
+        --run-timeout 120 --embed-samples 4096 --text-lengths "$LENGTHS" --cases "${GPU_CHECK_E2E_CASES:-$E2E_CASES}"
 else
     $PY scripts/gpu_report.py started --work "$WORK" --cpu-smoke
     shards --cpu-smoke
     want tests && run_tests 600 PARACLIP_TEST_DEVICE=cpu
     shards_done
-    want step && stage step 300 $PY scripts/bench_step.py --cpu-smoke --json "$WORK/step.json" \
-        --steps-only naive,plugin-img,plugin-emb,plugin-emb+causal@16
-    want e2e && stage e2e 600 $PY scripts/bench_e2e.py --cpu-smoke --folder "$SCRATCH/e2e" --json "$WORK/e2e.json"
+    # the device's cases without +compile (Inductor on 2 CPU cores: minutes), and the other cases once
+    want step && stage step 300 $PY scripts/bench_step.py --cpu-smoke --json "$WORK/step.json" --text-lengths "$LENGTHS" \
+        --steps-only naive,plugin-img+causal,plugin-emb+causal@16,plugin-emb@16
+    want e2e && stage e2e 600 $PY scripts/bench_e2e.py --cpu-smoke --folder "$SCRATCH/e2e" --json "$WORK/e2e.json" \
+        --text-lengths "$LENGTHS" --cases "${E2E_CASES//+compile/},embed-float32,cached@40,compact@40"
 fi
 $PY scripts/gpu_report.py collect --work "$WORK" --out "$OUT" $([ "$SMOKE" = 1 ] && echo --cpu-smoke) || STATUS=1
 mkdir -p "$WORK/logs/e2e" && cp "$SCRATCH"/e2e/*.log "$WORK/logs/e2e/" 2>/dev/null

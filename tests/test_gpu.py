@@ -145,6 +145,40 @@ def test_embed_images_finishes_uint8_images_on_the_device_bit_for_bit(device, mo
     assert torch.equal(on_device.cpu(), expected)
 
 
+def test_blocked_loss_matches_clip_loss_under_bf16_and_keeps_less_memory(device, record_property):
+    """--paraclip-loss-block-size on the device: BlockedClipLoss's loss and gradients are ClipLoss's within bf16
+    rounding, and on CUDA its peak (torch.cuda.max_memory_allocated, loss forward and backward) is a fraction
+    of ClipLoss's, whose 16,384 x 16,384 logits it does not keep."""
+    from open_clip.loss import ClipLoss
+    from paraclip_plugin.train.loss import BlockedClipLoss
+    cuda = device.type == "cuda"
+    n, dim, block = (16384, 512, 2048) if cuda else (256, 32, 32)
+    generator = torch.Generator().manual_seed(3)
+    inputs = [torch.nn.functional.normalize(torch.randn(n, dim, generator=generator), dim=-1).to(device).requires_grad_()
+              for _ in range(2)] + [torch.tensor(14.0, device=device, requires_grad=True)]
+    results = {}
+    for name, loss_fn in (("clip", ClipLoss()), ("blocked", BlockedClipLoss(block))):
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = loss_fn(*inputs)
+        grads = torch.autograd.grad(loss, inputs)
+        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30 if cuda else None
+        results[name] = (loss.detach(), grads, peak)
+    (loss, grads, peak), (blocked, blocked_grads, blocked_peak) = results["clip"], results["blocked"]
+    rel = max(((g - h).float().norm() / g.float().norm()).item() for g, h in zip(grads, blocked_grads))
+    record_property("blocked_loss_abs_diff", abs(loss - blocked).item())
+    record_property("blocked_grad_max_rel_diff", rel)
+    assert abs(loss - blocked).item() <= 1e-3 * loss.abs().item()
+    assert rel <= GRAD_RTOL
+    if cuda:
+        record_property("clip_loss_peak_gib", peak)
+        record_property("blocked_loss_peak_gib", blocked_peak)
+        assert blocked_peak < peak / 4
+
+
 @pytest.mark.parametrize("precision", ["amp_bf16", "amp"])
 def test_frozen_image_tower_gets_no_gradient_and_stays_bit_identical(device, model_name, precision):
     """Three optimizer steps as open_clip_train takes them (autocast; GradScaler for fp16 'amp')."""
@@ -191,12 +225,15 @@ def world(tmp_path_factory):
 @pytest.mark.parametrize("compiled,causal", [(False, False), (True, False), (True, True)],
                          ids=["eager", "torchcompile", "torchcompile+causal"])
 def test_open_clip_train_paraclip_steps_in_amp_bf16(device, world, patched_install, compiled, causal, record_property):
-    """open_clip_train.main --paraclip-loss --precision amp_bf16 on one device, eager, --torchcompile and
-    --torchcompile --causal-attention (TORCH_LOGS=recompiles,graph_breaks shows through the plugin, which open_clip_train
-    would silence: the trimmed forward's deliberate graph break is logged and the recompiles are counted)."""
+    """open_clip_train.main --paraclip-loss --precision amp_bf16 on one device, eager (with the loss in blocks:
+    --paraclip-loss-block-size), --torchcompile and --torchcompile --causal-attention (TORCH_LOGS=recompiles,graph_breaks
+    shows through the plugin, which open_clip_train would silence: the trimmed forward's deliberate graph break is
+    logged and the recompiles are counted)."""
     name = f"amp_bf16_{'compiled' if compiled else 'eager'}{'_causal' if causal else ''}"
     args = train_args(world["data"], world["logs"], name, world["init"], "--paraclip-loss",
                       "--precision", "amp_bf16", "--device", device.type, batch_size=16)
+    if not compiled:
+        args += ["--paraclip-loss-block-size", "5"]
     if compiled:
         args += ["--torchcompile"]
     if causal:
@@ -209,6 +246,7 @@ def test_open_clip_train_paraclip_steps_in_amp_bf16(device, world, patched_insta
     assert all(torch.isfinite(torch.tensor(step[t])).item() for step in steps for t in ("Loss", *TERMS))
     assert f"Running with a single process. Device {device.type}" in log
     assert ("ParaCLIP: text attention runs as causal SDPA" in log) == causal
+    assert ("each in blocks of 5 rows" in log) == (not compiled)
     state, init = final_state(world["logs"], name), torch.load(world["init"])
     (visual, text), (init_visual, init_text) = split(state), split(init)
     assert all(torch.equal(visual[k], init_visual[k]) for k in init_visual)

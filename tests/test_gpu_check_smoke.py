@@ -15,6 +15,7 @@ import xml.etree.ElementTree as ET
 
 import open_clip
 import pytest
+import torch
 import test_gpu
 from conftest import PYTHON, REPO, TINY_CONFIG, TINY_MODEL
 
@@ -42,26 +43,28 @@ def test_gpu_check_cpu_smoke_runs_every_stage(tmp_path, patched_install):
     assert not [p for p in os.listdir(tmp_path) if p.startswith("gpu_check.")]  # the scratch folder is removed
     with tarfile.open(tmp_path / "out" / "logs.tar.gz") as logs:
         names = logs.getnames()
-    assert {"logs/tests.log", "logs/shards.log", "logs/step.log", "logs/e2e.log", "logs/e2e/stock.log",
-            "logs/e2e/cached.log"} <= set(names)
+    assert {"logs/tests.log", "logs/shards.log", "logs/step.log", "logs/e2e.log", "logs/e2e/stock-t40.log",
+            "logs/e2e/cached+causal-t77.log", "logs/e2e/accum-t40.log"} <= set(names)
     assert not [n for n in names if n.startswith("logs/tests-")]  # the parallel processes' logs: in tests.log
     result = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert result["kind"] == "cpu-smoke"
     head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
     changed = bool(subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout)
     assert result["commit"] == head.strip() + ("+changes" if changed else ""), result["commit"]
+    assert result["commit_source"] == "git HEAD of the checkout"
     assert f"commit {result['commit'][:10]}{'+changes' if changed else ''};" in (tmp_path / "out" / "gpu_check.md").read_text()
     # the shards are written beside the tests (either may end first), before anything is timed
     stages = [(s["stage"], s["rc"]) for s in result["stages"]]
     assert sorted(stages[:2]) == [("shards", 0), ("tests", 0)] and stages[2:] == [("step", 0), ("e2e", 0)]
     assert result["e2e"]["shards"]["reused"] is True and result["e2e"]["shards"]["seconds"] > 0
     tests = result["tests"]
-    assert (tests["passed"], tests["failed"], tests["skipped"]) == (9, 0, 0)
+    assert (tests["passed"], tests["failed"], tests["skipped"]) == (10, 0, 0)
     # pytest_parallel.py ran the open_clip_train tests in processes of their own: one junit xml, collection order
     assert [c["name"] for c in tests["cases"]] == [
         *(f"test_trimmed_text_features_and_gradients_match_stock_under_autocast[dtype{i}]" for i in (0, 1)),
         "test_causal_attention_runs_flash_attention_and_matches_the_mask_under_bf16",
         "test_embed_images_finishes_uint8_images_on_the_device_bit_for_bit",
+        "test_blocked_loss_matches_clip_loss_under_bf16_and_keeps_less_memory",
         *(f"test_frozen_image_tower_gets_no_gradient_and_stays_bit_identical[{p}]" for p in ("amp_bf16", "amp")),
         *(f"test_open_clip_train_paraclip_steps_in_amp_bf16[{c}]" for c in ("eager", "torchcompile", "torchcompile+causal"))]
     # the measured differences reach the result file, as the tests bounded them
@@ -76,31 +79,57 @@ def test_gpu_check_cpu_smoke_runs_every_stage(tmp_path, patched_install):
         assert 0 <= float(props[f"{prefix}_grad_max_rel_diff"]) <= test_gpu.GRAD_RTOL, (case, props)
         assert props[f"{prefix}_grad_worst_param"] in parameters, (case, props)
     assert measured["test_open_clip_train_paraclip_steps_in_amp_bf16[torchcompile]"]["recompiles"].isdigit()
-    # plugin-emb+causal@16: that case at that batch only
-    assert [(c["step"], c["batch"]) for c in result["step"]["cases"]] == [
-        ("naive", 16), ("plugin-img", 16), ("plugin-emb", 16), ("plugin-emb+causal", 16),
-        ("naive", 32), ("plugin-img", 32), ("plugin-emb", 32)]
-    profiled = [c for c in result["step"]["cases"] if "profile" in c]  # --cpu-smoke profiles batch 16
-    assert {(c["step"], c["batch"]) for c in profiled} == {
-        (s, 16) for s in ("naive", "plugin-img", "plugin-emb", "plugin-emb+causal")}
+    blocked = measured["test_blocked_loss_matches_clip_loss_under_bf16_and_keeps_less_memory"]
+    assert 0 <= float(blocked["blocked_grad_max_rel_diff"]) <= test_gpu.GRAD_RTOL
+    # every case at every text-length setting (the headline 40 first); plugin-emb@16: that case at batch 16 only
+    steps = result["step"]["cases"]
+    assert [(c["step"], c["batch"], c["longest"]) for c in steps] == [
+        (name, batch, longest) for batch, names in ((16, ("naive", "plugin-img+causal", "plugin-emb+causal", "plugin-emb")),
+                                                    (32, ("naive", "plugin-img+causal")))
+        for name in names for longest in (40, 24, 77)]
+    assert result["step"]["text_length_distribution"].startswith("uniform from half the longest")
+    for c in steps:  # the setting reaches the text tower: the batch's longest text is the setting, the cut follows it
+        tokens = c["text_tokens"]
+        assert (tokens["batch_longest"], tokens["range"]) == (c["longest"], [-(-c["longest"] // 2), c["longest"]]), c
+        assert c["longest"] // 2 <= tokens["batch_shortest"] < tokens["batch_longest"]
+        assert tokens["tower_ran"] == (77 if c["step"] == "naive" else c["longest"]), c
+    profiled = [c for c in steps if "profile" in c]  # --cpu-smoke profiles batch 16 at the headline setting
+    assert {(c["step"], c["batch"], c["longest"]) for c in profiled} == {
+        (s, 16, 40) for s in ("naive", "plugin-img+causal", "plugin-emb+causal", "plugin-emb")}
     assert all(abs(sum(c["profile"]["by_kind_pct"].values()) - 100) < 0.5 and c["profile"]["top"] for c in profiled)
     cases = result["e2e"]["cases"]
-    assert list(cases) == ["stock", "paraclip", "embed", "embed-float32", "cached", "cached+causal", "compact", "accum"]
+    # the device's default cases (without +compile), then the others once
+    assert list(cases) == ["stock@40", "paraclip@40", "embed", "cached+causal@40", "accum@40", "cached+causal@24",
+                           "cached+causal@77", "embed-float32", "cached@40", "compact@40"]
     assert all(c["exit"] == 0 for c in cases.values())
-    for name in ("stock", "paraclip", "cached", "cached+causal", "compact"):
-        assert cases[name]["samples_per_s"] > 0 and cases[name]["steps_logged"] == result["e2e"]["steps"]
-        assert 0 <= cases[name]["data_wait_pct"] < 100
-    assert cases["accum"]["optimizer_steps"] == 3 and cases["accum"]["batch"] == 64
-    assert cases["accum"]["samples_per_s"] > 0 and cases["accum"]["timed_steps"] == 2  # its steps after the first
+    # the shards hold the settings' texts: counted with open_clip's tokenizer, the longest is the setting
+    for longest, held in result["e2e"]["shards"]["text_tokens"].items():
+        assert held["longest"] == int(longest) and -(-int(longest) // 2) <= held["shortest"] < int(longest)
+    for name in ("stock@40", "paraclip@40", "cached+causal@40", "cached+causal@24", "cached+causal@77", "cached@40",
+                 "compact@40"):
+        case = cases[name]
+        assert case["samples_per_s"] > 0 and case["steps_logged"] == result["e2e"]["steps"]
+        assert case["longest"] == int(name.split("@")[1]) and 0 <= case["data_wait_pct"] < 100
+        low, high = case["range_samples_per_s"]  # 3 windows: their median and range
+        assert len(case["windows_samples_per_s"]) == 3 and low <= case["samples_per_s"] <= high
+    assert cases["accum@40"]["optimizer_steps"] == 4 and cases["accum@40"]["batch"] == 64
+    assert cases["accum@40"]["timed_steps"] == 3 and len(cases["accum@40"]["windows_samples_per_s"]) == 3
+    assert "--paraclip-loss-block-size 16" in cases["accum@40"]["flags"]
     for embed in (cases["embed"], cases["embed-float32"]):  # embed_images.py's own account of its main process's time
         assert embed["images_per_s"] > 0 and 0 < embed["after_startup_s"] <= embed["seconds"]
         assert embed["waiting_s"] + embed["encoding_s"] + embed["writing_s"] <= embed["after_startup_s"] + 0.02
-    assert {t["target"] for t in result["targets"]} >= {"end to end, cached vs stock",
-                                                         "one optimizer step of 32,768 via --accum-freq"}
+    targets = {t["target"]: t for t in result["targets"]}
+    for longest in (40, 24, 77):
+        assert f"step from images vs naive, batch 1,024, longest text {longest}" in targets
+        assert f"end to end, cached vs stock, longest text {longest}" in targets
+    assert targets["end to end, cached vs stock, longest text 40"]["value"] > 0
+    assert targets["end to end, cached vs stock, longest text 24"]["note"] == "not measured"  # no stock@24 here
+    assert targets["64 per optimizer step, longest text 40: peak torch.cuda.max_memory_allocated"]["met"] is None  # CPU
     md = (tmp_path / "out" / "gpu_check.md").read_text()
-    assert "CPU smoke run: checks the scripts, measures nothing" in md and "| `--paraclip-loss`, JPEG |" in md
-    assert "| `embed_images.py --transfer float32` (whole run, start-up included) | " in md
-    assert "Where a step's time goes" in md
+    assert "CPU smoke run: checks the scripts, measures nothing" in md and "Where a step's time goes" in md
+    assert "**When the cache pays** (longest text 40;" in md and "| one epoch (the paper's recipe) | 1 |" in md
+    assert "**cached+causal**: `--paraclip-loss --image-embeddings`: cached embeddings (the embedding pass not counted" in md
+    assert "| cached+causal@77 | 77 |" in md and "**Targets** (the headline: longest text 40):" in md
 
 
 def test_benchmarks_page_gpu_section_is_the_newest_filed_result_per_gpu_kind():
@@ -138,12 +167,16 @@ def test_a_call_stopped_at_its_limit_is_collected_here_with_the_devices_facts(tm
         "tests/test_gpu.py::test_causal_attention_runs_flash_attention_and_matches_the_mask_under_bf16 FAILED [ 22%]\n"
         "tests/test_gpu.py::test_open_clip_train_paraclip_steps_in_amp_bf16[eager] PASSED [ 33%]\n"
         "FAILED tests/test_gpu.py::test_causal_attention_runs_flash_attention_and_matches_the_mask_under_bf16 - boom\n")
-    run = dict(exit=0, steps_logged=75, batch=1024, data_wait_pct=1.0, gpu_util_mean_pct=90.0, gpu_memory_max_gib=18.0)
+    run = dict(exit=0, steps_logged=45, batch=1024, data_wait_pct=1.0, gpu_util_mean_pct=90.0, gpu_memory_max_gib=18.0,
+               longest=40, range_samples_per_s=[2900.0, 3100.0])
     (work / "e2e.json").write_text(json.dumps({
         "device": "NVIDIA H100 80GB HBM3", "model": "ViT-B-32", "samples": 51200, "batch": 1024, "workers": 15,
-        "precision": "amp_bf16", "steps": 75, "skip_steps": 15, "cases": {
-            "stock": dict(run, samples_per_s=3000.0), "cached": dict(run, samples_per_s=9000.0),
-            "cached+causal+compile": dict(run, samples_per_s=15000.0)}}))
+        "precision": "amp_bf16", "steps": 45, "skip_steps": 15, "windows": 3, "text_lengths": [40, 24, 77],
+        "text_length_distribution": "uniform", "cases": {
+            "stock@40": dict(run, samples_per_s=3000.0), "cached@40": dict(run, samples_per_s=9000.0),
+            "embed": {"exit": 0, "seconds": 40.0, "images": 12288, "after_startup_s": 20.0, "images_per_s": 307.2},
+            "cached+causal+compile@40": dict(run, samples_per_s=15000.0),
+            "accum@40": dict(run, batch=32768, exit="timeout", optimizer_steps=1, peak_allocated_gib=60.0)}}))
     rc = gpu_report_module().main(["collect", "--work", str(work), "--out", str(tmp_path / "out")])
     assert rc == 1  # a stage stopped at its budget is not a pass
     err = capsys.readouterr().err
@@ -153,10 +186,17 @@ def test_a_call_stopped_at_its_limit_is_collected_here_with_the_devices_facts(tm
     assert [s["stage"] for s in result["stages"]] == ["tests", "e2e"] and result["step"] is None
     assert {k: result[k] for k in started} == started  # not this machine's facts
     targets = {t["target"]: t for t in result["targets"]}
-    assert targets["end to end, cached embeddings: samples/s"]["value"] == 15000.0
-    assert targets["end to end, cached vs stock"]["value"] == 5.0 and targets["end to end, cached vs stock"]["met"]
-    assert "cached+causal+compile" in targets["end to end, cached vs stock"]["note"]
-    for lost in ("one optimizer step of 32,768 via --accum-freq", "plugin step at batch 3,072: peak GPU memory"):
+    assert targets["end to end, cached embeddings: samples/s, longest text 40"]["value"] == 15000.0
+    cached = targets["end to end, cached vs stock, longest text 40"]
+    assert cached["value"] == 5.0 and cached["met"] and "cached+causal+compile@40" in cached["note"]
+    # one epoch from the measured rates: embedding 12,288 images in 20 s after start-up (614.4/s), cached 15,000/s
+    epoch = targets["one epoch, the embedding pass included, vs stock, longest text 40"]
+    assert epoch["value"] == round((1 / 3000) / (1 / 614.4 + 1 / 15000), 2) and epoch["met"] is False
+    # the 32,768 step stopped at its run timeout: a miss, though its peak was measured under 75 GiB
+    accum = targets["32,768 per optimizer step, longest text 40: peak torch.cuda.max_memory_allocated"]
+    assert (accum["value"], accum["met"]) == (60.0, False) and accum["note"].startswith("exit timeout")
+    for lost in ("step from images vs naive, batch 1,024, longest text 40",
+                 "end to end, ParaCLIP from JPEGs vs stock, longest text 40", "end to end, cached vs stock, longest text 77"):
         assert (targets[lost]["met"], targets[lost]["note"]) == (None, "not measured")  # a row, not a gap
     tests = result["tests"]
     assert (tests["passed"], tests["failed"], tests["stopped"]) == (2, 1, True)
@@ -164,12 +204,14 @@ def test_a_call_stopped_at_its_limit_is_collected_here_with_the_devices_facts(tm
     md = (tmp_path / "out" / "gpu_check.md").read_text()
     assert "2 passed, 1 failed (the stage was stopped before pytest ended" in md
     assert "| test_open_clip_train_paraclip_steps_in_amp_bf16[eager] | passed | n/a |" in md
-    assert "**NVIDIA H100 80GB HBM3**" in md and "`--paraclip-loss --image-embeddings --causal-attention --torchcompile`" in md
+    assert "**NVIDIA H100 80GB HBM3**" in md and "| cached+causal+compile@40 | 40 | 15,000 | 2,900-3,100 | 5.00 |" in md
+    assert "the cached path overtakes stock from" in md
 
 
 SAMPLE_TESTS = '''
 import os, signal, time
 import pytest
+import torch
 def test_passes(record_property):
     record_property("measured", "0.5")
 def test_slow_alone():
@@ -296,13 +338,46 @@ def test_bench_step_plan_runs_cases_at_one_batch_when_named_so():
 
 def test_bench_e2e_uses_shards_an_earlier_run_wrote_only_with_the_same_settings(tmp_path):
     bench_e2e = script_module("bench_e2e")
-    args = bench_e2e.parse_args(["--folder", str(tmp_path), "--samples", "8", "--per-shard", "4", "--workers", "1"])
+    args = bench_e2e.parse_args(["--folder", str(tmp_path), "--samples", "8", "--per-shard", "4", "--workers", "1",
+                                 "--text-lengths", "40,24"])
     pattern, first = bench_e2e.plain_shards(args)
-    assert "reused" not in first and pattern.endswith("{00000..00001}.tar")
+    assert "reused" not in first and pattern.endswith("t{longest}-{00000..00001}.tar")
+    assert first["text_tokens"]["24"]["longest"] == 24 and first["text_tokens"]["40"]["longest"] == 40
     assert bench_e2e.plain_shards(args) == (pattern, dict(first, reused=True))
     args.samples = 12  # other settings: written again, the record of the old ones gone first
-    (tmp_path / "plain" / "00000.tar").write_bytes(b"")  # as a stopped writer could leave a shard
+    (tmp_path / "plain" / "t40-00000.tar").write_bytes(b"")  # as a stopped writer could leave a shard
     pattern, again = bench_e2e.plain_shards(args)
-    assert "reused" not in again and pattern.endswith("{00000..00002}.tar")
-    assert os.path.getsize(tmp_path / "plain" / "00000.tar") > 0
+    assert "reused" not in again and pattern.endswith("t{longest}-{00000..00002}.tar")
+    assert os.path.getsize(tmp_path / "plain" / "t40-00000.tar") > 0
     assert json.loads((tmp_path / "plain" / "written.json").read_text())["samples"] == 12
+    args.lengths = [40, 24, 77]  # another setting: written again
+    assert "reused" not in bench_e2e.plain_shards(args)[1] and (tmp_path / "plain" / "t77-00002.tar").exists()
+
+
+def test_bench_e2e_plan_runs_cases_at_their_text_lengths_and_embeds_once():
+    plan = script_module("bench_e2e").plan
+    assert plan("stock@40,embed,cached+causal,accum@40,embed,stock", [40, 24]) == [
+        ("stock", 40), ("embed", None), ("cached+causal", 40), ("cached+causal", 24), ("accum", 40), ("stock", 24)]
+    for bad, says in (("stock@32", "--cases 'stock@32': the setting after @ must be one of --text-lengths 40,24"),
+                      ("fast", "unknown case 'fast'")):
+        with pytest.raises(SystemExit, match=re.escape(says)):
+            plan(bad, [40, 24])
+
+
+def test_bench_step_batches_hold_each_text_length_setting():
+    """The setting reaches the text tower: the batch's texts span the setting's range, its longest text is the
+    setting, the plugin's tower runs that many tokens and the naive step the full context."""
+    import argparse
+    bench_step = script_module("bench_step")
+    open_clip.add_model_config(str(REPO / "paraclip_plugin" / "model_configs" / "paraclip-tiny-77.json"))
+    model = open_clip.create_model("paraclip-tiny-77")
+    args = argparse.Namespace(model="paraclip-tiny-77")
+    for longest in (24, 40, 77):
+        _, texts, _ = bench_step.make_batch(args, model, 64, torch.device("cpu"), longest)
+        for kind, ran in (("naive", 77), ("plugin-emb", longest)):
+            tokens = bench_step.text_tokens(argparse.Namespace(kind=kind, model=model), texts, longest)
+            assert tokens == {"longest": longest, "range": [-(-longest // 2), longest], "batch_longest": longest,
+                              "batch_shortest": tokens["batch_shortest"], "tower_ran": ran}
+            assert -(-longest // 2) <= tokens["batch_shortest"] < longest
+    with pytest.raises(SystemExit, match="--text-lengths 78 is longer than paraclip-tiny-77's context"):
+        bench_step.make_batch(args, model, 4, torch.device("cpu"), 78)

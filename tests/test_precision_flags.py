@@ -89,6 +89,9 @@ def test_conflicting_lock_flags_are_refused(world, patched_install, capsys, flag
 @pytest.mark.parametrize("flags,message", [
     (["--paraclip-terms", "caption:para1"], "--paraclip-terms only apply to the ParaCLIP loss: add --paraclip-loss"),
     (["--paraclip-weights", "1,1,1", "--no-text-trimming"], "--paraclip-weights, --no-text-trimming only apply"),
+    (["--paraclip-loss-block-size", "4096"], "--paraclip-loss-block-size only apply to the ParaCLIP loss"),
+    (["--paraclip-loss", "--paraclip-loss-block-size", "-1"],
+     "argument --paraclip-loss-block-size: '-1' is not a whole number of rows (0 or more)"),
     (["--paraclip-loss", "--no-frozen-visual", "--paraclip-terms", "caption:para1,para1:para2"],
      "--paraclip-terms caption:para1,para1:para2 has no image term, so the image tower gets no gradient, but "
      "--no-frozen-visual asks to train it"),
@@ -118,6 +121,7 @@ def test_what_those_checks_let_through(world, patched_install):  # noqa: F811
                  "--dataset-type", "auto", "--val-data", "pipe:cat /nowhere/val.tar")  # remote: read when used
     assert not args.frozen_visual and args.paraclip_terms == [("image", "caption")]
     assert not parse(world, "--frozen-visual", "--causal-attention").paraclip_loss  # these work with any loss
+    assert parse(world, "--paraclip-loss", "--paraclip-loss-block-size", "4096").paraclip_loss_block_size == 4096
     plain = world["plain"]
     for data in (f"{plain}/{{00000..00001}}.tar::file:{plain}/00000.tar", f"pipe:cat {plain}/00000.tar",
                  f"{plain}/00000.tar::{plain}/00001.tar"):

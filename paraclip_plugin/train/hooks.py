@@ -29,6 +29,16 @@ def _terms(spec):
         raise argparse.ArgumentTypeError(str(e))
 
 
+def _block_size(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of rows (0 or more)")
+    return value
+
+
 def add_arguments(parser):
     group = parser.add_argument_group("ParaCLIP (paraclip-plugin)")
     group.add_argument(
@@ -42,6 +52,13 @@ def add_arguments(parser):
     group.add_argument(
         "--paraclip-weights", type=str, default=None,
         help="Comma-separated weights, one per --paraclip-terms term (default: all 1).")
+    group.add_argument(
+        "--paraclip-loss-block-size", type=_block_size, default=0, metavar="N",
+        help="With --paraclip-loss: compute each InfoNCE term N rows at a time (loss.BlockedClipLoss): the same "
+             "loss and gradients, but no global-batch x global-batch logits are kept for backward (each term's "
+             "logits are recomputed a block at a time in backward: extra memory O(N x global batch) instead of "
+             "O(global batch^2), for twice the loss's matmuls). For large batches, e.g. 4096 with "
+             "--accum-freq at 32,768 per step. 0 (default): open_clip's ClipLoss, all logits at once.")
     group.add_argument(
         "--frozen-visual", action=argparse.BooleanOptionalAction, default=None,
         help="Freeze the image tower: no gradients, not in the optimizer, eval mode, run under no_grad. "
@@ -107,6 +124,7 @@ def configure(args):
                    ",".join(":".join(t) for t in args.paraclip_terms)) != DEFAULT_TERMS
     paraclip_only = [flag for flag, given in (("--paraclip-terms", terms_given),
                                               ("--paraclip-weights", args.paraclip_weights is not None),
+                                              ("--paraclip-loss-block-size", args.paraclip_loss_block_size != 0),
                                               ("--no-text-trimming", not args.text_trimming)) if given]
     if isinstance(args.paraclip_terms, str):  # a default set by hand (argparse runs type= on its own default)
         args.paraclip_terms = parse_terms(args.paraclip_terms)
@@ -247,10 +265,12 @@ def create_loss(args):
         return None
     keep_torch_logs(args)
     logging.info("ParaCLIP loss: " + " + ".join(
-        f"{w:g}*L({a},{b})" for (a, b), w in zip(args.paraclip_terms, args.paraclip_weights)))
+        f"{w:g}*L({a},{b})" for (a, b), w in zip(args.paraclip_terms, args.paraclip_weights))
+        + (f", each in blocks of {args.paraclip_loss_block_size} rows" if args.paraclip_loss_block_size else ""))
     return ParaCLIPLoss(
         args.paraclip_terms,
         args.paraclip_weights,
+        block_size=args.paraclip_loss_block_size,
         local_loss=args.local_loss,
         gather_with_grad=args.gather_with_grad,
         cache_labels=True,
