@@ -62,8 +62,8 @@ def submit(recipe, folder, *sbatch_args, env=None, wait=False):
     folder.mkdir(parents=True, exist_ok=True)
     environ = {k: v for k, v in os.environ.items()
                if not k.startswith(("SLURM_", "SBATCH_", "OMP_", "PYTHONPATH")) or k == "SLURM_CONF"}
-    environ.update(PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", VIRTUAL_ENV=str(BIN.parent),
-                   **CPU_NODE[recipe]["env"], **(env or {}))
+    environ.update({"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "VIRTUAL_ENV": str(BIN.parent),
+                    **CPU_NODE[recipe]["env"], **(env or {})})
     cmd = ["sbatch", "--parsable", *(["--wait"] if wait else []), *CPU_NODE[recipe]["sbatch"], *sbatch_args, str(recipe)]
     done = subprocess.run(cmd, cwd=folder, env=environ, capture_output=True, text=True, timeout=600)
     if wait:
@@ -330,6 +330,18 @@ def test_array_refuses_a_num_jobs_that_does_not_fit_it(cluster, llm, tmp_path):
                                      "of NUM_JOBS; leave NUM_JOBS unset for a whole --array=0-(N-1), or give the first "
                                      "submission's N"]
     assert llm.requests == 0 and not out.exists()
+
+
+def test_array_recipe_default_backend_without_vllm_names_the_extra_and_writes_nothing(cluster, llm, tmp_path):
+    pattern = write_input_shards(tmp_path / "in", num_shards=2, per_shard=4)
+    out, submit_dir = tmp_path / "out", tmp_path / "submit"
+    env = shards_env(llm, tmp_path, pattern, out, BACKEND="vllm")  # the recipe's default; vllm is not installed here
+    done = submit(SHARDS_RECIPE, submit_dir, "--array=0-0", env=env, wait=True)
+    assert done.returncode != 0
+    text = (submit_dir / f"paraclip-shards-{int(done.stdout.strip())}_0.out").read_text()
+    errors = [line for line in text.splitlines() if line.startswith("make_shards.py: error:")]
+    assert len(errors) == 1 and "needs the 'vllm' extra" in errors[0] and "pip install 'paraclip-plugin[vllm]'" in errors[0]
+    assert llm.requests == 0 and not list(out.rglob("*.tar")) and not (out / "sizes.json").exists()
 
 
 def test_array_task_requeued_mid_run_ends_identical_to_an_uninterrupted_run(cluster, llm, tmp_path):
