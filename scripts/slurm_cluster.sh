@@ -34,8 +34,13 @@ install_packages
 
 SCRATCH=$(mktemp -d /tmp/paraclip-slurm.XXXXXX)
 PIDS=()
+COMMAND_PID=
 cleanup() {
     local status=$?
+    if [ -n "$COMMAND_PID" ] && kill -0 "$COMMAND_PID" 2>/dev/null; then  # stopped by a signal: the command first
+        kill -TERM "$COMMAND_PID" 2>/dev/null || true
+        wait "$COMMAND_PID" 2>/dev/null || true
+    fi
     if [ -n "${SLURM_CONF:-}" ] && [ ${#PIDS[@]} -eq 3 ]; then  # jobs still there: cancel them (their steps outlive slurmd)
         scancel --quiet $(squeue -h -o %A 2>/dev/null | sort -u) 2>/dev/null || true
         for _ in $(seq 30); do [ -z "$(squeue -h 2>/dev/null)" ] && break; sleep 0.5; done
@@ -132,4 +137,8 @@ done
 [ -n "$idle" ] || fail "node $HOST not idle after 60 s (sinfo: ${state:-no answer})"
 echo "slurm_cluster: node $HOST idle ($CPUS CPUs, ${MEM_MB} MB, $TASK_PLUGIN); SLURM_CONF=$SLURM_CONF" >&2
 
-"$@"
+# in the background and waited for, so that a signal to this script is handled at once (bash defers traps
+# until a foreground command ends)
+"$@" &
+COMMAND_PID=$!
+wait "$COMMAND_PID"
