@@ -31,6 +31,8 @@ SHARDS_RECIPE = REPO / "scripts" / "slurm" / "make_shards_vllm.sbatch"
 # Everything the tests change from the recipes: what a 2-CPU node without GPUs forces (sbatch options
 # given on its command line override the recipe's #SBATCH lines), and the tiny model and stand-in
 # LLM server in place of ViT-B-32 and vLLM. Data and output folders are set per test, as every user sets them.
+# Besides: sbatch runs with this venv's bin/ first on PATH (an activated environment), and a requeued job is
+# made eligible at once (release_requeued) instead of after SLURM's 120 s.
 CPU_NODE = {
     TRAIN_RECIPE: {
         "sbatch": ["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1"],
