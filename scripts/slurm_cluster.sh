@@ -113,7 +113,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
 JobRequeue=1
-# a requeued or resubmitted job starts again at once (tests wait for it)
+# the main scheduler every 2 s (not 60): a job released or resubmitted starts within seconds
 SchedulerParameters=sched_interval=2
 KillWait=5
 MinJobAge=600
