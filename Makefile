@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # torch first and pinned: the CPU machines here install torch 2.14.1 from local disk.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv demo test test-open-clip clean wheelhouse gpu-check
+.PHONY: venv demo test test-slurm test-open-clip clean wheelhouse gpu-check
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ test: venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) || status=$$?; \
 	$(BIN)/python tests/open_clip_suite.py -q $(OPEN_CLIP_TEST_ARGS) || status=$$?; \
 	exit $$status
+
+# the sbatch recipes on a one-host SLURM cluster (scripts/slurm_cluster.sh: root, installs slurm-wlm + munge
+# when missing, stops its daemons at the end); the `slurm` tests are left out of `make test`
+test-slurm: venv
+	bash scripts/slurm_cluster.sh $(BIN)/python -m pytest -q -m slurm tests/test_slurm_jobs.py $(PYTEST_ARGS)
 
 test-open-clip: venv
 	$(BIN)/python tests/open_clip_suite.py -q $(OPEN_CLIP_TEST_ARGS)

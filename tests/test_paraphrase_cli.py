@@ -136,30 +136,6 @@ def test_help_lists_every_flag():
     assert "--api-key " not in result.stdout and "--api-key-env NAME" in result.stdout
 
 
-def test_sbatch_example_logs_where_slurm_can_open_and_splits_explicitly(monkeypatch):
-    import re
-    import shlex
-
-    from paraclip_plugin.paraphrase.cli import parse_args
-    from paraclip_plugin.paraphrase.inputs import split_for_job
-    text = (MAKE_SHARDS.parent / "slurm" / "make_shards_vllm.sbatch").read_text()
-    # Slurm opens --output before the script runs: no folder the script would have to create first.
-    (output,) = re.findall(r"^#SBATCH --output=(\S+)", text, re.M)
-    assert "/" not in output
-    line = next(l for l in text.replace("\\\n", " ").splitlines() if l.startswith("srun "))
-    argv = shlex.split(line.split("scripts/make_shards.py", 1)[1])
-    # `sbatch --array=5,17`: a resubmission of two tasks of the default 32.
-    env = {"INPUT": "/d/{00000..00099}.tar", "OUTPUT": "/o", "MODEL": "/m", "NUM_JOBS": "32", "SLURM_ARRAY_TASK_ID": "17"}
-    argv = [re.sub(r"\$\{?(\w+)\}?", lambda m: env[m.group(1)], a) for a in argv if a != "${TEMPLATE_ARGS[@]}"]
-    for name, value in {"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_MAX": "17",
-                        "SLURM_ARRAY_TASK_ID": "17"}.items():
-        monkeypatch.setenv(name, value)
-    args = parse_args(argv)
-    assert (args.num_jobs, args.job_index, args.backend) == (32, 17, "vllm")
-    paths = [f"{i:05d}.tar" for i in range(100)]
-    assert split_for_job(paths, args.num_jobs, args.job_index) == ["00017.tar", "00049.tar", "00081.tar"]
-
-
 def test_a_second_run_on_an_output_being_written_stops_before_any_request(server, tmp_path):
     pattern = write_input_shards(tmp_path / "in", num_shards=2, per_shard=6)
     out = tmp_path / "out"

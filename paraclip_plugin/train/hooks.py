@@ -21,6 +21,10 @@ from paraclip_plugin.train.embeddings import preprocess_config, visual_architect
 from paraclip_plugin.train.loss import DEFAULT_TERMS, ParaCLIPLoss, parse_terms, parse_weights
 from paraclip_plugin.train.model import enable_paraphrase_forward, freeze_visual
 
+# configure() runs while arguments are parsed, before open_clip_train sets up logging: a module-level
+# logger.warning() there would install Python's default root handler and print every later line twice
+logger = logging.getLogger(__name__)
+
 
 def _terms(spec):
     try:
@@ -174,7 +178,7 @@ def configure(args):
             usage_error("--paraclip-loss trains the text tower, but --lock-text freezes it "
                         "(only logit_scale would train): drop --lock-text")
         if args.precision == "pure_bf16" and args.lr < PURE_BF16_MIN_LR:
-            logging.warning(
+            logger.warning(
                 f"ParaCLIP: --precision pure_bf16 with --lr {args.lr:g}: bf16 weights keep 8 significant bits, "
                 f"so updates smaller than ~1/256 of a weight are rounded away (at the paper's lr 5e-7 almost no "
                 f"text weight changes). Use --precision amp_bf16 (float32 weights, bf16 compute).")
@@ -199,7 +203,7 @@ def wrap_model(model, args):
     _frozen_visual.clear()
     if args.frozen_visual:
         freeze_visual(model)
-        logging.info("ParaCLIP: image tower frozen (eval mode, no gradients, not optimized).")
+        logger.info("ParaCLIP: image tower frozen (eval mode, no gradients, not optimized).")
     if args.paraclip_loss:
         enable_paraphrase_forward(model, trim=args.text_trimming)
     if args.causal_attention:
@@ -227,7 +231,7 @@ def wds_decode_stages(args, preprocess_img, tokenizer, is_train):
         return shard_size_stages(args, is_train) + paraclip_decode_stages(preprocess_img, tokenizer)
     if "visual_sha256" not in _frozen_visual:
         _frozen_visual["visual_sha256"] = visual_fingerprint(_frozen_visual["visual"])
-        logging.info(f"ParaCLIP: reading cached image embeddings; image tower sha256 "
+        logger.info(f"ParaCLIP: reading cached image embeddings; image tower sha256 "
                      f"{_frozen_visual['visual_sha256']} ({args.model}, pretrained {args.pretrained}, "
                      f"precision {args.precision}).")
     visual = _frozen_visual["visual"]
@@ -257,14 +261,14 @@ def keep_torch_logs(args):
     if args.torchcompile and os.environ.get("TORCH_LOGS"):
         import torch._logging._internal
         torch._logging._internal._init_logs()
-        logging.info(f"ParaCLIP: TORCH_LOGS={os.environ['TORCH_LOGS']} re-applied after open_clip_train's logger setup.")
+        logger.info(f"ParaCLIP: TORCH_LOGS={os.environ['TORCH_LOGS']} re-applied after open_clip_train's logger setup.")
 
 
 def create_loss(args):
     if not args.paraclip_loss:
         return None
     keep_torch_logs(args)
-    logging.info("ParaCLIP loss: " + " + ".join(
+    logger.info("ParaCLIP loss: " + " + ".join(
         f"{w:g}*L({a},{b})" for (a, b), w in zip(args.paraclip_terms, args.paraclip_weights))
         + (f", each in blocks of {args.paraclip_loss_block_size} rows" if args.paraclip_loss_block_size else ""))
     return ParaCLIPLoss(
