@@ -147,8 +147,14 @@ def modified_message(root, states, version):
         return (f"{', '.join(modified)}: neither the release's text nor the patched text around the patch's lines (a "
                 f"local edit, another build of {DISTRIBUTION} {version}, or a patch of an older paraclip-plugin). "
                 f"Restore the release's files with `pip install --force-reinstall --no-deps {DISTRIBUTION}=={version}`, "
-                f"then run `paraclip-patch apply`")
+                f"{_added_files_advice(root, states)}then run `paraclip-patch apply`")
     return None
+
+
+def _added_files_advice(root, states):
+    """A reinstall leaves the files the patch adds (no wheel owns them): name those to delete as well."""
+    added = [str(Path(root) / p) for p, (s, _, new) in states.items() if s == MODIFIED and new is not None]
+    return f"and delete {', '.join(added)} (the patch adds it; a reinstall keeps it), " if added else ""
 
 
 def refuse_modified(root, states, version):

@@ -76,6 +76,20 @@ def test_locally_modified_files_are_refused_untouched(tmp_path, pristine_root):
     assert not list(tmp_path.rglob("*.orig")) and not list(tmp_path.rglob("*.rej"))
 
 
+def test_an_added_file_of_another_patch_is_named_to_delete(tmp_path, pristine_root):
+    """A reinstall of open_clip_torch restores its own files but keeps plugins.py (no wheel owns it): a plugins.py
+    of another paraclip-plugin's patch is named with the advice to delete it, and nothing is changed."""
+    shutil.copytree(pristine_root / "open_clip_train", tmp_path / "open_clip_train")
+    added = tmp_path / "open_clip_train" / "plugins.py"
+    added.write_text("# plugins.py of an older paraclip-plugin\n")
+    main_before = (tmp_path / "open_clip_train" / "main.py").read_bytes()
+    patch = patching.patch_file(patching.installed_version())
+    with pytest.raises(patching.PatchError, match=f"and delete {added} \\(the patch adds it"):
+        patching.apply(tmp_path, patch)
+    assert added.read_text() == "# plugins.py of an older paraclip-plugin\n"
+    assert (tmp_path / "open_clip_train" / "main.py").read_bytes() == main_before
+
+
 def copy_of(root, folder):
     shutil.copytree(root / "open_clip_train", folder / "open_clip_train", ignore=shutil.ignore_patterns("__pycache__"))
     return folder
