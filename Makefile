@@ -1,6 +1,6 @@
 # `make demo`: fresh machine -> virtual environment -> patched open_clip_train -> the whole ParaCLIP demo.
-# `make test`: fresh machine -> virtual environment -> the test suite, then open_clip's own tests on the
-# patched install (tests/open_clip_suite.py); both always run, each reports on its own, either failing fails.
+# `make test`: fresh machine -> virtual environment -> ruff (lint, format check), the test suite, then open_clip's own tests on the
+# patched install (tests/open_clip_suite.py); all three always run, each reports on its own, any failing fails.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -23,6 +23,7 @@ demo: venv
 
 test: venv
 	status=0; \
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . || status=$$?; \
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) || status=$$?; \
 	$(BIN)/python tests/open_clip_suite.py -q $(OPEN_CLIP_TEST_ARGS) || status=$$?; \
 	exit $$status

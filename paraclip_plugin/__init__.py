@@ -9,4 +9,5 @@ Data flows through the package in this order:
     eval/        paraphrase-robustness metrics and the paper's Table 1 (paraclip-eval)
     demo/        the embedded end-to-end demo (make demo)
 """
+
 __version__ = "0.1.0"

@@ -5,6 +5,7 @@ naming the extra to install and exit status 2, not a ``ModuleNotFoundError`` tra
 hour of other work. The check imports the modules (not only finds them), so a package that is
 present but cannot be imported (a dependency of its own missing) is caught too.
 """
+
 import importlib
 import sys
 
@@ -31,6 +32,9 @@ def require_extra(prog, what, extra):
     """Exit with status 2 and one line on stderr when ``extra`` is not installed; ``what`` needs it."""
     error = missing_extra(extra)
     if error is not None:
-        print(f"{prog}: error: {what} needs the '{extra}' extra ({type(error).__name__}: {error}): "
-              f"pip install 'paraclip-plugin[{extra}]'", file=sys.stderr)
+        print(
+            f"{prog}: error: {what} needs the '{extra}' extra ({type(error).__name__}: {error}): "
+            f"pip install 'paraclip-plugin[{extra}]'",
+            file=sys.stderr,
+        )
         raise SystemExit(2)

@@ -17,6 +17,7 @@ How it is applied, so that no stop leaves an install that nothing can repair:
 
 ``python -m paraclip_plugin.train`` applies the same file to a private copy instead of site-packages.
 """
+
 import argparse
 import contextlib
 import fcntl
@@ -45,14 +46,16 @@ class PatchError(RuntimeError):
 
 
 def supported_versions():
-    return sorted(p.name[len(PACKAGE) + 1:-len(".patch")] for p in PATCH_DIR.glob(f"{PACKAGE}-*.patch"))
+    return sorted(p.name[len(PACKAGE) + 1 : -len(".patch")] for p in PATCH_DIR.glob(f"{PACKAGE}-*.patch"))
 
 
 def installed_version():
     try:
         return importlib.metadata.version(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
-        raise PatchError(f"{DISTRIBUTION} is not installed; supported versions: {', '.join(supported_versions())}")
+        raise PatchError(
+            f"{DISTRIBUTION} is not installed; supported versions: {', '.join(supported_versions())}"
+        ) from None
 
 
 def patch_file(version):
@@ -60,12 +63,15 @@ def patch_file(version):
     if not path.is_file():
         supported = supported_versions()
         if not supported:
-            raise PatchError(f"no {PACKAGE}-*.patch file in {PATCH_DIR} (a checkout without its symlinks?); "
-                             f"reinstall paraclip-plugin")
+            raise PatchError(
+                f"no {PACKAGE}-*.patch file in {PATCH_DIR} (a checkout without its symlinks?); "
+                f"reinstall paraclip-plugin"
+            )
         raise PatchError(
             f"{DISTRIBUTION} {version} is not supported by paraclip-patch; "
             f"supported versions: {', '.join(supported)}. "
-            f"Install one with: pip install {DISTRIBUTION}=={supported[-1]}")
+            f"Install one with: pip install {DISTRIBUTION}=={supported[-1]}"
+        )
     return path
 
 
@@ -99,10 +105,23 @@ def _patched_text(path, content, diff, reverse=False):
         target.parent.mkdir(parents=True)
         if content is not None:
             target.write_bytes(content)
-        done = subprocess.run(["patch", "-p1", "-d", folder, "--fuzz=0", "--no-backup-if-mismatch", "--force",
-                               "--reject-file=-", "--remove-empty-files", "--silent",
-                               "--reverse" if reverse else "--forward"],
-                              input=diff.encode(), capture_output=True)
+        done = subprocess.run(
+            [
+                "patch",
+                "-p1",
+                "-d",
+                folder,
+                "--fuzz=0",
+                "--no-backup-if-mismatch",
+                "--force",
+                "--reject-file=-",
+                "--remove-empty-files",
+                "--silent",
+                "--reverse" if reverse else "--forward",
+            ],
+            input=diff.encode(),
+            capture_output=True,
+        )
         if done.returncode != 0:
             return False
         return target.read_bytes() if target.exists() else None
@@ -144,10 +163,12 @@ def modified_message(root, states, version):
     """What to say about files that are neither the release's nor the patched ones; None when there are none."""
     modified = [str(Path(root) / p) for p, (s, _, _) in states.items() if s == MODIFIED]
     if modified:
-        return (f"{', '.join(modified)}: neither the release's text nor the patched text around the patch's lines (a "
-                f"local edit, another build of {DISTRIBUTION} {version}, or a patch of an older paraclip-plugin). "
-                f"Restore the release's files with `pip install --force-reinstall --no-deps {DISTRIBUTION}=={version}`, "
-                f"{_added_files_advice(root, states)}then run `paraclip-patch apply`")
+        return (
+            f"{', '.join(modified)}: neither the release's text nor the patched text around the patch's lines (a "
+            f"local edit, another build of {DISTRIBUTION} {version}, or a patch of an older paraclip-plugin). "
+            f"Restore the release's files with `pip install --force-reinstall --no-deps {DISTRIBUTION}=={version}`, "
+            f"{_added_files_advice(root, states)}then run `paraclip-patch apply`"
+        )
     return None
 
 
@@ -192,8 +213,9 @@ def _replace(path, content):
             os.remove(cached)
         fsync_dir(path.parent)
         return
-    atomic_write_bytes(path, content, mode=path.stat().st_mode & 0o777 if path.exists() else None,
-                       prefix=f".{path.name}{TEMP_MARK}")
+    atomic_write_bytes(
+        path, content, mode=path.stat().st_mode & 0o777 if path.exists() else None, prefix=f".{path.name}{TEMP_MARK}"
+    )
 
 
 def _change(root, patch, want, version):
@@ -204,15 +226,20 @@ def _change(root, patch, want, version):
         states = file_states(root, patch)
         refuse_modified(root, states, version)
         # created files (no release text) first when patching: a lone plugins.py changes nothing; last when reverting
-        todo = sorted(((release is None) == (want == RELEASE), path, release if want == RELEASE else patched)
-                      for path, (state, release, patched) in states.items() if state != want)
+        todo = sorted(
+            ((release is None) == (want == RELEASE), path, release if want == RELEASE else patched)
+            for path, (state, release, patched) in states.items()
+            if state != want
+        )
         try:
             for _, path, content in todo:
                 _replace(Path(root) / path, content)
         except OSError as e:
-            raise PatchError(f"{e.filename or Path(root) / PACKAGE}: {e.strerror}; nothing that was already replaced is "
-                             f"half-written, and a rerun finishes the job. On a read-only install, train with "
-                             f"`python -m paraclip_plugin.train`, which patches a private copy") from None
+            raise PatchError(
+                f"{e.filename or Path(root) / PACKAGE}: {e.strerror}; nothing that was already replaced is "
+                f"half-written, and a rerun finishes the job. On a read-only install, train with "
+                f"`python -m paraclip_plugin.train`, which patches a private copy"
+            ) from None
         return bool(todo)
 
 
@@ -234,11 +261,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="paraclip-patch",
         description="Add (or remove) the generic plugin hook points of patches/ to the installed "
-                    "open_clip_train, so `open_clip_train.main` accepts the ParaCLIP flags.")
-    parser.add_argument("command", choices=["apply", "check", "revert"],
-                        help="apply: add the hooks (idempotent; finishes a stopped apply); check: exit 1 if the hooks "
-                             "are missing, partly applied or a file was edited; revert: restore the original files "
-                             "exactly")
+        "open_clip_train, so `open_clip_train.main` accepts the ParaCLIP flags.",
+    )
+    parser.add_argument(
+        "command",
+        choices=["apply", "check", "revert"],
+        help="apply: add the hooks (idempotent; finishes a stopped apply); check: exit 1 if the hooks "
+        "are missing, partly applied or a file was edited; revert: restore the original files "
+        "exactly",
+    )
     args = parser.parse_args(argv)
     try:
         version = installed_version()
@@ -260,11 +291,17 @@ def main(argv=None):
             if MODIFIED in kinds:
                 print(f"paraclip-patch: {modified_message(root, states, version)}", file=sys.stderr)
             elif kinds == {RELEASE}:
-                print(f"hooks missing: {target} ({DISTRIBUTION} {version}); run `paraclip-patch apply` "
-                      f"or train with `python -m paraclip_plugin.train`", file=sys.stderr)
+                print(
+                    f"hooks missing: {target} ({DISTRIBUTION} {version}); run `paraclip-patch apply` "
+                    f"or train with `python -m paraclip_plugin.train`",
+                    file=sys.stderr,
+                )
             else:
-                print(f"partly patched (an apply or revert was stopped): {target} ({DISTRIBUTION} {version}): "
-                      f"{state_summary(states)}; run `paraclip-patch apply` to finish (or `revert`)", file=sys.stderr)
+                print(
+                    f"partly patched (an apply or revert was stopped): {target} ({DISTRIBUTION} {version}): "
+                    f"{state_summary(states)}; run `paraclip-patch apply` to finish (or `revert`)",
+                    file=sys.stderr,
+                )
             return 1
     except PatchError as e:
         print(f"paraclip-patch: error: {e}", file=sys.stderr)

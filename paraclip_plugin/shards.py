@@ -13,6 +13,7 @@ Shard writers (the paraphrase generator, the demo, the embedding script) all go 
 ``atomic_tar_writer`` and ``update_sizes_json`` so a crash or ``kill -9`` never leaves a partial
 shard under its final name and ``sizes.json`` stays correct when several jobs write at once.
 """
+
 import contextlib
 import errno
 import fcntl
@@ -59,8 +60,9 @@ def _open_locked(tmp, path):
     a partial file left by a killed writer (its lock gone with it) is reused."""
     for _ in range(10):
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o666)  # less the umask, as open() does
-        lock_or_busy(fd, f"{path}: another process is writing it now ({tmp} is locked); "
-                         f"two jobs were given the same output")
+        lock_or_busy(
+            fd, f"{path}: another process is writing it now ({tmp} is locked); two jobs were given the same output"
+        )
         try:  # the lock is on the file we opened: is that still the one named tmp (not renamed meanwhile)?
             same = os.path.samestat(os.fstat(fd), os.stat(tmp))
         except FileNotFoundError:
@@ -198,8 +200,10 @@ def read_sizes_json(folder):
         try:
             sizes = json.load(f)
         except ValueError as e:
-            raise SizesFileError(f"{path}: not valid JSON ({e}); delete it and rerun the job that wrote the shards "
-                                 f"(paraclip-make-shards and paraclip-embed-images rebuild it from them)") from None
+            raise SizesFileError(
+                f"{path}: not valid JSON ({e}); delete it and rerun the job that wrote the shards "
+                f"(paraclip-make-shards and paraclip-embed-images rebuild it from them)"
+            ) from None
     if not isinstance(sizes, dict):
         raise SizesFileError(f"{path}: expected {{shard file name: sample count}}, found {type(sizes).__name__}")
     return sizes

@@ -1,5 +1,6 @@
 """Users' text files (caption lists, pairs, STS and annotation files): UTF-8, read as a text-mode ``open``
 reads them, a bad byte named by its line and offset (``open``'s own error counts from a read buffer)."""
+
 import io
 
 
@@ -14,7 +15,7 @@ def decode_utf8(data):
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = sum(text.endswith("\n") for text in lines_of(data[:e.start].decode("utf-8"))) + 1
+        line = sum(text.endswith("\n") for text in lines_of(data[: e.start].decode("utf-8"))) + 1
         raise NotUTF8(line, e.start, data[e.start], e.reason) from None
 
 

@@ -14,6 +14,7 @@ Starts ``paraclip_plugin.paraphrase.local_server`` in its own process with a fix
 
     python scripts/bench_generation.py --latency 0.2 --levels 1 64 256 --processes 1 2 4
 """
+
 import argparse
 import io
 import json
@@ -32,8 +33,10 @@ from paraclip_plugin.paraphrase.pipeline import GenerationOptions, ParaphraseGen
 from paraclip_plugin.shards import atomic_write_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORDS = ("red blue green small large dog cat bird car tree house river mountain beach city night old new "
-         "wooden bright dark painting photo street boat sunset forest winter summer garden bridge").split()
+WORDS = (
+    "red blue green small large dog cat bird car tree house river mountain beach city night old new "
+    "wooden bright dark painting photo street boat sunset forest winter summer garden bridge"
+).split()
 # The pipeline copies image bytes without decoding them, so a stub JPEG header is enough here.
 JPEG = bytes.fromhex("ffd8ffe000104a46494600010100000100010000ffd9")
 
@@ -55,8 +58,11 @@ def write_shards(folder, num_shards, per_shard, tag):
 
 
 def start_server(latency):
-    proc = subprocess.Popen([sys.executable, "-m", "paraclip_plugin.paraphrase.local_server", "--latency", str(latency)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "paraclip_plugin.paraphrase.local_server", "--latency", str(latency)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     return proc, proc.stdout.readline().strip()
 
 
@@ -73,8 +79,11 @@ def in_flight_scaling(base_url, levels, work, shards_per_level):
         stats = generator.run(expand_inputs(pattern), os.path.join(work, f"out-c{concurrency}"))
         backend.close()
         rates[concurrency] = stats["requests"] / stats["wall_seconds"]
-        print(f"  concurrency {concurrency:4d}: {stats['requests']:6d} requests, {stats['samples_out']:5d} samples "
-              f"in {stats['wall_seconds']:6.2f}s -> {rates[concurrency]:7.1f} requests/s", flush=True)
+        print(
+            f"  concurrency {concurrency:4d}: {stats['requests']:6d} requests, {stats['samples_out']:5d} samples "
+            f"in {stats['wall_seconds']:6.2f}s -> {rates[concurrency]:7.1f} requests/s",
+            flush=True,
+        )
     return rates
 
 
@@ -85,12 +94,36 @@ def process_scaling(base_url, process_counts, concurrency, samples_per_process, 
         out = os.path.join(work, f"out-p{procs}")
         env = {**os.environ, "OPENAI_API_KEY": "bench"}
         start = time.time()
-        jobs = [subprocess.Popen([sys.executable, os.path.join(REPO, "scripts", "make_shards.py"), "--input", pattern,
-                                  "--output", out, "--model", "bench", "--base-url", base_url, "--no-progress",
-                                  "--concurrency", str(concurrency), "--num-jobs", str(procs), "--job-index", str(i),
-                                  "--cache", os.path.join(out, "cache-{job_index}.sqlite"),
-                                  "--stats", os.path.join(out, f"stats-{i}.json")],
-                                 env=env, stderr=subprocess.DEVNULL) for i in range(procs)]
+        jobs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    os.path.join(REPO, "scripts", "make_shards.py"),
+                    "--input",
+                    pattern,
+                    "--output",
+                    out,
+                    "--model",
+                    "bench",
+                    "--base-url",
+                    base_url,
+                    "--no-progress",
+                    "--concurrency",
+                    str(concurrency),
+                    "--num-jobs",
+                    str(procs),
+                    "--job-index",
+                    str(i),
+                    "--cache",
+                    os.path.join(out, "cache-{job_index}.sqlite"),
+                    "--stats",
+                    os.path.join(out, f"stats-{i}.json"),
+                ],
+                env=env,
+                stderr=subprocess.DEVNULL,
+            )
+            for i in range(procs)
+        ]
         for job in jobs:
             if job.wait() != 0:
                 raise SystemExit(f"make_shards.py job failed with {job.returncode}")
@@ -98,8 +131,11 @@ def process_scaling(base_url, process_counts, concurrency, samples_per_process, 
         requests = sum(json.load(open(os.path.join(out, f"stats-{i}.json")))["requests"] for i in range(procs))
         # Includes each process's start-up (imports), as a real job would pay it.
         rates[procs] = requests / wall
-        print(f"  {procs} process(es) x concurrency {concurrency}: {requests:6d} requests in {wall:6.2f}s "
-              f"-> {rates[procs]:7.1f} requests/s", flush=True)
+        print(
+            f"  {procs} process(es) x concurrency {concurrency}: {requests:6d} requests in {wall:6.2f}s "
+            f"-> {rates[procs]:7.1f} requests/s",
+            flush=True,
+        )
     return rates
 
 
@@ -124,15 +160,25 @@ def main():
             proc_rates = {}
             if args.processes:
                 print("process scaling (make_shards.py --num-jobs P, one process per job):")
-                proc_rates = process_scaling(base_url, args.processes, args.process_concurrency,
-                                             args.samples_per_process, work)
+                proc_rates = process_scaling(
+                    base_url, args.processes, args.process_concurrency, args.samples_per_process, work
+                )
                 one = proc_rates[min(proc_rates)]
                 print("ratio vs 1 process: " + ", ".join(f"{p}: {r / one:.2f}x" for p, r in proc_rates.items()))
             if args.json:
-                atomic_write_text(args.json, json.dumps(
-                    {"latency": args.latency, "requests_per_s": rates,
-                     "ratio_vs_serial": {c: r / serial for c, r in rates.items()},
-                     "processes_requests_per_s": proc_rates}, indent=1) + "\n")
+                atomic_write_text(
+                    args.json,
+                    json.dumps(
+                        {
+                            "latency": args.latency,
+                            "requests_per_s": rates,
+                            "ratio_vs_serial": {c: r / serial for c, r in rates.items()},
+                            "processes_requests_per_s": proc_rates,
+                        },
+                        indent=1,
+                    )
+                    + "\n",
+                )
     finally:
         server.terminate()
         server.wait()

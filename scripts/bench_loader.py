@@ -20,6 +20,7 @@ samples/s are counted after the first batch (worker start-up) for ``--seconds`` 
 embeddings are random unit vectors of the model's width, recorded with the hash of the model's
 real (random-init) image weights, which is all the loader reads and checks.
 """
+
 import argparse
 import os
 import tempfile
@@ -31,23 +32,38 @@ import open_clip
 import torch
 
 from paraclip_plugin.train import hooks
-from paraclip_plugin.train.embeddings import embedding_record, preprocess_config, visual_architecture, visual_fingerprint
+from paraclip_plugin.train.embeddings import (
+    embedding_record,
+    preprocess_config,
+    visual_architecture,
+    visual_fingerprint,
+)
 from paraclip_plugin.shards import update_sizes_json
 from synthetic_shards import write_shards
+
 
 def embed_shards(src_pattern, dst_folder, model_name, model, pretrained, compact=False):
     """embed_images.py's shard writer, with random unit vectors in place of the image tower's output."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("embed_images", os.path.join(os.path.dirname(__file__), "embed_images.py"))
+
+    spec = importlib.util.spec_from_file_location(
+        "embed_images", os.path.join(os.path.dirname(__file__), "embed_images.py")
+    )
     embed_images = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(embed_images)
-    args = embed_images.parse_args(["--shards", src_pattern, "--model", model_name, "--output", dst_folder]
-                                   + (["--compact"] if compact else []))
+    args = embed_images.parse_args(
+        ["--shards", src_pattern, "--model", model_name, "--output", dst_folder] + (["--compact"] if compact else [])
+    )
     embedder = embed_images.ShardEmbedder.__new__(embed_images.ShardEmbedder)
     embedder.args, embedder.visual = args, model.visual
-    embedder.record = embedding_record(model_name, pretrained, visual_fingerprint(model.visual),
-                                       architecture=visual_architecture(model.visual),
-                                       preprocess=preprocess_config(model.visual), precision=args.precision)
+    embedder.record = embedding_record(
+        model_name,
+        pretrained,
+        visual_fingerprint(model.visual),
+        architecture=visual_architecture(model.visual),
+        preprocess=preprocess_config(model.visual),
+        precision=args.precision,
+    )
     embedder.tokenizer = open_clip.get_tokenizer(model_name)
     embedder.tokens_record = embed_images.tokens_record(model_name, embedder.tokenizer)
     embedder.pad_id = embed_images.tokenizer_pad_id(embedder.tokenizer)
@@ -58,6 +74,7 @@ def embed_shards(src_pattern, dst_folder, model_name, model, pretrained, compact
     def random_features(images):
         x = rng.standard_normal((len(images), width))
         return list((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16))
+
     embedder.embed = random_features
     for src in embed_images.expand_inputs(src_pattern):
         count, _ = embedder.process(src, os.path.join(dst_folder, os.path.basename(src)))
@@ -70,15 +87,31 @@ def loader_args(data, samples, args, **plugin):
     their defaults (from its own parser), then ``plugin``'s."""
     parser = argparse.ArgumentParser()
     hooks.add_arguments(parser)
-    return SimpleNamespace(**{
-        **vars(parser.parse_args([])), "frozen_visual": False,
-        "train_data": data, "val_data": None, "train_num_samples": 10 ** 9, "dataset_resampled": True,
-        "train_data_upsampling_factors": None, "batch_size": args.batch_size, "workers": args.workers, "seed": 0,
-        "world_size": 1, "rank": 0, "model": args.model, "pretrained": None, "precision": "amp", **plugin})
+    return SimpleNamespace(
+        **{
+            **vars(parser.parse_args([])),
+            "frozen_visual": False,
+            "train_data": data,
+            "val_data": None,
+            "train_num_samples": 10**9,
+            "dataset_resampled": True,
+            "train_data_upsampling_factors": None,
+            "batch_size": args.batch_size,
+            "workers": args.workers,
+            "seed": 0,
+            "world_size": 1,
+            "rank": 0,
+            "model": args.model,
+            "pretrained": None,
+            "precision": "amp",
+            **plugin,
+        }
+    )
 
 
 def time_loader(name, largs, model, preprocess, tokenizer, seconds):
     from open_clip_train.data import get_wds_dataset
+
     hooks.wrap_model(model, largs)  # what open_clip_train.main does before building the data
     data = get_wds_dataset(largs, preprocess, is_train=True, tokenizer=tokenizer)
     batches = iter(data.dataloader)
@@ -100,9 +133,13 @@ def main():
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--seconds", type=float, default=8.0, help="timed seconds per loader and round")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="rounds over the loaders (interleaved, so load from other processes hits all); "
-                        "the median round is reported")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds over the loaders (interleaved, so load from other processes hits all); "
+        "the median round is reported",
+    )
     p.add_argument("--folder", default=None, help="where to write the shards (default: a temporary folder)")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -114,17 +151,25 @@ def main():
     tokenizer = open_clip.get_tokenizer(args.model)
     cached = embed_shards(plain, os.path.join(folder, "embedded"), args.model, model, None)
     compact = embed_shards(plain, os.path.join(folder, "compact"), args.model, model, None, compact=True)
-    print(f"shards: {args.samples} samples in {folder} ({args.per_shard}/shard, mean JPEG {mean_jpeg / 1024:.1f} KiB, "
-          f"256 px), written in {time.time() - start:.0f}s; {os.cpu_count()} CPU cores visible; "
-          f"{args.workers} data worker(s), batch {args.batch_size}, {args.seconds:g}s per loader")
+    print(
+        f"shards: {args.samples} samples in {folder} ({args.per_shard}/shard, mean JPEG {mean_jpeg / 1024:.1f} KiB, "
+        f"256 px), written in {time.time() - start:.0f}s; {os.cpu_count()} CPU cores visible; "
+        f"{args.workers} data worker(s), batch {args.batch_size}, {args.seconds:g}s per loader"
+    )
 
     cases = [
         ("stock open_clip (JPEG + one caption)", plain, {}),
         ("plugin, JPEG + three texts (--paraclip-loss)", plain, dict(paraclip_loss=True, frozen_visual=True)),
-        ("plugin, cached embeddings + token ids (--image-embeddings)", cached,
-         dict(paraclip_loss=True, frozen_visual=True, image_embeddings=True)),
-        ("plugin, compact shards (embed_images --compact, --image-embeddings)", compact,
-         dict(paraclip_loss=True, frozen_visual=True, image_embeddings=True)),
+        (
+            "plugin, cached embeddings + token ids (--image-embeddings)",
+            cached,
+            dict(paraclip_loss=True, frozen_visual=True, image_embeddings=True),
+        ),
+        (
+            "plugin, compact shards (embed_images --compact, --image-embeddings)",
+            compact,
+            dict(paraclip_loss=True, frozen_visual=True, image_embeddings=True),
+        ),
     ]
     rounds = {name: [] for name, _, _ in cases}
     for round_ in range(args.rounds):
@@ -133,12 +178,16 @@ def main():
             vars(largs).update(plugin)
             rate, image_shape, text_shape = time_loader(name, largs, model, preprocess_train, tokenizer, args.seconds)
             rounds[name].append(rate)
-            print(f"  round {round_ + 1}, {name}: {rate:,.0f} samples/s  (per sample: image {image_shape}, "
-                  f"text {text_shape})")
+            print(
+                f"  round {round_ + 1}, {name}: {rate:,.0f} samples/s  (per sample: image {image_shape}, "
+                f"text {text_shape})"
+            )
     rates = [float(np.median(rounds[name])) for name, _, _ in cases]
     print()
-    print(f"| loader | samples/s ({args.workers} worker{'s' if args.workers > 1 else ''}, median of "
-          f"{args.rounds} rounds) | x stock |")
+    print(
+        f"| loader | samples/s ({args.workers} worker{'s' if args.workers > 1 else ''}, median of "
+        f"{args.rounds} rounds) | x stock |"
+    )
     print("|---|---|---|")
     for (name, _, _), rate in zip(cases, rates):
         print(f"| {name} | {rate:,.0f} | {rate / rates[0]:.2f} |")

@@ -25,6 +25,7 @@ batch to its longest text.
 TFLOP/s counts the step's FLOPs with torch.utils.flop_counter (matmuls/attention as torch dispatches
 them) and divides by the measured step time; the peak is the card's dense bf16 tensor-core peak.
 """
+
 import argparse
 import json
 import time
@@ -41,8 +42,16 @@ from paraclip_plugin.shards import atomic_write_text
 from synthetic_shards import TEXT_LENGTHS, text_length_range
 
 # dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets
-BF16_PEAK_TFLOPS = {"H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0,
-                    "H200": 989.4, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+BF16_PEAK_TFLOPS = {
+    "H100 SXM": 989.4,
+    "H100 80GB HBM3": 989.4,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H200": 989.4,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10": 125.0,
+}
 TINY_CONFIG = "paraclip_plugin/model_configs/paraclip-tiny-77.json"  # the tiny model with CLIP's 77-token context
 
 
@@ -52,23 +61,37 @@ def parse_args():
     p.add_argument("--batch-sizes", default="1024,3072")
     p.add_argument("--steps", type=int, default=20, help="timed steps per case")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per case (compilation happens here)")
-    p.add_argument("--text-lengths", default="40,24,77", metavar="LONGEST,...",
-                   help="text-length settings, each the longest text in tokens (SOT/EOT included; each text's "
-                        f"length {TEXT_LENGTHS}); every case runs at each, in this order, the first is the headline "
-                        "and the one profiled (default: %(default)s)")
+    p.add_argument(
+        "--text-lengths",
+        default="40,24,77",
+        metavar="LONGEST,...",
+        help="text-length settings, each the longest text in tokens (SOT/EOT included; each text's "
+        f"length {TEXT_LENGTHS}); every case runs at each, in this order, the first is the headline "
+        "and the one profiled (default: %(default)s)",
+    )
     p.add_argument("--compile", action="store_true", help="add plugin-img+compile and plugin-emb+compile")
     p.add_argument("--peak-tflops", type=float, default=None, help="the card's bf16 peak (default: by device name)")
-    p.add_argument("--steps-only", default="naive,plugin-img,plugin-emb",
-                   help="cases, comma-separated: naive, plugin-img, plugin-emb, each plugin one also as NAME+compile, "
-                        "NAME+causal and NAME+causal+compile; each at every --batch-sizes, or NAME@BATCH at that "
-                        "one only")
-    p.add_argument("--profile", default="1024", metavar="BATCHES",
-                   help="batch sizes whose cases are also profiled (3 steps under torch.profiler: kernel time by "
-                        "kind, top kernels, GPU busy share), comma-separated; '' for none (default: %(default)s)")
+    p.add_argument(
+        "--steps-only",
+        default="naive,plugin-img,plugin-emb",
+        help="cases, comma-separated: naive, plugin-img, plugin-emb, each plugin one also as NAME+compile, "
+        "NAME+causal and NAME+causal+compile; each at every --batch-sizes, or NAME@BATCH at that "
+        "one only",
+    )
+    p.add_argument(
+        "--profile",
+        default="1024",
+        metavar="BATCHES",
+        help="batch sizes whose cases are also profiled (3 steps under torch.profiler: kernel time by "
+        "kind, top kernels, GPU busy share), comma-separated; '' for none (default: %(default)s)",
+    )
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    p.add_argument("--cpu-smoke", action="store_true",
-                   help="CPU, paraclip-tiny-77 (77-token context), batches 16,32, 2 steps, float32: checks the script, "
-                        "measures nothing useful")
+    p.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="CPU, paraclip-tiny-77 (77-token context), batches 16,32, 2 steps, float32: checks the script, "
+        "measures nothing useful",
+    )
     args = p.parse_args()
     if args.cpu_smoke:
         args.model, args.batch_sizes, args.steps, args.warmup = "paraclip-tiny-77", "16,32", 2, 1
@@ -109,14 +132,16 @@ def make_batch(args, model, batch, device, longest):
         for f in range(3):
             n = int(lengths[i, f])
             texts[i, f, 0] = 49406
-            texts[i, f, 1:n - 1] = torch.randint(1, 49000, (n - 2,), generator=generator)
+            texts[i, f, 1 : n - 1] = torch.randint(1, 49000, (n - 2,), generator=generator)
             texts[i, f, n - 1] = 49407
     size = model.visual.image_size
     size = size if isinstance(size, tuple) else (size, size)
     images = torch.randn(batch, 3, *size, generator=generator)
     with torch.no_grad():
         embeddings = model.encode_image(images[:1].to(device), normalize=True)  # shape only
-    embeddings = torch.nn.functional.normalize(torch.randn(batch, embeddings.shape[-1], generator=generator), dim=-1).half()
+    embeddings = torch.nn.functional.normalize(
+        torch.randn(batch, embeddings.shape[-1], generator=generator), dim=-1
+    ).half()
     return images.to(device), texts.to(device), embeddings.to(device)
 
 
@@ -135,8 +160,11 @@ def plugin_step(model, loss_fn, images, texts, embeddings, use_embeddings):
 def parse_case(name):
     """'plugin-emb+causal+compile' -> ('plugin-emb', ['causal', 'compile']); an unknown case stops the run."""
     kind, *modifiers = name.split("+")
-    if kind not in ("naive", "plugin-img", "plugin-emb") or modifiers not in ([], ["compile"], ["causal"], [
-            "causal", "compile"]) or (modifiers and kind == "naive"):
+    if (
+        kind not in ("naive", "plugin-img", "plugin-emb")
+        or modifiers not in ([], ["compile"], ["causal"], ["causal", "compile"])
+        or (modifiers and kind == "naive")
+    ):
         raise SystemExit(f"bench_step.py: unknown case '{name}' in --steps-only")
     return kind, modifiers
 
@@ -150,8 +178,9 @@ def plan(steps_only, batch_sizes):
         name, at, only = token.partition("@")
         parse_case(name)
         if at and (not only.isdigit() or int(only) not in batches):
-            raise SystemExit(f"bench_step.py: --steps-only '{token}': the batch after @ must be one of "
-                             f"--batch-sizes {batch_sizes}")
+            raise SystemExit(
+                f"bench_step.py: --steps-only '{token}': the batch after @ must be one of --batch-sizes {batch_sizes}"
+            )
         pairs += [(name, b) for b in batches if (not at or b == int(only)) and (name, b) not in pairs]
     return sorted(pairs, key=lambda pair: batches.index(pair[1]))  # stable: each batch keeps the cases' order
 
@@ -190,9 +219,11 @@ class Case:
 
 
 # kernel (CUDA) or op (CPU) names -> what the time went to; the first match wins
-KINDS = (("attention", ("flash", "fmha", "attention", "attn")),
-         ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "aten::mm", "aten::addmm", "aten::bmm")),
-         ("optimizer", ("adam", "multi_tensor_apply", "_foreach")))
+KINDS = (
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "aten::mm", "aten::addmm", "aten::bmm")),
+    ("optimizer", ("adam", "multi_tensor_apply", "_foreach")),
+)
 
 
 def kind_of(name):
@@ -206,6 +237,7 @@ def profile_case(case, batch, steps=3, top=8):
     kernels, and the GPU's busy share of the profiled wall time (the profiler's own CPU overhead
     included, so a lower bound where the step is launch-bound). On CPU, the ops' self CPU time."""
     from torch.profiler import ProfilerActivity, profile
+
     cuda = case.device.type == "cuda"
     sync(case.device)
     start = time.perf_counter()
@@ -215,19 +247,27 @@ def profile_case(case, batch, steps=3, top=8):
         sync(case.device)
     wall = time.perf_counter() - start
     if cuda:
-        events = [(e.key, e.self_device_time_total) for e in prof.key_averages()
-                  if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
+        events = [
+            (e.key, e.self_device_time_total)
+            for e in prof.key_averages()
+            if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0
+        ]
     else:
         events = [(e.key, e.self_cpu_time_total) for e in prof.key_averages() if e.self_cpu_time_total > 0]
     total = sum(us for _, us in events) or 1.0
     by_kind = {kind: 0.0 for kind in ("matmul", "attention", "optimizer", "other")}
     for name, us in events:
         by_kind[kind_of(name)] += us
-    return {"steps": steps, "time": "kernel" if cuda else "op self CPU",
-            "busy_pct": round(100 * total / 1e6 / wall, 1) if cuda else None,
-            "by_kind_pct": {k: round(100 * us / total, 1) for k, us in by_kind.items()},
-            "top": [{"name": name[:100], "ms_per_step": round(us / 1e3 / steps, 3), "pct": round(100 * us / total, 1)}
-                    for name, us in sorted(events, key=lambda e: -e[1])[:top]]}
+    return {
+        "steps": steps,
+        "time": "kernel" if cuda else "op self CPU",
+        "busy_pct": round(100 * total / 1e6 / wall, 1) if cuda else None,
+        "by_kind_pct": {k: round(100 * us / total, 1) for k, us in by_kind.items()},
+        "top": [
+            {"name": name[:100], "ms_per_step": round(us / 1e3 / steps, 3), "pct": round(100 * us / total, 1)}
+            for name, us in sorted(events, key=lambda e: -e[1])[:top]
+        ],
+    }
 
 
 def sync(device):
@@ -243,8 +283,13 @@ def text_tokens(case, texts, longest):
     ends = flat.argmax(dim=-1) + 1  # EOT is the highest token id
     trimming = TextTrimming.for_model(case.model)[0]
     ran = flat.shape[-1] if case.kind == "naive" or trimming is None else trimming.length(flat)
-    return {"longest": longest, "range": list(text_length_range(longest)), "batch_shortest": int(ends.min()),
-            "batch_longest": int(ends.max()), "tower_ran": int(ran)}
+    return {
+        "longest": longest,
+        "range": list(text_length_range(longest)),
+        "batch_shortest": int(ends.min()),
+        "batch_longest": int(ends.max()),
+        "tower_ran": int(ran),
+    }
 
 
 def run_case(case, batch_size, longest, args, profile):
@@ -263,14 +308,15 @@ def run_case(case, batch_size, longest, args, profile):
             case.step(batch)
         sync(device)
         seconds = (time.perf_counter() - start) / args.steps
-        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
         flops = case.flops(batch)
         profiled = profile_case(case, batch) if profile else None
     except torch.cuda.OutOfMemoryError:
         case.optimizer.zero_grad(set_to_none=True)
         return dict(oom=True, text_tokens=tokens)
-    result = dict(oom=False, samples_per_s=batch_size / seconds, peak_gib=peak, tflops=flops / seconds / 1e12,
-                  text_tokens=tokens)
+    result = dict(
+        oom=False, samples_per_s=batch_size / seconds, peak_gib=peak, tflops=flops / seconds / 1e12, text_tokens=tokens
+    )
     if profiled:
         result["profile"] = profiled
     return result
@@ -298,25 +344,43 @@ def main():
         autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
         where = "CPU (smoke run: not a measurement of the targets)"
     peak = device_peak(args, device)
-    print(f"device: {where}; model {args.model}, random init; longest texts {args.text_lengths} tokens "
-          f"({TEXT_LENGTHS}); bf16 peak {peak or 'unknown'} TFLOP/s", flush=True)
+    print(
+        f"device: {where}; model {args.model}, random init; longest texts {args.text_lengths} tokens "
+        f"({TEXT_LENGTHS}); bf16 peak {peak or 'unknown'} TFLOP/s",
+        flush=True,
+    )
     results = {}
     for name, batch_size in args.plan:
         case = Case(name, args, device, autocast)  # one model per case and batch: compiled once, every length
         for longest in args.lengths:
             profile = batch_size in args.profile_batches and longest == args.lengths[0]
             r = results[name, batch_size, longest] = run_case(case, batch_size, longest, args, profile)
-            print(f"{name} at batch {batch_size}, longest text {longest}: "
-                  f"{ {k: v for k, v in r.items() if k != 'profile'} }", flush=True)
+            print(
+                f"{name} at batch {batch_size}, longest text {longest}: "
+                f"{ {k: v for k, v in r.items() if k != 'profile'} }",
+                flush=True,
+            )
             if "profile" in r:
                 print(f"  profile: {json.dumps(r['profile'])}", flush=True)
             if args.json:  # after every case: a run stopped at its time limit keeps what it measured
-                atomic_write_text(args.json, json.dumps(
-                    {"device": where, "torch": torch.__version__, "model": args.model, "bf16_peak_tflops": peak,
-                     "text_lengths": args.lengths, "text_length_distribution": TEXT_LENGTHS,
-                     "steps": args.steps, "warmup": args.warmup,
-                     "cases": [dict(step=n, batch=b, longest=t, **r) for (n, b, t), r in results.items()]},
-                    indent=1) + "\n")
+                atomic_write_text(
+                    args.json,
+                    json.dumps(
+                        {
+                            "device": where,
+                            "torch": torch.__version__,
+                            "model": args.model,
+                            "bf16_peak_tflops": peak,
+                            "text_lengths": args.lengths,
+                            "text_length_distribution": TEXT_LENGTHS,
+                            "steps": args.steps,
+                            "warmup": args.warmup,
+                            "cases": [dict(step=n, batch=b, longest=t, **r) for (n, b, t), r in results.items()],
+                        },
+                        indent=1,
+                    )
+                    + "\n",
+                )
         del case
     print("| step | batch | longest text | samples/s | peak memory (GiB) | TFLOP/s | % of bf16 peak | x naive |")
     print("|---|---|---|---|---|---|---|---|")
@@ -328,8 +392,10 @@ def main():
         ratio = f"{r['samples_per_s'] / naive['samples_per_s']:.2f}" if naive and not naive["oom"] else "n/a"
         share = f"{100 * r['tflops'] / peak:.1f}" if peak else "n/a"
         memory = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
-        print(f"| {name} | {batch_size} | {longest} | {r['samples_per_s']:,.0f} | {memory} | {r['tflops']:.3g} "
-              f"| {share} | {ratio} |")
+        print(
+            f"| {name} | {batch_size} | {longest} | {r['samples_per_s']:,.0f} | {memory} | {r['tflops']:.3g} "
+            f"| {share} | {ratio} |"
+        )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 See ``python scripts/embed_images.py --help`` (the program is paraclip_plugin/train/embed_images.py; its
 names are re-exported here for the scripts and tests that load this file).
 """
+
 from paraclip_plugin.train.embed_images import *  # noqa: F401,F403
 from paraclip_plugin.train.embed_images import console_main
 

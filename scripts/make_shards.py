@@ -3,6 +3,7 @@
 
 See ``python scripts/make_shards.py --help`` (the program is paraclip_plugin/paraphrase/cli.py).
 """
+
 from paraclip_plugin.paraphrase.cli import main
 
 if __name__ == "__main__":

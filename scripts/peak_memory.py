@@ -8,15 +8,20 @@ prints, when the module ends (or fails) in a process that used CUDA, one line
 the most tensor memory held at once; reserved: what the allocator held from the driver). bench_e2e.py
 reads it from each training run's log.
 """
+
 import runpy
 import sys
 
 
 def report():
     import torch
+
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        print(f"peak_memory: max_memory_allocated {torch.cuda.max_memory_allocated() / 2 ** 30:.3f} GiB, "
-              f"max_memory_reserved {torch.cuda.max_memory_reserved() / 2 ** 30:.3f} GiB", flush=True)
+        print(
+            f"peak_memory: max_memory_allocated {torch.cuda.max_memory_allocated() / 2**30:.3f} GiB, "
+            f"max_memory_reserved {torch.cuda.max_memory_reserved() / 2**30:.3f} GiB",
+            flush=True,
+        )
 
 
 def main():

@@ -17,6 +17,7 @@ tests an error in the merged xml, and a collection that fails gives one. A run s
 which ``gpu_report.py`` reads the tests that finished. Exit status: 0 when every process passed, else
 the first non-zero pytest status (1 for a process killed by a signal).
 """
+
 import argparse
 import os
 import shutil
@@ -32,8 +33,13 @@ from paraclip_plugin.shards import atomic_write_text
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", help="test files or folders")
-    p.add_argument("--alone", action="append", default=[], metavar="TEXT",
-                   help="tests whose id holds TEXT run in a process of their own (repeatable)")
+    p.add_argument(
+        "--alone",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="tests whose id holds TEXT run in a process of their own (repeatable)",
+    )
     p.add_argument("--junitxml", required=True, help="the merged junit xml (the parts go beside it)")
     p.add_argument("--logs", required=True, help="folder for each process's pytest -v output (tests-K.log)")
     p.add_argument("--tmp", default=None, help="where the processes' --basetemp folders go (default: TMPDIR)")
@@ -41,14 +47,15 @@ def parse_args(argv=None):
         argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     args = p.parse_args(argv[:split])
-    args.options = argv[split + 1:]
+    args.options = argv[split + 1 :]
     return args
 
 
 def collect(paths, options):
     """(the test ids pytest collects, in its order; None or pytest's output where collecting failed)."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", *options, *paths],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", *options, *paths], capture_output=True, text=True
+    )
     listing = proc.stdout.split("\n\n", 1)[0]  # the ids, then a blank line and the summary
     ids = [line for line in listing.splitlines() if "::" in line]
     if proc.returncode != 0 or not ids:
@@ -98,8 +105,13 @@ def merge_junit(parts, order, out):
     for case in cases:
         suite.append(case)
     count = lambda tag: sum(case.find(tag) is not None for case in cases)  # noqa: E731
-    suite.attrib.update(tests=str(len(cases)), failures=str(count("failure")), errors=str(count("error")),
-                        skipped=str(count("skipped")), time=f"{seconds:.3f}")
+    suite.attrib.update(
+        tests=str(len(cases)),
+        failures=str(count("failure")),
+        errors=str(count("error")),
+        skipped=str(count("skipped")),
+        time=f"{seconds:.3f}",
+    )
     atomic_write_text(out, ET.tostring(merged, encoding="unicode") + "\n")
 
 
@@ -109,8 +121,9 @@ def main(argv=None):
     os.makedirs(folder, exist_ok=True)
     ids, failed = collect(args.paths, args.options)
     if failed:
-        merge_junit([("", [" ".join(args.paths) + "::collection"], "collecting the tests failed: " + failed)],
-                    [], args.junitxml)
+        merge_junit(
+            [("", [" ".join(args.paths) + "::collection"], "collecting the tests failed: " + failed)], [], args.junitxml
+        )
         print(f"pytest_parallel.py: collecting {' '.join(args.paths)} failed: {failed}")
         return 1
     os.makedirs(args.logs, exist_ok=True)
@@ -125,14 +138,34 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, stop)
     for k, group in enumerate(groups(ids, args.alone), 1):
         log, xml = os.path.join(args.logs, f"tests-{k}.log"), os.path.join(folder, f"tests-{k}.xml")
-        cmd = [sys.executable, "-m", "pytest", "-v", *args.options, "--junitxml", xml,
-               "--basetemp", os.path.join(scratch, f"tmp-{k}"), *group]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-v",
+            *args.options,
+            "--junitxml",
+            xml,
+            "--basetemp",
+            os.path.join(scratch, f"tmp-{k}"),
+            *group,
+        ]
         with open(log, "w") as out:
             procs.append((subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT), log, xml, group))
     codes = [proc.wait() for proc, *_ in procs]
-    merge_junit([(xml, group, f"its pytest process ended with {code} and wrote no result"
-                  + (f" (signal {-code})" if code < 0 else ""))
-                 for (_, _, xml, group), code in zip(procs, codes)], ids, args.junitxml)
+    merge_junit(
+        [
+            (
+                xml,
+                group,
+                f"its pytest process ended with {code} and wrote no result"
+                + (f" (signal {-code})" if code < 0 else ""),
+            )
+            for (_, _, xml, group), code in zip(procs, codes)
+        ],
+        ids,
+        args.junitxml,
+    )
     for _, log, xml, _ in procs:  # the whole output in one place (the stage's log), then the parts go
         with open(log) as f:
             sys.stdout.write(f.read())

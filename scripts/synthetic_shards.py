@@ -2,6 +2,7 @@
 paraphrases of 8-16 words, or of a text-length setting (``longest``: each text's length in CLIP tokens,
 SOT and EOT included, drawn uniformly from ``text_length_range(longest)``; every word of WORDS is one
 token). Used by bench_loader.py and bench_e2e.py (scripts/ is on their path)."""
+
 import contextlib
 import io
 import os
@@ -12,9 +13,11 @@ from PIL import Image, ImageFilter
 
 from paraclip_plugin.shards import atomic_tar_writer, update_sizes_json
 
-WORDS = ("a the of on in with near under beside dog cat man woman child car street tree house field beach "
-         "red blue green white black small large old young sitting standing running holding looking "
-         "photo picture view close up two three group people table window water sky").split()
+WORDS = (
+    "a the of on in with near under beside dog cat man woman child car street tree house field beach "
+    "red blue green white black small large old young sitting standing running holding looking "
+    "photo picture view close up two three group people table window water sky"
+).split()
 
 
 def jpeg_bytes(rng, size=256):
@@ -29,8 +32,10 @@ def jpeg_bytes(rng, size=256):
 
 
 # a text-length setting's texts: tokens (SOT and EOT included) uniform from half the longest to the longest
-TEXT_LENGTHS = ("uniform from half the longest (rounded up) to the longest, SOT and EOT included (in the shards, each "
-                "shard's first caption is the longest; in a step's batch, its first)")
+TEXT_LENGTHS = (
+    "uniform from half the longest (rounded up) to the longest, SOT and EOT included (in the shards, each "
+    "shard's first caption is the longest; in a step's batch, its first)"
+)
 
 
 def text_length_range(longest):
@@ -64,8 +69,15 @@ def write_shard(folder, shard, count, seed=0, longest=(None,)):
             jpeg_total += len(jpg)
             for sink, length in zip(sinks, longest):
                 # each shard's first caption is the setting's longest text, so every shard reaches it
-                sink.write({"__key__": f"{shard:05d}{i:05d}", "jpg": jpg, "txt": caption(texts, length, i == 0),
-                            "para1.txt": caption(texts, length), "para2.txt": caption(texts, length)})
+                sink.write(
+                    {
+                        "__key__": f"{shard:05d}{i:05d}",
+                        "jpg": jpg,
+                        "txt": caption(texts, length, i == 0),
+                        "para1.txt": caption(texts, length),
+                        "para2.txt": caption(texts, length),
+                    }
+                )
     return {name: count for name in names}, jpeg_total
 
 
@@ -74,8 +86,10 @@ def write_shards(folder, samples, per_shard, seed=0, processes=1, longest=(None,
     with text-length settings (``longest``, e.g. (40, 24, 77)), a set of shards per setting, ``t<L>-*.tar``.
     Returns (brace pattern, mean JPEG bytes); with settings, the pattern holds ``{longest}`` for L."""
     os.makedirs(folder, exist_ok=True)
-    jobs = [(folder, shard, min(per_shard, samples - shard * per_shard), seed, tuple(longest))
-            for shard in range(-(-samples // per_shard))]
+    jobs = [
+        (folder, shard, min(per_shard, samples - shard * per_shard), seed, tuple(longest))
+        for shard in range(-(-samples // per_shard))
+    ]
     if processes > 1:
         with ProcessPoolExecutor(processes) as pool:
             done = list(pool.map(write_shard, *zip(*jobs)))

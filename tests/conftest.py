@@ -1,11 +1,16 @@
 """Shared fixtures: real four-field WebDataset shards and the tiny open_clip model config."""
+
 import io
 import os
 import random
+import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from paraclip_plugin.shards import atomic_tar_writer, update_sizes_json
@@ -59,15 +64,10 @@ def shards(tmp_path):
 
 # ---------------------------------------------------------------- running open_clip_train for real
 
-import re
-import shutil
-import subprocess
-
-import torch
-
 
 def site_open_clip_train():
     from paraclip_plugin import patching
+
     return patching.installed_root()
 
 
@@ -75,6 +75,7 @@ def site_open_clip_train():
 def patched_install():
     """The installed open_clip_train with the hooks applied (as `paraclip-patch apply` leaves it)."""
     from paraclip_plugin import patching
+
     root = site_open_clip_train()
     if shutil.which("patch") is None and (root / "open_clip_train" / "plugins.py").exists():
         return root  # patched without GNU patch (scripts/gpu_check.sh on a machine that lacks it)
@@ -86,9 +87,11 @@ def patched_install():
 def pristine_root(tmp_path_factory, patched_install):
     """A folder holding an unmodified open_clip_train 3.3.0, for PYTHONPATH: the installed one, reverted."""
     from paraclip_plugin import patching
+
     root = tmp_path_factory.mktemp("pristine")
-    shutil.copytree(patched_install / "open_clip_train", root / "open_clip_train",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        patched_install / "open_clip_train", root / "open_clip_train", ignore=shutil.ignore_patterns("__pycache__")
+    )
     patching.revert(root, patching.patch_file(patching.installed_version()))
     assert not (root / "open_clip_train" / "plugins.py").exists()
     return root
@@ -97,6 +100,7 @@ def pristine_root(tmp_path_factory, patched_install):
 def save_init_checkpoint(path, seed=0):
     """A random-init tiny model saved as a bare state dict, to start every compared run from."""
     import open_clip
+
     open_clip.add_model_config(str(TINY_CONFIG))
     torch.manual_seed(seed)
     model = open_clip.create_model(TINY_MODEL)
@@ -106,11 +110,40 @@ def save_init_checkpoint(path, seed=0):
 
 def train_args(data, logs, name, init, *extra, batch_size=8, samples=None):
     args = [
-        "--train-data", str(data), "--dataset-type", "webdataset",
-        "--model", TINY_MODEL, "--model-config", str(TINY_CONFIG), "--pretrained", str(init),
-        "--batch-size", str(batch_size), "--lr", "1e-3", "--wd", "0.001", "--warmup", "1",
-        "--epochs", "1", "--workers", "1", "--device", "cpu", "--seed", "0", "--precision", "fp32",
-        "--logs-dir", str(logs), "--name", name, "--log-every-n-steps", "1",
+        "--train-data",
+        str(data),
+        "--dataset-type",
+        "webdataset",
+        "--model",
+        TINY_MODEL,
+        "--model-config",
+        str(TINY_CONFIG),
+        "--pretrained",
+        str(init),
+        "--batch-size",
+        str(batch_size),
+        "--lr",
+        "1e-3",
+        "--wd",
+        "0.001",
+        "--warmup",
+        "1",
+        "--epochs",
+        "1",
+        "--workers",
+        "1",
+        "--device",
+        "cpu",
+        "--seed",
+        "0",
+        "--precision",
+        "fp32",
+        "--logs-dir",
+        str(logs),
+        "--name",
+        name,
+        "--log-every-n-steps",
+        "1",
     ]
     if samples:
         args += ["--train-num-samples", str(samples)]
@@ -134,6 +167,7 @@ def torchrun(module_args, nproc=2, **kw):
 
 def free_port():
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -170,6 +204,7 @@ def stock_open_clip_loads(checkpoint):
         "sd = torch.load(sys.argv[1], weights_only=False)['state_dict']\n"
         "assert torch.equal(m.text_projection, sd['module.text_projection'])\n"
         "assert not any(n.startswith('paraclip') for n in sys.modules), 'plugin imported'\n"
-        "print('loaded', type(m).__name__)\n")
+        "print('loaded', type(m).__name__)\n"
+    )
     out = run([PYTHON, "-c", code, checkpoint])
     return out.stdout.split("loaded ", 1)[1].strip()

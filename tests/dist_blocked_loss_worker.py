@@ -5,6 +5,7 @@ the gradients of this rank's features, the logit scale and bias, each way.
 argv: OUT_PREFIX BLOCK. Rank R saves {combination: {"clip": (loss, grads), "blocked": (loss, grads)}} to
 OUT_PREFIX.R.pt.
 """
+
 import sys
 
 import torch
@@ -22,9 +23,12 @@ def leaves(rank, world):
     images, texts = (torch.randn(GLOBAL_BATCH, DIM, generator=g, dtype=torch.float64) for _ in range(2))
     half = GLOBAL_BATCH // world
     mine = slice(rank * half, (rank + 1) * half)
-    return [images[mine].clone().requires_grad_(), texts[mine].clone().requires_grad_(),
-            torch.tensor(2.5, dtype=torch.float64, requires_grad=True),
-            torch.tensor(-0.7, dtype=torch.float64, requires_grad=True)]
+    return [
+        images[mine].clone().requires_grad_(),
+        texts[mine].clone().requires_grad_(),
+        torch.tensor(2.5, dtype=torch.float64, requires_grad=True),
+        torch.tensor(-0.7, dtype=torch.float64, requires_grad=True),
+    ]
 
 
 def loss_and_grads(loss_fn, rank, world):
@@ -43,7 +47,8 @@ def main():
             kwargs = dict(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world)
             results[local_loss, gather_with_grad] = {
                 "clip": loss_and_grads(ClipLoss(**kwargs), rank, world),
-                "blocked": loss_and_grads(BlockedClipLoss(BLOCK, **kwargs), rank, world)}
+                "blocked": loss_and_grads(BlockedClipLoss(BLOCK, **kwargs), rank, world),
+            }
     torch.save(results, f"{OUT}.{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

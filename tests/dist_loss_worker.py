@@ -3,6 +3,7 @@ holding half of one global batch, against one process computing the same global 
 
 argv: OUT.pt LOCAL_LOSS(0|1) GATHER_WITH_GRAD(0|1). Rank 0 saves both results to OUT.pt.
 """
+
 import sys
 
 import open_clip
@@ -52,18 +53,26 @@ def main():
     half = GLOBAL_BATCH // world
 
     ddp = torch.nn.parallel.DistributedDataParallel(make_model())
-    loss_fn = ParaCLIPLoss(terms, local_loss=LOCAL_LOSS, gather_with_grad=GATHER_WITH_GRAD,
-                           rank=rank, world_size=world)
-    local, grads = loss_and_grads(ddp, loss_fn, images[rank * half:(rank + 1) * half],
-                                  texts[rank * half:(rank + 1) * half])
+    loss_fn = ParaCLIPLoss(terms, local_loss=LOCAL_LOSS, gather_with_grad=GATHER_WITH_GRAD, rank=rank, world_size=world)
+    local, grads = loss_and_grads(
+        ddp, loss_fn, images[rank * half : (rank + 1) * half], texts[rank * half : (rank + 1) * half]
+    )
     # with --local-loss each rank's loss covers its own rows: the global loss is their mean
     dist.all_reduce(local)
     distributed_loss = local / world
 
     if rank == 0:
         single_loss, single_grads = loss_and_grads(make_model(), ParaCLIPLoss(terms), images, texts)
-        torch.save(dict(distributed_loss=distributed_loss, distributed_grads=grads,
-                        single_loss=single_loss, single_grads=single_grads, world=world), OUT)
+        torch.save(
+            dict(
+                distributed_loss=distributed_loss,
+                distributed_grads=grads,
+                single_loss=single_loss,
+                single_grads=single_grads,
+                world=world,
+            ),
+            OUT,
+        )
     dist.barrier()
     dist.destroy_process_group()
 

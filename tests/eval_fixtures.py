@@ -3,6 +3,7 @@
 Each writer returns what a test needs to know the right answer without running the code under test.
 ``python tests/eval_fixtures.py DIR`` writes a whole ``--data-root`` for trying ``paraclip-eval table1``.
 """
+
 import json
 import os
 import sys
@@ -50,6 +51,7 @@ def _save(image, path):
 
 # ------------------------------------------------------------------------------------------ ARO
 
+
 def aro_scene(path):
     """32x32 blue image with a red 8x8 square at (16, 16): the whole image is blue on average, the
     square's box red, so only a correct crop sees red."""
@@ -70,8 +72,13 @@ def write_aro(folder, task, cases):
     aro_scene(os.path.join(folder, "images", "scene.png"))
     records = []
     for i, (group, true_caption, false_caption) in enumerate(cases):
-        record = {"image_id": str(i), "image_path": "scene.png", **RED_BOX,
-                  "true_caption": true_caption, "false_caption": false_caption}
+        record = {
+            "image_id": str(i),
+            "image_path": "scene.png",
+            **RED_BOX,
+            "true_caption": true_caption,
+            "false_caption": false_caption,
+        }
         if task == "vg-relation":
             record["relation_name"] = group
         else:
@@ -91,6 +98,7 @@ def colour_caption_features(captions):
 
 # ------------------------------------------------------------------------------------------ STS
 
+
 def write_sts(path, rows, extra_column=True):
     """One STS task file: header + (sentence1, sentence2, score) rows, tab-separated, quotes literal."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -107,10 +115,11 @@ def write_senteval_sts(folder, name, rows):
     (sentence1<TAB>sentence2) and ``STS.gs.<subset>.txt`` (score, or an empty line for an unscored pair).
     ``rows`` (sentence1, sentence2, score or "") are dealt round-robin over SentEval's subsets."""
     from paraclip_plugin.eval.sts import SENTEVAL_SUBSETS
+
     test_folder, subsets = SENTEVAL_SUBSETS[name]
     path = _mkdir(os.path.join(folder, test_folder))
     for i, subset in enumerate(subsets):
-        mine = rows[i::len(subsets)]
+        mine = rows[i :: len(subsets)]
         with open(os.path.join(path, f"STS.input.{subset}.txt"), "w", encoding="utf-8") as f:
             f.write("".join(f"{a}\t{b}\n" for a, b, _ in mine))
         with open(os.path.join(path, f"STS.gs.{subset}.txt"), "w", encoding="utf-8") as f:
@@ -130,9 +139,20 @@ def write_stsb_csv(path, rows, sources=True):
 
 
 SICK_TEST_HEADER = ("pair_ID", "sentence_A", "sentence_B", "relatedness_score", "entailment_judgment")
-SICK_FULL_HEADER = ("pair_ID", "sentence_A", "sentence_B", "entailment_label", "relatedness_score", "entailment_AB",
-                    "entailment_BA", "sentence_A_original", "sentence_B_original", "sentence_A_dataset",
-                    "sentence_B_dataset", "SemEval_set")
+SICK_FULL_HEADER = (
+    "pair_ID",
+    "sentence_A",
+    "sentence_B",
+    "entailment_label",
+    "relatedness_score",
+    "entailment_AB",
+    "entailment_BA",
+    "sentence_A_original",
+    "sentence_B_original",
+    "sentence_A_dataset",
+    "sentence_B_dataset",
+    "SemEval_set",
+)
 
 
 def write_sick(path, rows, sets=None):
@@ -142,8 +162,24 @@ def write_sick(path, rows, sets=None):
     lines = ["\t".join(SICK_FULL_HEADER if sets else SICK_TEST_HEADER)]
     for i, (first, second, score) in enumerate(rows):
         if sets:
-            lines.append("\t".join([str(i + 1), first, second, "NEUTRAL", str(score), "A_neutral_B", "B_neutral_A",
-                                    first, second, "FLICKR", "FLICKR", sets[i]]))
+            lines.append(
+                "\t".join(
+                    [
+                        str(i + 1),
+                        first,
+                        second,
+                        "NEUTRAL",
+                        str(score),
+                        "A_neutral_B",
+                        "B_neutral_A",
+                        first,
+                        second,
+                        "FLICKR",
+                        "FLICKR",
+                        sets[i],
+                    ]
+                )
+            )
         else:
             lines.append("\t".join([str(i + 1), first, second, str(score), "NEUTRAL"]))
     with open(path, "w", encoding="utf-8") as f:
@@ -166,6 +202,7 @@ def write_senteval_downstream(folder, rows_per_task):
 
 # ------------------------------------------------------------------------------------------ ImageNet
 
+
 def class_colour(index):
     # Red and green encode the class in steps of 8, so JPEG's small colour error cannot move it.
     return (8 * (index % 32), 8 * (index // 32), 100)
@@ -186,8 +223,10 @@ def write_imagenet(root, shows=None):
     wnids = [f"n{i:08d}" for i in range(1000)]
     torch.save(({w: (f"class {i}",) for i, w in enumerate(wnids)}, wnids), os.path.join(_mkdir(root), "meta.bin"))
     for i, wnid in enumerate(wnids):
-        _save(Image.new("RGB", (16, 16), class_colour(shows.get(i, i))),
-              os.path.join(root, "val", wnid, f"ILSVRC2012_val_{i + 1:08d}.JPEG"))
+        _save(
+            Image.new("RGB", (16, 16), class_colour(shows.get(i, i))),
+            os.path.join(root, "val", wnid, f"ILSVRC2012_val_{i + 1:08d}.JPEG"),
+        )
     return len(wnids)
 
 
@@ -202,6 +241,7 @@ def _mkdir(path):
 
 # ------------------------------------------------------------------------------------------ COCO
 
+
 def write_coco(root, captions_per_image, split="karpathy-test"):
     """A COCO split's layout: ``val2014/`` + ``coco_test_karpathy.json`` (clip_benchmark's
     ``mscoco_captions`` test files), or ``val2017/`` + ``annotations/captions_val2017.json`` (COCO's zips).
@@ -212,13 +252,18 @@ def write_coco(root, captions_per_image, split="karpathy-test"):
     images, annotations = [], []
     for i, captions in enumerate(captions_per_image):
         file_name = f"COCO_val2014_{i + 1:012d}.jpg" if karpathy else f"{i + 1:012d}.jpg"
-        _save(Image.new("RGB", (16, 16), (20 * i + 10,) * 3),
-              os.path.join(root, "val2014" if karpathy else "val2017", file_name))
+        _save(
+            Image.new("RGB", (16, 16), (20 * i + 10,) * 3),
+            os.path.join(root, "val2014" if karpathy else "val2017", file_name),
+        )
         images.append({"id": i + 1, "file_name": file_name, "height": 16, "width": 16})
         for caption in captions:
             annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "caption": caption})
-    path = os.path.join(root, "coco_test_karpathy.json") if karpathy else \
-        os.path.join(_mkdir(os.path.join(root, "annotations")), "captions_val2017.json")
+    path = (
+        os.path.join(root, "coco_test_karpathy.json")
+        if karpathy
+        else os.path.join(_mkdir(os.path.join(root, "annotations")), "captions_val2017.json")
+    )
     with open(path, "w") as f:
         json.dump({"images": images, "annotations": annotations}, f)
     return path
@@ -227,6 +272,7 @@ def write_coco(root, captions_per_image, split="karpathy-test"):
 def coco_preprocess(num_images):
     def preprocess(image):
         return F.one_hot(torch.tensor(round((image.getpixel((0, 0))[0] - 10) / 20)), num_images).float()
+
     return preprocess
 
 
@@ -244,18 +290,36 @@ def write_data_root(root):
     for i, word in enumerate(WORDS):
         _save(Image.new("RGB", (32, 32), (25 * i, 255 - 25 * i, 90)), os.path.join(pr, "val2017", f"{i}.png"))
         if i < 6:
-            lines.append(json.dumps({"query": f"a {word} thing", "paraphrase": f"something {word}", "image": f"{i}.png"}))
+            lines.append(
+                json.dumps({"query": f"a {word} thing", "paraphrase": f"something {word}", "image": f"{i}.png"})
+            )
     with open(os.path.join(pr, "pairs.jsonl"), "w") as f:
         f.write("\n".join(lines) + "\n")
     aro = os.path.join(root, "aro")
-    write_aro(aro, "vg-relation", [("on", "red cup on table", "blue table on cup"),
-                                   ("behind", "red dog behind tree", "blue tree behind dog"),
-                                   ("near", "red car near house", "blue house near car")])
-    write_aro(aro, "vg-attribution", [("red_blue", f"red cube and blue ball {i}", f"blue cube and red ball {i}")
-                                      for i in range(25)] + [("small_large", "red small dog", "blue large dog")])
-    write_senteval_downstream(os.path.join(root, "sts"), {
-        name: [(f"a {a} {b}", f"the {b} {a}", (3 * n + 7 * i) % 6) for i, (a, b) in enumerate(zip(WORDS, WORDS[1:]))]
-        for n, name in enumerate(STS_NAMES)})
+    write_aro(
+        aro,
+        "vg-relation",
+        [
+            ("on", "red cup on table", "blue table on cup"),
+            ("behind", "red dog behind tree", "blue tree behind dog"),
+            ("near", "red car near house", "blue house near car"),
+        ],
+    )
+    write_aro(
+        aro,
+        "vg-attribution",
+        [("red_blue", f"red cube and blue ball {i}", f"blue cube and red ball {i}") for i in range(25)]
+        + [("small_large", "red small dog", "blue large dog")],
+    )
+    write_senteval_downstream(
+        os.path.join(root, "sts"),
+        {
+            name: [
+                (f"a {a} {b}", f"the {b} {a}", (3 * n + 7 * i) % 6) for i, (a, b) in enumerate(zip(WORDS, WORDS[1:]))
+            ]
+            for n, name in enumerate(STS_NAMES)
+        },
+    )
     write_imagenet(os.path.join(root, "imagenet"))
     for split, count in (("karpathy-test", 8), ("val2017", 9)):
         write_coco(os.path.join(root, "coco"), [[f"a {w} picture", f"{w} again"] for w in WORDS[:count]], split)

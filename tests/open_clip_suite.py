@@ -19,6 +19,7 @@ That check covers the files of ``REACHES`` that have tests left to run: in the d
 default run, ``main()``'s own path through the patch is covered by the plugin's suite instead
 (``tests/test_train.py``: a patched run without ParaCLIP flags equals an unpatched one).
 """
+
 import collections
 import importlib.metadata
 import os
@@ -66,13 +67,30 @@ def sdist_tests(version):
         return root
     cache.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:", "--no-deps",
-                        "--dest", tmp, f"{PACKAGE}=={version}"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-binary",
+                ":all:",
+                "--no-deps",
+                "--dest",
+                tmp,
+                f"{PACKAGE}=={version}",
+            ],
+            check=True,
+        )
         (archive,) = Path(tmp).glob("*.tar.gz")
         prefix = archive.name.removesuffix(".tar.gz")
         with tarfile.open(archive) as tar:
-            members = [m for m in tar.getmembers()
-                       if m.name in (f"{prefix}/pyproject.toml",) or m.name.startswith(f"{prefix}/tests/")]
+            members = [
+                m
+                for m in tar.getmembers()
+                if m.name in (f"{prefix}/pyproject.toml",) or m.name.startswith(f"{prefix}/tests/")
+            ]
             tar.extractall(tmp, members=members, filter="data")
         # appears whole or not at all, so an interrupted download is fetched again next time
         os.replace(Path(tmp) / prefix, root)
@@ -92,6 +110,7 @@ class HookCheck:
     def pytest_sessionstart(self, session):
         from open_clip_train import plugins
         from paraclip_plugin.train import hooks
+
         if hooks not in plugins.get_plugins():
             raise pytest.UsageError("the paraclip plugin is not registered in the open_clip_train.plugins entry points")
         for name in HOOKS:
@@ -105,6 +124,7 @@ class HookCheck:
             if result is not expected:
                 self.not_noop.append(f"{name} returned {type(result).__name__} without ParaCLIP flags")
             return result
+
         return counted
 
     def pytest_deselected(self, items):
@@ -117,14 +137,17 @@ class HookCheck:
     def problems(self):
         found = list(self.not_noop)
         for node, _ in self.deselected:
-            if "::" in node and not any(i == node or i.startswith(node + "[") or i.startswith(node + "::")
-                                        for i in self.deselected_ids):
+            if "::" in node and not any(
+                i == node or i.startswith(node + "[") or i.startswith(node + "::") for i in self.deselected_ids
+            ):
                 found.append(f"{DESELECTED.name} lists {node}, which is not a test of this open_clip version")
         for file in sorted(self.ran_files):
             for name in REACHES.get(file, ()):
                 if not self.calls[name]:
-                    found.append(f"{file} ran, but the paraclip hook {name} was never called: "
-                                 f"is the patched open_clip_train the one imported?")
+                    found.append(
+                        f"{file} ran, but the paraclip hook {name} was never called: "
+                        f"is the patched open_clip_train the one imported?"
+                    )
         return found
 
     def pytest_terminal_summary(self, terminalreporter):
@@ -140,6 +163,7 @@ class HookCheck:
 
 def main(argv):
     from paraclip_plugin import patching
+
     version = importlib.metadata.version(PACKAGE)
     patching.apply(patching.installed_root(), patching.patch_file(version))
     root = sdist_tests(version)
@@ -154,8 +178,11 @@ def main(argv):
             options += ["--ignore", str(root / node)]
         else:
             raise SystemExit(f"{DESELECTED}: {node} is not a test file of {PACKAGE} {version}")
-    print(f"== {PACKAGE} {version}'s own tests ({root / 'tests'}), patched open_clip_train, paraclip plugin "
-          f"installed; {len(deselected)} left out, see {DESELECTED.relative_to(HERE.parent)}", flush=True)
+    print(
+        f"== {PACKAGE} {version}'s own tests ({root / 'tests'}), patched open_clip_train, paraclip plugin "
+        f"installed; {len(deselected)} left out, see {DESELECTED.relative_to(HERE.parent)}",
+        flush=True,
+    )
     os.chdir(root)  # open_clip's tests write data/ and logs/ relative to the folder they run in
     return pytest.main(["tests", "-p", "no:cacheprovider", *options, *argv], plugins=[HookCheck(deselected)])
 

@@ -1,4 +1,5 @@
 """Bad input gets a clear error naming the shard or flag, or a counted skip."""
+
 import pytest
 
 from conftest import PYTHON, read_log, run, save_init_checkpoint, train_args, write_shards
@@ -37,20 +38,25 @@ def test_corrupt_tar_is_logged_and_skipped(tmp_path, init, patched_install):
     corrupt = tmp_path / "mixed" / "00001.tar"
     corrupt.write_bytes(corrupt.read_bytes()[:700] + b"\x00garbage" * 64)
     args = ["--workers", "1"]
-    proc = train(tmp_path, str(tmp_path / "mixed" / "{00000..00001}.tar"), init, *args, check=True)
+    train(tmp_path, str(tmp_path / "mixed" / "{00000..00001}.tar"), init, *args, check=True)
     log = read_log(tmp_path / "logs", "run")
     assert "Handling webdataset error" in log and str(corrupt) in log
     assert "Train Epoch: 0" in log
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--paraclip-terms", "image:para2,caption:paraX"],
-     "argument --paraclip-terms: unknown field 'paraX' in term 'caption:paraX'; fields are image, caption, para1, para2"),
-    (["--paraclip-terms", "image"], "argument --paraclip-terms: term 'image' is not of the form FIELD:FIELD"),
-    (["--paraclip-weights", "1,0.5"], "argument --paraclip-weights: 2 weights given for 3 terms"),
-    (["--paraclip-weights", "1,x,1"], "argument --paraclip-weights:"),
-    (["--siglip"], "--paraclip-loss is a CLIP (InfoNCE) loss"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (
+            ["--paraclip-terms", "image:para2,caption:paraX"],
+            "argument --paraclip-terms: unknown field 'paraX' in term 'caption:paraX'; fields are image, caption, para1, para2",
+        ),
+        (["--paraclip-terms", "image"], "argument --paraclip-terms: term 'image' is not of the form FIELD:FIELD"),
+        (["--paraclip-weights", "1,0.5"], "argument --paraclip-weights: 2 weights given for 3 terms"),
+        (["--paraclip-weights", "1,x,1"], "argument --paraclip-weights:"),
+        (["--siglip"], "--paraclip-loss is a CLIP (InfoNCE) loss"),
+    ],
+)
 def test_bad_flags(tmp_path, init, patched_install, flags, message):
     data = write_shards(tmp_path / "ok", num_shards=1, per_shard=4)
     proc = train(tmp_path, data, init, *flags)

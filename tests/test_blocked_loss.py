@@ -1,14 +1,21 @@
 """--paraclip-loss-block-size: BlockedClipLoss gives open_clip's ClipLoss's loss and gradients (features, logit
 scale, logit bias; both directions; one process and 2 gloo ranks with --local-loss / --gather-with-grad), and
 keeps no N x N tensor for backward."""
+
 import pytest
 import torch
 from open_clip.loss import ClipLoss
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import BIN, REPO, free_port, run
-from paraclip_plugin.train.loss import (BlockedClipLoss, BlockedCrossEntropy, DEFAULT_TERMS, ParaCLIPLoss,
-                                        blocked_cross_entropy, parse_terms)
+from paraclip_plugin.train.loss import (
+    BlockedClipLoss,
+    BlockedCrossEntropy,
+    DEFAULT_TERMS,
+    ParaCLIPLoss,
+    blocked_cross_entropy,
+    parse_terms,
+)
 
 WORKER = REPO / "tests" / "dist_blocked_loss_worker.py"
 # float64: the blocked sums are the unblocked ones in another order, equal to a few ulps of the loss (~1e-15)
@@ -82,14 +89,17 @@ def test_paraclip_loss_in_blocks_matches_every_term():
 def test_bfloat16_autocast_follows_clip_loss_within_bfloat16_rounding():
     """Under autocast the logits come from bf16 matmuls (as in ClipLoss) and the cross entropy is float32."""
     g = torch.Generator().manual_seed(4)
-    images, texts = (torch.nn.functional.normalize(torch.randn(64, 16, generator=g), dim=-1).requires_grad_()
-                     for _ in range(2))
+    images, texts = (
+        torch.nn.functional.normalize(torch.randn(64, 16, generator=g), dim=-1).requires_grad_() for _ in range(2)
+    )
     scale = torch.tensor(14.0, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, blocked = ClipLoss()(images, texts, scale), BlockedClipLoss(16)(images, texts, scale)
     assert loss.dtype == blocked.dtype == torch.float32
     torch.testing.assert_close(blocked, loss, rtol=1e-5, atol=1e-5)  # the same bf16 logits, float32 sums
-    for got, want in zip(torch.autograd.grad(blocked, [images, texts, scale]), torch.autograd.grad(loss, [images, texts, scale])):
+    for got, want in zip(
+        torch.autograd.grad(blocked, [images, texts, scale]), torch.autograd.grad(loss, [images, texts, scale])
+    ):
         assert got.dtype == want.dtype
         assert (got - want).norm() <= 1e-2 * want.norm()  # bf16 (2^-9) rounding of the backward matmuls
 

@@ -1,16 +1,25 @@
 """--causal-attention: the text tower's attention runs as causal SDPA (no mask), with the same features,
 gradients and training as the additive mask, and only where the mask really is causal."""
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import final_state, logged_losses, read_log, save_init_checkpoint, stock_open_clip_loads, torchrun, \
-    train_args, write_shards
+from conftest import (
+    final_state,
+    logged_losses,
+    read_log,
+    save_init_checkpoint,
+    stock_open_clip_loads,
+    torchrun,
+    train_args,
+    write_shards,
+)
 from paraclip_plugin.train.attention import CausalHint, causal_attention, is_causal_mask
 from paraclip_plugin.train.model import enable_paraphrase_forward
 from paraclip_plugin.train.trimming import TextTrimming
-from test_fast_trimming import CONTEXT, OtherTextTower, random_tokens, text_params, tiny
+from test_fast_trimming import OtherTextTower, random_tokens, text_params, tiny
 from test_train import TERMS
 
 
@@ -22,6 +31,7 @@ def sdpa_calls(monkeypatch):
     def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):
         calls.append((attn_mask is not None, is_causal))
         return real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kw)
+
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     return calls
 
@@ -110,24 +120,33 @@ def test_the_hint_is_not_given_for_other_masks(sdpa_calls):
     attn = model.transformer.resblocks[0].attn
     x = torch.randn(2, 5, 64)
     open_mask = torch.zeros(5, 5)
-    assert not torch.allclose(attn(x, x, x, need_weights=False, attn_mask=open_mask)[0],
-                              nn.MultiheadAttention.forward(attn, x, x, x, need_weights=False, attn_mask=open_mask)[0])
+    assert not torch.allclose(
+        attn(x, x, x, need_weights=False, attn_mask=open_mask)[0],
+        nn.MultiheadAttention.forward(attn, x, x, x, need_weights=False, attn_mask=open_mask)[0],
+    )
     sdpa_calls.clear()
     per_sample = torch.zeros(2 * 2, 5, 5)  # [batch x heads, L, L]
-    torch.testing.assert_close(attn(x, x, x, need_weights=False, attn_mask=per_sample)[0],
-                               nn.MultiheadAttention.forward(attn, x, x, x, need_weights=False, attn_mask=per_sample)[0])
-    torch.testing.assert_close(attn(x, x, x, None, False, open_mask)[0],
-                               nn.MultiheadAttention.forward(attn, x, x, x, None, False, open_mask)[0])
+    torch.testing.assert_close(
+        attn(x, x, x, need_weights=False, attn_mask=per_sample)[0],
+        nn.MultiheadAttention.forward(attn, x, x, x, need_weights=False, attn_mask=per_sample)[0],
+    )
+    torch.testing.assert_close(
+        attn(x, x, x, None, False, open_mask)[0],
+        nn.MultiheadAttention.forward(attn, x, x, x, None, False, open_mask)[0],
+    )
     assert not any(causal for _, causal in sdpa_calls)
 
 
-@pytest.mark.parametrize("change,reason", [
-    (dict(no_causal_mask=True), "bidirectional"),
-    (dict(embed_cls=True, pool_type="last", force_custom_text=True), "CLS token"),
-    (dict(block_type="custom"), "is Attention, not nn.MultiheadAttention"),
-    (dict(other_tower=True), "is not open_clip's TextTransformer"),
-    (dict(other_mask=True), "not the causal mask"),
-])
+@pytest.mark.parametrize(
+    "change,reason",
+    [
+        (dict(no_causal_mask=True), "bidirectional"),
+        (dict(embed_cls=True, pool_type="last", force_custom_text=True), "CLS token"),
+        (dict(block_type="custom"), "is Attention, not nn.MultiheadAttention"),
+        (dict(other_tower=True), "is not open_clip's TextTransformer"),
+        (dict(other_mask=True), "not the causal mask"),
+    ],
+)
 def test_no_hint_where_the_mask_is_not_causal_attention(change, reason, sdpa_calls):
     change = dict(change)
     other_tower, other_mask = change.pop("other_tower", False), change.pop("other_mask", False)
@@ -171,8 +190,11 @@ def test_dynamo_traces_the_hint_without_new_graph_breaks():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("causal")
-    return dict(data=write_shards(root / "shards", num_shards=2, per_shard=16, seed=3),
-                init=save_init_checkpoint(root / "init.pt", seed=3), logs=root / "logs")
+    return dict(
+        data=write_shards(root / "shards", num_shards=2, per_shard=16, seed=3),
+        init=save_init_checkpoint(root / "init.pt", seed=3),
+        logs=root / "logs",
+    )
 
 
 def test_open_clip_train_with_causal_attention_trains_as_with_the_mask(world, patched_install):
@@ -184,8 +206,20 @@ def test_open_clip_train_with_causal_attention_trains_as_with_the_mask(world, pa
     the ~0 gradients of attention biases become steps of +-lr whose sign is rounding noise."""
     states = {}
     for name, extra in (("mask", ()), ("causal", ("--causal-attention",))):
-        args = train_args(world["data"], world["logs"], name, world["init"], "--paraclip-loss",
-                          "--aug-cfg", "scale=(1.0,1.0)", "--eps", "1", *extra, batch_size=16, samples=32)
+        args = train_args(
+            world["data"],
+            world["logs"],
+            name,
+            world["init"],
+            "--paraclip-loss",
+            "--aug-cfg",
+            "scale=(1.0,1.0)",
+            "--eps",
+            "1",
+            *extra,
+            batch_size=16,
+            samples=32,
+        )
         args[args.index("--workers") + 1] = "0"
         torchrun(["open_clip_train.main", *args])
         log = read_log(world["logs"], name)
@@ -198,8 +232,10 @@ def test_open_clip_train_with_causal_attention_trains_as_with_the_mask(world, pa
             assert b[term] == pytest.approx(a[term], rel=1e-5, abs=1e-6), term
     assert mask_state.keys() == causal_state.keys()
     init = torch.load(world["init"])
-    update = {name: torch.cat([(state[k] - init[k]).flatten() for k in sorted(init) if not k.startswith("visual.")])
-              for name, state in (("mask", mask_state), ("causal", causal_state))}
+    update = {
+        name: torch.cat([(state[k] - init[k]).flatten() for k in sorted(init) if not k.startswith("visual.")])
+        for name, state in (("mask", mask_state), ("causal", causal_state))
+    }
     assert update["mask"].norm() > 1e-3  # the step really moved the text tower
     assert (update["causal"] - update["mask"]).norm() <= 1e-4 * update["mask"].norm()
     assert all(torch.equal(causal_state[k], init[k]) for k in init if k.startswith("visual."))

@@ -1,5 +1,6 @@
 """Compact training shards (embed_images --compact): two members per sample, the same batches as the
 four-field embedded shards, and the same checks."""
+
 import json
 import logging
 
@@ -15,8 +16,16 @@ from paraclip_plugin.train.decode import compact_decode_stages, first_sample_fie
 from paraclip_plugin.train.embeddings import EmbeddingMismatch, MissingEmbeddings, visual_fingerprint
 from paraclip_plugin.paraphrase.shard_io import read_tar_samples
 from paraclip_plugin.train.pretokenized import TokenizerMismatch
-from test_fast_embeddings import (embed, embed_images, one_step, pipeline, rewrite_shard, skip_reasons,  # noqa: F401
-                                  spoil_sample, tiny_model, world)
+from test_fast_embeddings import (
+    embed,
+    embed_images,
+    one_step,
+    pipeline,
+    rewrite_shard,
+    skip_reasons,  # noqa: F401
+    spoil_sample,
+    tiny_model,
+)
 from test_train import TERMS
 
 
@@ -71,12 +80,16 @@ def test_compact_shards_are_refused_for_other_weights_tokenizers_or_missing_memb
     with pytest.raises(EmbeddingMismatch, match=f"shard {compact / '00000.tar'} holds image embeddings"):
         pipeline(compact / "00000.tar", compact_decode_stages(tokenizer, embedding_sha256="0" * 64))
     other_tokenizer = open_clip.get_tokenizer(TINY_MODEL, context_length=16)
-    with pytest.raises(TokenizerMismatch, match=f"shard {compact / '00000.tar'}: .*re-run paraclip-embed-images "
-                                                f"--compact"):
+    with pytest.raises(
+        TokenizerMismatch, match=f"shard {compact / '00000.tar'}: .*re-run paraclip-embed-images --compact"
+    ):
         pipeline(compact / "00000.tar", compact_decode_stages(other_tokenizer, visual_fingerprint(model.visual)))
-    with pytest.raises(MissingEmbeddings, match=f"shard {world['embedded'] / '00000.tar'} is a four-field \\(no '.pcl' "
-                                                f"member in any sample\\) shard, but the first shard of --train-data is a "
-                                                f"compact one: compact and four-field shards can't be mixed"):
+    with pytest.raises(
+        MissingEmbeddings,
+        match=f"shard {world['embedded'] / '00000.tar'} is a four-field \\(no '.pcl' "
+        f"member in any sample\\) shard, but the first shard of --train-data is a "
+        f"compact one: compact and four-field shards can't be mixed",
+    ):
         pipeline(world["embedded"] / "00000.tar", compact_decode_stages(tokenizer, visual_fingerprint(model.visual)))
     # one sample without its member, one with a broken one: skipped and counted, the rest kept
     holes = tmp_path / "holes.tar"
@@ -97,14 +110,27 @@ def test_compact_shards_are_refused_for_other_weights_tokenizers_or_missing_memb
     assert len(skipped) == 2
     assert f"skipped sample '{keys['missing']}'" in skipped[0] and "missing pcl or json" in skipped[0]
     assert f"skipped sample '{keys['broken']}'" in skipped[1] and "pcl: " in skipped[1]
-    assert "(2 skipped so far in this data worker; by reason: {'missing pcl/json': 1, 'pcl not readable': 1})" \
+    assert (
+        "(2 skipped so far in this data worker; by reason: {'missing pcl/json': 1, 'pcl not readable': 1})"
         in skipped[1]
+    )
 
 
 def test_compact_needs_an_output_folder(world, capsys):  # noqa: F811
-    code = embed_images.main(["--shards", str(world["plain"] / "00000.tar"), "--model", TINY_MODEL,
-                              "--model-config", str(world["root"].parent), "--compact"])
-    assert code == 2 and "--compact writes shards without images and texts: it needs --output" in capsys.readouterr().err
+    code = embed_images.main(
+        [
+            "--shards",
+            str(world["plain"] / "00000.tar"),
+            "--model",
+            TINY_MODEL,
+            "--model-config",
+            str(world["root"].parent),
+            "--compact",
+        ]
+    )
+    assert (
+        code == 2 and "--compact writes shards without images and texts: it needs --output" in capsys.readouterr().err
+    )
 
 
 def test_open_clip_train_on_compact_shards_matches_the_embedded_ones(world, compact, patched_install):  # noqa: F811
@@ -122,6 +148,7 @@ def test_the_first_sample_is_read_as_webdataset_groups_it_from_any_url(tmp_path)
     import gzip
     import io
     import tarfile
+
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for name, data in (("a/k1.JPG", b"x"), ("a/k1.txt", b"t"), ("a/k1.para1.txt", b"p"), ("a/k2.JPG", b"y")):
@@ -131,16 +158,28 @@ def test_the_first_sample_is_read_as_webdataset_groups_it_from_any_url(tmp_path)
     (tmp_path / "s.tar").write_bytes(buf.getvalue())
     (tmp_path / "s.tar.gz").write_bytes(gzip.compress(buf.getvalue()))
     first = {"jpg", "txt", "para1.txt"}
-    for url in (tmp_path / "s.tar", f"file:{tmp_path / 's.tar'}", tmp_path / "s.tar.gz", f"pipe:cat {tmp_path / 's.tar'}"):
+    for url in (
+        tmp_path / "s.tar",
+        f"file:{tmp_path / 's.tar'}",
+        tmp_path / "s.tar.gz",
+        f"pipe:cat {tmp_path / 's.tar'}",
+    ):
         assert first_sample_fields(str(url)) == first, url
     assert first_sample_fields(str(tmp_path / "none.tar")) is None and first_sample_fields("pipe:false") is None
 
 
-@pytest.mark.parametrize("field,value,kind", [
-    (COMPACT_FIELD, lambda b: pack(unpack(b)[0], np.ones((3, 40), np.int32)), "tokens.npy bad shape"),  # n > context 32
-    (COMPACT_FIELD, lambda b: pack(unpack(b)[0], np.full((3, 4), 10**7, np.int32)), "tokens.npy bad ids"),
-    ("json", lambda b: b'"x"', "json not an object"),
-])
+@pytest.mark.parametrize(
+    "field,value,kind",
+    [
+        (
+            COMPACT_FIELD,
+            lambda b: pack(unpack(b)[0], np.ones((3, 40), np.int32)),
+            "tokens.npy bad shape",
+        ),  # n > context 32
+        (COMPACT_FIELD, lambda b: pack(unpack(b)[0], np.full((3, 4), 10**7, np.int32)), "tokens.npy bad ids"),
+        ("json", lambda b: b'"x"', "json not an object"),
+    ],
+)
 def test_unusable_compact_members_are_skipped_and_counted(world, compact, tmp_path, caplog, field, value, kind):  # noqa: F811
     model, _, _ = tiny_model(world["init"])
     tokenizer = open_clip.get_tokenizer(TINY_MODEL)
@@ -154,13 +193,19 @@ def test_unusable_compact_members_are_skipped_and_counted(world, compact, tmp_pa
 def test_compact_and_four_field_shards_train_on_the_same_samples(world, tmp_path, caplog):  # noqa: F811
     """Samples training skips for their texts (empty, white space only, not UTF-8, missing) or their image are left
     out of compact shards too (warned when embedding), so both kinds give the same samples, bit for bit."""
-    bad_texts = {1: ("para1.txt", b""), 2: ("txt", b"  \n"), 3: ("para2.txt", b"\xff\xfe bad"), 4: ("para2.txt", None),
-                 5: ("png", b"not a png")}
+    bad_texts = {
+        1: ("para1.txt", b""),
+        2: ("txt", b"  \n"),
+        3: ("para2.txt", b"\xff\xfe bad"),
+        4: ("para2.txt", None),
+        5: ("png", b"not a png"),
+    }
 
     def spoil(i, sample):
         if i in bad_texts:
             field, value = bad_texts[i]
             sample.pop(field) if value is None else sample.update({field: value})
+
     src = rewrite_shard(world["plain"] / "00000.tar", tmp_path / "00000.tar", spoil)
     with caplog.at_level(logging.WARNING):
         embed(str(src), world["init"], "--output", tmp_path / "four")
@@ -172,6 +217,7 @@ def test_compact_and_four_field_shards_train_on_the_same_samples(world, tmp_path
 
     def through(url, stages):
         return [(s["__key__"], s["image"], s["texts"]) for s in pipeline(url, stages[:-1])]
+
     four = through(tmp_path / "four" / "00000.tar", paraclip_decode_stages(preprocess_train, tokenizer, **checks))
     small = through(tmp_path / "compact" / "00000.tar", compact_decode_stages(tokenizer, **checks))
     keys = [s["__key__"] for s in read_tar_samples(src)]

@@ -1,4 +1,5 @@
 """The demo report: table, results.json and chart from real-shaped evaluation results, one run or several."""
+
 import io
 import json
 
@@ -19,7 +20,7 @@ def _result(seed, noise):
 
 
 def _row(printed, label):
-    return next(l for l in printed.splitlines() if l.startswith(label + " ")).split()
+    return next(line for line in printed.splitlines() if line.startswith(label + " ")).split()
 
 
 def test_report_writes_table_json_and_chart(tmp_path):
@@ -85,5 +86,4 @@ def test_results_with_different_k_are_refused(tmp_path):
 
 def test_loss_curve_without_steps_is_refused_with_its_name(tmp_path):
     with pytest.raises(TypeError, match="'ParaCLIP' must be a list of \\(step, loss\\) pairs"):
-        write_report([(0, _result(0, 2.0), _result(1, 0.3))], {"ParaCLIP": [4.2, 3.9]}, tmp_path,
-                     stream=io.StringIO())
+        write_report([(0, _result(0, 2.0), _result(1, 0.3))], {"ParaCLIP": [4.2, 3.9]}, tmp_path, stream=io.StringIO())

@@ -1,4 +1,5 @@
 """The whole demo at a tiny size: world -> stock baseline -> torchrun ParaCLIP -> evaluation -> report."""
+
 import json
 import re
 import sys
@@ -11,9 +12,33 @@ from paraclip_plugin.demo.__main__ import main
 
 def test_demo_end_to_end_tiny(tmp_path, patched_install):
     out = tmp_path / "demo"
-    proc = run([PYTHON, "-m", "paraclip_plugin.demo", "--output", out, "--num-train", 64, "--num-shards", 4,
-                "--num-eval", 12, "--baseline-epochs", 1, "--paraclip-epochs", 1, "--batch-size", 8,
-                "--runs", 2, "--seed", 7, "--ablation", "image:para2"])
+    proc = run(
+        [
+            PYTHON,
+            "-m",
+            "paraclip_plugin.demo",
+            "--output",
+            out,
+            "--num-train",
+            64,
+            "--num-shards",
+            4,
+            "--num-eval",
+            12,
+            "--baseline-epochs",
+            1,
+            "--paraclip-epochs",
+            1,
+            "--batch-size",
+            8,
+            "--runs",
+            2,
+            "--seed",
+            7,
+            "--ablation",
+            "image:para2",
+        ]
+    )
     for number in range(1, 5):
         assert f"[{number}/5] run 1/2" in proc.stdout and f"[{number}/5] run 2/2" in proc.stdout
     assert "[5/5]" in proc.stdout and "mean over 2 runs (seeds 7, 8)" in proc.stdout
@@ -32,8 +57,9 @@ def test_demo_end_to_end_tiny(tmp_path, patched_install):
     log = next((out / "seed-7" / "logs").glob("ablation-*/out.log")).read_text()
     assert "ParaCLIP loss: 1*L(image,para2)" in log and "L(caption,para1)" not in log
     # each seed builds its own world: different held-out scenes
-    assert (out / "seed-7" / "world" / "eval" / "pairs.jsonl").read_text() != \
-        (out / "seed-8" / "world" / "eval" / "pairs.jsonl").read_text()
+    assert (out / "seed-7" / "world" / "eval" / "pairs.jsonl").read_text() != (
+        out / "seed-8" / "world" / "eval" / "pairs.jsonl"
+    ).read_text()
     curves = results["loss_curves"]
     for seed in (7, 8):  # 64 samples / (8 per process x 2) = 4 steps, one loss per step
         for name in ("baseline CLIP", "ParaCLIP fine-tuning", "ParaCLIP, image:para2 only"):

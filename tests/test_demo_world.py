@@ -1,4 +1,5 @@
 """The demo's synthetic world: four fields everywhere, seeded determinism, paraphrase grammar, held-out eval set."""
+
 import filecmp
 import io
 import json
@@ -10,8 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import TINY_CONFIG
-from paraclip_plugin.demo.world import (
-    COLOURS, RELATIONS, SHAPES, Scene, build_world, content_words)
+from paraclip_plugin.demo.world import COLOURS, RELATIONS, SHAPES, Scene, build_world, content_words
 from paraclip_plugin.eval.paraphrased_retrieval import build_gallery, read_pairs
 from paraclip_plugin.shards import CAPTION, METADATA, PARA1, PARA2, SIZES_FILE
 
@@ -107,8 +107,12 @@ def test_eval_set_is_held_out_and_readable_by_the_evaluation(world, samples):
 
 def _centroid(image, rgb):
     """Mean (x, y) of pixels close to ``rgb``."""
-    points = [(x, y) for y in range(image.height) for x in range(image.width)
-              if sum(abs(a - b) for a, b in zip(image.getpixel((x, y)), rgb)) < 90]
+    points = [
+        (x, y)
+        for y in range(image.height)
+        for x in range(image.width)
+        if sum(abs(a - b) for a, b in zip(image.getpixel((x, y)), rgb)) < 90
+    ]
     assert points, rgb
     return tuple(sum(p[i] for p in points) / len(points) for i in (0, 1))
 
@@ -136,8 +140,9 @@ def test_same_seed_gives_identical_files_and_another_seed_does_not(tmp_path, wor
     assert not filecmp.dircmp(world.eval_images, again.eval_images).diff_files
     # Rebuilding over a previous build replaces it; another seed changes the data.
     other = build_world(tmp_path / "again", num_train=240, num_shards=4, num_eval=40, seed=4)
-    assert not filecmp.cmp(os.path.join(world.train_dir, "00000.tar"), os.path.join(other.train_dir, "00000.tar"),
-                           shallow=False)
+    assert not filecmp.cmp(
+        os.path.join(world.train_dir, "00000.tar"), os.path.join(other.train_dir, "00000.tar"), shallow=False
+    )
 
 
 def test_refuses_to_overwrite_folders_it_did_not_make(tmp_path):
@@ -150,6 +155,7 @@ def test_refuses_to_overwrite_folders_it_did_not_make(tmp_path):
 
 def test_a_build_stopped_midway_is_rebuilt_by_the_rerun(tmp_path, monkeypatch):
     import paraclip_plugin.demo.world as world_module
+
     real = world_module.training_sample
     calls = []
 
@@ -158,6 +164,7 @@ def test_a_build_stopped_midway_is_rebuilt_by_the_rerun(tmp_path, monkeypatch):
         if index == 4:
             raise KeyboardInterrupt  # as Ctrl-C while shard 2 of 4 is written
         return real(index, *args)
+
     monkeypatch.setattr(world_module, "training_sample", stop_at_the_third_shard)
     with pytest.raises(KeyboardInterrupt):
         build_world(tmp_path, num_train=8, num_shards=4, num_eval=4)
@@ -174,6 +181,10 @@ def test_every_text_fits_the_tiny_models_context(samples):
 
     tokenizer = SimpleTokenizer()
     context = json.load(open(TINY_CONFIG))["text_cfg"]["context_length"]
-    longest = max(len(tokenizer.encode(sample[field].decode()))
-                  for shard in samples.values() for sample in shard.values() for field in (CAPTION, PARA1, PARA2))
+    longest = max(
+        len(tokenizer.encode(sample[field].decode()))
+        for shard in samples.values()
+        for sample in shard.values()
+        for field in (CAPTION, PARA1, PARA2)
+    )
     assert longest <= context - 2  # start and end tokens

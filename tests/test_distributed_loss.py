@@ -1,4 +1,5 @@
 """The ParaCLIP loss across 2 gloo ranks equals the single-process loss on the same global batch."""
+
 import pytest
 import torch
 
@@ -10,8 +11,20 @@ WORKER = REPO / "tests" / "dist_loss_worker.py"
 @pytest.mark.parametrize("local_loss,gather_with_grad", [(0, 0), (0, 1), (1, 0), (1, 1)])
 def test_two_ranks_match_one_process(tmp_path, local_loss, gather_with_grad):
     out = tmp_path / "result.pt"
-    run([BIN / "torchrun", "--nproc_per_node", 2, "--master_port", free_port(), WORKER,
-         TINY_CONFIG, out, local_loss, gather_with_grad])
+    run(
+        [
+            BIN / "torchrun",
+            "--nproc_per_node",
+            2,
+            "--master_port",
+            free_port(),
+            WORKER,
+            TINY_CONFIG,
+            out,
+            local_loss,
+            gather_with_grad,
+        ]
+    )
     r = torch.load(out)
     # tolerance: float32 sums over different batch splits, 1e-5 absolute on a loss of ~6
     assert r["distributed_loss"] == pytest.approx(r["single_loss"].item(), abs=1e-5)

@@ -1,6 +1,7 @@
 """The README and docs/ as a reader uses them: the shell blocks marked ``<!-- runs-here -->`` run as written
 (cheap ones: --help outputs, ``paraclip-patch check``), every relative link points to a file (and heading) that
 exists, and every ``paraclip-*`` command and ``make`` target named in a code block exists."""
+
 import configparser
 import os
 import re
@@ -19,13 +20,17 @@ def code_blocks(page):
     """(language, code, marked to run here) of each fenced block of ``page``."""
     text = page.read_text()
     for match in FENCE.finditer(text):
-        before = text[:match.start()].rstrip("\n").rsplit("\n", 1)[-1]
+        before = text[: match.start()].rstrip("\n").rsplit("\n", 1)[-1]
         yield match.group(1), match.group(2), before.strip() == MARK
 
 
 def runnable_blocks():
-    return [pytest.param(code, id=f"{page.relative_to(REPO)}#{n}")
-            for page in PAGES for n, (lang, code, marked) in enumerate(code_blocks(page)) if marked]
+    return [
+        pytest.param(code, id=f"{page.relative_to(REPO)}#{n}")
+        for page in PAGES
+        for n, (lang, code, marked) in enumerate(code_blocks(page))
+        if marked
+    ]
 
 
 def slug(heading):
@@ -42,8 +47,11 @@ def anchors(page):
 def console_scripts():
     cfg = configparser.ConfigParser()
     cfg.read(REPO / "setup.cfg")
-    return {line.split("=")[0].strip() for line in cfg["options.entry_points"]["console_scripts"].splitlines()
-            if line.strip()}
+    return {
+        line.split("=")[0].strip()
+        for line in cfg["options.entry_points"]["console_scripts"].splitlines()
+        if line.strip()
+    }
 
 
 def make_targets():
@@ -61,8 +69,9 @@ def test_there_are_blocks_to_run_and_the_readme_starts_with_the_two_commands():
 @pytest.mark.parametrize("code", runnable_blocks())
 def test_marked_shell_block_runs(code, patched_install, tmp_path):
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=str(REPO))
-    proc = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", code], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["bash", "-e", "-o", "pipefail", "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, f"{code}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
     assert "Traceback" not in proc.stderr
     assert proc.stdout.strip(), "a block meant to show something printed nothing"

@@ -1,4 +1,5 @@
 """VG-Relation / VG-Attribution: crop, strict true-beats-false accuracy, ARO's macro accuracy, input errors."""
+
 import json
 
 import pytest
@@ -56,8 +57,8 @@ def test_whole_image_would_flip_the_answer(tmp_path):
 
 def test_attribution_macro_keeps_pairs_with_25_cases(tmp_path):
     cases = [("red_blue", f"red cube {i}", f"blue cube {i}") for i in range(20)]
-    cases += [("red_blue", f"blue ball {i}", f"red ball {i}") for i in range(5)]       # 20/25 right
-    cases += [("small_large", "blue small dog", "red large dog")] * 3                 # 0/3, dropped
+    cases += [("red_blue", f"blue ball {i}", f"red ball {i}") for i in range(5)]  # 20/25 right
+    cases += [("small_large", "blue small dog", "red large dog")] * 3  # 0/3, dropped
     path = write_aro(tmp_path, "vg-attribution", cases)
     parsed = read_cases("vg-attribution", path, tmp_path / "images")
     model = StandIn(colour_caption_features([c[1] for c in cases] + [c[2] for c in cases]), mean_colour)
@@ -73,11 +74,28 @@ def test_cli_with_the_tiny_open_clip_model_matches_a_direct_computation(tmp_path
     model, preprocess, tokenizer = load_model(TINY_MODEL, model_config=str(TINY_CONFIG))
     model.eval()
     torch.save(model.state_dict(), tmp_path / "tiny.pt")
-    assert main(["vg-relation", "--model", TINY_MODEL, "--model-config", str(TINY_CONFIG), "--pretrained",
-                 str(tmp_path / "tiny.pt"), "--annotations", str(path), "--images", str(tmp_path / "images")]) == 0
+    assert (
+        main(
+            [
+                "vg-relation",
+                "--model",
+                TINY_MODEL,
+                "--model-config",
+                str(TINY_CONFIG),
+                "--pretrained",
+                str(tmp_path / "tiny.pt"),
+                "--annotations",
+                str(path),
+                "--images",
+                str(tmp_path / "images"),
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     # Independently: crop by hand, embed with open_clip directly, compare cosines.
     from PIL import Image
+
     with torch.no_grad():
         crop = Image.open(tmp_path / "images" / "scene.png").convert("RGB").crop((16, 16, 24, 24))
         image = model.encode_image(preprocess(crop)[None], normalize=True)[0]
@@ -89,13 +107,22 @@ def test_cli_with_the_tiny_open_clip_model_matches_a_direct_computation(tmp_path
     assert result["model"] == TINY_MODEL
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda records: [], "no test cases"),
-    (lambda records: [{k: v for k, v in records[0].items() if k != "true_caption"}], "case 0: missing key 'true_caption'"),
-    (lambda records: [{k: v for k, v in records[0].items() if k != "relation_name"}], "missing key 'relation_name'"),
-    (lambda records: [dict(records[0], image_path="gone.jpg")], "gone.jpg: image file not found"),
-    (lambda records: {"not": "a list"}, "expected a JSON list"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda records: [], "no test cases"),
+        (
+            lambda records: [{k: v for k, v in records[0].items() if k != "true_caption"}],
+            "case 0: missing key 'true_caption'",
+        ),
+        (
+            lambda records: [{k: v for k, v in records[0].items() if k != "relation_name"}],
+            "missing key 'relation_name'",
+        ),
+        (lambda records: [dict(records[0], image_path="gone.jpg")], "gone.jpg: image file not found"),
+        (lambda records: {"not": "a list"}, "expected a JSON list"),
+    ],
+)
 def test_bad_annotations_exit_2_naming_the_file(tmp_path, capsys, damage, message):
     path = write_aro(tmp_path, "vg-relation", [c[:3] for c in RELATION_CASES[:1]])
     path_text = str(path)
@@ -103,8 +130,19 @@ def test_bad_annotations_exit_2_naming_the_file(tmp_path, capsys, damage, messag
         records = json.load(f)
     with open(path, "w") as f:
         json.dump(damage(records), f)
-    code = main(["vg-relation", "--model", TINY_MODEL, "--model-config", str(TINY_CONFIG),
-                 "--annotations", path_text, "--images", str(tmp_path / "images")])
+    code = main(
+        [
+            "vg-relation",
+            "--model",
+            TINY_MODEL,
+            "--model-config",
+            str(TINY_CONFIG),
+            "--annotations",
+            path_text,
+            "--images",
+            str(tmp_path / "images"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and message in err and ("gone.jpg" in message or path_text in err)
 

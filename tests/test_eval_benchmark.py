@@ -1,4 +1,5 @@
 """Zero-shot ImageNet and COCO retrieval: real clip_benchmark code on fixtures in its loaders' layouts."""
+
 import json
 import os
 
@@ -8,13 +9,20 @@ import torch
 from conftest import TINY_CONFIG, TINY_MODEL
 from eval_fixtures import StandIn, coco_preprocess, imagenet_preprocess, write_coco, write_imagenet
 from paraclip_plugin.eval.benchmark import (
-    TIE_RULE, check_coco_root, classification_scores, evaluate_coco, evaluate_imagenet, topk_hits)
+    TIE_RULE,
+    check_coco_root,
+    classification_scores,
+    evaluate_coco,
+    evaluate_imagenet,
+    topk_hits,
+)
 from paraclip_plugin.eval.cli import main
 from paraclip_plugin.eval.paraphrased_retrieval import InputError
 
 
 def _imagenet_classnames():
     import clip_benchmark.datasets.builder as builder
+
     with open(os.path.join(os.path.dirname(builder.__file__), "en_classnames.json")) as f:
         return json.load(f)["imagenet1k"]
 
@@ -47,8 +55,9 @@ def test_imagenet_ties_share_the_hit_on_the_real_tied_classifier(imagenet_with_k
         features.setdefault(name, [float(j == i) for j in range(1000)])
     assert [i for i, n in enumerate(names) if names.count(n) > 1] == [657, 744, 836, 837]
     model = StandIn(features, imagenet_preprocess)
-    result = evaluate_imagenet(model, model.preprocess, model.tokenizer, str(root), batch_size=250,
-                               templates=_one_template(tmp_path))
+    result = evaluate_imagenet(
+        model, model.preprocess, model.tokenizer, str(root), batch_size=250, templates=_one_template(tmp_path)
+    )
     assert result["num_images"] == 1000 and result["num_classes"] == 1000 and result["num_templates"] == 1
     right = 1000 - len(wrong) - 4
     assert result["acc1"] == pytest.approx((right + 2 * 0.5 + 2 * 0.001) / 1000)
@@ -61,10 +70,14 @@ def test_imagenet_ties_share_the_hit_on_the_real_tied_classifier(imagenet_with_k
 
 
 def test_tie_rule_by_hand():
-    logits = torch.tensor([[5., 5., 1., 0., 0., 0., 0.],    # true 0 tied with 1
-                           [1., 3., 0., 0., 0., 0., 0.],    # true 1 alone on top
-                           [2., 2., 2., 2., 2., 0., 1.],    # true 6: five classes above it
-                           [2., 2., 2., 2., 1., 1., 1.]])   # true 6: four above, two tied with it
+    logits = torch.tensor(
+        [
+            [5.0, 5.0, 1.0, 0.0, 0.0, 0.0, 0.0],  # true 0 tied with 1
+            [1.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # true 1 alone on top
+            [2.0, 2.0, 2.0, 2.0, 2.0, 0.0, 1.0],  # true 6: five classes above it
+            [2.0, 2.0, 2.0, 2.0, 1.0, 1.0, 1.0],
+        ]
+    )  # true 6: four above, two tied with it
     target = torch.tensor([0, 1, 6, 6])
     # the expected hit when the tied classes come in a random order
     assert topk_hits(logits, target, 1).tolist() == [0.5, 1, 0, 0]
@@ -95,10 +108,13 @@ def _coco_stand_in():
     return captions, StandIn(features, coco_preprocess(8))
 
 
-@pytest.mark.parametrize("split, folder, annotations", [
-    ("karpathy-test", "val2014", "coco_test_karpathy.json"),
-    ("val2017", "val2017", os.path.join("annotations", "captions_val2017.json")),
-])
+@pytest.mark.parametrize(
+    "split, folder, annotations",
+    [
+        ("karpathy-test", "val2014", "coco_test_karpathy.json"),
+        ("val2017", "val2017", os.path.join("annotations", "captions_val2017.json")),
+    ],
+)
 def test_coco_recall_at_5_both_directions_on_either_split(tmp_path, split, folder, annotations):
     captions, model = _coco_stand_in()
     write_coco(tmp_path, captions, split)
@@ -124,8 +140,10 @@ def test_coco_split_reads_its_own_folder(tmp_path, capsys):
 def test_coco_with_the_tiny_model_through_the_cli(tmp_path, capsys):
     captions, _ = _coco_stand_in()
     write_coco(tmp_path, captions)
-    assert main(["coco-retrieval", "--model", TINY_MODEL, "--model-config", str(TINY_CONFIG),
-                 "--root", str(tmp_path)]) == 0
+    assert (
+        main(["coco-retrieval", "--model", TINY_MODEL, "--model-config", str(TINY_CONFIG), "--root", str(tmp_path)])
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)  # pycocotools' chatter must not reach stdout
     for direction in ("image", "text"):
         r1, r5 = (result[f"{direction}_retrieval_recall@{k}"] for k in (1, 5))
@@ -158,6 +176,7 @@ def test_coco_errors_name_the_file(tmp_path):
 
 def test_an_imagenet_class_folder_without_an_image_is_refused_before_the_model_loads(tmp_path, capsys):
     from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
     write_imagenet(tmp_path)
     val = tmp_path / "val"
     os.remove(val / "n00000003" / "ILSVRC2012_val_00000004.JPEG")

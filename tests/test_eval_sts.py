@@ -1,4 +1,5 @@
 """STS: Spearman over all pairs of a task (checked against hand-made ranks), macro average, input errors."""
+
 import json
 import math
 
@@ -21,8 +22,13 @@ def _angle_features(pairs):
 
 
 # Cosines fall with the angle gap: gaps 0, 30, 60, 90, 120 degrees -> cosine ranks 5, 4, 3, 2, 1.
-PAIRS_A = [("u0 a", "u0 b", 4.0), ("u10 c", "u40 d", 5.0), ("u0 e", "u60 f", 2.0),
-           ("u20 g", "u110 h", 2.5), ("u0 i", "u120 j", 0.5)]
+PAIRS_A = [
+    ("u0 a", "u0 b", 4.0),
+    ("u10 c", "u40 d", 5.0),
+    ("u0 e", "u60 f", 2.0),
+    ("u20 g", "u110 h", 2.5),
+    ("u0 i", "u120 j", 0.5),
+]
 # Gold ranks 4, 5, 2, 3, 1: d = 1, -1, 1, -1, 0, sum d^2 = 4, rho = 1 - 6*4 / (5*(25-1)) = 0.8.
 RHO_A = 1 - 6 * 4 / (5 * 24)
 # Same pairs, gold reversed in order of cosine except the two middle ones swapped:
@@ -45,8 +51,8 @@ def test_spearman_and_macro_match_hand_ranks(tmp_path):
 
 def test_all_aggregation_pools_subsets_instead_of_averaging_them(tmp_path):
     """Two 'subsets' each perfectly ranked, but on different gold scales: pooled rho < 1."""
-    subset_1 = [("u0 a", "u0 b", 2.0), ("u0 c", "u90 d", 1.0)]    # cos 1, 0
-    subset_2 = [("u0 e", "u30 f", 5.0), ("u0 g", "u60 h", 4.0)]   # cos .87, .5
+    subset_1 = [("u0 a", "u0 b", 2.0), ("u0 c", "u90 d", 1.0)]  # cos 1, 0
+    subset_2 = [("u0 e", "u30 f", 5.0), ("u0 g", "u60 h", 4.0)]  # cos .87, .5
     write_sts(tmp_path / "sts13.tsv", subset_1 + subset_2)
     model = StandIn(_angle_features(subset_1 + subset_2), None)
     result = evaluate_sts(model, model.tokenizer, [read_task("sts13", tmp_path / "sts13.tsv")])
@@ -56,8 +62,15 @@ def test_all_aggregation_pools_subsets_instead_of_averaging_them(tmp_path):
 
 def test_cli_runs_all_seven_with_the_tiny_model(tmp_path, capsys):
     for name in STS_NAMES:
-        write_sts(tmp_path / f"{name}.tsv", [("a dog runs", "a dog is running", 4.5), ("a cat", "the stock market", 0.2),
-                                            ("a man 'quotes\" things", "a man says things", 3.0)], extra_column=False)
+        write_sts(
+            tmp_path / f"{name}.tsv",
+            [
+                ("a dog runs", "a dog is running", 4.5),
+                ("a cat", "the stock market", 0.2),
+                ("a man 'quotes\" things", "a man says things", 3.0),
+            ],
+            extra_column=False,
+        )
     assert main(["sts", "--model", TINY_MODEL, "--model-config", str(TINY_CONFIG), "--folder", str(tmp_path)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert list(result["tasks"]) == list(STS_NAMES)
@@ -67,17 +80,31 @@ def test_cli_runs_all_seven_with_the_tiny_model(tmp_path, capsys):
     assert result["macro_spearman"] == pytest.approx(rhos[0])
 
 
-@pytest.mark.parametrize("content, message", [
-    ("sentence1\tsentence2\tgold\na\tb\t1\n", "missing column(s) score"),
-    ("sentence1,sentence2,score\na,b,1\n", "tab-separated"),
-    ("sentence1\tsentence2\tscore\n", "0 scored pair(s)"),
-    ("sentence1\tsentence2\tscore\na\tb\tfive\nc\td\t1\n", ":2: score 'five' is not a number"),
-    ("sentence1\tsentence2\tscore\na\tb\t1\nc\td\t1\n", "Spearman is undefined"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("sentence1\tsentence2\tgold\na\tb\t1\n", "missing column(s) score"),
+        ("sentence1,sentence2,score\na,b,1\n", "tab-separated"),
+        ("sentence1\tsentence2\tscore\n", "0 scored pair(s)"),
+        ("sentence1\tsentence2\tscore\na\tb\tfive\nc\td\t1\n", ":2: score 'five' is not a number"),
+        ("sentence1\tsentence2\tscore\na\tb\t1\nc\td\t1\n", "Spearman is undefined"),
+    ],
+)
 def test_bad_files_exit_2_naming_the_file(tmp_path, capsys, content, message):
     (tmp_path / "sickr.tsv").write_text(content)
-    code = main(["sts", "--model", TINY_MODEL, "--model-config", str(TINY_CONFIG), "--folder", str(tmp_path),
-                 "--sts-tasks", "sickr"])
+    code = main(
+        [
+            "sts",
+            "--model",
+            TINY_MODEL,
+            "--model-config",
+            str(TINY_CONFIG),
+            "--folder",
+            str(tmp_path),
+            "--sts-tasks",
+            "sickr",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and str(tmp_path / "sickr.tsv") in err and message in err
 
@@ -90,16 +117,20 @@ def test_missing_task_file_is_named(tmp_path, capsys):
 
 # ------------------------------------------------------------------ the benchmarks' own files (SentEval's layout)
 
+
 def _angle_rows(seed, count, unscored=0):
     """(sentence1, sentence2, gold) rows whose cosines (stand-in model) fall with a distinct angle gap
     per pair; the second sentence has a double space SentEval's word split removes. The last
     ``unscored`` rows have an empty gold score. Returns the rows and the rho a direct computation gives."""
     import random
     from scipy.stats import spearmanr
+
     rng = random.Random(seed)
     gaps = rng.sample(range(0, 180), count)
-    rows = [(f"u{i} s{seed}.{i}", f"u{i + gap}  t{seed}.{i}", round(rng.uniform(0, 5), 1)) for i, gap in enumerate(gaps)]
-    rows = rows[:count - unscored] + [(a, b, "") for a, b, _ in rows[count - unscored:]]
+    rows = [
+        (f"u{i} s{seed}.{i}", f"u{i + gap}  t{seed}.{i}", round(rng.uniform(0, 5), 1)) for i, gap in enumerate(gaps)
+    ]
+    rows = rows[: count - unscored] + [(a, b, "") for a, b, _ in rows[count - unscored :]]
     scored = count - unscored
     return rows, float(spearmanr([-g for g in gaps[:scored]], [r[2] for r in rows[:scored]]).statistic)
 
@@ -110,8 +141,11 @@ def _angle_model(rows):
 
 def test_senteval_download_layout_scores_the_seven_test_sets(tmp_path, capsys):
     from eval_fixtures import write_senteval_downstream
-    data = {name: _angle_rows(n, 12 + n, unscored=3 if name in ("sts15", "sts16") else 0)
-            for n, name in enumerate(STS_NAMES)}
+
+    data = {
+        name: _angle_rows(n, 12 + n, unscored=3 if name in ("sts15", "sts16") else 0)
+        for n, name in enumerate(STS_NAMES)
+    }
     write_senteval_downstream(tmp_path, {name: rows for name, (rows, _) in data.items()})
     tasks = read_tasks(tmp_path)
     err = capsys.readouterr().err
@@ -135,12 +169,16 @@ def test_senteval_download_layout_scores_the_seven_test_sets(tmp_path, capsys):
 def test_senteval_sts_folder_without_the_sts_parent_and_sick_full_release(tmp_path):
     """``FOLDER/STS12-en-test`` directly; SICK.txt's 12 columns, only its TEST rows scored."""
     from eval_fixtures import write_senteval_sts, write_sick
+
     rows, rho = _angle_rows(1, 10)
     write_senteval_sts(tmp_path, "sts12", rows)
     test_rows, test_rho = _angle_rows(2, 9)
     other_rows, _ = _angle_rows(3, 6)
-    write_sick(tmp_path / "SICK" / "SICK.txt", other_rows[:3] + test_rows + other_rows[3:],
-               sets=["TRAIN", "TRIAL", "TRAIN"] + ["TEST"] * 9 + ["TRAIN"] * 3)
+    write_sick(
+        tmp_path / "SICK" / "SICK.txt",
+        other_rows[:3] + test_rows + other_rows[3:],
+        sets=["TRAIN", "TRIAL", "TRAIN"] + ["TEST"] * 9 + ["TRAIN"] * 3,
+    )
     tasks = read_tasks(tmp_path, ["sts12", "sickr"])
     model = _angle_model(rows + test_rows + other_rows)
     result = evaluate_sts(model, model.tokenizer, tasks)
@@ -153,9 +191,14 @@ def test_a_tsv_with_a_split_column_scores_its_test_rows_only(tmp_path, capsys):
     train, _ = _angle_rows(4, 10)
     test, test_rho = _angle_rows(5, 8)
     path = tmp_path / "stsb.tsv"
-    path.write_text("split\tsentence1\tsentence2\tscore\n" + "".join(
-        f"{split}\t{a}\t{b}\t{g}\n" for split, rows in (("train", train[:5]), ("test", test), ("dev", train[5:]))
-        for a, b, g in rows))
+    path.write_text(
+        "split\tsentence1\tsentence2\tscore\n"
+        + "".join(
+            f"{split}\t{a}\t{b}\t{g}\n"
+            for split, rows in (("train", train[:5]), ("test", test), ("dev", train[5:]))
+            for a, b, g in rows
+        )
+    )
     model = _angle_model(train + test)
     result = evaluate_sts(model, model.tokenizer, read_tasks(tmp_path, ["stsb"]))
     assert result["tasks"]["stsb"]["spearman"] == pytest.approx(test_rho)
@@ -165,6 +208,7 @@ def test_a_tsv_with_a_split_column_scores_its_test_rows_only(tmp_path, capsys):
 
 def test_senteval_test_size_gives_no_warning(tmp_path, capsys):
     from eval_fixtures import write_stsb_csv
+
     rows = [(f"u0 a{i}", f"u{i % 90} b{i}", i % 5) for i in range(1379)]  # STS-B's test size
     write_stsb_csv(tmp_path / "STSBenchmark" / "sts-test.csv", rows)
     model = StandIn(_angle_features(rows), None)
@@ -175,20 +219,33 @@ def test_senteval_test_size_gives_no_warning(tmp_path, capsys):
 
 def _write_sts12(folder):
     from eval_fixtures import write_senteval_sts
+
     return write_senteval_sts(folder, "sts12", _angle_rows(6, 10)[0])
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda f: (f / "STS12-en-test" / "STS.gs.MSRvid.txt").write_text("1.0\n2.0\n3.0\n"),
-     "STS.gs.MSRvid.txt: 3 lines but"),
-    (lambda f: (f / "STS12-en-test" / "STS.input.MSRpar.txt").write_text("only one sentence\nx\ty\n"),
-     "STS.input.MSRpar.txt:1: expected two tab-separated sentences"),
-    (lambda f: (f / "STS12-en-test" / "STS.gs.SMTeuroparl.txt").write_text("4.0\nhigh\n"),
-     "STS.gs.SMTeuroparl.txt:2: score 'high' is not a number"),
-    (lambda f: (f / "STS12-en-test" / "STS.input.surprise.OnWN.txt").unlink(), "STS.input.surprise.OnWN.txt: cannot read"),
-    (lambda f: (f / "sts12.tsv").write_text("sentence1\tsentence2\tscore\na\tb\t1\n"), "keep one"),
-    (lambda f: (f / "STS12-en-test").rename(f / "STS12-test"), "sts12: no test file under"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda f: (f / "STS12-en-test" / "STS.gs.MSRvid.txt").write_text("1.0\n2.0\n3.0\n"),
+            "STS.gs.MSRvid.txt: 3 lines but",
+        ),
+        (
+            lambda f: (f / "STS12-en-test" / "STS.input.MSRpar.txt").write_text("only one sentence\nx\ty\n"),
+            "STS.input.MSRpar.txt:1: expected two tab-separated sentences",
+        ),
+        (
+            lambda f: (f / "STS12-en-test" / "STS.gs.SMTeuroparl.txt").write_text("4.0\nhigh\n"),
+            "STS.gs.SMTeuroparl.txt:2: score 'high' is not a number",
+        ),
+        (
+            lambda f: (f / "STS12-en-test" / "STS.input.surprise.OnWN.txt").unlink(),
+            "STS.input.surprise.OnWN.txt: cannot read",
+        ),
+        (lambda f: (f / "sts12.tsv").write_text("sentence1\tsentence2\tscore\na\tb\t1\n"), "keep one"),
+        (lambda f: (f / "STS12-en-test").rename(f / "STS12-test"), "sts12: no test file under"),
+    ],
+)
 def test_senteval_file_errors_name_the_file(tmp_path, capsys, damage, message):
     _write_sts12(tmp_path)
     damage(tmp_path)
@@ -197,12 +254,16 @@ def test_senteval_file_errors_name_the_file(tmp_path, capsys, damage, message):
     assert code == 2 and message in err and str(tmp_path) in err
 
 
-@pytest.mark.parametrize("line, message", [
-    ("main\tMSRvid\t2012test\t0001\t2.5\tonly six fields", ":2: 6 tab-separated fields, expected at least 7"),
-    ("main\tMSRvid\t2012test\t0001\t\ta\tb", ":2: empty score"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("main\tMSRvid\t2012test\t0001\t2.5\tonly six fields", ":2: 6 tab-separated fields, expected at least 7"),
+        ("main\tMSRvid\t2012test\t0001\t\ta\tb", ":2: empty score"),
+    ],
+)
 def test_stsb_csv_errors_name_the_line(tmp_path, capsys, line, message):
     from eval_fixtures import write_stsb_csv
+
     path = write_stsb_csv(tmp_path / "STSBenchmark" / "sts-test.csv", [("a b", "c d", 1.0)])
     with open(path, "a") as f:
         f.write(line + "\n")
@@ -215,6 +276,7 @@ def test_stsb_lines_end_at_newlines_only_as_senteval_reads_them(tmp_path):
     line are not line ends there (``str.splitlines`` would cut the line at each)."""
     import io
     from eval_fixtures import write_stsb_csv
+
     odd_breaks = ["\u2028", "\x85", "\x0c", "\x1c", "\x1d", "\x1e"]
     rows = [(f"a{i}{odd}b{i}", f"c{i}{odd}d{i}", i) for i, odd in enumerate(odd_breaks)]
     path = write_stsb_csv(tmp_path / "STSBenchmark" / "sts-test.csv", rows)

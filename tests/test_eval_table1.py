@@ -1,4 +1,5 @@
 """``paraclip-eval table1``: every task on the fixtures with the tiny model, both outputs, --compare, errors."""
+
 import hashlib
 import json
 import os
@@ -33,10 +34,30 @@ def test_table1_writes_json_and_markdown_for_every_task(data_root, checkpoint, t
     root, templates = data_root
     out = tmp_path / "run"
     proc = subprocess.run(
-        [str(BIN / "paraclip-eval"), "table1", "--model", TINY_MODEL, "--model-config", str(TINY_CONFIG),
-         "--pretrained", str(checkpoint), "--data-root", str(root), "--output", str(out),
-         "--imagenet-templates", templates, "--device", "cpu", "--coco-split", "val2017"],
-        capture_output=True, text=True, timeout=300)
+        [
+            str(BIN / "paraclip-eval"),
+            "table1",
+            "--model",
+            TINY_MODEL,
+            "--model-config",
+            str(TINY_CONFIG),
+            "--pretrained",
+            str(checkpoint),
+            "--data-root",
+            str(root),
+            "--output",
+            str(out),
+            "--imagenet-templates",
+            templates,
+            "--device",
+            "cpu",
+            "--coco-split",
+            "val2017",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "table1.json").read_text())
     inputs = result["inputs"]
@@ -45,7 +66,9 @@ def test_table1_writes_json_and_markdown_for_every_task(data_root, checkpoint, t
     counts = result["results"]
     assert counts["paraphrased-retrieval"]["num_pairs"] == 6
     # The whole val2017/ folder is the gallery: 6 pair images + 4 no pair names.
-    assert counts["paraphrased-retrieval"]["gallery"] == "folder" and counts["paraphrased-retrieval"]["num_images"] == 10
+    assert (
+        counts["paraphrased-retrieval"]["gallery"] == "folder" and counts["paraphrased-retrieval"]["num_images"] == 10
+    )
     assert counts["vg-relation"]["num_cases"] == 3 and counts["vg-attribution"]["num_cases"] == 26
     assert [t["num_pairs"] for t in counts["sts"]["tasks"].values()] == [9] * 7  # SentEval's layout, per task
     assert len(counts["sts"]["warnings"]) == 7  # none is SentEval's test size
@@ -81,9 +104,22 @@ def test_table1_writes_json_and_markdown_for_every_task(data_root, checkpoint, t
 
 def test_a_rerun_reuses_the_tasks_a_stopped_run_finished(data_root, checkpoint, tmp_path, capsys, monkeypatch):
     import paraclip_plugin.eval.table1 as table1_module
+
     root, _ = data_root
-    argv = ["table1", "--model", TINY_MODEL, "--model-config", str(TINY_CONFIG), "--pretrained", str(checkpoint),
-            "--data-root", str(root), "--tasks", "sts", "vg-relation"]
+    argv = [
+        "table1",
+        "--model",
+        TINY_MODEL,
+        "--model-config",
+        str(TINY_CONFIG),
+        "--pretrained",
+        str(checkpoint),
+        "--data-root",
+        str(root),
+        "--tasks",
+        "sts",
+        "vg-relation",
+    ]
     assert main(argv + ["--output", str(tmp_path / "clean")]) == 0
     real, ran = table1_module.run_task, []
 
@@ -92,16 +128,23 @@ def test_a_rerun_reuses_the_tasks_a_stopped_run_finished(data_root, checkpoint, 
         if task == "vg-relation":
             raise KeyboardInterrupt  # as a job killed in its last task
         return real(task, *args)
+
     monkeypatch.setattr(table1_module, "run_task", stopped_in_vg_relation)
     with pytest.raises(KeyboardInterrupt):
         main(argv + ["--output", str(tmp_path / "out")])
-    assert sorted(os.listdir(tmp_path / "out" / "tasks")) == ["sts.json"] and not (tmp_path / "out" / "table1.json").exists()
+    assert (
+        sorted(os.listdir(tmp_path / "out" / "tasks")) == ["sts.json"]
+        and not (tmp_path / "out" / "table1.json").exists()
+    )
     monkeypatch.setattr(table1_module, "run_task", lambda task, *args: ran.append(task) or real(task, *args))
     ran.clear()
     capsys.readouterr()
     assert main(argv + ["--output", str(tmp_path / "out")]) == 0
     assert ran == ["vg-relation"] and "table1: sts: the result kept in" in capsys.readouterr().err
-    assert main(["table1", "--compare", str(tmp_path / "clean" / "table1.json"), str(tmp_path / "out" / "table1.json")]) == 0
+    assert (
+        main(["table1", "--compare", str(tmp_path / "clean" / "table1.json"), str(tmp_path / "out" / "table1.json")])
+        == 0
+    )
     assert capsys.readouterr().out == "no differences\n"
     # other inputs (here the batch size) compute every task again
     ran.clear()
@@ -114,8 +157,25 @@ def test_compare_reports_changed_numbers(data_root, tmp_path, capsys):
     runs = []
     for name in ("a", "b"):
         torch.manual_seed(0)
-        assert main(["table1", "--model", TINY_MODEL, "--model-config", str(TINY_CONFIG), "--data-root", str(root),
-                     "--tasks", "sts", "vg-relation", "--output", str(tmp_path / name)]) == 0
+        assert (
+            main(
+                [
+                    "table1",
+                    "--model",
+                    TINY_MODEL,
+                    "--model-config",
+                    str(TINY_CONFIG),
+                    "--data-root",
+                    str(root),
+                    "--tasks",
+                    "sts",
+                    "vg-relation",
+                    "--output",
+                    str(tmp_path / name),
+                ]
+            )
+            == 0
+        )
         runs.append(tmp_path / name / "table1.json")
     capsys.readouterr()
     assert main(["table1", "--compare", str(runs[0]), str(runs[1])]) == 0
@@ -128,11 +188,14 @@ def test_compare_reports_changed_numbers(data_root, tmp_path, capsys):
     assert len(out) == 1 and out[0].startswith("table1.STS Avg.: ") and out[0].endswith("(+0.25)")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--tasks", "sts"], "sts/sts12.tsv"),                    # removed below: names the missing file
-    (["--tasks", "zeroshot-imagenet"], "imagenet/val"),
-    ([], "--model and --data-root"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--tasks", "sts"], "sts/sts12.tsv"),  # removed below: names the missing file
+        (["--tasks", "zeroshot-imagenet"], "imagenet/val"),
+        ([], "--model and --data-root"),
+    ],
+)
 def test_bad_input_exits_2_before_loading_a_model(tmp_path, capsys, argv, message):
     (tmp_path / "sts").mkdir()
     (tmp_path / "imagenet").mkdir()
@@ -147,10 +210,14 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_model_loads(tmp_
     (tmp_path / "a_folder").mkdir()
     cases = [
         (["table1", "--output", str(tmp_path / "a_file")], f"--output {tmp_path / 'a_file'}: not a folder"),
-        (["sts", "--folder", str(tmp_path), "--output", str(tmp_path / "a_folder")],
-         f"--output {tmp_path / 'a_folder'}: a folder; give the JSON file's name"),
-        (["sts", "--folder", str(tmp_path), "--output", str(tmp_path / "a_file" / "x" / "r.json")],
-         f"{tmp_path / 'a_file'} is not a folder"),
+        (
+            ["sts", "--folder", str(tmp_path), "--output", str(tmp_path / "a_folder")],
+            f"--output {tmp_path / 'a_folder'}: a folder; give the JSON file's name",
+        ),
+        (
+            ["sts", "--folder", str(tmp_path), "--output", str(tmp_path / "a_file" / "x" / "r.json")],
+            f"{tmp_path / 'a_file'} is not a folder",
+        ),
     ]
     for argv, message in cases:
         # the model named does not exist: the output is checked before it would be loaded
@@ -168,16 +235,23 @@ def test_compare_names_a_file_that_is_not_a_result(tmp_path, capsys):
 def test_paraphrased_retrieval_gallery_follows_the_layout(data_root, tmp_path):
     """``val2017/`` present: the whole folder is the gallery; absent: ``images/``, pairs-only."""
     shutil.copytree(data_root[0] / "paraphrased_retrieval", tmp_path / "paraphrased_retrieval")
-    model = StandIn({text: [float(i), 1.0, float(i % 3)] for i, w in enumerate(WORDS)
-                     for text in (f"a {w} thing", f"something {w}")}, mean_colour)
+    model = StandIn(
+        {
+            text: [float(i), 1.0, float(i % 3)]
+            for i, w in enumerate(WORDS)
+            for text in (f"a {w} thing", f"something {w}")
+        },
+        mean_colour,
+    )
     results = {}
     for layout in ("val2017", "images"):
         if layout == "images":
             (tmp_path / "paraphrased_retrieval" / "val2017").rename(tmp_path / "paraphrased_retrieval" / "images")
         paths = task_paths(str(tmp_path))["paraphrased-retrieval"]
         prepared = prepare("paraphrased-retrieval", paths)
-        results[layout] = run_task("paraphrased-retrieval", paths, prepared, model, mean_colour, model.tokenizer,
-                                   "cpu", 4, False)
+        results[layout] = run_task(
+            "paraphrased-retrieval", paths, prepared, model, mean_colour, model.tokenizer, "cpu", 4, False
+        )
     assert (results["val2017"]["gallery"], results["val2017"]["num_images"]) == ("folder", 10)
     assert (results["images"]["gallery"], results["images"]["num_images"]) == ("pairs", 6)
     assert "not a whole folder" in results["images"]["warnings"][0]
@@ -214,31 +288,67 @@ DATA_CHANGES = {
     "nothing changed": (None, lambda root, config: None, []),
     "val2017/ added to a pairs-only layout": (
         lambda root: (root / "paraphrased_retrieval" / "val2017").rename(root / "paraphrased_retrieval" / "images"),
-        lambda root, config: shutil.copytree(root / "paraphrased_retrieval" / "images",
-                                             root / "paraphrased_retrieval" / "val2017"),
-        ["paraphrased-retrieval"]),
+        lambda root, config: shutil.copytree(
+            root / "paraphrased_retrieval" / "images", root / "paraphrased_retrieval" / "val2017"
+        ),
+        ["paraphrased-retrieval"],
+    ),
     "val2017 link re-pointed": (
-        _gallery_links, lambda root, config: _repoint(root / "paraphrased_retrieval" / "val2017",
-                                                      root / "paraphrased_retrieval" / "gallery_b"),
-        ["paraphrased-retrieval"]),
-    "pairs.jsonl edited": (None, lambda root, config: _edit(root / "paraphrased_retrieval" / "pairs.jsonl",
-                                                            "a red thing", "a tan thing"), ["paraphrased-retrieval"]),
-    "STS-B gold score edited": (None, lambda root, config: _edit(
-        root / "sts" / "STS" / "STSBenchmark" / "sts-test.csv", "\t3.000\t", "\t4.000\t"), ["sts"]),
-    "SICK file edited": (None, lambda root, config: _edit(
-        root / "sts" / "SICK" / "SICK_test_annotated.txt", "\t0\tNEUTRAL", "\t5\tNEUTRAL"), ["sts"]),
-    "VG-R annotations edited": (None, lambda root, config: _edit(
-        root / "aro" / "visual_genome_relation.json", "red cup on table", "red mug on table"), ["vg-relation"]),
-    "ARO image replaced": (None, lambda root, config: _append_byte(root / "aro" / "images" / "scene.png"),
-                           ["vg-relation", "vg-attribution"]),
-    "ImageNet image replaced": (None, lambda root, config: _append_byte(
-        root / "imagenet" / "val" / "n00000007" / "ILSVRC2012_val_00000008.JPEG"), ["zeroshot-imagenet"]),
-    "ImageNet templates edited": (None, lambda root, config: _edit(
-        root / "imagenet_templates.json", "a photo of", "a image of"), ["zeroshot-imagenet"]),
-    "COCO captions edited": (None, lambda root, config: _edit(
-        root / "coco" / "coco_test_karpathy.json", "a red picture", "a tan picture"), ["coco-retrieval"]),
-    "model config folder edited": (None, lambda root, config: (config / TINY_CONFIG.name).write_text(
-        json.dumps(json.loads(TINY_CONFIG.read_text()), indent=3)), list(TASKS)),
+        _gallery_links,
+        lambda root, config: _repoint(
+            root / "paraphrased_retrieval" / "val2017", root / "paraphrased_retrieval" / "gallery_b"
+        ),
+        ["paraphrased-retrieval"],
+    ),
+    "pairs.jsonl edited": (
+        None,
+        lambda root, config: _edit(root / "paraphrased_retrieval" / "pairs.jsonl", "a red thing", "a tan thing"),
+        ["paraphrased-retrieval"],
+    ),
+    "STS-B gold score edited": (
+        None,
+        lambda root, config: _edit(root / "sts" / "STS" / "STSBenchmark" / "sts-test.csv", "\t3.000\t", "\t4.000\t"),
+        ["sts"],
+    ),
+    "SICK file edited": (
+        None,
+        lambda root, config: _edit(root / "sts" / "SICK" / "SICK_test_annotated.txt", "\t0\tNEUTRAL", "\t5\tNEUTRAL"),
+        ["sts"],
+    ),
+    "VG-R annotations edited": (
+        None,
+        lambda root, config: _edit(
+            root / "aro" / "visual_genome_relation.json", "red cup on table", "red mug on table"
+        ),
+        ["vg-relation"],
+    ),
+    "ARO image replaced": (
+        None,
+        lambda root, config: _append_byte(root / "aro" / "images" / "scene.png"),
+        ["vg-relation", "vg-attribution"],
+    ),
+    "ImageNet image replaced": (
+        None,
+        lambda root, config: _append_byte(root / "imagenet" / "val" / "n00000007" / "ILSVRC2012_val_00000008.JPEG"),
+        ["zeroshot-imagenet"],
+    ),
+    "ImageNet templates edited": (
+        None,
+        lambda root, config: _edit(root / "imagenet_templates.json", "a photo of", "a image of"),
+        ["zeroshot-imagenet"],
+    ),
+    "COCO captions edited": (
+        None,
+        lambda root, config: _edit(root / "coco" / "coco_test_karpathy.json", "a red picture", "a tan picture"),
+        ["coco-retrieval"],
+    ),
+    "model config folder edited": (
+        None,
+        lambda root, config: (config / TINY_CONFIG.name).write_text(
+            json.dumps(json.loads(TINY_CONFIG.read_text()), indent=3)
+        ),
+        list(TASKS),
+    ),
 }
 
 
@@ -247,6 +357,7 @@ def test_a_rerun_computes_again_the_tasks_whose_files_changed(data_root, tmp_pat
     """The kept results' key covers each task's files: contents of text files, listings of image folders,
     resolved links, the templates and a model-config folder. Nothing else is computed again."""
     import paraclip_plugin.eval.table1 as table1_module
+
     set_up, edit, expected = DATA_CHANGES[change]
     root, config = tmp_path / "data", tmp_path / "configs"
     shutil.copytree(data_root[0], root)
@@ -263,9 +374,16 @@ def test_a_rerun_computes_again_the_tasks_whose_files_changed(data_root, tmp_pat
 
     def run():
         ran.clear()
-        return table1_module.run_table1(TINY_MODEL, str(tmp_path / "epoch_1.pt"), str(root), TASKS, str(config),
-                                        imagenet_templates=str(root / "imagenet_templates.json"),
-                                        keep_tasks=str(tmp_path / "tasks"))
+        return table1_module.run_table1(
+            TINY_MODEL,
+            str(tmp_path / "epoch_1.pt"),
+            str(root),
+            TASKS,
+            str(config),
+            imagenet_templates=str(root / "imagenet_templates.json"),
+            keep_tasks=str(tmp_path / "tasks"),
+        )
+
     first = run()
     assert ran == list(TASKS)
     assert not [p for p in hashed if p.lower().endswith((".png", ".jpg", ".jpeg"))]  # image folders: listed, not read
@@ -279,13 +397,16 @@ def test_a_rerun_computes_again_the_tasks_whose_files_changed(data_root, tmp_pat
     assert [second["results"][t] for t in kept] == [first["results"][t] for t in kept]
 
 
-@pytest.mark.parametrize("task, relative, line", [
-    ("paraphrased-retrieval", "paraphrased_retrieval/pairs.jsonl", 3),
-    ("vg-relation", "aro/visual_genome_relation.json", 1),
-    ("sts", "sts/SICK/SICK_test_annotated.txt", 4),
-    ("sts", "sts/STS/STSBenchmark/sts-test.csv", 2),
-    ("zeroshot-imagenet", "imagenet_templates.json", 1),
-])
+@pytest.mark.parametrize(
+    "task, relative, line",
+    [
+        ("paraphrased-retrieval", "paraphrased_retrieval/pairs.jsonl", 3),
+        ("vg-relation", "aro/visual_genome_relation.json", 1),
+        ("sts", "sts/SICK/SICK_test_annotated.txt", 4),
+        ("sts", "sts/STS/STSBenchmark/sts-test.csv", 2),
+        ("zeroshot-imagenet", "imagenet_templates.json", 1),
+    ],
+)
 def test_a_file_that_is_not_utf8_exits_2_naming_it_and_its_line(data_root, tmp_path, capsys, task, relative, line):
     root = tmp_path / "data"
     shutil.copytree(data_root[0], root)
@@ -294,8 +415,24 @@ def test_a_file_that_is_not_utf8_exits_2_naming_it_and_its_line(data_root, tmp_p
     lines[line - 1] += " café".encode("latin-1")
     path.write_bytes(b"\n".join(lines))
     # the model named does not exist: the file is checked before a model would be loaded
-    assert main(["table1", "--model", "no-such-model", "--data-root", str(root), "--tasks", task,
-                 "--imagenet-templates", str(root / "imagenet_templates.json"), "--output", str(tmp_path / "out")]) == 2
+    assert (
+        main(
+            [
+                "table1",
+                "--model",
+                "no-such-model",
+                "--data-root",
+                str(root),
+                "--tasks",
+                task,
+                "--imagenet-templates",
+                str(root / "imagenet_templates.json"),
+                "--output",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert f"{path}:{line}: not UTF-8 (" in err and "no-such-model" not in err, err
 
@@ -304,6 +441,7 @@ def test_an_image_folder_is_listed_as_its_task_reads_it(tmp_path, monkeypatch):
     """A gallery is its folder's own files: a sub-folder it never reads (lost+found on a volume) is not walked;
     a folder the walk needs and can't list is an input error naming it (exit 2), not a traceback."""
     from paraclip_plugin.eval import table1
+
     gallery = tmp_path / "val2017"
     (gallery / "lost+found").mkdir(parents=True)
     (gallery / "a.jpg").write_bytes(b"x")

@@ -1,5 +1,6 @@
 """Exact sequence trimming: the same features and gradients as stock encode_text, on each supported
 tower type, and the stock path wherever trimming would not be exact."""
+
 import json
 
 import open_clip
@@ -28,14 +29,13 @@ def random_tokens(rng, rows, max_len=CONTEXT):
     for row in range(rows):
         length = int(torch.randint(2, max_len + 1, (), generator=rng))
         text[row, 0] = 49406
-        text[row, 1:length - 1] = torch.randint(1, 49000, (length - 2,), generator=rng)
+        text[row, 1 : length - 1] = torch.randint(1, 49000, (length - 2,), generator=rng)
         text[row, length - 1] = 49407
     return text
 
 
 def text_params(model):
-    return {n: p for n, p in model.named_parameters()
-            if p.requires_grad and not n.startswith(("visual.", "logit_"))}
+    return {n: p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(("visual.", "logit_"))}
 
 
 @pytest.mark.parametrize("force_custom_text,tower", [(False, "CLIP"), (True, "CustomTextCLIP")])
@@ -77,8 +77,9 @@ def test_fused_forward_trimmed_equals_untrimmed_and_takes_narrow_tokens(force_cu
     # pre-tokenized batches may be narrower than the context: both paths accept them unchanged
     narrow = text[:, :, :16]
     for model in (fast, slow):
-        torch.testing.assert_close(model(image, narrow)["para2_features"], out_slow["para2_features"],
-                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            model(image, narrow)["para2_features"], out_slow["para2_features"], atol=1e-5, rtol=1e-4
+        )
 
 
 class OtherTextTower(nn.Module):
@@ -92,13 +93,16 @@ class OtherTextTower(nn.Module):
         return self.embedding(text)
 
 
-@pytest.mark.parametrize("change,reason", [
-    (dict(no_causal_mask=True), "bidirectional"),
-    (dict(pool_type="first", force_custom_text=True), "pooling 'first'"),
-    (dict(pool_type="last"), "pooling 'last'"),
-    (dict(embed_cls=True, pool_type="last", force_custom_text=True), "CLS token"),
-    (dict(other_tower=True), "is not open_clip's TextTransformer"),
-])
+@pytest.mark.parametrize(
+    "change,reason",
+    [
+        (dict(no_causal_mask=True), "bidirectional"),
+        (dict(pool_type="first", force_custom_text=True), "pooling 'first'"),
+        (dict(pool_type="last"), "pooling 'last'"),
+        (dict(embed_cls=True, pool_type="last", force_custom_text=True), "CLS token"),
+        (dict(other_tower=True), "is not open_clip's TextTransformer"),
+    ],
+)
 def test_fallback_is_the_stock_path_where_trimming_is_not_exact(change, reason):
     change = dict(change)
     other_tower = change.pop("other_tower", False)

@@ -1,5 +1,6 @@
 """Training under faults: bad samples inside good shards, a rank killed mid-run, shard lists as users write
 them, an interrupted embedding job. Training runs are real torchrun (gloo, 2 CPU processes)."""
+
 import contextlib
 import io
 import json
@@ -18,8 +19,24 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import (BIN, PYTHON, REPO, TINY_CONFIG, TINY_MODEL, WORDS, final_state, free_port, png_bytes,
-                      read_log, run, save_init_checkpoint, stock_open_clip_loads, torchrun, train_args, write_shards)
+from conftest import (
+    BIN,
+    PYTHON,
+    REPO,
+    TINY_CONFIG,
+    TINY_MODEL,
+    WORDS,
+    final_state,
+    free_port,
+    png_bytes,
+    read_log,
+    run,
+    save_init_checkpoint,
+    stock_open_clip_loads,
+    torchrun,
+    train_args,
+    write_shards,
+)
 from paraclip_plugin.train.decode import paraclip_decode_stages
 from paraclip_plugin.train.embeddings import encode_embedding, visual_fingerprint
 from paraclip_plugin.paraphrase.shard_io import read_tar_samples
@@ -41,8 +58,13 @@ def jpeg_bytes(rng, size=32):
 
 def good_sample(rng, key):
     words = rng.sample(WORDS, 5)
-    return {"__key__": key, "png": png_bytes(rng), "txt": " ".join(words).encode(),
-            "para1.txt": " ".join(reversed(words)).encode(), "para2.txt": " ".join(words[1:] + words[:1]).encode()}
+    return {
+        "__key__": key,
+        "png": png_bytes(rng),
+        "txt": " ".join(words).encode(),
+        "para1.txt": " ".join(reversed(words)).encode(),
+        "para2.txt": " ".join(words[1:] + words[:1]).encode(),
+    }
 
 
 # each bad sample: what is wrong with it, and the reason the loader logs
@@ -137,38 +159,56 @@ def spoil_embeddings(src, dst, spoil):
         for sample in read_tar_samples(src):
             sample = {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
             if sample["__key__"] in spoil:
-                sample["img_emb.npy"] = encode_embedding(spoil[sample["__key__"]](np.load(io.BytesIO(sample["img_emb.npy"]))))
+                sample["img_emb.npy"] = encode_embedding(
+                    spoil[sample["__key__"]](np.load(io.BytesIO(sample["img_emb.npy"])))
+                )
             sink.write(sample)
 
 
 def test_bad_image_embeddings_are_skipped_and_counted(tmp_path, init, patched_install):
     write_shards(tmp_path / "plain", num_shards=2, per_shard=16, seed=2)
     embed(str(tmp_path / "plain" / "*.tar"), init, "--output", tmp_path / "embedded")
-    spoil = {"00000001": lambda e: np.full_like(e, np.nan), "00000002": lambda e: np.where(np.arange(e.size) == 3, np.inf, e),
-             "00000003": lambda e: e[:-1], "00000020": lambda e: np.stack([e, e])}
+    spoil = {
+        "00000001": lambda e: np.full_like(e, np.nan),
+        "00000002": lambda e: np.where(np.arange(e.size) == 3, np.inf, e),
+        "00000003": lambda e: e[:-1],
+        "00000020": lambda e: np.stack([e, e]),
+    }
     os.makedirs(tmp_path / "spoiled")
     for name in ("00000.tar", "00001.tar"):
         spoil_embeddings(tmp_path / "embedded" / name, tmp_path / "spoiled" / name, spoil)
     # in process: exactly the spoiled samples are left out
     model, preprocess_train, _ = tiny_model(init)
-    stages = paraclip_decode_stages(preprocess_train, open_clip.get_tokenizer(TINY_MODEL),
-                                    embedding_sha256=visual_fingerprint(model.visual), embedding_dim=model.visual.output_dim)
+    stages = paraclip_decode_stages(
+        preprocess_train,
+        open_clip.get_tokenizer(TINY_MODEL),
+        embedding_sha256=visual_fingerprint(model.visual),
+        embedding_dim=model.visual.output_dim,
+    )
     kept = keys_through(str(tmp_path / "spoiled" / "{00000..00001}.tar"), stages)
     assert sorted(kept) == sorted(f"{i:08d}" for i in range(32) if f"{i:08d}" not in spoil)
     # torchrun
-    args = train_args(tmp_path / "spoiled" / "{00000..00001}.tar", tmp_path / "logs", "emb", init,
-                      "--paraclip-loss", "--image-embeddings", samples=32)
+    args = train_args(
+        tmp_path / "spoiled" / "{00000..00001}.tar",
+        tmp_path / "logs",
+        "emb",
+        init,
+        "--paraclip-loss",
+        "--image-embeddings",
+        samples=32,
+    )
     proc = torchrun(["open_clip_train.main", *args])
     output = proc.stdout + proc.stderr
     assert "skipped sample '00000001'" in output and "img_emb.npy is not finite (NaN or inf)" in output
     assert "skipped sample '00000002'" in output
-    assert f"skipped sample '00000003'" in output and f"img_emb.npy has shape ({model.visual.output_dim - 1},)" in output
-    assert f"skipped sample '00000020'" in output and f"has shape (2, {model.visual.output_dim})" in output
+    assert "skipped sample '00000003'" in output and f"img_emb.npy has shape ({model.visual.output_dim - 1},)" in output
+    assert "skipped sample '00000020'" in output and f"has shape (2, {model.visual.output_dim})" in output
     assert skipped_keys(output) == set(spoil)
     assert (tmp_path / "logs" / "emb" / "checkpoints" / "epoch_1.pt").exists()
 
 
 # ---------------------------------------------------------------- a rank killed, then requeued with --resume latest
+
 
 def descendants(pid):
     """Every process below ``pid`` (from /proc)."""
@@ -212,13 +252,27 @@ def test_rank_killed_after_a_checkpoint_resumes_with_resume_latest(tmp_path, ini
     data = write_shards(tmp_path / "shards", num_shards=2, per_shard=16)
     logs, epochs = tmp_path / "logs", 5
     # the requeue recipe: the same command each time, --save-most-recent and --resume latest
-    args = train_args(data, logs, "requeued", init, "--paraclip-loss", "--save-frequency", "1", "--save-most-recent",
-                      "--resume", "latest")
+    args = train_args(
+        data,
+        logs,
+        "requeued",
+        init,
+        "--paraclip-loss",
+        "--save-frequency",
+        "1",
+        "--save-most-recent",
+        "--resume",
+        "latest",
+    )
     args[args.index("--epochs") + 1] = str(epochs)
     cmd = [BIN / "torchrun", "--nproc_per_node", 2, "--master_port", free_port(), "-m", "open_clip_train.main", *args]
     with open(tmp_path / "first.out", "w") as out:
-        first = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT,
-                                 env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)))
+        first = subprocess.Popen(
+            [str(c) for c in cmd],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
+        )
         try:
             rank1 = rank_process(first.pid, 1)
             latest = logs / "requeued" / "checkpoints" / "epoch_latest.pt"
@@ -247,16 +301,29 @@ def test_rank_killed_after_a_checkpoint_resumes_with_resume_latest(tmp_path, ini
 
 # ---------------------------------------------------------------- shard lists and sizes.json
 
+
 def test_two_folders_upsampled_and_resampled(tmp_path, init, patched_install):
     write_shards(tmp_path / "a", num_shards=10, per_shard=4, seed=0)
     write_shards(tmp_path / "b", num_shards=5, per_shard=8, seed=1)
     data = f"{tmp_path}/a/{{00000..00009}}.tar::{tmp_path}/b/{{00000..00004}}.tar"
-    args = train_args(data, tmp_path / "logs", "ab", init, "--paraclip-loss", "--dataset-resampled",
-                      "--train-data-upsampling-factors", "1::2", "--batch-size", "4")
+    args = train_args(
+        data,
+        tmp_path / "logs",
+        "ab",
+        init,
+        "--paraclip-loss",
+        "--dataset-resampled",
+        "--train-data-upsampling-factors",
+        "1::2",
+        "--batch-size",
+        "4",
+    )
     proc = torchrun(["open_clip_train.main", *args])
     output = proc.stdout + proc.stderr
     # open_clip sizes the epoch from a/sizes.json alone (15 x 4); the folders' own files say 40 + 40
-    assert "open_clip plans each epoch for 60 samples" in output and "add up to 80: pass --train-num-samples 80" in output
+    assert (
+        "open_clip plans each epoch for 60 samples" in output and "add up to 80: pass --train-num-samples 80" in output
+    )
     log = read_log(tmp_path / "logs", "ab")
     assert "Train Epoch: 0" in log and "ParaCLIP: skipped" not in output
     assert (tmp_path / "logs" / "ab" / "checkpoints" / "epoch_1.pt").exists()
@@ -265,8 +332,9 @@ def test_two_folders_upsampled_and_resampled(tmp_path, init, patched_install):
 def test_missing_sizes_json_is_open_clips_error_naming_train_num_samples(tmp_path, init, patched_install):
     data = write_shards(tmp_path / "shards", num_shards=2, per_shard=16)
     (tmp_path / "shards" / "sizes.json").unlink()
-    proc = torchrun(["open_clip_train.main", *train_args(data, tmp_path / "logs", "nosizes", init, "--paraclip-loss")],
-                    check=False)
+    proc = torchrun(
+        ["open_clip_train.main", *train_args(data, tmp_path / "logs", "nosizes", init, "--paraclip-loss")], check=False
+    )
     assert proc.returncode != 0
     assert "Please specify it via `--train-num-samples` if no dataset length info is present" in proc.stderr
     assert not list((tmp_path / "logs" / "nosizes").glob("checkpoints/*.pt"))
@@ -285,10 +353,25 @@ def test_stale_sizes_json_is_reported_per_shard(tmp_path, init, patched_install)
 
 # ---------------------------------------------------------------- scripts/embed_images.py killed mid-run
 
+
 def test_embed_images_killed_then_rerun_gives_the_same_bytes(tmp_path, init):
     write_shards(tmp_path / "plain", num_shards=3, per_shard=16, seed=3)
-    cmd = [PYTHON, REPO / "scripts" / "embed_images.py", "--shards", tmp_path / "plain" / "*.tar", "--model", TINY_MODEL,
-           "--model-config", TINY_CONFIG, "--pretrained", init, "--workers", "0", "--batch-size", "8"]
+    cmd = [
+        PYTHON,
+        REPO / "scripts" / "embed_images.py",
+        "--shards",
+        tmp_path / "plain" / "*.tar",
+        "--model",
+        TINY_MODEL,
+        "--model-config",
+        TINY_CONFIG,
+        "--pretrained",
+        init,
+        "--workers",
+        "0",
+        "--batch-size",
+        "8",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     run([*cmd, "--output", tmp_path / "reference"])
     out = tmp_path / "out"
@@ -322,9 +405,12 @@ def test_piped_shards_that_are_not_paraclip_shards_stop_instead_of_looping(tmp_p
     proc = torchrun(["open_clip_train.main", *args], check=False, timeout=240)
     assert proc.returncode != 0
     output = proc.stdout + proc.stderr
-    found = re.search(rf"NoUsableSamples: ParaCLIP: this data worker has read shard pipe:cat "
-                      rf"{re.escape(str(tmp_path / 'stock'))}/0000[01]\.tar again .*? without one usable sample among "
-                      r"(\d+) \(by reason: \{'missing para1\.txt\+para2\.txt': (\d+)\}\)", output)
+    found = re.search(
+        rf"NoUsableSamples: ParaCLIP: this data worker has read shard pipe:cat "
+        rf"{re.escape(str(tmp_path / 'stock'))}/0000[01]\.tar again .*? without one usable sample among "
+        r"(\d+) \(by reason: \{'missing para1\.txt\+para2\.txt': (\d+)\}\)",
+        output,
+    )
     assert found, output[-3000:]
     assert found[1] == found[2] and int(found[1]) > 1
     assert time.monotonic() - started < 200
@@ -332,7 +418,9 @@ def test_piped_shards_that_are_not_paraclip_shards_stop_instead_of_looping(tmp_p
 
     # one such shard before good ones is skipped and counted, as before: no false alarm
     write_shards(tmp_path / "good", num_shards=2, per_shard=16, seed=4)
-    mixed = "::".join(f"pipe:cat {tmp_path / folder / f'0000{i}.tar'}" for folder in ("stock", "good") for i in range(2))
+    mixed = "::".join(
+        f"pipe:cat {tmp_path / folder / f'0000{i}.tar'}" for folder in ("stock", "good") for i in range(2)
+    )
     args = train_args(mixed, tmp_path / "logs", "mixed", init, "--paraclip-loss", samples=32)
     proc = torchrun(["open_clip_train.main", *args], timeout=240)
     assert "NoUsableSamples" not in proc.stdout + proc.stderr and "missing para1.txt+para2.txt" in proc.stderr

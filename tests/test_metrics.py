@@ -1,9 +1,16 @@
 """AO@k / JS@k (paper, Appendix B) against hand-computed values, and the score-matrix path against the per-list one."""
+
 import pytest
 import torch
 
 from paraclip_plugin.eval.metrics import (
-    average_overlap, average_overlap_from_scores, jaccard_at_k, jaccard_at_k_from_scores, recall_at_k, top_k_ids)
+    average_overlap,
+    average_overlap_from_scores,
+    jaccard_at_k,
+    jaccard_at_k_from_scores,
+    recall_at_k,
+    top_k_ids,
+)
 
 
 def test_identical_lists_score_one_and_disjoint_lists_zero():

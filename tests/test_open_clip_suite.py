@@ -1,4 +1,5 @@
 """tests/open_clip_suite.py (open_clip's own tests in `make test`): its list of left-out tests and its hook check."""
+
 import pytest
 
 import open_clip_suite

@@ -1,4 +1,5 @@
 """``--backend openai-batch`` end to end over real HTTP: the local server's /v1/files and /v1/batches."""
+
 import json
 import os
 import signal
@@ -14,8 +15,10 @@ BATCH = ("--backend", "openai-batch", "--batch-poll-interval", "0.05", "--batch-
 
 def texts(folder):
     """The caption and paraphrases of every written sample (the json differs: it names the backend)."""
-    return {p.name: {k: (f["txt"], f["para1.txt"], f["para2.txt"]) for k, f in samples_of(p).items()}
-            for p in sorted(folder.glob("*.tar"))}
+    return {
+        p.name: {k: (f["txt"], f["para1.txt"], f["para2.txt"]) for k, f in samples_of(p).items()}
+        for p in sorted(folder.glob("*.tar"))
+    }
 
 
 def request_files(server):
@@ -29,16 +32,29 @@ def test_batch_backend_fills_the_cache_and_writes_the_same_shards(server, tmp_pa
     sync_requests = server.requests
     server.expire_next = 2  # the first batch's last two requests expire unanswered
     out = tmp_path / "out"
-    rc, _, stderr = cli(server, pattern, out, *BATCH, "--price-per-1k-prompt", "1", "--price-per-1k-completion", "2",
-                        "--stats", str(tmp_path / "stats.json"))
+    rc, _, stderr = cli(
+        server,
+        pattern,
+        out,
+        *BATCH,
+        "--price-per-1k-prompt",
+        "1",
+        "--price-per-1k-completion",
+        "2",
+        "--stats",
+        str(tmp_path / "stats.json"),
+    )
     assert rc == 0, stderr
     assert texts(out) == texts(tmp_path / "sync") and texts(out)
     files = request_files(server)
     assert all(len(lines) <= 5 for lines in files.values())  # split at --batch-max-requests
     requests = [json.loads(line) for lines in files.values() for line in lines]
     assert {(r["method"], r["url"], r["body"]["max_tokens"], r["body"]["top_p"]) for r in requests} == {
-        ("POST", "/v1/chat/completions", 512, 0.1)}
-    assert all(b["completion_window"] == "24h" and b["endpoint"] == "/v1/chat/completions" for b in server.batches.values())
+        ("POST", "/v1/chat/completions", 512, 0.1)
+    }
+    assert all(
+        b["completion_window"] == "24h" and b["endpoint"] == "/v1/chat/completions" for b in server.batches.values()
+    )
     # The two expired requests went into a later batch; nothing else was asked twice.
     ids = [r["custom_id"] for r in requests]
     assert len(ids) == len(set(ids)) + 2
@@ -61,8 +77,9 @@ def kill_with_batches_in_flight(server, pattern, out, batches):
         time.sleep(0.05)
         if (out / "cache.sqlite").exists():
             try:
-                recorded = sqlite3.connect(str(out / "cache.sqlite")).execute(
-                    "SELECT batch_id, state FROM batches").fetchall()
+                recorded = (
+                    sqlite3.connect(str(out / "cache.sqlite")).execute("SELECT batch_id, state FROM batches").fetchall()
+                )
             except sqlite3.OperationalError:  # the table is not there yet
                 pass
     os.kill(proc.pid, signal.SIGKILL)
@@ -91,11 +108,12 @@ def test_sigkill_while_a_batch_is_in_flight_then_rerun_submits_nothing_new(serve
     assert rc == 0, stderr
     assert "batch batch_0001: resuming" in stderr
     # The rerun submitted no step-1 request again: its new files hold step-2 requests only.
-    new = [json.loads(l) for i, lines in request_files(server).items() if i not in step1_files for l in lines]
+    new = [json.loads(line) for i, lines in request_files(server).items() if i not in step1_files for line in lines]
     assert new and all(r["body"]["messages"][0]["content"].startswith("Paraphrase the given text") for r in new)
     assert server.requests == 2 * len(kept)  # every caption paid for once per step
     assert sum(len(samples_of(p)) for p in out.glob("*.tar")) == sum(
-        1 for c in input_captions(pattern).values() if 2 <= len(c.split()) <= 15)
+        1 for c in input_captions(pattern).values() if 2 <= len(c.split()) <= 15
+    )
 
 
 def test_rerun_after_an_expiry_and_a_kill_pays_for_no_request_twice(server, tmp_path):
@@ -127,11 +145,16 @@ def test_rerun_after_an_expiry_and_a_kill_pays_for_no_request_twice(server, tmp_
     assert rc == 0, stderr
     assert f"batch batch_{step1_batches:04d}: resuming" in stderr
     requests = [json.loads(line) for lines in request_files(server).values() for line in lines]
-    step1 = [r["custom_id"] for r in requests if r["body"]["messages"][0]["content"].startswith("Paraphrase the given caption")]
+    step1 = [
+        r["custom_id"]
+        for r in requests
+        if r["body"]["messages"][0]["content"].startswith("Paraphrase the given caption")
+    ]
     assert len(step1) == len(set(step1)) + 1  # only the expired request was submitted twice
     assert server.requests == 2 * len(kept)  # every caption answered (paid for) once per step
     assert sum(len(samples_of(p)) for p in out.glob("*.tar")) == sum(
-        1 for c in input_captions(pattern).values() if 2 <= len(c.split()) <= 15)
+        1 for c in input_captions(pattern).values() if 2 <= len(c.split()) <= 15
+    )
 
 
 def test_answers_a_rerun_did_not_ask_for_are_kept_for_the_run_that_does(server, tmp_path):
@@ -164,8 +187,9 @@ def test_the_batch_prefill_keeps_and_refuses_the_samples_the_run_does(server, tm
     write_samples(tmp_path / "in" / "00000.tar", [good, no_image])
     rc, _, stderr = cli(server, str(tmp_path / "in" / "00000.tar"), tmp_path / "out", *BATCH)
     assert rc == 0, stderr
-    prompts = [json.loads(line)["body"]["messages"][0]["content"] for lines in request_files(server).values()
-               for line in lines]
+    prompts = [
+        json.loads(line)["body"]["messages"][0]["content"] for lines in request_files(server).values() for line in lines
+    ]
     assert len(prompts) == server.requests == 2 and not any("failed to download" in p for p in prompts)
 
     latin1 = ("000003", {"jpg": jpg, "txt": b"caf\xe9 tables on a sunny street corner"})  # not UTF-8

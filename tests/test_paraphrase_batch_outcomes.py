@@ -2,6 +2,7 @@
 server: per-line refusals and failures, vanished / failed / cancelled batches, retrieve outages, lost create replies,
 the enqueued-token limit, vllm run-batch files and the caps; kills at each phase boundary. Each test checks the
 shards, the cache, the stats and the server's own count of batches and paid lines (nothing paid twice)."""
+
 import collections
 import hashlib
 import json
@@ -20,8 +21,18 @@ from test_paraphrase_cli import cli
 from test_paraphrase_pipeline import input_captions
 from test_paraphrase_support import server, write_input_shards  # noqa: F401
 
-BATCH = ("--backend", "openai-batch", "--batch-poll-interval", "0.05", "--batch-max-requests", "5",
-         "--price-per-1k-prompt", "1", "--price-per-1k-completion", "2")
+BATCH = (
+    "--backend",
+    "openai-batch",
+    "--batch-poll-interval",
+    "0.05",
+    "--batch-max-requests",
+    "5",
+    "--price-per-1k-prompt",
+    "1",
+    "--price-per-1k-completion",
+    "2",
+)
 STEP2_MARK = PromptSet().step2.split('"')[0].encode()  # how a step-2 request file is told from a step-1 one
 
 
@@ -36,8 +47,13 @@ def job(tmp_path_factory):
         paid = srv.paid_lines()
     kept = kept_captions(pattern)
     assert paid == 2 * len(kept) and len(kept) >= 11  # every kept caption paid once per step; >= 3 files a step
-    return types.SimpleNamespace(pattern=pattern, reference=texts(root / "reference"), kept=sorted(kept), paid=paid,
-                                 captions=input_captions(pattern))
+    return types.SimpleNamespace(
+        pattern=pattern,
+        reference=texts(root / "reference"),
+        kept=sorted(kept),
+        paid=paid,
+        captions=input_captions(pattern),
+    )
 
 
 def run(server, job, out, *extra):
@@ -51,8 +67,10 @@ def run(server, job, out, *extra):
 
 def without(job, captions):
     """The reference shards without the samples of ``captions``."""
-    return {name: {k: v for k, v in samples.items() if v[0].decode() not in captions}
-            for name, samples in job.reference.items()}
+    return {
+        name: {k: v for k, v in samples.items() if v[0].decode() not in captions}
+        for name, samples in job.reference.items()
+    }
 
 
 def samples_with(job, captions):
@@ -60,8 +78,11 @@ def samples_with(job, captions):
 
 
 def cache_rows(out):
-    return sqlite3.connect(str(out / "cache.sqlite")).execute(
-        "SELECT step, input, output, finish_reason FROM completions_v2").fetchall()
+    return (
+        sqlite3.connect(str(out / "cache.sqlite"))
+        .execute("SELECT step, input, output, finish_reason FROM completions_v2")
+        .fetchall()
+    )
 
 
 def batch_states(out):
@@ -104,6 +125,7 @@ def recorded(out):
 
 # --- 1. per-request refusals ------------------------------------------------------------------------------
 
+
 def test_refused_lines_drop_their_samples_are_cached_as_refused_and_never_sent_again(server, job, tmp_path):
     flagged = set(job.kept[:3])  # about 20% of the captions: their prompts are flagged (400 invalid_prompt)
     server.flag_text = quoted(flagged)
@@ -142,6 +164,7 @@ def test_a_systematic_refusal_stops_by_the_synchronous_rule_and_caches_no_refusa
 
 # --- 2. a vanished batch ------------------------------------------------------------------------------------
 
+
 def test_a_vanished_batch_or_file_sends_its_requests_again_with_a_warning(server, job, tmp_path):
     out = tmp_path / "out"
     server.held = {f"batch_{i:04d}" for i in range(1, 100)}
@@ -151,7 +174,9 @@ def test_a_vanished_batch_or_file_sends_its_requests_again_with_a_warning(server
     proc.wait()
     server.held = set()
     assert wait_for(lambda: all(b["status"] == "completed" for b in server.batches.values()))
-    lost = {i: server.files[server.batches[i]["input_file_id"]]["data"].count(b"\n") for i in ("batch_0001", "batch_0002")}
+    lost = {
+        i: server.files[server.batches[i]["input_file_id"]]["data"].count(b"\n") for i in ("batch_0001", "batch_0002")
+    }
     server.forget("batch_0001")  # another key or project, a changed --base-url: 404 on retrieve
     server.forget(server.batches["batch_0002"]["output_file_id"])  # a deleted output file: 404 on its content
     rc, stderr, stats = run(server, job, out)
@@ -169,6 +194,7 @@ def test_a_vanished_batch_or_file_sends_its_requests_again_with_a_warning(server
 
 
 # --- 3. the enqueued-token limit -------------------------------------------------------------------------------
+
 
 def token_limit(job):
     """An enqueued-token limit (the stand-in counts prompt words) that takes any one request file of the job (5
@@ -204,6 +230,7 @@ def test_submission_within_the_enqueued_token_budget_never_meets_the_limit(serve
 
 # --- 4. paid at most once: lost create replies --------------------------------------------------------------
 
+
 def test_a_lost_create_reply_is_found_by_its_metadata_not_created_twice(server, job, tmp_path):
     server.create_faults.extend(["drop", "500"])  # created on the server, the reply lost / a 500
     out = tmp_path / "out"
@@ -214,13 +241,17 @@ def test_a_lost_create_reply_is_found_by_its_metadata_not_created_twice(server, 
     hashes = [b["metadata"]["paraclip_request_file"] for b in server.batches.values()]
     assert len(hashes) == len(set(hashes))  # no request file made two batches
     for b in server.batches.values():
-        assert hashlib.sha256(server.files[b["input_file_id"]]["data"]).hexdigest() == b["metadata"]["paraclip_request_file"]
+        assert (
+            hashlib.sha256(server.files[b["input_file_id"]]["data"]).hexdigest()
+            == b["metadata"]["paraclip_request_file"]
+        )
         assert b["metadata"]["paraclip_job"].endswith("job 0 of 1") and str(tmp_path) not in json.dumps(b["metadata"])
     assert set(batch_states(out)) == set(server.batches)  # every batch the server made is recorded and read
     assert texts(out) == job.reference and server.paid_lines() == job.paid and nothing_paid_twice(server)
 
 
 # --- 5. a request failing in every round ---------------------------------------------------------------------
+
 
 def test_a_request_failing_in_every_round_is_dropped_and_the_job_goes_on(server, job, tmp_path):
     failing = job.kept[4]
@@ -239,6 +270,7 @@ def test_a_request_failing_in_every_round_is_dropped_and_the_job_goes_on(server,
 
 # --- 6. a cancelled batch --------------------------------------------------------------------------------
 
+
 def test_a_cancelled_batch_stops_the_job_until_resubmission_is_asked_for(server, job, tmp_path):
     out = tmp_path / "out"
     server.held = {f"batch_{i:04d}" for i in range(1, 100)}
@@ -248,7 +280,9 @@ def test_a_cancelled_batch_stops_the_job_until_resubmission_is_asked_for(server,
     server.held = set()
     _, stderr = proc.communicate(timeout=60)
     stderr = stderr.decode()
-    assert proc.returncode != 0 and "batch batch_0002 was cancelled" in stderr and "--batch-resubmit-cancelled" in stderr
+    assert (
+        proc.returncode != 0 and "batch batch_0002 was cancelled" in stderr and "--batch-resubmit-cancelled" in stderr
+    )
     assert len(server.batches) == 3 and server.batches["batch_0002"]["status"] == "cancelled"
     assert not list(out.glob("*.tar"))
     rc, stderr, _ = run(server, job, out)  # a rerun without the flag: the same stop, nothing submitted
@@ -266,6 +300,7 @@ def test_a_cancelled_batch_stops_the_job_until_resubmission_is_asked_for(server,
 
 # --- 7. retrieve outages -----------------------------------------------------------------------------------
 
+
 def test_polling_survives_a_retrieve_outage_longer_than_the_clients_retries(server, job, tmp_path):
     server.retrieve_failures = 5  # the client retries nothing (--max-retries 0): five failed polls in a row
     rc, stderr, stats = run(server, job, tmp_path / "out", "--max-retries", "0", "--max-wait", "60")
@@ -276,7 +311,7 @@ def test_polling_survives_a_retrieve_outage_longer_than_the_clients_retries(serv
 
 
 def test_an_outage_past_max_wait_stops_cleanly_and_the_rerun_resumes(server, job, tmp_path):
-    server.retrieve_failures = 10 ** 6
+    server.retrieve_failures = 10**6
     out = tmp_path / "out"
     rc, stderr, stats = run(server, job, out, "--max-retries", "0", "--max-wait", "1")
     assert rc != 0 and "above --max-wait 1 s" in stderr and "rerun to resume" in stderr
@@ -291,14 +326,21 @@ def test_an_outage_past_max_wait_stops_cleanly_and_the_rerun_resumes(server, job
 
 # --- 8. vllm run-batch files -------------------------------------------------------------------------------
 
+
 def test_vllm_run_batch_request_and_results_files_round_trip(server, job, tmp_path):
     flagged = {job.kept[0]}
     server.flag_text = quoted(flagged)  # vLLM's error line shape: body null, the ErrorResponse in "error"
     out, folder = tmp_path / "out", tmp_path / "requests"
     results = []
     for step in (1, 2):
-        rc, stderr, _ = run(server, job, out, "--write-batch-requests", str(folder),
-                            *(("--read-batch-results", "::".join(results)) if results else ()))
+        rc, stderr, _ = run(
+            server,
+            job,
+            out,
+            "--write-batch-requests",
+            str(folder),
+            *(("--read-batch-results", "::".join(results)) if results else ()),
+        )
         assert rc == 3 and "vllm run-batch" in stderr, stderr
         files = sorted(folder.glob(f"step{step}-*.jsonl"))
         assert files and all(len(f.read_text().splitlines()) <= 5 for f in files)
@@ -316,6 +358,7 @@ def test_vllm_run_batch_request_and_results_files_round_trip(server, job, tmp_pa
 
 # --- 9. the API's caps -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("flag, value", [("--batch-max-requests", "50001"), ("--batch-max-bytes", "200000001")])
 def test_caps_above_the_apis_are_refused_by_flag(server, job, tmp_path, flag, value):
     rc, stderr, _ = run(server, job, tmp_path / "out", flag, value)
@@ -325,12 +368,18 @@ def test_caps_above_the_apis_are_refused_by_flag(server, job, tmp_path, flag, va
 
 # --- kills at each phase boundary --------------------------------------------------------------------------
 
-PAUSES = {"before create": ("upload", None), "between create and record": ("create", None),
-          "while reading results": ("content", None), "between steps": ("upload", lambda data: STEP2_MARK in data)}
+PAUSES = {
+    "before create": ("upload", None),
+    "between create and record": ("create", None),
+    "while reading results": ("content", None),
+    "between steps": ("upload", lambda data: STEP2_MARK in data),
+}
 
 
-@pytest.mark.parametrize("boundary", ["before create", "between create and record", "while waiting",
-                                      "while reading results", "between steps"])
+@pytest.mark.parametrize(
+    "boundary",
+    ["before create", "between create and record", "while waiting", "while reading results", "between steps"],
+)
 def test_a_kill_at_a_phase_boundary_then_a_rerun_equals_an_uninterrupted_run(server, job, tmp_path, boundary):
     out = tmp_path / "out"
     if boundary == "while waiting":
@@ -338,7 +387,7 @@ def test_a_kill_at_a_phase_boundary_then_a_rerun_equals_an_uninterrupted_run(ser
     else:
         server.pause_on = PAUSES[boundary]  # the server holds that request: the client is killed right there
     proc = cli(server, job.pattern, out, *BATCH, wait=False)
-    assert (wait_for(lambda: len(recorded(out)) >= 3) if boundary == "while waiting" else server.paused.wait(30))
+    assert wait_for(lambda: len(recorded(out)) >= 3) if boundary == "while waiting" else server.paused.wait(30)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     server.held = set()

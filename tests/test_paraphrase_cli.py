@@ -1,4 +1,5 @@
 """scripts/make_shards.py as users run it: a subprocess talking HTTP to the local server."""
+
 import fcntl
 import gzip
 import json
@@ -9,8 +10,14 @@ import time
 
 import pytest
 
-from test_paraphrase_support import (MAKE_SHARDS, PYTHON, read_tar, samples_of, server, write_input_shards,  # noqa: F401
-                                     write_samples)
+from test_paraphrase_support import (
+    MAKE_SHARDS,
+    PYTHON,
+    read_tar,
+    samples_of,
+    write_input_shards,  # noqa: F401
+    write_samples,
+)
 from paraclip_plugin.paraphrase.local_server import LocalChatServer
 
 SENTINEL_KEY = "sk-SENTINEL-4e1f0c9a-never-write-me"
@@ -18,11 +25,28 @@ SENTINEL_KEY = "sk-SENTINEL-4e1f0c9a-never-write-me"
 
 def cli(server, pattern, out, *extra, env_key=SENTINEL_KEY, wait=True, env=None):
     env = {**os.environ, "OPENAI_API_KEY": env_key, "PARACLIP_TEST_KEY": env_key, **(env or {})}
-    for var in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX",
-                "OPENAI_BASE_URL"):
+    for var in (
+        "SLURM_ARRAY_TASK_ID",
+        "SLURM_ARRAY_TASK_COUNT",
+        "SLURM_ARRAY_TASK_MIN",
+        "SLURM_ARRAY_TASK_MAX",
+        "OPENAI_BASE_URL",
+    ):
         env.pop(var, None)
-    cmd = [PYTHON, str(MAKE_SHARDS), "--input", pattern, "--output", str(out), "--model", "local-paraphraser",
-           "--base-url", server.base_url, "--no-progress", *extra]
+    cmd = [
+        PYTHON,
+        str(MAKE_SHARDS),
+        "--input",
+        pattern,
+        "--output",
+        str(out),
+        "--model",
+        "local-paraphraser",
+        "--base-url",
+        server.base_url,
+        "--no-progress",
+        *extra,
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     if not wait:
         return proc
@@ -37,8 +61,19 @@ def tar_contents(folder):
 def test_api_key_never_written_anywhere(server, tmp_path):
     pattern = write_input_shards(tmp_path / "in", num_shards=2)
     out = tmp_path / "out"
-    rc, stdout, stderr = cli(server, pattern, out, "--export-sft", str(out / "sft.jsonl"),
-                             "--stats", str(out / "stats.json"), "--concurrency", "4", "--api-key-env", "PARACLIP_TEST_KEY")
+    rc, stdout, stderr = cli(
+        server,
+        pattern,
+        out,
+        "--export-sft",
+        str(out / "sft.jsonl"),
+        "--stats",
+        str(out / "stats.json"),
+        "--concurrency",
+        "4",
+        "--api-key-env",
+        "PARACLIP_TEST_KEY",
+    )
     assert rc == 0, stderr
     assert server.authorizations == {f"Bearer {SENTINEL_KEY}"}  # the key was really used...
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
@@ -78,14 +113,18 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted_run(server, tmp_path):
     assert not list(out.glob("*.partial"))
     # Completed work was not paid for again.
     assert server.requests - before < reference_requests
-    assert json.loads((out / "sizes.json").read_text()) == json.loads((tmp_path / "reference" / "sizes.json").read_text())
+    assert json.loads((out / "sizes.json").read_text()) == json.loads(
+        (tmp_path / "reference" / "sizes.json").read_text()
+    )
 
 
 def test_concurrent_jobs_write_correct_sizes_json(server, tmp_path):
     pattern = write_input_shards(tmp_path / "in", num_shards=6, per_shard=8)
     out = tmp_path / "out"
-    procs = [cli(server, pattern, out, "--num-jobs", "3", "--job-index", str(i), "--concurrency", "4", wait=False)
-             for i in range(3)]
+    procs = [
+        cli(server, pattern, out, "--num-jobs", "3", "--job-index", str(i), "--concurrency", "4", wait=False)
+        for i in range(3)
+    ]
     for proc in procs:
         _, stderr = proc.communicate(timeout=60)
         assert proc.returncode == 0, stderr.decode()
@@ -103,10 +142,22 @@ def test_slurm_array_variables_pick_the_job(server, tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")  # --array=1-2: the second task is job index 1
     from paraclip_plugin.paraphrase.inputs import slurm_job_defaults
+
     assert slurm_job_defaults() == (2, 1)
     env = {**os.environ, "OPENAI_API_KEY": "x"}
-    cmd = [PYTHON, str(MAKE_SHARDS), "--input", pattern, "--output", str(tmp_path / "out"), "--model", "m",
-           "--base-url", server.base_url, "--no-progress"]
+    cmd = [
+        PYTHON,
+        str(MAKE_SHARDS),
+        "--input",
+        pattern,
+        "--output",
+        str(tmp_path / "out"),
+        "--model",
+        "m",
+        "--base-url",
+        server.base_url,
+        "--no-progress",
+    ]
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=60)
     assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == ["00001.tar", "00003.tar"]
 
@@ -126,11 +177,36 @@ def test_bad_inputs_fail_with_file_and_line(server, tmp_path):
 
 def test_help_lists_every_flag():
     result = subprocess.run([PYTHON, str(MAKE_SHARDS), "--help"], capture_output=True, text=True, check=True)
-    for flag in ("--input", "--output", "--backend", "--model", "--base-url", "--concurrency", "--cache",
-                 "--num-jobs", "--job-index", "--prompts", "--temperature", "--top-p", "--min-words", "--max-words",
-                 "--export-sft", "--price-per-1k-prompt", "--price-per-1k-completion", "--tensor-parallel-size",
-                 "--timeout", "--max-retries", "--max-attempts", "--stats", "--api-key-env", "--token-param",
-                 "--max-wait", "--chat-template", "--max-refused-fraction", "--seed"):
+    for flag in (
+        "--input",
+        "--output",
+        "--backend",
+        "--model",
+        "--base-url",
+        "--concurrency",
+        "--cache",
+        "--num-jobs",
+        "--job-index",
+        "--prompts",
+        "--temperature",
+        "--top-p",
+        "--min-words",
+        "--max-words",
+        "--export-sft",
+        "--price-per-1k-prompt",
+        "--price-per-1k-completion",
+        "--tensor-parallel-size",
+        "--timeout",
+        "--max-retries",
+        "--max-attempts",
+        "--stats",
+        "--api-key-env",
+        "--token-param",
+        "--max-wait",
+        "--chat-template",
+        "--max-refused-fraction",
+        "--seed",
+    ):
         assert flag in result.stdout
     # No flag takes a key itself: only the NAME of an environment variable.
     assert "--api-key " not in result.stdout and "--api-key-env NAME" in result.stdout
@@ -191,8 +267,9 @@ def test_sigterm_stops_the_run_and_its_stats_record_what_was_paid(tmp_path):
     """scancel and SLURM's time limit send SIGTERM: the stats are written, with the requests made so far."""
     pattern = write_input_shards(tmp_path / "in", num_shards=3, per_shard=20)
     with LocalChatServer(latency=0.05) as slow:
-        proc = cli(slow, pattern, tmp_path / "out", "--concurrency", "1", "--stats", str(tmp_path / "s.json"),
-                   wait=False)
+        proc = cli(
+            slow, pattern, tmp_path / "out", "--concurrency", "1", "--stats", str(tmp_path / "s.json"), wait=False
+        )
         deadline = time.time() + 30
         while slow.requests < 5 and time.time() < deadline:
             time.sleep(0.05)
@@ -211,30 +288,60 @@ def test_two_inputs_with_one_output_name_are_refused_naming_both(server, tmp_pat
     (tmp_path / "part1.jsonl").write_text(json.dumps({"caption": "a yellow bird sitting on a wire"}) + "\n")
     rc, _, stderr = cli(server, str(tmp_path / "part1.*"), tmp_path / "out")
     assert rc != 0 and server.requests == 0 and not (tmp_path / "out").exists()
-    assert (f"error: {tmp_path}/part1.jsonl and {tmp_path}/part1.txt: both inputs would be written to the output "
-            "'part1.jsonl'") in stderr
+    assert (
+        f"error: {tmp_path}/part1.jsonl and {tmp_path}/part1.txt: both inputs would be written to the output "
+        "'part1.jsonl'"
+    ) in stderr
 
 
-@pytest.mark.parametrize("flag, value", [
-    ("--concurrency", "0"), ("--max-attempts", "0"), ("--max-tokens", "0"), ("--num-jobs", "0"), ("--job-index", "-1"),
-    ("--timeout", "-1"), ("--timeout", "nan"), ("--max-retries", "-1"), ("--max-wait", "-1"), ("--top-p", "0"),
-    ("--top-p", "1.5"), ("--temperature", "-0.5"), ("--min-words", "0"), ("--max-words", "0"),
-    ("--max-length-ratio", "0"), ("--max-refused-fraction", "1.5"), ("--malformed-retries", "-1"),
-    ("--price-per-1k-prompt", "-1"), ("--batch-poll-interval", "0"), ("--batch-max-requests", "0"),
-    ("--batch-max-bytes", "0"), ("--batch-rounds", "0"), ("--batch-discount", "-1"), ("--tensor-parallel-size", "0"),
-    ("--max-model-len", "0"), ("--gpu-memory-utilization", "1.5"), ("--temperature", "inf"), ("--timeout", "1e400"),
-    ("--price-per-1k-prompt", "inf"), ("--batch-poll-interval", "inf"),
-])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--concurrency", "0"),
+        ("--max-attempts", "0"),
+        ("--max-tokens", "0"),
+        ("--num-jobs", "0"),
+        ("--job-index", "-1"),
+        ("--timeout", "-1"),
+        ("--timeout", "nan"),
+        ("--max-retries", "-1"),
+        ("--max-wait", "-1"),
+        ("--top-p", "0"),
+        ("--top-p", "1.5"),
+        ("--temperature", "-0.5"),
+        ("--min-words", "0"),
+        ("--max-words", "0"),
+        ("--max-length-ratio", "0"),
+        ("--max-refused-fraction", "1.5"),
+        ("--malformed-retries", "-1"),
+        ("--price-per-1k-prompt", "-1"),
+        ("--batch-poll-interval", "0"),
+        ("--batch-max-requests", "0"),
+        ("--batch-max-bytes", "0"),
+        ("--batch-rounds", "0"),
+        ("--batch-discount", "-1"),
+        ("--tensor-parallel-size", "0"),
+        ("--max-model-len", "0"),
+        ("--gpu-memory-utilization", "1.5"),
+        ("--temperature", "inf"),
+        ("--timeout", "1e400"),
+        ("--price-per-1k-prompt", "inf"),
+        ("--batch-poll-interval", "inf"),
+    ],
+)
 def test_numeric_flags_out_of_range_are_refused_naming_the_flag(flag, value, capsys):
     from paraclip_plugin.paraphrase.cli import parse_args
+
     with pytest.raises(SystemExit) as stop:
-        parse_args(["--input", "x.tar", "--output", "out", "--model", "m", "--num-jobs", "1", "--job-index", "0",
-                    flag, value])
+        parse_args(
+            ["--input", "x.tar", "--output", "out", "--model", "m", "--num-jobs", "1", "--job-index", "0", flag, value]
+        )
     assert stop.value.code == 2 and f"argument {flag}: must be " in capsys.readouterr().err
 
 
 def test_min_words_above_max_words_is_refused(capsys):
     from paraclip_plugin.paraphrase.cli import parse_args
+
     with pytest.raises(SystemExit):
         parse_args(["--input", "x.tar", "--output", "out", "--model", "m", "--min-words", "9", "--max-words", "3"])
     assert "--min-words 9 is above --max-words 3" in capsys.readouterr().err
@@ -247,12 +354,20 @@ def test_a_stopped_run_writes_its_stats_and_never_replaces_anothers(server, tmp_
     # Stats files another run wrote in the coming seconds (names go down to the second): never replaced.
     (out / "stats").mkdir(parents=True)
     now = time.time()
-    others = [out / "stats" / f"{time.strftime('%Y%m%dT%H%M%S', time.localtime(now + s))}-job0of1.json"
-              for s in range(-1, 60)]
+    others = [
+        out / "stats" / f"{time.strftime('%Y%m%dT%H%M%S', time.localtime(now + s))}-job0of1.json" for s in range(-1, 60)
+    ]
     for path in others:
         path.write_text("another run's stats")
-    rc, _, stderr = cli(server, str(tmp_path / "in" / "{00000..00001}.tar"), out,
-                        "--price-per-1k-prompt", "1", "--price-per-1k-completion", "1")
+    rc, _, stderr = cli(
+        server,
+        str(tmp_path / "in" / "{00000..00001}.tar"),
+        out,
+        "--price-per-1k-prompt",
+        "1",
+        "--price-per-1k-completion",
+        "1",
+    )
     assert rc != 0 and "00001.tar: sample 'k': unreadable txt/json member" in stderr  # after paying for 00000
     assert all(path.read_text() == "another run's stats" for path in others)
     (written,) = set((out / "stats").iterdir()) - set(others)
@@ -265,6 +380,7 @@ def test_a_stopped_run_writes_its_stats_and_never_replaces_anothers(server, tmp_
 
 def test_a_second_sigterm_is_ignored_while_the_stats_are_written():
     from paraclip_plugin.paraphrase import cli as make_shards_cli
+
     before = signal.getsignal(signal.SIGTERM)
     try:
         signal.signal(signal.SIGTERM, make_shards_cli._raise_terminated)

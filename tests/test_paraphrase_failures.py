@@ -4,6 +4,7 @@ Numbers refer to issue 9's cases: (1) systematic refusals, (2) finish_reason, (3
 (4) Retry-After above the client's 120 s, (5) max_completion_tokens and <think>, (6) the cache key,
 (7) the API key's host.
 """
+
 import json
 import os
 
@@ -13,8 +14,13 @@ from paraclip_plugin.paraphrase import cleaning
 from paraclip_plugin.paraphrase.backends import GenerationError
 from paraclip_plugin.paraphrase.backends.openai_backend import OpenAIBackend
 from paraclip_plugin.paraphrase.inputs import expand_inputs
-from paraclip_plugin.paraphrase.local_server import (OPENAI_MAX_TOKENS_ERROR, LocalChatServer, VLLM_NO_TEMPLATE_ERROR, quoted_text,
-                                                      raw_reply)
+from paraclip_plugin.paraphrase.local_server import (
+    OPENAI_MAX_TOKENS_ERROR,
+    LocalChatServer,
+    VLLM_NO_TEMPLATE_ERROR,
+    quoted_text,
+    raw_reply,
+)
 from paraclip_plugin.paraphrase.prompts import PromptSet
 from test_paraphrase_cli import SENTINEL_KEY, cli, tar_contents
 from test_paraphrase_pipeline import make_generator, run
@@ -26,6 +32,7 @@ def no_traceback(stderr):
 
 
 # --- (1) a server that refuses every request ------------------------------------------------------
+
 
 def test_server_refusing_everything_stops_nonzero_writes_nothing_and_rerun_redoes(server, tmp_path):
     pattern = write_input_shards(tmp_path / "in", num_shards=2, per_shard=10)
@@ -80,8 +87,10 @@ def test_a_model_whose_every_answer_is_unusable_writes_no_empty_shard(server, tm
 
 def declined_shard(path, caption):
     """A small input whose one kept caption the model declines (the other sample is too short to keep)."""
-    return write_samples(path, [("000000", {"jpg": b"\xff\xd8", "txt": caption.encode()}),
-                                ("000001", {"jpg": b"\xff\xd8", "txt": b"ok"})])
+    return write_samples(
+        path,
+        [("000000", {"jpg": b"\xff\xd8", "txt": caption.encode()}), ("000001", {"jpg": b"\xff\xd8", "txt": b"ok"})],
+    )
 
 
 def test_an_input_whose_every_sample_is_dropped_is_listed_and_the_others_are_written(server, tmp_path):
@@ -89,18 +98,27 @@ def test_an_input_whose_every_sample_is_dropped_is_listed_and_the_others_are_wri
     declined_shard(tmp_path / "in" / "00000.tar", declined)
     write_input_shards(tmp_path / "other", num_shards=1, per_shard=6)
     os.rename(tmp_path / "other" / "00000.tar", tmp_path / "in" / "00001.tar")
-    server.refuse_text(declined, times=10 ** 6)  # "I'm sorry, but I can't help with that", every attempt
+    server.refuse_text(declined, times=10**6)  # "I'm sorry, but I can't help with that", every attempt
     out, pattern = tmp_path / "out", str(tmp_path / "in" / "{00000..00001}.tar")
     for attempt in range(2):
-        rc, _, stderr = cli(server, pattern, out, "--stats", str(tmp_path / f"stats{attempt}.json"),
-                            "--export-sft", str(out / "sft.jsonl"))
+        rc, _, stderr = cli(
+            server,
+            pattern,
+            out,
+            "--stats",
+            str(tmp_path / f"stats{attempt}.json"),
+            "--export-sft",
+            str(out / "sft.jsonl"),
+        )
         assert rc != 0 and no_traceback(stderr)
         # the pairs of what was written (two per sample), none of the input that was not
         sft = [json.loads(line) for line in (out / "sft.jsonl").read_text().splitlines()]
         assert sft and len(sft) <= 2 * len(samples_of(out / "00001.tar"))
         assert not any(declined in m["content"] for r in sft for m in r["messages"])
-        assert (f"error: 1 of 2 inputs could not be written (the others are): {tmp_path}/in/00000.tar: every kept "
-                "sample was dropped (step1_refusal)") in stderr.splitlines()[-1]
+        assert (
+            f"error: 1 of 2 inputs could not be written (the others are): {tmp_path}/in/00000.tar: every kept "
+            "sample was dropped (step1_refusal)"
+        ) in stderr.splitlines()[-1]
         assert sorted(p.name for p in out.glob("*.tar*")) == ["00001.tar"]  # never an empty 00000.tar
         assert json.loads((out / "sizes.json").read_text()) == {"00001.tar": len(samples_of(out / "00001.tar"))}
         stats = json.loads((tmp_path / f"stats{attempt}.json").read_text())
@@ -119,7 +137,7 @@ def test_a_rerun_counts_failures_in_a_row_among_the_inputs_it_reaches(server, tm
     for i in (1, 3, 5):
         write_input_shards(tmp_path / f"good{i}", num_shards=1, per_shard=4, seed=i)
         os.rename(tmp_path / f"good{i}" / "00000.tar", tmp_path / "in" / f"{i:05d}.tar")
-    server.refuse_text("declined caption", times=10 ** 6)
+    server.refuse_text("declined caption", times=10**6)
     out = tmp_path / "out"
     rc, _, stderr = cli(server, str(tmp_path / "in" / "{00000..00003}.tar"), out)
     assert rc != 0 and sorted(p.name for p in out.glob("*.tar")) == ["00001.tar", "00003.tar"]
@@ -132,7 +150,7 @@ def test_a_rerun_counts_failures_in_a_row_among_the_inputs_it_reaches(server, tm
 def test_inputs_failing_one_after_another_stop_the_job(server, tmp_path):
     for i in range(4):
         declined_shard(tmp_path / "in" / f"{i:05d}.tar", f"declined caption number {i} of the job")
-    server.refuse_text("declined caption", times=10 ** 6)  # as a wrong chat template would make every answer
+    server.refuse_text("declined caption", times=10**6)  # as a wrong chat template would make every answer
     rc, _, stderr = cli(server, str(tmp_path / "in" / "*.tar"), tmp_path / "out", "--stats", str(tmp_path / "s.json"))
     assert rc != 0 and no_traceback(stderr)
     assert "3 inputs in a row could not be written, a systematic fault: stopping" in stderr
@@ -158,6 +176,7 @@ def test_one_refused_caption_is_dropped_and_the_job_goes_on(server, tmp_path):
 
 # --- (2) finish_reason ------------------------------------------------------------------------------
 
+
 def test_content_filter_and_length_are_dropped_once_and_replayed_from_the_cache(server, tmp_path):
     pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=12)
     server.inject("content_filter", "length")  # content null, as the API sends them
@@ -175,6 +194,7 @@ def test_content_filter_and_length_are_dropped_once_and_replayed_from_the_cache(
 
 # --- (3) odd 200 bodies -----------------------------------------------------------------------------
 
+
 def test_odd_200_bodies_are_retried_like_malformed_ones(server, tmp_path):
     pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=6)
     run(server, tmp_path, pattern, out="reference")
@@ -183,7 +203,7 @@ def test_odd_200_bodies_are_retried_like_malformed_ones(server, tmp_path):
     server.inject("html", "choices-dict", "bad-utf8", "malformed")
     start = len(server.log)
     run(server, sub, pattern, concurrency=1)
-    assert [o for _, _, o in server.log[start:start + 5]] == ["html", "choices-dict", "bad-utf8", "malformed", "ok"]
+    assert [o for _, _, o in server.log[start : start + 5]] == ["html", "choices-dict", "bad-utf8", "malformed", "ok"]
     assert read_tar(sub / "out" / "00000.tar") == read_tar(tmp_path / "reference" / "00000.tar")
 
 
@@ -200,6 +220,7 @@ def test_odd_bodies_past_the_bound_stop_with_one_line_naming_the_request(server,
 
 
 # --- (4) Retry-After above the client's 120 s cap ---------------------------------------------------
+
 
 def test_long_retry_after_is_waited_out(server, tmp_path):
     pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=6)
@@ -220,7 +241,7 @@ def test_long_retry_after_is_waited_out(server, tmp_path):
     stats = generator.run(expand_inputs(pattern), str(sub / "out"))
     generator.backend.close()
     # The client gave up at once (no retry of its own past its 120 s cap); we waited what the server asked.
-    assert [o for _, _, o in server.log[start:start + 2]] == ["429-long", "ok"]
+    assert [o for _, _, o in server.log[start : start + 2]] == ["429-long", "ok"]
     assert len(waits) == 1 and 120.0 < waits[0] <= 121.0 and stats["rate_limit_wait_seconds"] == 121.0
     assert read_tar(sub / "out" / "00000.tar") == read_tar(tmp_path / "reference" / "00000.tar")
 
@@ -237,6 +258,7 @@ def test_retry_after_beyond_max_wait_stops_cleanly(server, tmp_path):
 
 # --- (5) max_completion_tokens and <think> -----------------------------------------------------------
 
+
 def test_token_param_switches_once_when_the_server_refuses_max_tokens(server, tmp_path):
     pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=10)
     server.reject_max_tokens = True  # OpenAI's reasoning models
@@ -252,8 +274,10 @@ def test_openai_host_gets_max_completion_tokens_by_default():
     assert OpenAIBackend("m", "k").token_param == "max_completion_tokens"
     assert OpenAIBackend("m", "k", base_url="https://api.openai.com/v1").token_param == "max_completion_tokens"
     assert OpenAIBackend("m", "k", base_url="http://gpu-node:8000/v1").token_param == "max_tokens"
-    assert OpenAIBackend("m", "k", base_url="http://gpu-node:8000/v1",
-                         token_param="max_completion_tokens").token_param == "max_completion_tokens"
+    assert (
+        OpenAIBackend("m", "k", base_url="http://gpu-node:8000/v1", token_param="max_completion_tokens").token_param
+        == "max_completion_tokens"
+    )
 
 
 def test_reasoning_model_think_blocks_are_stripped(server, tmp_path):
@@ -269,6 +293,7 @@ def test_reasoning_model_think_blocks_are_stripped(server, tmp_path):
 
 
 # --- (6) every output-changing setting is in the cache key and in each sample's json -----------------
+
 
 def test_changed_sampling_makes_new_requests_and_is_recorded(server, tmp_path):
     pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=8)
@@ -292,6 +317,7 @@ def test_changed_sampling_makes_new_requests_and_is_recorded(server, tmp_path):
 
 # --- (7) the API key goes to the host it is meant for only ---------------------------------------------
 
+
 def test_openai_key_is_not_sent_to_another_host(server, tmp_path):
     pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=4)
     rc, _, stderr = cli(server, pattern, tmp_path / "out")  # OPENAI_API_KEY is set in the environment
@@ -300,8 +326,12 @@ def test_openai_key_is_not_sent_to_another_host(server, tmp_path):
     # Nor when the host comes from OPENAI_BASE_URL, which the client would read by itself, nor through
     # OPENAI_CUSTOM_HEADERS, whose Authorization the client would send to any host.
     out = tmp_path / "env"
-    rc, _, stderr = cli(server, pattern, out, env={"OPENAI_BASE_URL": server.base_url,
-                                                   "OPENAI_CUSTOM_HEADERS": f"Authorization: Bearer {SENTINEL_KEY}"})
+    rc, _, stderr = cli(
+        server,
+        pattern,
+        out,
+        env={"OPENAI_BASE_URL": server.base_url, "OPENAI_CUSTOM_HEADERS": f"Authorization: Bearer {SENTINEL_KEY}"},
+    )
     assert rc == 0, stderr
     assert server.authorizations == {"Bearer EMPTY"}
     assert all(SENTINEL_KEY not in json.dumps(b) for b in server.bodies)
@@ -309,8 +339,9 @@ def test_openai_key_is_not_sent_to_another_host(server, tmp_path):
 
 def test_api_key_env_names_the_variable_and_must_be_set(server, tmp_path):
     pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=4)
-    rc, _, stderr = cli(server, pattern, tmp_path / "out", "--api-key-env", "PARACLIP_NODE_KEY",
-                        env={"PARACLIP_NODE_KEY": "node-key-1"})
+    rc, _, stderr = cli(
+        server, pattern, tmp_path / "out", "--api-key-env", "PARACLIP_NODE_KEY", env={"PARACLIP_NODE_KEY": "node-key-1"}
+    )
     assert rc == 0, stderr
     assert server.authorizations == {"Bearer node-key-1"}
     before = server.requests
@@ -321,8 +352,11 @@ def test_api_key_env_names_the_variable_and_must_be_set(server, tmp_path):
 
 
 BATCH = ("--backend", "openai-batch", "--batch-poll-interval", "0.05")
-ENV_HEADERS = {"OPENAI_ORG_ID": "org-SENTINEL", "OPENAI_PROJECT_ID": "proj-SENTINEL",
-               "OPENAI_CUSTOM_HEADERS": f"api-key: {SENTINEL_KEY}\nX-Api-Key: {SENTINEL_KEY}"}
+ENV_HEADERS = {
+    "OPENAI_ORG_ID": "org-SENTINEL",
+    "OPENAI_PROJECT_ID": "proj-SENTINEL",
+    "OPENAI_CUSTOM_HEADERS": f"api-key: {SENTINEL_KEY}\nX-Api-Key: {SENTINEL_KEY}",
+}
 
 
 @pytest.mark.parametrize("backend", [(), BATCH], ids=["openai", "openai-batch"])
@@ -343,8 +377,9 @@ def test_a_redirect_is_not_followed_and_stops_the_job_naming_its_target(server, 
     pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=4)
     with LocalChatServer() as elsewhere:
         server.redirect_to = elsewhere.base_url
-        rc, _, stderr = cli(server, pattern, tmp_path / "out", *backend, "--api-key-env", "PARACLIP_TEST_KEY",
-                            env=ENV_HEADERS)
+        rc, _, stderr = cli(
+            server, pattern, tmp_path / "out", *backend, "--api-key-env", "PARACLIP_TEST_KEY", env=ENV_HEADERS
+        )
         assert rc != 0 and no_traceback(stderr), stderr
         assert f"HTTP 307, a redirect to {elsewhere.base_url}/" in stderr and "--base-url" in stderr
         assert server.headers_seen and not elsewhere.headers_seen  # nothing, key or not, reached the other host
@@ -357,8 +392,9 @@ def test_a_key_with_a_line_end_is_refused_by_name_before_any_request(server, tmp
     """httpx would refuse the header and print it, key included, in its error."""
     pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=4)
     for bad in (SENTINEL_KEY + "\r", SENTINEL_KEY + " ", SENTINEL_KEY + "\n", "sk-\u00e9" + SENTINEL_KEY):
-        rc, _, stderr = cli(server, pattern, tmp_path / "out", *backend, "--api-key-env", "PARACLIP_TEST_KEY",
-                            env_key=bad)
+        rc, _, stderr = cli(
+            server, pattern, tmp_path / "out", *backend, "--api-key-env", "PARACLIP_TEST_KEY", env_key=bad
+        )
         assert rc != 0 and no_traceback(stderr), stderr
         assert "PARACLIP_TEST_KEY" in stderr and "line end" in stderr and SENTINEL_KEY not in stderr
     assert server.requests == 0 and not server.headers_seen
@@ -366,6 +402,7 @@ def test_a_key_with_a_line_end_is_refused_by_name_before_any_request(server, tmp
 
 def test_urls_keys_and_hosts_that_would_leak_a_key_are_refused_by_name(server, tmp_path):
     from paraclip_plugin.paraphrase.cli import build_backend, parse_args
+
     pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=4)
     port = server.server_address[1]
     # credentials in the URL: the client would send them as Basic auth instead of the key, and print the URL
@@ -378,9 +415,11 @@ def test_urls_keys_and_hosts_that_would_leak_a_key_are_refused_by_name(server, t
     assert SENTINEL_KEY not in stderr and not server.headers_seen
 
     def backend_for(*flags, **environ):
-        return build_backend(parse_args(["--input", pattern, "--output", str(tmp_path / "o"), "--model", "m",
-                                         *flags]), str(tmp_path / "cache.sqlite"),
-                             environ={"OPENAI_API_KEY": SENTINEL_KEY, "NODE_KEY": "node-key", **environ})
+        return build_backend(
+            parse_args(["--input", pattern, "--output", str(tmp_path / "o"), "--model", "m", *flags]),
+            str(tmp_path / "cache.sqlite"),
+            environ={"OPENAI_API_KEY": SENTINEL_KEY, "NODE_KEY": "node-key", **environ},
+        )
 
     for url in ("http://api.openai.com/v1", "https://api.openai.com:8443/v1"):  # the hosted key in clear text
         with pytest.raises(ValueError, match="keys go to api.openai.com over https .port 443. only"):

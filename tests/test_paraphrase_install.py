@@ -1,4 +1,5 @@
 """A non-editable install (a wheel, as `pip install paraclip-plugin` gives) has the generation commands."""
+
 import os
 import shutil
 import subprocess
@@ -13,20 +14,32 @@ def test_wheel_install_gives_console_scripts(tmp_path):
     for name in ("setup.cfg", "pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
-                   check=True, timeout=300)
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
+        check=True,
+        timeout=300,
+    )
     (wheel,) = (tmp_path / "dist").glob("paraclip_plugin-*.whl")
     site = tmp_path / "site"
-    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)], check=True, timeout=300)
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)], check=True, timeout=300
+    )
     shutil.rmtree(src)  # nothing of a checkout is left to fall back on
     env = {**os.environ, "PYTHONPATH": str(site)}
     for name, flag in (("paraclip-make-shards", "--api-key-env"), ("paraclip-embed-images", "--shards")):
-        result = subprocess.run([str(site / "bin" / name), "--help"], capture_output=True, text=True, env=env,
-                                cwd=tmp_path, timeout=120)
+        result = subprocess.run(
+            [str(site / "bin" / name), "--help"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120
+        )
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith(f"usage: {name}") and flag in result.stdout
     # The commands run the installed copy, and scripts/ calls the same code.
-    where = subprocess.run([sys.executable, "-c", "import paraclip_plugin.paraphrase.cli as m; print(m.__file__)"],
-                           capture_output=True, text=True, env=env, cwd=tmp_path, check=True).stdout
+    where = subprocess.run(
+        [sys.executable, "-c", "import paraclip_plugin.paraphrase.cli as m; print(m.__file__)"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        check=True,
+    ).stdout
     assert where.startswith(str(site))
     assert "from paraclip_plugin.paraphrase.cli import main" in (REPO / "scripts" / "make_shards.py").read_text()

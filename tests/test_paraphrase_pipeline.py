@@ -1,4 +1,5 @@
 """The generation pipeline end to end, in process, over real HTTP to the local OpenAI-compatible server."""
+
 import json
 import os
 
@@ -18,8 +19,9 @@ MODEL = "local-paraphraser"
 
 
 def make_generator(server, tmp_path, concurrency=8, **options):
-    backend = OpenAIBackend(MODEL, api_key="test-key", base_url=server.base_url, concurrency=concurrency,
-                            timeout=5.0, max_retries=3)
+    backend = OpenAIBackend(
+        MODEL, api_key="test-key", base_url=server.base_url, concurrency=concurrency, timeout=5.0, max_retries=3
+    )
     cache = CompletionCache(str(tmp_path / "cache.sqlite"))
     return ParaphraseGenerator(backend, MODEL, PromptSet(), cache, GenerationOptions(progress=False, **options))
 
@@ -70,8 +72,9 @@ def test_four_fields_with_both_steps_chained(server, tmp_path):
             written[key] = caption
     assert written == kept
     sizes = json.loads((tmp_path / "out" / "sizes.json").read_text())
-    assert sizes == {os.path.basename(p): len(samples_of(tmp_path / "out" / os.path.basename(p)))
-                     for p in expand_inputs(pattern)}
+    assert sizes == {
+        os.path.basename(p): len(samples_of(tmp_path / "out" / os.path.basename(p))) for p in expand_inputs(pattern)
+    }
     # Duplicates are requested once: one request per unique caption per step.
     unique = set(kept.values())
     assert server.requests == stats["requests"] == 2 * len(unique)
@@ -138,13 +141,13 @@ def test_captions_only_inputs_write_jsonl(server, tmp_path):
     (tmp_path / "caps.txt").write_text("a red car on a road\nx\nthe old wooden house by the river\n")
     (tmp_path / "recs.jsonl").write_text(json.dumps({"id": 7, "text": "a small dog with a ball"}) + "\n")
     _, stats = run(server, tmp_path, str(tmp_path / "caps.txt"))
-    lines = [json.loads(l) for l in (tmp_path / "out" / "caps.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "out" / "caps.jsonl").read_text().splitlines()]
     assert [r["caption"] for r in lines] == ["a red car on a road", "the old wooden house by the river"]
     assert [r["line"] for r in lines] == [1, 3]
     assert all(r["paraphrase_1"] and r["paraphrase_2"] and r["paraphrase_1"] != r["paraphrase_2"] for r in lines)
     assert stats["dropped"] == {"filtered_too_short": 1}
     _, stats = run(server, tmp_path, str(tmp_path / "recs.jsonl"), caption_field="text")
-    (rec,) = [json.loads(l) for l in (tmp_path / "out" / "recs.jsonl").read_text().splitlines()]
+    (rec,) = [json.loads(line) for line in (tmp_path / "out" / "recs.jsonl").read_text().splitlines()]
     assert rec["id"] == 7 and rec["caption"] == "a small dog with a ball" and rec["paraphrase_2"]
 
 
@@ -153,7 +156,7 @@ def test_export_sft_pairs_are_chat_format(server, tmp_path):
     generator = make_generator(server, tmp_path)
     stats = generator.run(expand_inputs(pattern), str(tmp_path / "out"), export_sft=str(tmp_path / "sft.jsonl"))
     generator.backend.close()
-    pairs = [json.loads(l)["messages"] for l in (tmp_path / "sft.jsonl").read_text().splitlines()]
+    pairs = [json.loads(line)["messages"] for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
     # Two accepted pairs (step 1 and step 2) per unique kept caption.
     assert len(pairs) == stats["requests"] > 0
     for user, assistant in pairs:
@@ -202,6 +205,7 @@ def test_timeouts_are_retried_and_refused_requests_dropped(server, tmp_path):
 
 def test_exhausted_retries_stop_the_job_without_writing_a_shard(server, tmp_path):
     from paraclip_plugin.paraphrase.backends import GenerationError
+
     pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=4)
     server.inject(*["500"] * 50)
     generator = make_generator(server, tmp_path, concurrency=1)
@@ -217,15 +221,28 @@ JPG = b"\xff\xd8jpg"
 GOOD = ("000000", {"jpg": JPG, "txt": b"a red car parked near the old house"})
 
 
-@pytest.mark.parametrize("samples, message", [
-    ([GOOD, ("000001", {"jpg": JPG, "txt": b"a small boat on a calm lake"}), ("000000", {"jpg": JPG, "txt": b"a tree"})],
-     r"sample key '000000' occurs twice, apart"),
-    ([GOOD, ("000000", {"txt": b"a tall green tree in a sunny park"})], r"sample '000000' has two 'txt' members"),
-    ([GOOD, ("000001", {"jpg": JPG, "txt": b"a small boat on a calm lake", "json": b"[1, 2]"})],
-     r"sample '000001': its json member is list, not a JSON object"),
-    ([GOOD, ("000001", {"jpg": JPG, "txt": b"a small boat on a calm lake", "json": b"null"})],
-     r"sample '000001': its json member is NoneType, not a JSON object"),
-])
+@pytest.mark.parametrize(
+    "samples, message",
+    [
+        (
+            [
+                GOOD,
+                ("000001", {"jpg": JPG, "txt": b"a small boat on a calm lake"}),
+                ("000000", {"jpg": JPG, "txt": b"a tree"}),
+            ],
+            r"sample key '000000' occurs twice, apart",
+        ),
+        ([GOOD, ("000000", {"txt": b"a tall green tree in a sunny park"})], r"sample '000000' has two 'txt' members"),
+        (
+            [GOOD, ("000001", {"jpg": JPG, "txt": b"a small boat on a calm lake", "json": b"[1, 2]"})],
+            r"sample '000001': its json member is list, not a JSON object",
+        ),
+        (
+            [GOOD, ("000001", {"jpg": JPG, "txt": b"a small boat on a calm lake", "json": b"null"})],
+            r"sample '000001': its json member is NoneType, not a JSON object",
+        ),
+    ],
+)
 def test_bad_samples_stop_the_job_naming_file_and_sample_before_any_request(server, tmp_path, samples, message):
     pattern = write_samples(tmp_path / "in" / "00000.tar", samples)
     with pytest.raises(InputError, match=rf"in/00000\.tar: {message}"):
@@ -253,5 +270,8 @@ def test_an_output_another_run_finished_before_we_took_its_lock_is_skipped(serve
     assert server.requests == paid and stats["requests"] == 0
     assert (stats["shards_written"], stats["shards_skipped"]) == (0, 1)
     assert (out / "00000.tar").read_bytes() == finished and sorted(os.listdir(out)) == [
-        ".sizes.json.lock", "00000.tar", "sizes.json"]  # no .partial left
+        ".sizes.json.lock",
+        "00000.tar",
+        "sizes.json",
+    ]  # no .partial left
     assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": len(samples_of(out / "00000.tar"))}

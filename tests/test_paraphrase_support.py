@@ -2,6 +2,7 @@
 
 (Named test_paraphrase_* so it sits with the tests it serves; it defines no tests itself.)
 """
+
 import io
 import json
 import random
@@ -17,8 +18,10 @@ from paraclip_plugin.paraphrase.local_server import LocalChatServer
 REPO = Path(__file__).resolve().parents[1]
 MAKE_SHARDS = REPO / "scripts" / "make_shards.py"
 PYTHON = sys.executable
-WORDS = ("red blue green small large dog cat bird car tree house river mountain beach city night "
-         "old new wooden bright dark painting photo of a with").split()
+WORDS = (
+    "red blue green small large dog cat bird car tree house river mountain beach city night "
+    "old new wooden bright dark painting photo of a with"
+).split()
 
 
 def jpeg_bytes(rng, size=16):

@@ -1,4 +1,5 @@
 """Prompts, cleaning, cache, input handling and the torch-free import path, piece by piece."""
+
 import errno
 import json
 import os
@@ -10,8 +11,13 @@ import pytest
 from paraclip_plugin.paraphrase import cleaning
 from paraclip_plugin.paraphrase.backends.base import Completion
 from paraclip_plugin.paraphrase.cache import CompletionCache, request_seed
-from paraclip_plugin.paraphrase.inputs import (expand_inputs, output_name, read_caption_file, slurm_job_defaults,
-                                               split_for_job)
+from paraclip_plugin.paraphrase.inputs import (
+    expand_inputs,
+    output_name,
+    read_caption_file,
+    slurm_job_defaults,
+    split_for_job,
+)
 from paraclip_plugin.paraphrase.prompts import PAPER_VERSION, PromptSet, load_prompts
 from paraclip_plugin.paraphrase.shard_io import InputError, atomic_tar_writer, read_tar_samples
 from paraclip_plugin.shards import atomic_create_text
@@ -22,12 +28,14 @@ def test_prompts_are_the_papers_wording():
     prompts = PromptSet()
     # Sec. 2.1 of the paper / the official release's call_openai.py, word for word.
     assert prompts.render(1, "dog.jpg on a beach") == (
-        'Paraphrase the given caption "dog.jpg on a beach" concisely while preserving the meaning.')
+        'Paraphrase the given caption "dog.jpg on a beach" concisely while preserving the meaning.'
+    )
     assert prompts.render(2, "A dog at the beach") == (
         'Paraphrase the given text "A dog at the beach" concisely while preserving the meaning '
-        "and avoiding use of existing words.")
+        "and avoiding use of existing words."
+    )
     assert prompts.version == PAPER_VERSION
-    assert prompts.render(1, "{braces} stay") .count("{braces} stay") == 1
+    assert prompts.render(1, "{braces} stay").count("{braces} stay") == 1
 
 
 def test_prompts_replaced_from_a_file(tmp_path):
@@ -48,18 +56,24 @@ def test_prompts_replaced_from_a_file(tmp_path):
         load_prompts(tmp_path / "missing.json")
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ('"A dog runs on the beach."', "A dog runs on the beach."),
-    ('Paraphrase: "A dog runs on the beach"', "A dog runs on the beach"),
-    ("Here is a concise paraphrase: A dog runs.\n\nThis keeps the meaning.", "A dog runs."),
-    ("  “A dog runs”.  ", "A dog runs"),
-    ("Rephrased:   a   dog\truns", "a dog runs"),
-    # reasoning models: the <think> block goes, the answer stays; a cut-off <think> leaves nothing
-    ("<think>\nThe user wants a paraphrase.\nOK.\n</think>\n\nA dog dashes along the shore.", "A dog dashes along the shore."),
-    ("<THINK>x</THINK>Paraphrase: \"A dog runs\"", "A dog runs"),
-    ("reasoning whose opening tag was in the prompt\n</think>\nA dog runs", "A dog runs"),
-    ("<think>\nThe user wants a paraphrase, let me consider every wor", ""),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ('"A dog runs on the beach."', "A dog runs on the beach."),
+        ('Paraphrase: "A dog runs on the beach"', "A dog runs on the beach"),
+        ("Here is a concise paraphrase: A dog runs.\n\nThis keeps the meaning.", "A dog runs."),
+        ("  “A dog runs”.  ", "A dog runs"),
+        ("Rephrased:   a   dog\truns", "a dog runs"),
+        # reasoning models: the <think> block goes, the answer stays; a cut-off <think> leaves nothing
+        (
+            "<think>\nThe user wants a paraphrase.\nOK.\n</think>\n\nA dog dashes along the shore.",
+            "A dog dashes along the shore.",
+        ),
+        ('<THINK>x</THINK>Paraphrase: "A dog runs"', "A dog runs"),
+        ("reasoning whose opening tag was in the prompt\n</think>\nA dog runs", "A dog runs"),
+        ("<think>\nThe user wants a paraphrase, let me consider every wor", ""),
+    ],
+)
 def test_cleaning_strips_wrappers(raw, expected):
     assert cleaning.clean(raw) == expected
 
@@ -67,44 +81,94 @@ def test_cleaning_strips_wrappers(raw, expected):
 ANSWER = "A crimson auto waits by the aged home."
 
 
-@pytest.mark.parametrize("raw", [
-    # a lead-in before the answer, on its line
-    "Sure! Here's a paraphrase: {}", "Sure, I'd be happy to help! Here's a paraphrased version: {}",
-    "OK! Here's a paraphrase: {}", "Alright, here's a rephrased caption: {}", "Sure, here's one way to say it: {}",
-    "Here's a paraphrased version of the caption, avoiding the original words: {}", "Here it is: {}",
-    "Here's my attempt: {}", "Sure thing! {}", "Got it! {}", "Rewritten caption: {}", "Rephrase: {}",
-    "Alternative caption: {}", "Paraphrased version of the caption: {}", "Paraphrased Caption: \"{}\"",
-    "**Paraphrased caption:** {}", "Paraphrase - {}", "\"{}\" (8 words)",
-    # ... or on lines of its own, the answer after it
-    "Sure! Here is a paraphrased version:\n\n\"{}\"", "Here is a concise paraphrase of the caption:\n\n{}",
-    "Sure! Here's a concise paraphrase that avoids the original words.\n\n{}", "**Paraphrased caption**\n\n{}",
-    "### Paraphrase\n{}", "Paraphrase\n{}", "Sure! I'd be happy to help.\n\n{}", "Sure.\n{}",
-    "Below is a shorter way to say it:\n{}", "Here are two options:\n1. {}\n2. A red auto.",
-    "Original: a red car parked near the old house\nParaphrase: {}", "1. {}\n2. A red auto.",
-    "The paraphrased caption is: {}", "A possible paraphrase is: {}", "Paraphrased caption (8 words): {}", "> {}",
-    "Rephrased caption -- {}", "Sure\n{}", "New caption: {}", "Here is a simpler description:\n{}",
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # a lead-in before the answer, on its line
+        "Sure! Here's a paraphrase: {}",
+        "Sure, I'd be happy to help! Here's a paraphrased version: {}",
+        "OK! Here's a paraphrase: {}",
+        "Alright, here's a rephrased caption: {}",
+        "Sure, here's one way to say it: {}",
+        "Here's a paraphrased version of the caption, avoiding the original words: {}",
+        "Here it is: {}",
+        "Here's my attempt: {}",
+        "Sure thing! {}",
+        "Got it! {}",
+        "Rewritten caption: {}",
+        "Rephrase: {}",
+        "Alternative caption: {}",
+        "Paraphrased version of the caption: {}",
+        'Paraphrased Caption: "{}"',
+        "**Paraphrased caption:** {}",
+        "Paraphrase - {}",
+        '"{}" (8 words)',
+        # ... or on lines of its own, the answer after it
+        'Sure! Here is a paraphrased version:\n\n"{}"',
+        "Here is a concise paraphrase of the caption:\n\n{}",
+        "Sure! Here's a concise paraphrase that avoids the original words.\n\n{}",
+        "**Paraphrased caption**\n\n{}",
+        "### Paraphrase\n{}",
+        "Paraphrase\n{}",
+        "Sure! I'd be happy to help.\n\n{}",
+        "Sure.\n{}",
+        "Below is a shorter way to say it:\n{}",
+        "Here are two options:\n1. {}\n2. A red auto.",
+        "Original: a red car parked near the old house\nParaphrase: {}",
+        "1. {}\n2. A red auto.",
+        "The paraphrased caption is: {}",
+        "A possible paraphrase is: {}",
+        "Paraphrased caption (8 words): {}",
+        "> {}",
+        "Rephrased caption -- {}",
+        "Sure\n{}",
+        "New caption: {}",
+        "Here is a simpler description:\n{}",
+    ],
+)
 def test_cleaning_strips_a_chat_models_lead_ins(raw):
     assert cleaning.clean(raw.format(ANSWER)) == ANSWER
 
 
-@pytest.mark.parametrize("caption", [
-    # paraphrases that only start like a lead-in stay whole (a list marker, an acknowledgement word, a label)
-    "1. FC Köln fans celebrate in the stadium", "3) Close-up of a dandelion", "- 20% off all summer dresses",
-    "Sure Fire Red Hot Sauce bottle on a table", "Sure, a dog on a beach", "Okay, so this is a red car",
-    "Of course, the cat sleeps on the sofa", "Text: Happy Birthday written on a chocolate cake",
-    "Caption: sunset over the lake", "Version 2: the redesigned company logo", "My version: homemade lasagna",
-    "The new version: iPhone 12 in blue", "Here is the text: welcome to Paris", "Here is my dog: a beagle",
-    "Here's the new caption for the album: Abbey Road", "Output: 12V power supply adapter", "__init__ file icon",
-    "'Tis the season: christmas lights on a house", "Step 1: mix the flour", "#1 Dad mug on a kitchen table",
-    "#MeToo protesters march downtown",
-])
+@pytest.mark.parametrize(
+    "caption",
+    [
+        # paraphrases that only start like a lead-in stay whole (a list marker, an acknowledgement word, a label)
+        "1. FC Köln fans celebrate in the stadium",
+        "3) Close-up of a dandelion",
+        "- 20% off all summer dresses",
+        "Sure Fire Red Hot Sauce bottle on a table",
+        "Sure, a dog on a beach",
+        "Okay, so this is a red car",
+        "Of course, the cat sleeps on the sofa",
+        "Text: Happy Birthday written on a chocolate cake",
+        "Caption: sunset over the lake",
+        "Version 2: the redesigned company logo",
+        "My version: homemade lasagna",
+        "The new version: iPhone 12 in blue",
+        "Here is the text: welcome to Paris",
+        "Here is my dog: a beagle",
+        "Here's the new caption for the album: Abbey Road",
+        "Output: 12V power supply adapter",
+        "__init__ file icon",
+        "'Tis the season: christmas lights on a house",
+        "Step 1: mix the flour",
+        "#1 Dad mug on a kitchen table",
+        "#MeToo protesters march downtown",
+    ],
+)
 def test_cleaning_keeps_answers_that_only_look_like_lead_ins(caption):
     assert cleaning.clean(caption) == caption
 
 
-@pytest.mark.parametrize("raw", ['A sign that reads:\n"Welcome home"', "A poster with the following text:\nSALE 50% OFF",
-                                 "Caption contest winner:\nfunny cat"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        'A sign that reads:\n"Welcome home"',
+        "A poster with the following text:\nSALE 50% OFF",
+        "Caption contest winner:\nfunny cat",
+    ],
+)
 def test_a_line_ending_in_a_colon_is_joined_with_the_words_after_it(raw):
     assert cleaning.clean(raw) == " ".join(raw.split())
 
@@ -116,8 +180,12 @@ def test_rejection_reasons():
     assert cleaning.reject_reason("I'm sorry, but I can't help with that.", source) == cleaning.REFUSAL
     assert cleaning.reject_reason("As an AI language model, I ...", source) == cleaning.REFUSAL
     assert cleaning.reject_reason("word " * 60, source) == cleaning.TOO_LONG
-    assert cleaning.reject_reason("A brown dog, running on the beach!", source,
-                                  step1_output="a brown dog running on the beach") == cleaning.SAME_AS_STEP1
+    assert (
+        cleaning.reject_reason(
+            "A brown dog, running on the beach!", source, step1_output="a brown dog running on the beach"
+        )
+        == cleaning.SAME_AS_STEP1
+    )
     assert cleaning.reject_reason("A dog dashes along the shore", source) is None
 
 
@@ -133,11 +201,17 @@ def test_cache_persists_and_keys_on_everything(tmp_path):
     assert sorted(found) == ["a cat", "a gun"]  # settings key is canonical: dict order does not matter
     assert (found["a cat"].text, found["a cat"].prompt_tokens, found["a cat"].completion_tokens) == ("a feline", 5, 3)
     assert found["a gun"].text is None and found["a gun"].error == "content_filter"  # a final answer, replayed
-    changed = [{**paper, name: value} for name, value in
-               (("temperature", 0.7), ("top_p", 0.9), ("max_tokens", 64), ("backend", "vllm"))]
-    for model, version, settings, step, attempt in (("m2", "v1", paper, 1, 0), ("m", "v2", paper, 1, 0),
-                                                    ("m", "v1", paper, 2, 0), ("m", "v1", paper, 1, 1),
-                                                    *(("m", "v1", c, 1, 0) for c in changed)):
+    changed = [
+        {**paper, name: value}
+        for name, value in (("temperature", 0.7), ("top_p", 0.9), ("max_tokens", 64), ("backend", "vllm"))
+    ]
+    for model, version, settings, step, attempt in (
+        ("m2", "v1", paper, 1, 0),
+        ("m", "v2", paper, 1, 0),
+        ("m", "v1", paper, 2, 0),
+        ("m", "v1", paper, 1, 1),
+        *(("m", "v1", c, 1, 0) for c in changed),
+    ):
         assert cache.get_many(model, version, settings, step, attempt, ["a cat"]) == {}
     many = [f"caption {i}" for i in range(1200)]  # more than one sqlite parameter chunk
     for text in many:
@@ -148,9 +222,13 @@ def test_cache_persists_and_keys_on_everything(tmp_path):
 def test_request_seed_is_a_function_of_the_cache_key():
     settings = {"backend": "vllm", "seed": 0}
     seed = request_seed("m", "v1", settings, 1, 0, "a cat")
-    assert seed == request_seed("m", "v1", dict(settings), 1, 0, "a cat") and 0 <= seed < 2 ** 31
-    others = {request_seed("m", "v1", settings, 1, 1, "a cat"), request_seed("m", "v1", settings, 2, 0, "a cat"),
-              request_seed("m", "v1", {**settings, "seed": 1}, 1, 0, "a cat"), request_seed("m", "v1", settings, 1, 0, "a dog")}
+    assert seed == request_seed("m", "v1", dict(settings), 1, 0, "a cat") and 0 <= seed < 2**31
+    others = {
+        request_seed("m", "v1", settings, 1, 1, "a cat"),
+        request_seed("m", "v1", settings, 2, 0, "a cat"),
+        request_seed("m", "v1", {**settings, "seed": 1}, 1, 0, "a cat"),
+        request_seed("m", "v1", settings, 1, 0, "a dog"),
+    }
     assert seed not in others and len(others) == 4
 
 
@@ -164,8 +242,14 @@ def test_job_splitting_and_slurm_defaults():
     assert slurm_job_defaults({**contiguous, "SLURM_ARRAY_TASK_ID": "8"}) == (8, 7)
     # `sbatch --array=5,17` (resubmitting two failed tasks of 32): count 2, min 5 say nothing about the split.
     with pytest.raises(ValueError, match="--num-jobs and --job-index explicitly"):
-        slurm_job_defaults({"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_MAX": "17",
-                            "SLURM_ARRAY_TASK_ID": "17"})
+        slurm_job_defaults(
+            {
+                "SLURM_ARRAY_TASK_COUNT": "2",
+                "SLURM_ARRAY_TASK_MIN": "5",
+                "SLURM_ARRAY_TASK_MAX": "17",
+                "SLURM_ARRAY_TASK_ID": "17",
+            }
+        )
     with pytest.raises(ValueError, match="job-index"):
         split_for_job(paths, 3, 3)
 
@@ -192,12 +276,21 @@ def test_a_caption_file_that_is_not_utf8_names_the_line_and_the_byte_offset(tmp_
 
 def test_output_names_and_inputs_that_would_share_one(tmp_path):
     assert [output_name(f"/d/{n}") for n in ("a.tar", "a.tar.gz", "b.TGZ", "c.tar.xz", "d.txt", "e.jsonl")] == [
-        "a.tar", "a.tar", "b.tar", "c.tar", "d.jsonl", "e.jsonl"]
+        "a.tar",
+        "a.tar",
+        "b.tar",
+        "c.tar",
+        "d.jsonl",
+        "e.jsonl",
+    ]
     for first, second in (("part1.jsonl", "part1.txt"), ("00000.tar", "00000.tar.gz")):
         for name in (first, second):
             (tmp_path / name).write_bytes(b"")
-        with pytest.raises(InputError, match=rf"{first} and .*{second}: both inputs would be written to the "
-                                             rf"output '{output_name(second)}'"):
+        with pytest.raises(
+            InputError,
+            match=rf"{first} and .*{second}: both inputs would be written to the "
+            rf"output '{output_name(second)}'",
+        ):
             expand_inputs(f"{tmp_path}/{first}::{tmp_path}/{second}", output_name)
         for name in (first, second):
             (tmp_path / name).unlink()
@@ -205,13 +298,19 @@ def test_output_names_and_inputs_that_would_share_one(tmp_path):
 
 def test_a_sample_key_twice_is_an_error_naming_the_file_and_the_key(tmp_path):
     jpg = b"\xff\xd8jpg"
-    apart = write_samples(tmp_path / "apart.tar", [("000001", {"jpg": jpg, "txt": b"a red car"}),
-                                                   ("000002", {"jpg": jpg, "txt": b"a boat"}),
-                                                   ("000001", {"jpg": jpg, "txt": b"a tree"})])
+    apart = write_samples(
+        tmp_path / "apart.tar",
+        [
+            ("000001", {"jpg": jpg, "txt": b"a red car"}),
+            ("000002", {"jpg": jpg, "txt": b"a boat"}),
+            ("000001", {"jpg": jpg, "txt": b"a tree"}),
+        ],
+    )
     with pytest.raises(InputError, match=r"apart\.tar: sample key '000001' occurs twice, apart"):
         list(read_tar_samples(apart))
-    twice = write_samples(tmp_path / "twice.tar", [("000003", {"jpg": jpg, "txt": b"a tree"}),
-                                                   ("000003", {"txt": b"a tall tree"})])
+    twice = write_samples(
+        tmp_path / "twice.tar", [("000003", {"jpg": jpg, "txt": b"a tree"}), ("000003", {"txt": b"a tall tree"})]
+    )
     with pytest.raises(InputError, match=r"twice\.tar: sample '000003' has two 'txt' members"):
         list(read_tar_samples(twice))
 
@@ -219,8 +318,10 @@ def test_a_sample_key_twice_is_an_error_naming_the_file_and_the_key(tmp_path):
 @pytest.mark.parametrize("hard_links", [True, False])
 def test_a_new_file_never_replaces_one(tmp_path, monkeypatch, hard_links):
     if not hard_links:  # as gcsfuse / s3fs answer link(2)
+
         def no_link(src, dst):
             raise OSError(errno.EOPNOTSUPP, "Operation not supported", src)
+
         monkeypatch.setattr(os, "link", no_link)
     path = str(tmp_path / "stats" / "run.json")
     (tmp_path / "stats").mkdir()
@@ -228,7 +329,10 @@ def test_a_new_file_never_replaces_one(tmp_path, monkeypatch, hard_links):
     assert atomic_create_text(path, "second") == str(tmp_path / "stats" / "run-2.json")
     assert atomic_create_text(path, "third") == str(tmp_path / "stats" / "run-3.json")
     assert [(p.name, p.read_text()) for p in sorted((tmp_path / "stats").iterdir())] == [
-        ("run-2.json", "second"), ("run-3.json", "third"), ("run.json", "first")]  # no temp file left
+        ("run-2.json", "second"),
+        ("run-3.json", "third"),
+        ("run.json", "first"),
+    ]  # no temp file left
 
 
 def test_tar_round_trip_in_webdataset_layout(tmp_path):
@@ -241,6 +345,7 @@ def test_tar_round_trip_in_webdataset_layout(tmp_path):
     assert samples[0]["para1.txt"] == b"p1" and samples[0]["jpg"] == b"\xff\xd8img"
     # webdataset itself reads it as the same samples.
     import webdataset as wds
+
     read = list(wds.WebDataset(path, shardshuffle=False))
     assert [r["__key__"] for r in read] == ["k1", "k2"] and read[0]["para1.txt"] == b"p1"
 
@@ -250,6 +355,7 @@ def test_a_tar_cut_anywhere_is_an_error_naming_it(tmp_path):
     shard, at any byte, is an InputError naming the file, never fewer samples."""
     import gzip
     import tarfile
+
     path = tmp_path / "s.tar"
     with atomic_tar_writer(str(path)) as sink:
         for i in range(6):
@@ -259,8 +365,9 @@ def test_a_tar_cut_anywhere_is_an_error_naming_it(tmp_path):
     with tarfile.open(path) as tar:
         tar.getmembers()
         members_end = tar.offset  # where the end-of-archive blocks start (then zero padding to a record)
-    cuts = sorted(set(range(0, members_end + tarfile.BLOCKSIZE, 97))
-                  | set(range(0, members_end + 1, tarfile.BLOCKSIZE)))  # header boundaries too
+    cuts = sorted(
+        set(range(0, members_end + tarfile.BLOCKSIZE, 97)) | set(range(0, members_end + 1, tarfile.BLOCKSIZE))
+    )  # header boundaries too
     cut_path = tmp_path / "cut.tar"
     for cut in cuts:
         cut_path.write_bytes(whole[:cut])
@@ -277,6 +384,7 @@ def test_a_second_writer_of_the_same_shard_is_refused_and_a_dead_writers_partial
     import multiprocessing
 
     from paraclip_plugin.shards import OutputBusy, partial_path
+
     path = str(tmp_path / "s.tar")
     with atomic_tar_writer(path) as first:
         first.write({"__key__": "a", "txt": "first"})
@@ -299,6 +407,7 @@ def test_a_partial_stays_locked_until_it_is_renamed(tmp_path, monkeypatch):
     import fcntl
 
     from paraclip_plugin import shards
+
     path = str(tmp_path / "s.tar")
     locked_at_rename = []
     real = shards.replace_durably
@@ -326,6 +435,7 @@ def test_outputs_are_fsynced_then_renamed_then_their_folder_fsynced(tmp_path, mo
     """A rename is durable only once the folder is synced; a folder that can't be synced (EINVAL) still works."""
 
     from paraclip_plugin import shards
+
     events = []
     real_fsync, real_replace = os.fsync, os.replace
 
@@ -365,6 +475,7 @@ def test_outputs_get_the_modes_of_files_made_by_open_under_the_umask(tmp_path, u
     import os
 
     from paraclip_plugin.shards import update_sizes_json
+
     old = os.umask(umask)
     try:
         with atomic_tar_writer(str(tmp_path / "s.tar")) as sink:
@@ -381,13 +492,19 @@ def test_outputs_get_the_modes_of_files_made_by_open_under_the_umask(tmp_path, u
 
 
 def test_generation_path_does_not_import_torch():
-    code = ("import sys; import paraclip_plugin.paraphrase.pipeline, paraclip_plugin.paraphrase.backends.openai_backend, "
-            "paraclip_plugin.paraphrase.backends.vllm_backend, paraclip_plugin.paraphrase.backends.batch_backend, "
-            "paraclip_plugin.paraphrase.local_server, paraclip_plugin.paraphrase.cli; "
-            "import runpy; sys.argv = ['make_shards', '--help']\n"
-            "try: runpy.run_path('scripts/make_shards.py', run_name='__main__')\n"
-            "except SystemExit: pass\n"
-            "bad = [m for m in ('torch', 'webdataset', 'vllm') if m in sys.modules]; assert not bad, bad")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    code = (
+        "import sys; import paraclip_plugin.paraphrase.pipeline, paraclip_plugin.paraphrase.backends.openai_backend, "
+        "paraclip_plugin.paraphrase.backends.vllm_backend, paraclip_plugin.paraphrase.backends.batch_backend, "
+        "paraclip_plugin.paraphrase.local_server, paraclip_plugin.paraphrase.cli; "
+        "import runpy; sys.argv = ['make_shards', '--help']\n"
+        "try: runpy.run_path('scripts/make_shards.py', run_name='__main__')\n"
+        "except SystemExit: pass\n"
+        "bad = [m for m in ('torch', 'webdataset', 'vllm') if m in sys.modules]; assert not bad, bad"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]),
+    )
     assert result.returncode == 0, result.stderr

@@ -7,6 +7,7 @@ it); a tokenizer without a chat template makes ``chat`` raise vLLM's error unles
 an output longer than ``max_tokens`` is cut with finish_reason ``length``; vLLM 0.33's exception classes,
 context-length errors and ``abort`` outputs, and SamplingParams' range checks (``FakeVLLMEngine``).
 """
+
 import builtins
 import random
 import sys
@@ -55,18 +56,20 @@ class FakeSamplingParams:
 
     def __init__(self, temperature=1.0, top_p=1.0, max_tokens=16, seed=None):
         if not 0 <= temperature <= 2:
-            raise VLLMValidationError(f"temperature must be in [0, 2], got {temperature}.", parameter="temperature",
-                                      value=temperature)
+            raise VLLMValidationError(
+                f"temperature must be in [0, 2], got {temperature}.", parameter="temperature", value=temperature
+            )
         if not 0 < top_p <= 1:
             raise VLLMValidationError(f"top_p must be in (0, 1], got {top_p}.", parameter="top_p", value=top_p)
         if max_tokens is not None and max_tokens < 1:
-            raise VLLMValidationError(f"max_tokens must be at least 1, got {max_tokens}.", parameter="max_tokens",
-                                      value=max_tokens)
+            raise VLLMValidationError(
+                f"max_tokens must be at least 1, got {max_tokens}.", parameter="max_tokens", value=max_tokens
+            )
         self.kwargs = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
 
 
 def fake_reply(prompt, rng):
-    return " ".join(reversed(quoted_text(prompt).split())) + f" r{rng.randrange(10 ** 6)}"
+    return " ".join(reversed(quoted_text(prompt).split())) + f" r{rng.randrange(10**6)}"
 
 
 class FakeVLLMEngine:
@@ -77,8 +80,9 @@ class FakeVLLMEngine:
     of more than ``max_model_len`` tokens (words here) fails the whole call with vLLM's message; ``abort`` lists
     how many of the next outputs end with finish_reason ``abort`` and partial text (an internal failure)."""
 
-    def __init__(self, has_template=True, drop_one=False, fail_on_call=None, legacy=False, max_model_len=None,
-                 abort=()):
+    def __init__(
+        self, has_template=True, drop_one=False, fail_on_call=None, legacy=False, max_model_len=None, abort=()
+    ):
         self.has_template, self.drop_one, self.fail_on_call = has_template, drop_one, fail_on_call
         self.legacy, self.max_model_len, self.abort = legacy, max_model_len, list(abort)
         self.shared_rng = random.Random(0)
@@ -100,31 +104,45 @@ class FakeVLLMEngine:
                 raise VLLMValidationError(
                     f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt "
                     f"contains {tokens} input tokens, which exceeds this limit even without any output tokens. "
-                    f"Please reduce the length of the input prompt.", parameter="input_tokens", value=tokens)
+                    f"Please reduce the length of the input prompt.",
+                    parameter="input_tokens",
+                    value=tokens,
+                )
         aborted, self.abort = (self.abort[0] if self.abort else 0), self.abort[1:]
         outputs = []
         for conversation, sp in zip(messages, params):
             assert [m["role"] for m in conversation] == ["user"]
             seed = sp.kwargs["seed"]
-            words = fake_reply(conversation[0]["content"], random.Random(seed) if seed is not None else self.shared_rng).split()
+            words = fake_reply(
+                conversation[0]["content"], random.Random(seed) if seed is not None else self.shared_rng
+            ).split()
             finish = "length" if len(words) > sp.kwargs["max_tokens"] else "stop"
-            words = words[:sp.kwargs["max_tokens"]]
+            words = words[: sp.kwargs["max_tokens"]]
             if len(outputs) < aborted:
                 words, finish = words[:1], "abort"
-            completion = types.SimpleNamespace(text=" ".join(words), token_ids=list(range(len(words))), finish_reason=finish)
+            completion = types.SimpleNamespace(
+                text=" ".join(words), token_ids=list(range(len(words))), finish_reason=finish
+            )
             outputs.append(types.SimpleNamespace(prompt_token_ids=[0] * 7, outputs=[completion]))
         return outputs[:-1] if self.drop_one else outputs
 
 
 def make(engine, tmp_path, cache="cache.sqlite", **backend_kwargs):
     backend = VLLMBackend(MODEL, engine=engine, sampling_params_cls=FakeSamplingParams, **backend_kwargs)
-    return ParaphraseGenerator(backend, MODEL, cache=CompletionCache(str(tmp_path / cache)),
-                               options=GenerationOptions(progress=False), backend_name="vllm")
+    return ParaphraseGenerator(
+        backend,
+        MODEL,
+        cache=CompletionCache(str(tmp_path / cache)),
+        options=GenerationOptions(progress=False),
+        backend_name="vllm",
+    )
 
 
 def expected(step, source, settings):
     prompt = PromptSet().render(step, source)
-    return cleaning.clean(fake_reply(prompt, random.Random(request_seed(MODEL, PromptSet().version, settings, step, 0, source))))
+    return cleaning.clean(
+        fake_reply(prompt, random.Random(request_seed(MODEL, PromptSet().version, settings, step, 0, source)))
+    )
 
 
 def test_vllm_backend_per_request_seeds_steps_and_chunks(tmp_path):
@@ -176,8 +194,10 @@ def test_vllm_length_is_dropped_by_reason_never_retried(tmp_path):
     step1 = [c[0]["content"] for c in engine.calls[0][0]]
     long = [p for p in step1 if len(quoted_text(p).split()) + 1 > 6]
     assert long and stats["dropped"]["step1_length"] == sum(
-        1 for f in samples_of(next((tmp_path / "in").glob("*.tar"))).values()
-        if PromptSet().render(1, f["txt"].decode()) in long)
+        1
+        for f in samples_of(next((tmp_path / "in").glob("*.tar"))).values()
+        if PromptSet().render(1, f["txt"].decode()) in long
+    )
     retried_prompts = [c[0]["content"] for messages, _, _ in engine.calls[1:] for c in messages]
     assert not set(long) & set(retried_prompts)  # never asked again
     assert "length" not in stats["retried"]
@@ -221,8 +241,11 @@ def test_vllm_missing_gives_install_hint(monkeypatch):
 def test_vllm_a_template_that_does_not_render_stops_the_job_naming_the_flag(tmp_path):
     pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=6)
     generator = make(FakeVLLMEngine(has_template=False), tmp_path, chat_template="{% bad %}")
-    with pytest.raises(GenerationError, match=r"--chat-template may be the cause \(VLLMValidationError: "
-                                              r"Encountered unknown tag 'bad'"):
+    with pytest.raises(
+        GenerationError,
+        match=r"--chat-template may be the cause \(VLLMValidationError: "
+        r"Encountered unknown tag 'bad'",
+    ):
         generator.run(expand_inputs(pattern), str(tmp_path / "out"))
 
 
@@ -249,9 +272,12 @@ def test_vllm_a_prompt_longer_than_the_context_is_isolated_and_dropped_by_reason
 def test_vllm_a_context_too_short_for_any_prompt_stops_at_once_naming_the_flag(tmp_path):
     pattern = write_input_shards(tmp_path / "in", num_shards=1, per_shard=24)
     engine = FakeVLLMEngine(max_model_len=3)
-    with pytest.raises(GenerationError, match=r"even the shortest prompt of the chunk does not fit the model's "
-                                              r"context \(This model's maximum context length is 3 tokens.*"
-                                              r"raise --max-model-len"):
+    with pytest.raises(
+        GenerationError,
+        match=r"even the shortest prompt of the chunk does not fit the model's "
+        r"context \(This model's maximum context length is 3 tokens.*"
+        r"raise --max-model-len",
+    ):
         make(engine, tmp_path, chunk_size=32).run(expand_inputs(pattern), str(tmp_path / "out"))
     assert len(engine.calls) == 2  # the chunk, then its shortest prompt alone: no halving down to every prompt
     assert not list((tmp_path / "out").glob("*.tar"))
@@ -283,11 +309,17 @@ def test_vllm_settings_are_checked_before_the_model_loads_and_a_failed_start_is_
             raise RuntimeError("Engine core initialization failed. See root cause above. Failed core proc(s): {}")
 
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=FakeSamplingParams))
-    with pytest.raises(ValueError, match=r"--temperature/--top-p/--max-tokens: vLLM refuses them: top_p must be "
-                                         r"in \(0, 1\], got 1.5"):
+    with pytest.raises(
+        ValueError,
+        match=r"--temperature/--top-p/--max-tokens: vLLM refuses them: top_p must be "
+        r"in \(0, 1\], got 1.5",
+    ):
         VLLMBackend(MODEL, top_p=1.5)
     assert not started  # refused before minutes of model loading
-    with pytest.raises(ValueError, match=r"vLLM could not start /models/paraphraser: RuntimeError: Engine core "
-                                         r"initialization failed.*--max-model-len and --gpu-memory-utilization"):
+    with pytest.raises(
+        ValueError,
+        match=r"vLLM could not start /models/paraphraser: RuntimeError: Engine core "
+        r"initialization failed.*--max-model-len and --gpu-memory-utilization",
+    ):
         VLLMBackend(MODEL, max_model_len=2048)
     assert started == [dict(model=MODEL, tensor_parallel_size=1, seed=0, max_model_len=2048)]

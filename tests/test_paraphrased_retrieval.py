@@ -1,4 +1,5 @@
 """``paraclip-eval paraphrased-retrieval`` end to end with the random-init tiny model, and its input errors."""
+
 import json
 import subprocess
 
@@ -11,7 +12,12 @@ from eval_fixtures import StandIn, mean_colour
 from paraclip_plugin.eval.cli import main
 from paraclip_plugin.eval.metrics import average_overlap, jaccard_at_k
 from paraclip_plugin.eval.paraphrased_retrieval import (
-    InputError, build_gallery, evaluate_paraphrased_retrieval, load_model, read_pairs)
+    InputError,
+    build_gallery,
+    evaluate_paraphrased_retrieval,
+    load_model,
+    read_pairs,
+)
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 SHAPES = ("square", "bar")
@@ -39,8 +45,18 @@ def _write_world(folder, repeat_query=False):
 
 
 def _cli(pairs, images, *extra):
-    return ["paraphrased-retrieval", "--model", TINY_MODEL, "--model-config", str(TINY_CONFIG),
-            "--pairs", str(pairs), "--images", str(images), *extra]
+    return [
+        "paraphrased-retrieval",
+        "--model",
+        TINY_MODEL,
+        "--model-config",
+        str(TINY_CONFIG),
+        "--pairs",
+        str(pairs),
+        "--images",
+        str(images),
+        *extra,
+    ]
 
 
 def test_cli_writes_scores_in_range(tmp_path, capsys):
@@ -85,17 +101,25 @@ def _rewrite_line(pairs, number, text):
     pairs.write_text("\n".join(lines) + "\n")
 
 
-@pytest.mark.parametrize("damage,message", [
-    (lambda p, i: _rewrite_line(p, 3, '{"query": "a red square", "paraphrase": '), "pairs.jsonl:3: malformed JSON"),
-    (lambda p, i: _rewrite_line(p, 2, '{"query": "a", "image": "red_bar.png"}'), "pairs.jsonl:2: missing key 'paraphrase'"),
-    (lambda p, i: _rewrite_line(p, 4, '["a", "b", "c"]'), "pairs.jsonl:4: expected a JSON object"),
-    (lambda p, i: _rewrite_line(p, 1, '{"query": "", "paraphrase": "x", "image": "red_bar.png"}'),
-     "pairs.jsonl:1: 'query' must be a non-empty string"),
-    (lambda p, i: (i / "green_bar.png").unlink(), "green_bar.png: image file not found (referenced by"),
-    (lambda p, i: p.write_text("\n\n"), "pairs.jsonl: no pairs"),
-    (lambda p, i: p.unlink(), "pairs.jsonl: cannot read pairs file"),
-    (lambda p, i: (i / "blue_bar.png").write_bytes(b"not a png"), "blue_bar.png: cannot read image"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda p, i: _rewrite_line(p, 3, '{"query": "a red square", "paraphrase": '), "pairs.jsonl:3: malformed JSON"),
+        (
+            lambda p, i: _rewrite_line(p, 2, '{"query": "a", "image": "red_bar.png"}'),
+            "pairs.jsonl:2: missing key 'paraphrase'",
+        ),
+        (lambda p, i: _rewrite_line(p, 4, '["a", "b", "c"]'), "pairs.jsonl:4: expected a JSON object"),
+        (
+            lambda p, i: _rewrite_line(p, 1, '{"query": "", "paraphrase": "x", "image": "red_bar.png"}'),
+            "pairs.jsonl:1: 'query' must be a non-empty string",
+        ),
+        (lambda p, i: (i / "green_bar.png").unlink(), "green_bar.png: image file not found (referenced by"),
+        (lambda p, i: p.write_text("\n\n"), "pairs.jsonl: no pairs"),
+        (lambda p, i: p.unlink(), "pairs.jsonl: cannot read pairs file"),
+        (lambda p, i: (i / "blue_bar.png").write_bytes(b"not a png"), "blue_bar.png: cannot read image"),
+    ],
+)
 def test_bad_input_is_one_line_naming_the_file_and_line(tmp_path, capsys, damage, message):
     pairs, images = _write_world(tmp_path)
     damage(pairs, images)
@@ -117,10 +141,13 @@ def test_gallery_holds_each_referenced_image_once_and_errors_name_its_first_refe
         build_gallery(read_pairs(pairs), str(images), str(pairs))
 
 
-@pytest.mark.parametrize("extra,message", [
-    (("--pretrained", "no/such/epoch_3.pt"), "no/such/epoch_3.pt: checkpoint file not found"),
-    (("--model", "no-such-model"), "unknown model 'no-such-model'"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (("--pretrained", "no/such/epoch_3.pt"), "no/such/epoch_3.pt: checkpoint file not found"),
+        (("--model", "no-such-model"), "unknown model 'no-such-model'"),
+    ],
+)
 def test_bad_model_arguments(tmp_path, capsys, extra, message):
     pairs, images = _write_world(tmp_path)
     assert main(_cli(pairs, images) + list(extra)) == 2
@@ -137,6 +164,7 @@ def test_console_script_exit_code_without_traceback(tmp_path):
 
 # ------------------------------------------------------------------ --gallery: the whole folder is the gallery
 
+
 def _colour_world(folder, num_pairs=6, num_distractors=20, seed=0):
     """Uniform-colour PNGs (a stand-in model reads an image's feature off its colour): one per pair,
     plus ``num_distractors`` no pair names, plus files that are not gallery images. Returns the pairs
@@ -144,7 +172,7 @@ def _colour_world(folder, num_pairs=6, num_distractors=20, seed=0):
     rng = torch.Generator().manual_seed(seed)
     images = folder / "val2017"
     (images / "sub").mkdir(parents=True)
-    colours = torch.randperm(200, generator=rng)[:num_pairs + num_distractors]
+    colours = torch.randperm(200, generator=rng)[: num_pairs + num_distractors]
     for n, c in enumerate(colours.tolist()):
         name = f"{n:012d}.png" if n < num_pairs else f"{n:012d}_distractor.png"
         Image.new("RGB", (8, 8), (30 + c, 255 - c, (7 * c) % 256)).save(images / name)
@@ -194,14 +222,30 @@ def test_distractors_change_ao_js_exactly_as_a_direct_computation_over_the_bigge
     assert abs(big["AO@10"] - small["AO@10"]) > 0.05 and abs(big["JS@10"] - small["JS@10"]) > 0.05
     assert big["precision"] == {"device": "cpu", "weights": None, "autocast": None}  # StandIn has no weights
     assert "whole folder" in small["warnings"][0] and "has 26 images" in big["warnings"][0]
-    assert all(f"holds {small['num_pairs']} pairs; the paper's set (Cheng et al.) has 4155" in r["warnings"][1]
-               for r in (small, big))
+    assert all(
+        f"holds {small['num_pairs']} pairs; the paper's set (Cheng et al.) has 4155" in r["warnings"][1]
+        for r in (small, big)
+    )
 
 
 def test_gallery_flag_through_the_cli(tmp_path, capsys):
     pairs, images, _ = _colour_world(tmp_path)
-    assert main(["paraphrased-retrieval", "--model", TINY_MODEL, "--model-config", str(TINY_CONFIG),
-                 "--pairs", str(pairs), "--gallery", str(images)]) == 0
+    assert (
+        main(
+            [
+                "paraphrased-retrieval",
+                "--model",
+                TINY_MODEL,
+                "--model-config",
+                str(TINY_CONFIG),
+                "--pairs",
+                str(pairs),
+                "--gallery",
+                str(images),
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     result = json.loads(captured.out)
     assert result["gallery"] == "folder" and result["num_images"] == 26 and result["gallery_dir"] == str(images)
@@ -209,5 +253,7 @@ def test_gallery_flag_through_the_cli(tmp_path, capsys):
     assert "warning: gallery" in captured.err and "has 26 images; the paper's (COCO val2017) has 5000" in captured.err
     (images / "000000000003.png").rename(images / "sub" / "000000000003.png")
     assert main(["paraphrased-retrieval", "--model", TINY_MODEL, "--pairs", str(pairs), "--gallery", str(images)]) == 2
-    assert (f"{images / '000000000003.png'}: image file not found in the gallery folder (referenced by {pairs}:4)"
-            in capsys.readouterr().err)
+    assert (
+        f"{images / '000000000003.png'}: image file not found in the gallery folder (referenced by {pairs}:4)"
+        in capsys.readouterr().err
+    )

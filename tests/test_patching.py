@@ -1,4 +1,5 @@
 """paraclip-patch: apply / apply again / check / revert on the installed open_clip_train."""
+
 import base64
 import csv
 import errno
@@ -25,7 +26,8 @@ def release_hashes():
 
 def current_hashes(root):
     return {
-        str(p.relative_to(root)): "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(p.read_bytes()).digest()).rstrip(b"=").decode()
+        str(p.relative_to(root)): "sha256="
+        + base64.urlsafe_b64encode(hashlib.sha256(p.read_bytes()).digest()).rstrip(b"=").decode()
         for p in (root / "open_clip_train").glob("*.py")
     }
 
@@ -34,6 +36,7 @@ def test_round_trip_is_byte_identical_to_the_release(patched_install, tmp_path):
     """On a copy of the patched install (found first on PYTHONPATH): the installed one stays patched, so training
     jobs sharing this environment are never hit by a test's revert."""
     import compileall
+
     root = copy_of(patched_install, tmp_path)
     assert compileall.compile_file(str(root / "open_clip_train" / "plugins.py"), quiet=1)
     assert paraclip_patch_on(root, "check").returncode == 0
@@ -58,7 +61,9 @@ def test_round_trip_is_byte_identical_to_the_release(patched_install, tmp_path):
 
 
 def test_unsupported_version_is_refused_naming_supported_ones():
-    with pytest.raises(patching.PatchError, match=r"open_clip_torch 2\.32\.0 is not supported.*supported versions: 3\.3\.0"):
+    with pytest.raises(
+        patching.PatchError, match=r"open_clip_torch 2\.32\.0 is not supported.*supported versions: 3\.3\.0"
+    ):
         patching.patch_file("2.32.0")
 
 
@@ -68,8 +73,11 @@ def test_locally_modified_files_are_refused_untouched(tmp_path, pristine_root):
     edited = main.read_text().replace("loss = create_loss(args)", "loss = create_loss(args)  # local edit")
     main.write_text(edited)
     patch = patching.patch_file(patching.installed_version())
-    with pytest.raises(patching.PatchError, match=f"{main}: neither the release's text nor the patched text.*"
-                                                  f"pip install --force-reinstall --no-deps open_clip_torch=="):
+    with pytest.raises(
+        patching.PatchError,
+        match=f"{main}: neither the release's text nor the patched text.*"
+        f"pip install --force-reinstall --no-deps open_clip_torch==",
+    ):
         patching.apply(tmp_path, patch)
     assert main.read_text() == edited
     assert not (tmp_path / "open_clip_train" / "plugins.py").exists()
@@ -100,8 +108,7 @@ def paraclip_patch_on(root, *args):
     return run([BIN / "paraclip-patch", *args], check=False, env_extra={"PYTHONPATH": str(root)})
 
 
-def test_a_stop_between_two_files_leaves_an_install_that_apply_or_revert_finishes(tmp_path, pristine_root,
-                                                                                  monkeypatch):
+def test_a_stop_between_two_files_leaves_an_install_that_apply_or_revert_finishes(tmp_path, pristine_root, monkeypatch):
     patch = patching.patch_file(patching.installed_version())
     release = current_hashes(pristine_root)
     full = copy_of(pristine_root, tmp_path / "full")
@@ -111,7 +118,7 @@ def test_a_stop_between_two_files_leaves_an_install_that_apply_or_revert_finishe
         root = copy_of(pristine_root, tmp_path / f"stopped{stop_after}")
         real, calls = patching._replace, []
 
-        def replace_then_stop(path, content):
+        def replace_then_stop(path, content, calls=calls, stop_after=stop_after, real=real):
             if len(calls) == stop_after:
                 raise KeyboardInterrupt  # a SIGINT/SIGKILL between two renames
             calls.append(path.name)
@@ -144,8 +151,12 @@ def test_two_applies_at_once_take_turns(tmp_path, pristine_root):
     for round_ in range(4):
         root = copy_of(pristine_root, tmp_path / f"r{round_}")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(root), str(REPO)))}
-        procs = [subprocess.Popen([BIN / "paraclip-patch", "apply"], env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        procs = [
+            subprocess.Popen(
+                [BIN / "paraclip-patch", "apply"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+            for _ in range(3)
+        ]
         outs = [(p.wait(timeout=120), *p.communicate()) for p in procs]
         assert all(rc == 0 for rc, _, _ in outs), outs
         assert sorted(out.split(":")[0] for _, out, _ in outs) == ["already patched", "already patched", "patched"]
@@ -166,8 +177,9 @@ def test_where_the_folder_cant_be_flocked_a_lock_file_is_used(tmp_path, pristine
 
     real_lockf = patching.fcntl.lockf
     monkeypatch.setattr(patching.fcntl, "flock", nfs_flock)
-    monkeypatch.setattr(patching.fcntl, "lockf", lambda fd, op: (locked.append(os.readlink(f"/proc/self/fd/{fd}")),
-                                                                 real_lockf(fd, op)))
+    monkeypatch.setattr(
+        patching.fcntl, "lockf", lambda fd, op: (locked.append(os.readlink(f"/proc/self/fd/{fd}")), real_lockf(fd, op))
+    )
     patch = patching.patch_file(patching.installed_version())
     assert patching.apply(root, patch) and patching.all_patched(patching.file_states(root, patch))
     assert locked == [str(root / "open_clip_train" / ".paraclip-patch.lock")]
@@ -195,13 +207,16 @@ def test_an_unwritable_install_is_named_and_the_runner_suggested(tmp_path, prist
         raise OSError(errno.EROFS, "Read-only file system", str(root / "open_clip_train" / "plugins.py"))
 
     monkeypatch.setattr(patching.os, "replace", read_only)
-    with pytest.raises(patching.PatchError, match=r"plugins\.py: Read-only file system.*python -m paraclip_plugin\.train"):
+    with pytest.raises(
+        patching.PatchError, match=r"plugins\.py: Read-only file system.*python -m paraclip_plugin\.train"
+    ):
         patching.apply(root, patching.patch_file(patching.installed_version()))
     assert current_hashes(root) == current_hashes(pristine_root) and not list(root.rglob(".*paraclip-patch-*"))
 
 
 def test_the_runner_names_an_edited_install_not_its_private_copy(tmp_path, pristine_root, monkeypatch):
     from paraclip_plugin.train import runner
+
     root = copy_of(pristine_root, tmp_path)
     params = root / "open_clip_train" / "params.py"
     params.write_text(params.read_text().replace("import ast\n", "import ast  # edited\n", 1))
@@ -241,28 +256,46 @@ print("stages", plugins.wds_decode_stages(args, None, None, True))
 """
 
 
-@pytest.mark.parametrize("python", [sys.executable, *PYTHON39[:1]] if PYTHON39 else
-                         [sys.executable, pytest.param("python3.9", marks=pytest.mark.skip("no Python 3.9 here"))],
-                         ids=lambda p: os.path.basename(p))
+@pytest.mark.parametrize(
+    "python",
+    [sys.executable, *PYTHON39[:1]]
+    if PYTHON39
+    else [sys.executable, pytest.param("python3.9", marks=pytest.mark.skip("no Python 3.9 here"))],
+    ids=lambda p: os.path.basename(p),
+)
 def test_plugins_run_in_name_order_and_a_conflict_or_a_broken_plugin_is_named(tmp_path, python):
     """The hook module itself (no site-packages: only these plugins), also under open_clip_torch's oldest Python
     (3.9, whose entry_points() has no group=)."""
-    def hooks(python_, site):
-        return subprocess.run([python_, "-S", "-c", HOOK_CALLS], env={"PYTHONPATH": str(site), "PATH": os.environ["PATH"]},
-                              cwd=site, capture_output=True, text=True, timeout=60)
 
-    both = plugin_site(tmp_path / "both", {
-        "zplug": "def create_loss(args):\n    return 'z-loss'\n",
-        "aplug": "def create_loss(args):\n    return 'a-loss'\ndef add_arguments(parser):\n    parser.add_argument('--a')\n",
-    })
+    def hooks(python_, site):
+        return subprocess.run(
+            [python_, "-S", "-c", HOOK_CALLS],
+            env={"PYTHONPATH": str(site), "PATH": os.environ["PATH"]},
+            cwd=site,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    both = plugin_site(
+        tmp_path / "both",
+        {
+            "zplug": "def create_loss(args):\n    return 'z-loss'\n",
+            "aplug": "def create_loss(args):\n    return 'a-loss'\ndef add_arguments(parser):\n    parser.add_argument('--a')\n",
+        },
+    )
     result = hooks(python, both)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[:2] == ["loss a-loss", "stages None"]  # by name, whatever the install order
     assert "plugins 'aplug', 'zplug' all provide create_loss; using 'aplug'" in result.stderr
 
-    clash = plugin_site(tmp_path / "clash", {
-        "aplug": "def add_arguments(parser):\n    parser.add_argument('--same')\n",
-        "bplug": "def add_arguments(parser):\n    parser.add_argument('--same')\n"})
+    clash = plugin_site(
+        tmp_path / "clash",
+        {
+            "aplug": "def add_arguments(parser):\n    parser.add_argument('--same')\n",
+            "bplug": "def add_arguments(parser):\n    parser.add_argument('--same')\n",
+        },
+    )
     result = hooks(python, clash)
     assert result.returncode != 0
     assert "open_clip_train plugin 'bplug' could not add its arguments: argument --same: conflicting" in result.stderr
@@ -288,6 +321,7 @@ def test_zero_shot_accuracy_of_the_patched_install_runs_on_numpy_2_4(patched_ins
     import numpy
     import torch
     from open_clip_train.zero_shot import accuracy
+
     logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.15, 0.05], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
     target = torch.tensor([1, 2, 2, 1])
     assert accuracy(logits, target, topk=(1, 2, 3)) == [2.0, 3.0, 4.0]

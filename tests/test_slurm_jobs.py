@@ -6,6 +6,7 @@ user with an activated environment does, and drive them with scontrol/scancel. W
 from the recipes is in ``CPU_NODE`` below and nowhere else. Outside that harness they fail (they
 are deselected from `make test` by the `slurm` marker).
 """
+
 import json
 import os
 import re
@@ -18,8 +19,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (BIN, REPO, TINY_CONFIG, TINY_MODEL, free_port, logged_losses, read_log, save_init_checkpoint,
-                      stock_open_clip_loads, write_shards)
+from conftest import (
+    BIN,
+    REPO,
+    TINY_CONFIG,
+    TINY_MODEL,
+    free_port,
+    logged_losses,
+    read_log,
+    save_init_checkpoint,
+    stock_open_clip_loads,
+    write_shards,
+)
 from test_paraphrase_support import read_tar, write_input_shards
 from paraclip_plugin.paraphrase.local_server import LocalChatServer
 
@@ -36,16 +47,30 @@ SHARDS_RECIPE = REPO / "scripts" / "slurm" / "make_shards_vllm.sbatch"
 CPU_NODE = {
     TRAIN_RECIPE: {
         "sbatch": ["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1"],
-        "env": {"MODEL": TINY_MODEL, "MODEL_CONFIG": str(TINY_CONFIG), "BATCH": "4", "PRECISION": "fp32",
-                "WORKERS": "1"},  # PRETRAINED: a random-init tiny checkpoint (per test)
+        "env": {
+            "MODEL": TINY_MODEL,
+            "MODEL_CONFIG": str(TINY_CONFIG),
+            "BATCH": "4",
+            "PRECISION": "fp32",
+            "WORKERS": "1",
+        },  # PRETRAINED: a random-init tiny checkpoint (per test)
     },
     SHARDS_RECIPE: {
         "sbatch": ["--gres=none", "--cpus-per-task=1", "--mem=1G"],
         "env": {"BACKEND": "openai", "MODEL": "local-paraphraser"},  # BASE_URL: the stand-in server (per test)
     },
 }
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
-            "PREEMPTED"}
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 
 @pytest.fixture(scope="session")
@@ -62,11 +87,27 @@ def submit(recipe, folder, *sbatch_args, env=None, wait=False):
     """``sbatch [CPU_NODE options] ARGS recipe`` from ``folder`` with the environment of an activated venv plus
     CPU_NODE's and ``env``'s variables; the job id (or, with ``wait``, the finished sbatch process)."""
     folder.mkdir(parents=True, exist_ok=True)
-    environ = {k: v for k, v in os.environ.items()
-               if not k.startswith(("SLURM_", "SBATCH_", "OMP_", "PYTHONPATH")) or k == "SLURM_CONF"}
-    environ.update({"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "VIRTUAL_ENV": str(BIN.parent),
-                    **CPU_NODE[recipe]["env"], **(env or {})})
-    cmd = ["sbatch", "--parsable", *(["--wait"] if wait else []), *CPU_NODE[recipe]["sbatch"], *sbatch_args, str(recipe)]
+    environ = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "SBATCH_", "OMP_", "PYTHONPATH")) or k == "SLURM_CONF"
+    }
+    environ.update(
+        {
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            "VIRTUAL_ENV": str(BIN.parent),
+            **CPU_NODE[recipe]["env"],
+            **(env or {}),
+        }
+    )
+    cmd = [
+        "sbatch",
+        "--parsable",
+        *(["--wait"] if wait else []),
+        *CPU_NODE[recipe]["sbatch"],
+        *sbatch_args,
+        str(recipe),
+    ]
     done = subprocess.run(cmd, cwd=folder, env=environ, capture_output=True, text=True, timeout=600)
     if wait:
         return done
@@ -124,7 +165,9 @@ class RankEnvirons:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
                 if b"open_clip_train.main" not in cmdline or not os.path.basename(cmdline[0]).startswith(b"python"):
                     continue  # not a rank (srun's own command line names the module too)
-                environ = dict(e.split("=", 1) for e in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in e)
+                environ = dict(
+                    e.split("=", 1) for e in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in e
+                )
             except OSError:
                 continue  # gone meanwhile
             if environ.get("SLURM_JOB_ID") == self.job:
@@ -132,6 +175,7 @@ class RankEnvirons:
 
 
 # ---------------------------------------------------------------- training
+
 
 def train_env(tmp_path, **extra):
     init = tmp_path / "init.pt"
@@ -145,7 +189,9 @@ def checkpoint_state(path):
     return ckpt, {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
 
 
-RECORD = re.compile(r"^(?:(\d+): )?(?:\d{4}-\d\d-\d\d,\d\d:\d\d:\d\d \| (?:\w+) \| |(?:DEBUG|INFO|WARNING|ERROR|CRITICAL):[\w.]*:)(.*)$")
+RECORD = re.compile(
+    r"^(?:(\d+): )?(?:\d{4}-\d\d-\d\d,\d\d:\d\d:\d\d \| (?:\w+) \| |(?:DEBUG|INFO|WARNING|ERROR|CRITICAL):[\w.]*:)(.*)$"
+)
 
 
 def repeated_log_records(text):
@@ -184,8 +230,12 @@ def test_two_ranks_train_the_paraclip_loss_and_save_checkpoints_stock_open_clip_
     assert (record["JobState"], record["ExitCode"]) == ("COMPLETED", "0:0"), log[-4000:]
 
     for rank in (0, 1):  # SLURM's ranks reach open_clip_train
-        assert (f"{rank}: " in log and f"Running in distributed mode with multiple processes. Device: cpu."
-                f"Process (global: {rank}, local {rank}), total 2." in log), log[-4000:]
+        assert (
+            f"{rank}: " in log
+            and f"Running in distributed mode with multiple processes. Device: cpu."
+            f"Process (global: {rank}, local {rank}), total 2."
+            in log
+        ), log[-4000:]
     # each rank's torch threads are the CPUs of its task; one port per job (none fixed)
     assert sorted(ranks.seen) == ["0", "1"]
     for environ in ranks.seen.values():
@@ -218,8 +268,9 @@ def run_until_first_latest_checkpoint(tmp_path, env, submit_dir):
     """Submit a 3-epoch run; the job id once epoch_latest.pt exists (the job still running), whatever the run's
     name (the tests check the name on their own)."""
     job = submit(TRAIN_RECIPE, submit_dir, env=env)
-    [record] = wait_for(job, lambda records: any((tmp_path / "logs").glob("*/checkpoints/epoch_latest.pt"))
-                        or finished(records))
+    [record] = wait_for(
+        job, lambda records: any((tmp_path / "logs").glob("*/checkpoints/epoch_latest.pt")) or finished(records)
+    )
     assert record["JobState"] == "RUNNING", f"job {job} ended before its first checkpoint: {record}"
     return job
 
@@ -267,6 +318,7 @@ def test_resubmitted_job_continues_the_same_run(cluster, tmp_path):
 
 # ---------------------------------------------------------------- paraphrase generation (array)
 
+
 @pytest.fixture
 def llm():
     with LocalChatServer(latency=0.002) as server:
@@ -279,8 +331,11 @@ def shards_env(llm, tmp_path, pattern, out, **extra):
 
 def files(folder):
     """{relative path: (bytes, mtime_ns)} of every file under ``folder``."""
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
-            if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def stats_of(out):
@@ -322,15 +377,18 @@ def test_array_splits_skips_finished_work_and_rebuilds_a_deleted_shard_from_the_
 def test_array_refuses_a_num_jobs_that_does_not_fit_it(cluster, llm, tmp_path):
     pattern = write_input_shards(tmp_path / "in", num_shards=4, per_shard=4)
     out, submit_dir = tmp_path / "out", tmp_path / "submit"
-    done = submit(SHARDS_RECIPE, submit_dir, "--array=0-2", env=shards_env(llm, tmp_path, pattern, out, NUM_JOBS="2"),
-                  wait=True)
+    done = submit(
+        SHARDS_RECIPE, submit_dir, "--array=0-2", env=shards_env(llm, tmp_path, pattern, out, NUM_JOBS="2"), wait=True
+    )
     assert done.returncode != 0
     job = int(done.stdout.strip())
     for i in range(3):
         text = (submit_dir / f"paraclip-shards-{job}_{i}.out").read_text()
-        assert text.splitlines() == ["error: NUM_JOBS=2 does not fit this array (task ids 0..2): task I takes slice I "
-                                     "of NUM_JOBS; leave NUM_JOBS unset for a whole --array=0-(N-1), or give the first "
-                                     "submission's N"]
+        assert text.splitlines() == [
+            "error: NUM_JOBS=2 does not fit this array (task ids 0..2): task I takes slice I "
+            "of NUM_JOBS; leave NUM_JOBS unset for a whole --array=0-(N-1), or give the first "
+            "submission's N"
+        ]
     assert llm.requests == 0 and not out.exists()
 
 
@@ -342,15 +400,24 @@ def test_array_recipe_default_backend_without_vllm_names_the_extra_and_writes_no
     assert done.returncode != 0
     text = (submit_dir / f"paraclip-shards-{int(done.stdout.strip())}_0.out").read_text()
     errors = [line for line in text.splitlines() if line.startswith("make_shards.py: error:")]
-    assert len(errors) == 1 and "needs the 'vllm' extra" in errors[0] and "pip install 'paraclip-plugin[vllm]'" in errors[0]
+    assert (
+        len(errors) == 1
+        and "needs the 'vllm' extra" in errors[0]
+        and "pip install 'paraclip-plugin[vllm]'" in errors[0]
+    )
     assert llm.requests == 0 and not list(out.rglob("*.tar")) and not (out / "sizes.json").exists()
 
 
 def test_array_task_requeued_mid_run_ends_identical_to_an_uninterrupted_run(cluster, llm, tmp_path):
     pattern = write_input_shards(tmp_path / "in", num_shards=8, per_shard=8)
     reference = tmp_path / "reference"
-    done = submit(SHARDS_RECIPE, tmp_path / "submit-ref", "--array=0-1",
-                  env=shards_env(llm, tmp_path, pattern, reference), wait=True)
+    done = submit(
+        SHARDS_RECIPE,
+        tmp_path / "submit-ref",
+        "--array=0-1",
+        env=shards_env(llm, tmp_path, pattern, reference),
+        wait=True,
+    )
     assert done.returncode == 0, done.stderr
 
     llm.latency = 0.4  # a task takes seconds, so the requeue lands mid-run

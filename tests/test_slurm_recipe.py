@@ -4,6 +4,7 @@ The recipes run here under bash without a cluster: `srun` and `scontrol` are sma
 that record the command line srun was given. The recipes under a real SLURM cluster are
 tests/test_slurm_jobs.py (`make test-slurm`).
 """
+
 import json
 import os
 import re
@@ -28,9 +29,16 @@ def recipe_command(tmp_path, recipe=SBATCH, **env):
         stub.chmod(0o755)
     log = tmp_path / "srun.jsonl"
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMP_", "MASTER_"))}
-    environ.update(PATH=f"{stubs}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}", SRUN_LOG=str(log),
-                   PYTHON_FOR_STUB=str(BIN / "python"), SLURM_JOB_ID="4321", SLURM_JOB_NAME="paraclip-vit-b32",
-                   SLURM_JOB_NODELIST="node001", SLURM_CPUS_PER_TASK="12", **env)
+    environ.update(
+        PATH=f"{stubs}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}",
+        SRUN_LOG=str(log),
+        PYTHON_FOR_STUB=str(BIN / "python"),
+        SLURM_JOB_ID="4321",
+        SLURM_JOB_NAME="paraclip-vit-b32",
+        SLURM_JOB_NODELIST="node001",
+        SLURM_CPUS_PER_TASK="12",
+        **env,
+    )
     done = subprocess.run(["bash", "-x", str(recipe)], env=environ, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     [argv] = [json.loads(line) for line in log.read_text().splitlines()]
@@ -43,13 +51,14 @@ def open_clip_args(argv, data):
     (a folder holding the 1,000 shard files it names: configure checks that local shards exist)."""
     for i in range(1000):
         (data / f"{i:05d}.tar").touch()
-    args = argv[argv.index("open_clip_train.main") + 1:]
+    args = argv[argv.index("open_clip_train.main") + 1 :]
     args[args.index("--train-data") + 1] = f"{data}/{{00000..00999}}.tar"
     return args
 
 
 def test_sbatch_defaults_parse_to_the_paper_recipe(patched_install, tmp_path):
     from open_clip_train.params import parse_args  # the installed, patched parser
+
     argv, exported = recipe_command(tmp_path)
     assert argv[argv.index("--train-data") + 1] == "/data/para/{00000..00999}.tar"
     args = parse_args(open_clip_args(argv, tmp_path))
@@ -68,10 +77,23 @@ def test_sbatch_defaults_parse_to_the_paper_recipe(patched_install, tmp_path):
 
 def test_settings_come_from_the_environment(patched_install, tmp_path):
     from open_clip_train.params import parse_args
+
     config = REPO / "paraclip_plugin" / "model_configs" / "paraclip-tiny.json"
-    argv, exported = recipe_command(tmp_path, MODEL="paraclip-tiny", MODEL_CONFIG=str(config), PRETRAINED="/x.pt",
-                                    BATCH="4", LR="1e-3", EPOCHS="3", PRECISION="fp32", WORKERS="1",
-                                    LOGS="/l", RUN_NAME="mine", MASTER_PORT="23456", EXTRA_ARGS="--seed 7")
+    argv, exported = recipe_command(
+        tmp_path,
+        MODEL="paraclip-tiny",
+        MODEL_CONFIG=str(config),
+        PRETRAINED="/x.pt",
+        BATCH="4",
+        LR="1e-3",
+        EPOCHS="3",
+        PRECISION="fp32",
+        WORKERS="1",
+        LOGS="/l",
+        RUN_NAME="mine",
+        MASTER_PORT="23456",
+        EXTRA_ARGS="--seed 7",
+    )
     args = parse_args(open_clip_args(argv, tmp_path))
     assert (args.model, args.model_config, args.pretrained) == ("paraclip-tiny", [str(config)], "/x.pt")
     assert (args.batch_size, args.lr, args.epochs, args.precision, args.workers) == (4, 1e-3, 3, "fp32", 1)
@@ -81,11 +103,13 @@ def test_settings_come_from_the_environment(patched_install, tmp_path):
 
 def test_logs_dir_alias_reaches_the_same_setting(patched_install):
     from open_clip_train.params import parse_args
+
     assert parse_args(["--logs-dir", "/x", "--model", "RN50"]).logs == "/x"
 
 
 def test_sbatch_is_requeue_and_resubmission_safe(patched_install, tmp_path):
     from open_clip_train.params import parse_args
+
     args = parse_args(open_clip_args(recipe_command(tmp_path)[0], tmp_path))
     assert "#SBATCH --requeue" in SBATCH.read_text() and "#SBATCH --open-mode=append" in SBATCH.read_text()
     # every attempt and every resubmission: the same run name (the job name, not the job id), continuing
@@ -96,6 +120,7 @@ def test_sbatch_is_requeue_and_resubmission_safe(patched_install, tmp_path):
 def shards_args(tmp_path, **env):
     """paraclip-make-shards' parsed arguments as the array recipe runs it as task ``SLURM_ARRAY_TASK_ID``."""
     from paraclip_plugin.paraphrase.cli import parse_args
+
     env = {"OUTPUT": str(tmp_path / "out"), **env}
     argv, _ = recipe_command(tmp_path, SHARDS_SBATCH, **env)
     assert argv[0] == "paraclip-make-shards"  # the installed console script: any submission folder works
@@ -111,8 +136,12 @@ def shards_args(tmp_path, **env):
 
 
 def array(low, high, task, count=None):
-    return {"SLURM_ARRAY_TASK_MIN": str(low), "SLURM_ARRAY_TASK_MAX": str(high), "SLURM_ARRAY_TASK_ID": str(task),
-            "SLURM_ARRAY_TASK_COUNT": str(count or high - low + 1)}
+    return {
+        "SLURM_ARRAY_TASK_MIN": str(low),
+        "SLURM_ARRAY_TASK_MAX": str(high),
+        "SLURM_ARRAY_TASK_ID": str(task),
+        "SLURM_ARRAY_TASK_COUNT": str(count or high - low + 1),
+    }
 
 
 def test_array_recipe_takes_the_split_from_slurm(tmp_path):
@@ -127,6 +156,7 @@ def test_array_recipe_takes_the_split_from_slurm(tmp_path):
 
 def test_array_recipe_resubmits_some_tasks_with_num_jobs(tmp_path):
     from paraclip_plugin.paraphrase.inputs import split_for_job
+
     # NUM_JOBS=32 sbatch --array=5,17: a resubmission of two tasks of 32
     args = shards_args(tmp_path, NUM_JOBS="32", **array(5, 17, 17, count=2))
     assert (args.num_jobs, args.job_index) == (32, 17)
@@ -135,15 +165,22 @@ def test_array_recipe_resubmits_some_tasks_with_num_jobs(tmp_path):
 
 
 def test_array_recipe_openai_backend_from_the_environment(tmp_path):
-    args = shards_args(tmp_path, BACKEND="openai", BASE_URL="http://127.0.0.1:9/v1", API_KEY_ENV="MY_KEY",
-                       MODEL="m", **array(0, 0, 0))
-    assert (args.backend, args.base_url, args.api_key_env, args.model) == ("openai", "http://127.0.0.1:9/v1", "MY_KEY", "m")
+    args = shards_args(
+        tmp_path, BACKEND="openai", BASE_URL="http://127.0.0.1:9/v1", API_KEY_ENV="MY_KEY", MODEL="m", **array(0, 0, 0)
+    )
+    assert (args.backend, args.base_url, args.api_key_env, args.model) == (
+        "openai",
+        "http://127.0.0.1:9/v1",
+        "MY_KEY",
+        "m",
+    )
 
 
 def test_array_recipe_refuses_a_num_jobs_the_array_does_not_fit(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", OUTPUT=str(tmp_path / "out"), NUM_JOBS="2",
-               **array(0, 2, 0))
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", OUTPUT=str(tmp_path / "out"), NUM_JOBS="2", **array(0, 2, 0)
+    )
     done = subprocess.run(["bash", str(SHARDS_SBATCH)], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and len(done.stderr.splitlines()) == 1
     assert done.stderr.startswith("error: NUM_JOBS=2 does not fit this array (task ids 0..2)")

@@ -3,8 +3,20 @@
 import pytest
 import torch
 
-from conftest import (BIN, PYTHON, TINY_CONFIG, final_state, logged_losses, read_log, run,
-                      save_init_checkpoint, stock_open_clip_loads, torchrun, train_args, write_shards)
+from conftest import (
+    BIN,
+    PYTHON,
+    TINY_CONFIG,
+    final_state,
+    logged_losses,
+    read_log,
+    run,
+    save_init_checkpoint,
+    stock_open_clip_loads,
+    torchrun,
+    train_args,
+    write_shards,
+)
 
 TERMS = ("Image_para2_loss", "Caption_para1_loss", "Para1_para2_loss")
 
@@ -23,8 +35,12 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def paraclip_run(world, patched_install):
-    torchrun(["open_clip_train.main", *train_args(world["data"], world["logs"], "paraclip", world["init"],
-                                                  "--paraclip-loss")])
+    torchrun(
+        [
+            "open_clip_train.main",
+            *train_args(world["data"], world["logs"], "paraclip", world["init"], "--paraclip-loss"),
+        ]
+    )
     return read_log(world["logs"], "paraclip"), final_state(world["logs"], "paraclip")
 
 
@@ -80,8 +96,13 @@ def test_in_process_runner_on_unpatched_install(world, pristine_root):
     env = {"PYTHONPATH": str(pristine_root)}
     check = run([BIN / "paraclip-patch", "check"], env_extra=env, check=False)
     assert check.returncode == 1 and "hooks missing" in check.stderr
-    torchrun(["paraclip_plugin.train", *train_args(world["data"], world["logs"], "inprocess", world["init"],
-                                                   "--paraclip-loss")], env_extra=env)
+    torchrun(
+        [
+            "paraclip_plugin.train",
+            *train_args(world["data"], world["logs"], "inprocess", world["init"], "--paraclip-loss"),
+        ],
+        env_extra=env,
+    )
     log = read_log(world["logs"], "inprocess")
     assert all(t in log for t in TERMS)
     visual, _ = split(final_state(world["logs"], "inprocess"))
@@ -94,20 +115,35 @@ def one_step_args(world, name, *extra, batch_size=16, unpatched=False):
     """All 16 samples of one shard in one optimizer step: InfoNCE over a set doesn't depend on the
     (time-seeded) sample order, and pinning the crop scale makes the augmentation deterministic."""
     data = write_shards(world["root"] / "one", num_shards=1, per_shard=16, seed=1)
-    args = train_args(data, world["logs"], name, world["init"], "--aug-cfg", "scale=(1.0,1.0)", *extra,
-                      batch_size=batch_size, samples=16)
+    args = train_args(
+        data,
+        world["logs"],
+        name,
+        world["init"],
+        "--aug-cfg",
+        "scale=(1.0,1.0)",
+        *extra,
+        batch_size=batch_size,
+        samples=16,
+    )
     args[args.index("--workers") + 1] = "0"
     if unpatched:  # the stock parser knows neither --model-config (registered by hand) nor --logs-dir
         i = args.index("--model-config")
-        del args[i:i + 2]
+        del args[i : i + 2]
         args[args.index("--logs-dir")] = "--logs"
     return args
 
 
 def test_accum_freq_2_matches_double_batch(world, patched_install):
     run([PYTHON, "-m", "open_clip_train.main", *one_step_args(world, "b16", "--paraclip-loss")])
-    run([PYTHON, "-m", "open_clip_train.main",
-         *one_step_args(world, "b8x2", "--paraclip-loss", "--accum-freq", "2", batch_size=8)])
+    run(
+        [
+            PYTHON,
+            "-m",
+            "open_clip_train.main",
+            *one_step_args(world, "b8x2", "--paraclip-loss", "--accum-freq", "2", batch_size=8),
+        ]
+    )
     full, accum = logged_losses(read_log(world["logs"], "b16")), logged_losses(read_log(world["logs"], "b8x2"))
     assert len(full) == len(accum) == 1
     for key in ("Loss", *TERMS):
@@ -133,10 +169,14 @@ def optimizer_first_moments(logs, name):
 
 
 def test_without_paraclip_flags_patched_equals_unpatched(world, patched_install, pristine_root):
-    stock_main = ("import sys, open_clip; open_clip.add_model_config(sys.argv.pop(1)); "
-                  "from open_clip_train.main import main; main(sys.argv[1:])")
-    run([PYTHON, "-c", stock_main, TINY_CONFIG, *one_step_args(world, "unpatched", unpatched=True)],
-        env_extra={"PYTHONPATH": str(pristine_root)})
+    stock_main = (
+        "import sys, open_clip; open_clip.add_model_config(sys.argv.pop(1)); "
+        "from open_clip_train.main import main; main(sys.argv[1:])"
+    )
+    run(
+        [PYTHON, "-c", stock_main, TINY_CONFIG, *one_step_args(world, "unpatched", unpatched=True)],
+        env_extra={"PYTHONPATH": str(pristine_root)},
+    )
     run([PYTHON, "-m", "open_clip_train.main", *one_step_args(world, "patched")])
     assert "plugins" not in read_log(world["logs"], "unpatched")
     stock, ours = logged_losses(read_log(world["logs"], "unpatched")), logged_losses(read_log(world["logs"], "patched"))

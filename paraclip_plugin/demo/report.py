@@ -7,6 +7,7 @@ and the training loss curves as ``{run name: [(step, loss), ...]}``. Over severa
 give the mean and the range (smallest, largest run). Nothing here asserts a number: it reports what was
 measured.
 """
+
 import json
 import os
 import sys
@@ -41,15 +42,16 @@ def change_rows(before, after):
 
 def spread(rows):
     """{label: (mean, min, max)} over runs, from one {label: value} dict per run."""
-    return {label: (sum(r[label] for r in rows) / len(rows), min(r[label] for r in rows), max(r[label] for r in rows))
-            for label in rows[0]}
+    return {
+        label: (sum(r[label] for r in rows) / len(rows), min(r[label] for r in rows), max(r[label] for r in rows))
+        for label in rows[0]
+    }
 
 
 def summarize_runs(runs, names):
     """({name: {label: (mean, min, max)}}, {name: the same for the change from names[0]}) over ``runs``."""
     values = {name: spread([dict(metric_rows(run[1 + i])) for run in runs]) for i, name in enumerate(names)}
-    changes = {name: spread([change_rows(run[1], run[1 + i]) for run in runs])
-               for i, name in enumerate(names) if i > 0}
+    changes = {name: spread([change_rows(run[1], run[1 + i]) for run in runs]) for i, name in enumerate(names) if i > 0}
     return values, changes
 
 
@@ -74,13 +76,18 @@ def format_table(runs, names=("before", "after")):
             cells += [_cell(values[name][label], column), _cell(changes[name][label], column, "+")]
         lines.append(f"{label:<{label_width}}" + "".join(cells))
     if len(runs) > 1:
-        lines.append(f"mean over {len(runs)} runs (seeds {', '.join(str(run[0]) for run in runs)}), "
-                     f"[smallest, largest] run")
+        lines.append(
+            f"mean over {len(runs)} runs (seeds {', '.join(str(run[0]) for run in runs)}), [smallest, largest] run"
+        )
     k = runs[0][1]["k"]
     for i, name in enumerate(names[1:], start=2):
         for kind in ("paraphrased", "original"):
-            ratios = [run[i][kind][f"recall@{k}"] / run[1][kind][f"recall@{k}"] if run[1][kind][f"recall@{k}"]
-                      else float("inf") for run in runs]
+            ratios = [
+                run[i][kind][f"recall@{k}"] / run[1][kind][f"recall@{k}"]
+                if run[1][kind][f"recall@{k}"]
+                else float("inf")
+                for run in runs
+            ]
             lines.append(f"recall@{k} {kind}, {name} / {names[0]}: " + ", ".join(f"{r:.2f}x" for r in ratios))
     return "\n".join(lines)
 
@@ -110,8 +117,14 @@ def plot_chart(runs, loss_curves, path, names=("before", "after")):
         means = [sum(values) / len(values) for values in per_metric]
         errors = [[m - min(v) for m, v in zip(means, per_metric)], [max(v) - m for m, v in zip(means, per_metric)]]
         offset = (i - (len(names) - 1) / 2) * width
-        drawn = bars.bar([x + offset for x in range(len(labels))], means, width, label=name,
-                         yerr=errors if len(runs) > 1 else None, capsize=3)
+        drawn = bars.bar(
+            [x + offset for x in range(len(labels))],
+            means,
+            width,
+            label=name,
+            yerr=errors if len(runs) > 1 else None,
+            capsize=3,
+        )
         bars.bar_label(drawn, fmt="%.2f", fontsize=7 if len(names) < 3 else 6, padding=2)
     bars.set_xticks(range(len(labels)), labels, fontsize=8)
     bars.set_ylim(0, 1.25)  # room for the legend above bars of 1.0
@@ -164,12 +177,20 @@ def write_report(runs, loss_curves, out_dir, names=("before", "after"), stream=s
     table = format_table(runs, names)
     print(table, file=stream)
     values, changes = summarize_runs(runs, names)
-    as_dict = lambda rows: {label: dict(zip(("mean", "min", "max"), stats)) for label, stats in rows.items()}
+
+    def as_dict(rows):
+        return {label: dict(zip(("mean", "min", "max"), stats)) for label, stats in rows.items()}
+
     results = {
         "names": list(names),
-        "runs": [{"seed": run[0], "results": dict(zip(names, run[1:])),
-                  "change": {name: change_rows(run[1], result) for name, result in zip(names[1:], run[2:])}}
-                 for run in runs],
+        "runs": [
+            {
+                "seed": run[0],
+                "results": dict(zip(names, run[1:])),
+                "change": {name: change_rows(run[1], result) for name, result in zip(names[1:], run[2:])},
+            }
+            for run in runs
+        ],
         # mean, smallest and largest value over the runs, per name and metric; changes are from names[0]
         "summary": {name: as_dict(rows) for name, rows in values.items()},
         "summary_change": {name: as_dict(rows) for name, rows in changes.items()},

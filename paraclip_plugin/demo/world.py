@@ -20,6 +20,7 @@ are held out: no training sample shows the same scene, counting "A left of B" an
 Everything is seeded: each sample draws from its own ``random.Random`` keyed by (seed, split, index), so
 the same arguments give byte-identical shards, images and pairs files whatever the shard count.
 """
+
 import io
 import itertools
 import json
@@ -93,8 +94,11 @@ class Scene:
 def all_canonical_scenes():
     """Every scene of two different objects, once per meaning, in a fixed order."""
     objects = list(itertools.product(COLOURS, SHAPES))
-    return [Scene(ca, sa, rel, cb, sb)
-            for (ca, sa), (cb, sb) in itertools.permutations(objects, 2) for rel in ("left of", "above")]
+    return [
+        Scene(ca, sa, rel, cb, sb)
+        for (ca, sa), (cb, sb) in itertools.permutations(objects, 2)
+        for rel in ("left of", "above")
+    ]
 
 
 def content_words(text):
@@ -155,8 +159,9 @@ def eval_query(scene):
 
 def eval_paraphrase(scene, rng):
     """The evaluation paraphrase: same template, no content word of the canonical one ("west of", not "to the left of")."""
-    words = {c: rng.choice([w for w in _synonyms(c) if not content_words(w) & content_words(c)])
-             for c in _concepts(scene)}
+    words = {
+        c: rng.choice([w for w in _synonyms(c) if not content_words(w) & content_words(c)]) for c in _concepts(scene)
+    }
     return describe(scene, words, QUERY_TEMPLATE)
 
 
@@ -168,8 +173,10 @@ def _draw_shape(draw, shape, centre, radius, fill):
         side = radius * 0.9  # a square of the circle's area looks the same size
         draw.rectangle((x - side, y - side, x + side, y + side), fill=fill)
     else:
-        draw.polygon(((x, y - radius * 1.1), (x - radius * 1.1, y + radius * 0.8), (x + radius * 1.1, y + radius * 0.8)),
-                     fill=fill)
+        draw.polygon(
+            ((x, y - radius * 1.1), (x - radius * 1.1, y + radius * 0.8), (x + radius * 1.1, y + radius * 0.8)),
+            fill=fill,
+        )
 
 
 def render_scene(scene, rng, size=32, supersample=4):
@@ -232,14 +239,19 @@ def eval_pair(index, scene, seed, image_size=32):
     if rng.random() < 0.5:
         scene = scene.inverse()
     image = render_scene(scene, rng, image_size)
-    record = {"query": eval_query(scene), "paraphrase": eval_paraphrase(scene, rng),
-              "image": f"{index:05d}.png", "scene": asdict(scene)}
+    record = {
+        "query": eval_query(scene),
+        "paraphrase": eval_paraphrase(scene, rng),
+        "image": f"{index:05d}.png",
+        "scene": asdict(scene),
+    }
     return record, image
 
 
 @dataclass(frozen=True)
 class World:
     """Where ``build_world`` put things; ``train_shards`` is the brace pattern for ``--train-data``."""
+
     root: str
     train_dir: str
     train_shards: str
@@ -259,8 +271,10 @@ def _prepare(root, train_dir, eval_dir):
     for folder in (train_dir, eval_dir):
         if os.path.isdir(folder) and os.listdir(folder):
             if not made_by_us:
-                raise FileExistsError(f"{folder} is not empty and {root} holds no {MANIFEST} (it was not made by "
-                                      f"a demo build): refusing to overwrite it; choose another --output")
+                raise FileExistsError(
+                    f"{folder} is not empty and {root} holds no {MANIFEST} (it was not made by "
+                    f"a demo build): refusing to overwrite it; choose another --output"
+                )
             shutil.rmtree(folder)
         os.makedirs(folder, exist_ok=True)
 
@@ -304,8 +318,18 @@ def build_world(root, num_train=4096, num_shards=8, num_eval=100, seed=0, image_
     pairs_path = os.path.join(eval_dir, "pairs.jsonl")
     atomic_write_text(pairs_path, "\n".join(records) + "\n")
 
-    world = World(root, train_dir, os.path.join(train_dir, f"{{00000..{num_shards - 1:05d}}}.tar"), num_train,
-                  num_shards, pairs_path, images_dir, num_eval)
-    atomic_write_text(os.path.join(root, MANIFEST), json.dumps(
-        {"seed": seed, "image_size": image_size, **asdict(world)}, indent=1) + "\n")
+    world = World(
+        root,
+        train_dir,
+        os.path.join(train_dir, f"{{00000..{num_shards - 1:05d}}}.tar"),
+        num_train,
+        num_shards,
+        pairs_path,
+        images_dir,
+        num_eval,
+    )
+    atomic_write_text(
+        os.path.join(root, MANIFEST),
+        json.dumps({"seed": seed, "image_size": image_size, **asdict(world)}, indent=1) + "\n",
+    )
     return world

@@ -12,6 +12,7 @@ ARO's ``macro_accuracy``, the mean of per-group accuracies over the groups ARO k
 not in its symmetric list; VG-A: attribute pairs with at least 25 cases). The paper's Table 1 VG-R and
 VG-A columns are these macro accuracies. Every distinct crop and caption is embedded once.
 """
+
 import os
 from dataclasses import dataclass
 
@@ -25,7 +26,8 @@ ANNOTATION_FILES = {"vg-relation": "visual_genome_relation.json", "vg-attributio
 
 # ARO's "Replicate ARO" notebook drops these relations before averaging: swapping the two objects of a
 # symmetric (or near-symmetric) relation does not make the caption false, so the test is ill-posed.
-ARO_SYMMETRIC_RELATIONS = frozenset("""
+ARO_SYMMETRIC_RELATIONS = frozenset(
+    """
 adjusting|attached to|between|bigger than|biting|boarding|brushing|chewing|cleaning|climbing|close to|
 coming from|coming out of|contain|crossing|dragging|draped over|drinking|drinking from|driving|
 driving down|driving on|eating from|eating in|enclosing|exiting|facing|filled with|floating in|
@@ -44,18 +46,19 @@ standing behind|standing beside|standing in front of|standing near|standing next
 stuck in|surrounding|swimming in|swinging|talking to|topped with|touching|traveling down|traveling on|
 tying|typing on|underneath|wading in|waiting for|walking across|walking by|walking down|
 walking next to|walking through|working in|working on|worn on|wrapped around|wrapped in|by|of|near|
-next to|with|beside|on the side of|around""".replace("\n", "").split("|"))
+next to|with|beside|on the side of|around""".replace("\n", "").split("|")
+)
 # ARO's VG_Attribution.evaluate_scores skips attribute pairs rarer than this.
 ARO_MIN_ATTRIBUTE_CASES = 25
 
 
 @dataclass(frozen=True)
 class AroCase:
-    image: str      # path of the whole image
-    box: tuple      # PIL crop box (left, upper, right, lower)
+    image: str  # path of the whole image
+    box: tuple  # PIL crop box (left, upper, right, lower)
     true_caption: str
     false_caption: str
-    group: str      # relation name, or "attr1_attr2" as ARO names attribute pairs
+    group: str  # relation name, or "attr1_attr2" as ARO names attribute pairs
 
 
 def _group_of(task, record, where):
@@ -92,8 +95,15 @@ def read_cases(task, annotation_path, images_dir):
         if not os.path.isfile(image):
             raise InputError(f"{image}: image file not found (referenced by {where})")
         x, y, w, h = (record[k] for k in BOX_KEYS)
-        cases.append(AroCase(image, (x, y, x + w, y + h), str(record["true_caption"]),
-                             str(record["false_caption"]), _group_of(task, record, where)))
+        cases.append(
+            AroCase(
+                image,
+                (x, y, x + w, y + h),
+                str(record["true_caption"]),
+                str(record["false_caption"]),
+                _group_of(task, record, where),
+            )
+        )
     return cases
 
 

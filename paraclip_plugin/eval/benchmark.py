@@ -34,6 +34,7 @@ whichever it picks: half the pair's images, as here); counting every tie as wron
 to 0.2 points below it (100 of the 50,000 images) on those pairs alone, the size of the paper's
 differences in that column. The ties-as-wrong scores are reported beside (``ties_wrong``).
 """
+
 import contextlib
 import os
 import sys
@@ -43,8 +44,10 @@ import torch
 from .paraphrased_retrieval import InputError, load_json, precision, warn
 
 IMAGENET_CLASSES = 1000
-TIE_RULE = ("tied classes share the hit: an image whose true class has a classes above it and ties with t-1 "
-            "others counts min(1, max(0, (k - a) / t)) at top-k, its expected hit under a random order of the ties")
+TIE_RULE = (
+    "tied classes share the hit: an image whose true class has a classes above it and ties with t-1 "
+    "others counts min(1, max(0, (k - a) / t)) at top-k, its expected hit under a random order of the ties"
+)
 # split -> (image folder, default annotation file, images, captions), relative to the COCO root.
 COCO_SPLITS = {
     "karpathy-test": ("val2014", "coco_test_karpathy.json", 5000, 25010),
@@ -74,14 +77,19 @@ def check_imagenet_root(root, templates=None):
         raise InputError(f"{val}: ImageNet validation folder not found (one sub-folder per wnid)")
     classes = sorted(d for d in os.listdir(val) if os.path.isdir(os.path.join(val, d)))
     if len(classes) != IMAGENET_CLASSES:
-        raise InputError(f"{val}: {len(classes)} class folders, expected {IMAGENET_CLASSES} "
-                         "(labels are positions in the sorted wnid list)")
+        raise InputError(
+            f"{val}: {len(classes)} class folders, expected {IMAGENET_CLASSES} "
+            "(labels are positions in the sorted wnid list)"
+        )
     # imported here: torchvision's import probes optional packages, which the eval extra's check must come before
     from torchvision.datasets.folder import IMG_EXTENSIONS
+
     empty = [os.path.join(val, d) for d in classes if not _has_image(os.path.join(val, d))]
     if empty:
-        raise InputError(f"{', '.join(empty[:3])}{f' and {len(empty) - 3} more' if len(empty) > 3 else ''}: "
-                         f"no image file torchvision's ImageFolder reads ({' '.join(IMG_EXTENSIONS)})")
+        raise InputError(
+            f"{', '.join(empty[:3])}{f' and {len(empty) - 3} more' if len(empty) > 3 else ''}: "
+            f"no image file torchvision's ImageFolder reads ({' '.join(IMG_EXTENSIONS)})"
+        )
     if templates is not None:
         _read_templates(templates)
     return {"root": os.path.abspath(root), "num_classes": len(classes)}
@@ -90,15 +98,19 @@ def check_imagenet_root(root, templates=None):
 def _has_image(folder):
     """Whether torchvision's ``ImageFolder`` finds a sample in ``folder`` (its walk, its extension test)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
-    return any(has_file_allowed_extension(name, IMG_EXTENSIONS)
-               for _, _, names in os.walk(folder, followlinks=True) for name in names)
+
+    return any(
+        has_file_allowed_extension(name, IMG_EXTENSIONS)
+        for _, _, names in os.walk(folder, followlinks=True)
+        for name in names
+    )
 
 
 def _read_templates(path):
     data = load_json(path, "templates JSON")
     templates = data.get("imagenet1k") if isinstance(data, dict) else None
     if not (isinstance(templates, list) and templates and all(isinstance(t, str) and "{c}" in t for t in templates)):
-        raise InputError(f"{path}: expected {{\"imagenet1k\": [\"a photo of a {{c}}.\", ...]}}")
+        raise InputError(f'{path}: expected {{"imagenet1k": ["a photo of a {{c}}.", ...]}}')
     return templates
 
 
@@ -113,7 +125,9 @@ def check_coco_root(root, annotation_file=None, split=COCO_DEFAULT_SPLIT):
         raise InputError(f"{images}: COCO image folder not found (split {split} reads images from <root>/{folder})")
     annotations = annotation_file or os.path.join(root, default_annotations)
     data = load_json(annotations, "COCO captions")
-    if not (isinstance(data, dict) and isinstance(data.get("images"), list) and isinstance(data.get("annotations"), list)):
+    if not (
+        isinstance(data, dict) and isinstance(data.get("images"), list) and isinstance(data.get("annotations"), list)
+    ):
         raise InputError(f"{annotations}: expected COCO captions format with 'images' and 'annotations' lists")
     if not data["images"] or not data["annotations"]:
         raise InputError(f"{annotations}: no images or no captions")
@@ -121,14 +135,20 @@ def check_coco_root(root, annotation_file=None, split=COCO_DEFAULT_SPLIT):
         path = os.path.join(images, str(image.get("file_name")))
         if not os.path.isfile(path):
             raise InputError(f"{path}: image file not found (listed in {annotations})")
-    return {"root": os.path.abspath(root), "split": split, "images": os.path.abspath(images),
-            "annotations": os.path.abspath(annotations),
-            "num_images": len(data["images"]), "num_captions": len(data["annotations"])}
+    return {
+        "root": os.path.abspath(root),
+        "split": split,
+        "images": os.path.abspath(images),
+        "annotations": os.path.abspath(annotations),
+        "num_images": len(data["images"]),
+        "num_captions": len(data["annotations"]),
+    }
 
 
 def _loader(builder, dataset, name, batch_size):
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0,
-                                       collate_fn=builder.get_dataset_collate_fn(name))
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=builder.get_dataset_collate_fn(name)
+    )
 
 
 def _amp(device):
@@ -138,7 +158,9 @@ def _amp(device):
 
 def _precision(model, device):
     """``precision`` of the clip_benchmark calls below: autocast (CUDA's default, float16) on CUDA only."""
-    return precision(model, device, str(torch.get_autocast_dtype("cuda")).removeprefix("torch.") if _amp(device) else None)
+    return precision(
+        model, device, str(torch.get_autocast_dtype("cuda")).removeprefix("torch.") if _amp(device) else None
+    )
 
 
 def topk_hits(logits, target, k):
@@ -163,16 +185,25 @@ def classification_scores(logits, target):
     count = torch.bincount(target, minlength=logits.shape[1]).float()
 
     def per_class_recall(hits):
-        return (torch.zeros(logits.shape[1]).index_add_(0, target, hits.float())[count > 0] / count[count > 0]).mean().item()
+        return (
+            (torch.zeros(logits.shape[1]).index_add_(0, target, hits.float())[count > 0] / count[count > 0])
+            .mean()
+            .item()
+        )
+
     top1, top1_strict = topk_hits(logits, target, 1), topk_hits_ties_wrong(logits, target, 1)
-    return {"acc1": top1.mean().item(),
-            "acc5": topk_hits(logits, target, k5).mean().item(),
-            "mean_per_class_recall": per_class_recall(top1),
-            "tie_rule": TIE_RULE,
-            "ties_wrong": {"acc1": top1_strict.float().mean().item(),
-                           "acc5": topk_hits_ties_wrong(logits, target, k5).float().mean().item(),
-                           "mean_per_class_recall": per_class_recall(top1_strict)},
-            "tied_top1_images": int(((logits == logits.max(dim=1, keepdim=True).values).sum(dim=1) > 1).sum())}
+    return {
+        "acc1": top1.mean().item(),
+        "acc5": topk_hits(logits, target, k5).mean().item(),
+        "mean_per_class_recall": per_class_recall(top1),
+        "tie_rule": TIE_RULE,
+        "ties_wrong": {
+            "acc1": top1_strict.float().mean().item(),
+            "acc5": topk_hits_ties_wrong(logits, target, k5).float().mean().item(),
+            "mean_per_class_recall": per_class_recall(top1_strict),
+        },
+        "tied_top1_images": int(((logits == logits.max(dim=1, keepdim=True).values).sum(dim=1) > 1).sum()),
+    }
 
 
 def evaluate_imagenet(model, preprocess, tokenizer, root, device="cpu", batch_size=64, templates=None):
@@ -188,19 +219,35 @@ def evaluate_imagenet(model, preprocess, tokenizer, root, device="cpu", batch_si
     inputs = check_imagenet_root(root, templates)
     builder, zeroshot_classification, _ = _clip_benchmark()
     model.eval()
-    dataset = builder.build_dataset("imagenet1k", root=root, transform=preprocess, split="test", download=False,
-                                    task="zeroshot_classification", custom_template_file=templates)
+    dataset = builder.build_dataset(
+        "imagenet1k",
+        root=root,
+        transform=preprocess,
+        split="test",
+        download=False,
+        task="zeroshot_classification",
+        custom_template_file=templates,
+    )
     classifier = zeroshot_classification.zero_shot_classifier(
-        model, tokenizer, dataset.classes, dataset.templates, device, amp=_amp(device))
+        model, tokenizer, dataset.classes, dataset.templates, device, amp=_amp(device)
+    )
     logits, target = zeroshot_classification.run_classification(
-        model, classifier, _loader(builder, dataset, "imagenet1k", batch_size), device, amp=_amp(device))
-    return {"task": "zeroshot_imagenet", **inputs, "num_images": len(dataset),
-            "num_templates": len(dataset.templates), "templates": os.path.abspath(templates) if templates else None,
-            **classification_scores(logits, target), "precision": _precision(model, device)}
+        model, classifier, _loader(builder, dataset, "imagenet1k", batch_size), device, amp=_amp(device)
+    )
+    return {
+        "task": "zeroshot_imagenet",
+        **inputs,
+        "num_images": len(dataset),
+        "num_templates": len(dataset.templates),
+        "templates": os.path.abspath(templates) if templates else None,
+        **classification_scores(logits, target),
+        "precision": _precision(model, device),
+    }
 
 
-def evaluate_coco(model, preprocess, tokenizer, root, device="cpu", batch_size=64, annotation_file=None,
-                  split=COCO_DEFAULT_SPLIT):
+def evaluate_coco(
+    model, preprocess, tokenizer, root, device="cpu", batch_size=64, annotation_file=None, split=COCO_DEFAULT_SPLIT
+):
     """COCO retrieval on ``split`` (``COCO_SPLITS``) of ``root``: recall@1/5/10 both ways, straight from
     clip_benchmark's ``zeroshot_retrieval.evaluate``; a warning when the counts are not the split's."""
     from torchvision.datasets import CocoCaptions
@@ -214,12 +261,24 @@ def evaluate_coco(model, preprocess, tokenizer, root, device="cpu", batch_size=6
     # torch.topk needs k <= the number of images (tiny test sets); COCO's 5k images allow all three.
     recall_ks = [k for k in (1, 5, 10) if k <= inputs["num_images"]]
     metrics = zeroshot_retrieval.evaluate(
-        model, _loader(builder, dataset, "mscoco_captions", batch_size), tokenizer, device=device,
-        amp=_amp(device), recall_k_list=recall_ks)
-    result = {"task": "coco_retrieval", **inputs, **{k: float(v) for k, v in metrics.items()},
-              "precision": _precision(model, device)}
+        model,
+        _loader(builder, dataset, "mscoco_captions", batch_size),
+        tokenizer,
+        device=device,
+        amp=_amp(device),
+        recall_k_list=recall_ks,
+    )
+    result = {
+        "task": "coco_retrieval",
+        **inputs,
+        **{k: float(v) for k, v in metrics.items()},
+        "precision": _precision(model, device),
+    }
     _, _, images, captions = COCO_SPLITS[split]
     if (inputs["num_images"], inputs["num_captions"]) != (images, captions):
-        warn(result, f"{inputs['annotations']}: {inputs['num_images']} images / {inputs['num_captions']} captions; "
-                     f"COCO {split} has {images} / {captions}")
+        warn(
+            result,
+            f"{inputs['annotations']}: {inputs['num_images']} images / {inputs['num_captions']} captions; "
+            f"COCO {split} has {images} / {captions}",
+        )
     return result

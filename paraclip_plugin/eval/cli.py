@@ -4,6 +4,7 @@ Each task adds a subparser with ``_add_<task>`` and sets ``run`` to a function o
 that returns an exit code. User errors (``InputError``) print one line and exit with status 2, like
 argparse's own usage errors; anything else is a bug and keeps its traceback.
 """
+
 import argparse
 import json
 import os
@@ -28,11 +29,16 @@ def positive_int(text):
 def _add_model_arguments(parser, model_required=True):
     """Options every task needs to load one open_clip model."""
     parser.add_argument("--model", required=model_required, help="open_clip model name, e.g. ViT-B-32 or paraclip-tiny")
-    parser.add_argument("--pretrained", default=None,
-                        help="checkpoint file (open_clip_train's epoch_N.pt works) or open_clip tag; "
-                             "omitted: random initialisation")
-    parser.add_argument("--model-config", default=None,
-                        help="model config JSON registered with open_clip.add_model_config before loading")
+    parser.add_argument(
+        "--pretrained",
+        default=None,
+        help="checkpoint file (open_clip_train's epoch_N.pt works) or open_clip tag; omitted: random initialisation",
+    )
+    parser.add_argument(
+        "--model-config",
+        default=None,
+        help="model config JSON registered with open_clip.add_model_config before loading",
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
@@ -47,28 +53,44 @@ def _add_paraphrased_retrieval(subparsers):
         "paraphrased-retrieval",
         help="AO@k / JS@k between rankings of queries and their paraphrases, and recall@1/5/10",
         description="Gallery: with --gallery DIR every image file in DIR (the paper: all 5,000 images of "
-                    "COCO's val2017/); with --images DIR only the distinct images the pairs name: fewer "
-                    "distractors, so the scores differ from the paper's protocol. The result records 'gallery' and its size "
-                    "'num_images'.")
+        "COCO's val2017/); with --images DIR only the distinct images the pairs name: fewer "
+        "distractors, so the scores differ from the paper's protocol. The result records 'gallery' and its size "
+        "'num_images'.",
+    )
     _add_model_arguments(parser)
     _add_output_file(parser)
-    parser.add_argument("--pairs", required=True,
-                        help="JSON lines with 'query', 'paraphrase' and gold 'image' (file name in the folder)")
+    parser.add_argument(
+        "--pairs",
+        required=True,
+        help="JSON lines with 'query', 'paraphrase' and gold 'image' (file name in the folder)",
+    )
     folder = parser.add_mutually_exclusive_group(required=True)
-    folder.add_argument("--gallery", metavar="DIR",
-                        help="folder whose every image is a candidate, e.g. COCO val2017/ (the paper's protocol); "
-                             "the pairs' images must be in it")
-    folder.add_argument("--images", metavar="DIR",
-                        help="folder holding the pairs' images; only those images are candidates")
+    folder.add_argument(
+        "--gallery",
+        metavar="DIR",
+        help="folder whose every image is a candidate, e.g. COCO val2017/ (the paper's protocol); "
+        "the pairs' images must be in it",
+    )
+    folder.add_argument(
+        "--images", metavar="DIR", help="folder holding the pairs' images; only those images are candidates"
+    )
     parser.add_argument("--k", type=positive_int, default=10, help="depth of AO@k and JS@k (default 10)")
     parser.set_defaults(run=_run_paraphrased_retrieval)
 
 
 def _run_paraphrased_retrieval(args):
     result = evaluate_checkpoint(
-        args.model, args.pretrained, args.pairs, args.gallery or args.images, k=args.k,
-        model_config=args.model_config, device=args.device, batch_size=args.batch_size, progress=args.progress,
-        whole_folder=args.gallery is not None)
+        args.model,
+        args.pretrained,
+        args.pairs,
+        args.gallery or args.images,
+        k=args.k,
+        model_config=args.model_config,
+        device=args.device,
+        batch_size=args.batch_size,
+        progress=args.progress,
+        whole_folder=args.gallery is not None,
+    )
     _emit(result, args.output)
     return 0
 
@@ -85,10 +107,13 @@ def _run_on_model(args, evaluate):
 
 def _add_aro(subparsers, task, what):
     from .aro import ANNOTATION_FILES
+
     parser = subparsers.add_parser(
-        task, help=f"ARO {what}: accuracy and ARO's macro accuracy (true caption vs swapped caption)",
+        task,
+        help=f"ARO {what}: accuracy and ARO's macro accuracy (true caption vs swapped caption)",
         description=f"Reads ARO's {ANNOTATION_FILES[task]} and image folder; each image is cropped to its "
-                    "box as ARO does. Correct = true caption's cosine strictly higher than the false one's.")
+        "box as ARO does. Correct = true caption's cosine strictly higher than the false one's.",
+    )
     _add_model_arguments(parser)
     _add_output_file(parser)
     parser.add_argument("--annotations", required=True, help=f"ARO's {ANNOTATION_FILES[task]}")
@@ -98,105 +123,172 @@ def _add_aro(subparsers, task, what):
 
 def _run_aro(args):
     from .aro import evaluate_aro, read_cases
+
     cases = read_cases(args.task, args.annotations, args.images)
-    return _run_on_model(args, lambda model, preprocess, tokenizer, device: evaluate_aro(
-        model, preprocess, tokenizer, args.task, cases, device, args.batch_size, args.progress))
+    return _run_on_model(
+        args,
+        lambda model, preprocess, tokenizer, device: evaluate_aro(
+            model, preprocess, tokenizer, args.task, cases, device, args.batch_size, args.progress
+        ),
+    )
 
 
 def _add_sts(subparsers):
     from .sts import TASKS, __doc__ as layouts
+
     parser = subparsers.add_parser(
-        "sts", help="STS12-16, STS-B, SICK-R test sets: Spearman of text-embedding cosines ('all'), macro average",
-        description=layouts, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "sts",
+        help="STS12-16, STS-B, SICK-R test sets: Spearman of text-embedding cosines ('all'), macro average",
+        description=layouts,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_model_arguments(parser)
     _add_output_file(parser)
-    parser.add_argument("--folder", required=True,
-                        help="SentEval's data/downstream folder (STS/, SICK/), or a folder of the per-task files above")
-    parser.add_argument("--sts-tasks", nargs="+", default=None, choices=list(TASKS), metavar="TASK",
-                        help=f"subset of tasks (default: all of {', '.join(TASKS)})")
+    parser.add_argument(
+        "--folder",
+        required=True,
+        help="SentEval's data/downstream folder (STS/, SICK/), or a folder of the per-task files above",
+    )
+    parser.add_argument(
+        "--sts-tasks",
+        nargs="+",
+        default=None,
+        choices=list(TASKS),
+        metavar="TASK",
+        help=f"subset of tasks (default: all of {', '.join(TASKS)})",
+    )
     parser.set_defaults(run=_run_sts)
 
 
 def _run_sts(args):
     from .sts import evaluate_sts, read_tasks
+
     tasks = read_tasks(args.folder, args.sts_tasks)
-    return _run_on_model(args, lambda model, _, tokenizer, device: evaluate_sts(
-        model, tokenizer, tasks, device, args.progress))
+    return _run_on_model(
+        args, lambda model, _, tokenizer, device: evaluate_sts(model, tokenizer, tasks, device, args.progress)
+    )
 
 
 def _add_imagenet(subparsers):
     parser = subparsers.add_parser(
-        "zeroshot-imagenet", help="zero-shot ImageNet-1k top-1/top-5 through clip_benchmark",
+        "zeroshot-imagenet",
+        help="zero-shot ImageNet-1k top-1/top-5 through clip_benchmark",
         description="ROOT: meta.bin (or ILSVRC2012_devkit_t12.tar.gz) and val/<wnid>/ with all 1000 wnid "
-                    "folders, each with at least one image, as torchvision's ImageNet reads it. Nothing is downloaded.")
+        "folders, each with at least one image, as torchvision's ImageNet reads it. Nothing is downloaded.",
+    )
     _add_model_arguments(parser)
     _add_output_file(parser)
     parser.add_argument("--root", required=True, help="ImageNet folder")
-    parser.add_argument("--templates", default=None,
-                        help='JSON {"imagenet1k": ["a photo of a {c}.", ...]} replacing clip_benchmark\'s 80 prompts')
+    parser.add_argument(
+        "--templates",
+        default=None,
+        help='JSON {"imagenet1k": ["a photo of a {c}.", ...]} replacing clip_benchmark\'s 80 prompts',
+    )
     parser.set_defaults(run=_run_imagenet)
 
 
 def _run_imagenet(args):
     require_extra(PROG, "zeroshot-imagenet", "eval")
     from .benchmark import check_imagenet_root, evaluate_imagenet
+
     check_imagenet_root(args.root, args.templates)
-    return _run_on_model(args, lambda model, preprocess, tokenizer, device: evaluate_imagenet(
-        model, preprocess, tokenizer, args.root, device, args.batch_size, args.templates))
+    return _run_on_model(
+        args,
+        lambda model, preprocess, tokenizer, device: evaluate_imagenet(
+            model, preprocess, tokenizer, args.root, device, args.batch_size, args.templates
+        ),
+    )
 
 
 def _add_coco_split(parser):
     from .benchmark import COCO_DEFAULT_SPLIT, COCO_SPLITS
-    parser.add_argument("--coco-split", choices=list(COCO_SPLITS), default=COCO_DEFAULT_SPLIT,
-                        help="karpathy-test: val2014/ + coco_test_karpathy.json (5,000 images, 25,010 captions); "
-                             "val2017: val2017/ + annotations/captions_val2017.json (5,000 images, 25,014 "
-                             f"captions), as COCO's zips unpack (default {COCO_DEFAULT_SPLIT})")
+
+    parser.add_argument(
+        "--coco-split",
+        choices=list(COCO_SPLITS),
+        default=COCO_DEFAULT_SPLIT,
+        help="karpathy-test: val2014/ + coco_test_karpathy.json (5,000 images, 25,010 captions); "
+        "val2017: val2017/ + annotations/captions_val2017.json (5,000 images, 25,014 "
+        f"captions), as COCO's zips unpack (default {COCO_DEFAULT_SPLIT})",
+    )
 
 
 def _add_coco(subparsers):
     parser = subparsers.add_parser(
-        "coco-retrieval", help="COCO image->text and text->image recall@1/5/10 through clip_benchmark",
+        "coco-retrieval",
+        help="COCO image->text and text->image recall@1/5/10 through clip_benchmark",
         description="ROOT holds the --coco-split's image folder and captions JSON (COCO captions format). "
-                    "The split is recorded in the result. Nothing is downloaded.")
+        "The split is recorded in the result. Nothing is downloaded.",
+    )
     _add_model_arguments(parser)
     _add_output_file(parser)
     parser.add_argument("--root", required=True, help="COCO folder")
     _add_coco_split(parser)
-    parser.add_argument("--annotations", default=None,
-                        help="captions JSON replacing the split's default file; images are read from the split's folder")
+    parser.add_argument(
+        "--annotations",
+        default=None,
+        help="captions JSON replacing the split's default file; images are read from the split's folder",
+    )
     parser.set_defaults(run=_run_coco)
 
 
 def _run_coco(args):
     require_extra(PROG, "coco-retrieval", "eval")
     from .benchmark import check_coco_root, evaluate_coco
+
     check_coco_root(args.root, args.annotations, args.coco_split)
-    return _run_on_model(args, lambda model, preprocess, tokenizer, device: evaluate_coco(
-        model, preprocess, tokenizer, args.root, device, args.batch_size, args.annotations, args.coco_split))
+    return _run_on_model(
+        args,
+        lambda model, preprocess, tokenizer, device: evaluate_coco(
+            model, preprocess, tokenizer, args.root, device, args.batch_size, args.annotations, args.coco_split
+        ),
+    )
 
 
 def _add_table1(subparsers):
     from .table1 import TASKS, __doc__ as layout
+
     parser = subparsers.add_parser(
-        "table1", help="every task on one model: table1.json + table1.md (the paper's Table 1 layout)",
-        description=layout, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "table1",
+        help="every task on one model: table1.json + table1.md (the paper's Table 1 layout)",
+        description=layout,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_model_arguments(parser, model_required=False)
     parser.add_argument("--data-root", default=None, help="folder with one sub-folder per benchmark (above)")
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, metavar="TASK",
-                        help=f"tasks to run (default: all of {', '.join(TASKS)})")
-    parser.add_argument("--output", default="table1-output",
-                        help="folder for table1.json and table1.md, and tasks/<task>.json: each finished task, "
-                             "reused by a rerun on the same inputs")
-    parser.add_argument("--imagenet-templates", default=None,
-                        help="prompt JSON for zeroshot-imagenet (default: clip_benchmark's 80 OpenAI prompts)")
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        default=list(TASKS),
+        choices=TASKS,
+        metavar="TASK",
+        help=f"tasks to run (default: all of {', '.join(TASKS)})",
+    )
+    parser.add_argument(
+        "--output",
+        default="table1-output",
+        help="folder for table1.json and table1.md, and tasks/<task>.json: each finished task, "
+        "reused by a rerun on the same inputs",
+    )
+    parser.add_argument(
+        "--imagenet-templates",
+        default=None,
+        help="prompt JSON for zeroshot-imagenet (default: clip_benchmark's 80 OpenAI prompts)",
+    )
     _add_coco_split(parser)
-    parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
-                        help="print how run B differs from run A (no model is loaded)")
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("A.json", "B.json"),
+        default=None,
+        help="print how run B differs from run A (no model is loaded)",
+    )
     parser.set_defaults(run=_run_table1)
 
 
 def _run_table1(args):
     from .table1 import compare, markdown_table, read_result, run_table1
+
     if args.compare:
         a, b = (read_result(p) for p in args.compare)
         lines = compare(a, b)
@@ -207,9 +299,19 @@ def _run_table1(args):
     needing = [task for task in args.tasks if task in EVAL_EXTRA_TASKS]
     if needing:
         require_extra(PROG, f"table1's {' and '.join(needing)} (leave out with --tasks)", "eval")
-    result = run_table1(args.model, args.pretrained, args.data_root, args.tasks, args.model_config,
-                        args.device or default_device(), args.batch_size, args.progress, args.imagenet_templates,
-                        args.coco_split, keep_tasks=os.path.join(args.output, "tasks"))
+    result = run_table1(
+        args.model,
+        args.pretrained,
+        args.data_root,
+        args.tasks,
+        args.model_config,
+        args.device or default_device(),
+        args.batch_size,
+        args.progress,
+        args.imagenet_templates,
+        args.coco_split,
+        keep_tasks=os.path.join(args.output, "tasks"),
+    )
     table = markdown_table(result)
     sys.stdout.write(table)  # first: a failed write below loses no result
     sys.stdout.flush()

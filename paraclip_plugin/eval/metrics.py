@@ -11,6 +11,7 @@ score 1.0, and a gallery smaller than ``k`` (where ``torch.topk`` can return onl
 ids) is scored the same way by the per-list and the score-matrix functions. Ids within one list
 must be distinct (a ranking never repeats an image); the set algebra below relies on it.
 """
+
 import torch
 
 

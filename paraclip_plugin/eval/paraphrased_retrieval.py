@@ -17,6 +17,7 @@ Images are embedded once, texts in batches; the result holds AO@k and JS@k betwe
 the paraphrase's rankings (metrics.py) and recall@1/5/10 of the gold image for both kinds of query.
 All scores are fractions in [0, 1].
 """
+
 import json
 import os
 import sys
@@ -48,7 +49,9 @@ def read_text(path, what):
     except OSError as e:
         raise InputError(f"{path}: cannot read {what}: {e.strerror}") from None
     except NotUTF8 as e:
-        raise InputError(f"{path}:{e.line}: not UTF-8 ({e.reason} at byte {e.offset}); the {what} must be UTF-8") from None
+        raise InputError(
+            f"{path}:{e.line}: not UTF-8 ({e.reason} at byte {e.offset}); the {what} must be UTF-8"
+        ) from None
 
 
 def text_lines(path, what):
@@ -112,8 +115,11 @@ def folder_images(folder):
         raise InputError(f"{folder}: gallery folder not found")
     readable = {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
     with os.scandir(folder) as entries:
-        names = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_file()
-                       and os.path.splitext(e.name)[1].lower() in readable)
+        names = sorted(
+            e.name
+            for e in entries
+            if not e.name.startswith(".") and e.is_file() and os.path.splitext(e.name)[1].lower() in readable
+        )
     if not names:
         raise InputError(f"{folder}: no image files in the gallery folder")
     return names
@@ -133,7 +139,8 @@ def build_gallery(pairs, images_dir, pairs_path="pairs", whole_folder=False):
         if (name not in present) if whole_folder else not os.path.isfile(os.path.join(images_dir, name)):
             where = " in the gallery folder" if whole_folder else ""
             raise InputError(
-                f"{os.path.join(images_dir, name)}: image file not found{where} (referenced by {pairs_path}:{line})")
+                f"{os.path.join(images_dir, name)}: image file not found{where} (referenced by {pairs_path}:{line})"
+            )
     names = sorted(present) if whole_folder else sorted(first_reference)
     index = {name: i for i, name in enumerate(names)}
     gold = torch.tensor([index[pair.image] for pair in pairs])
@@ -150,7 +157,7 @@ def _load_image(path):
 
 def _batches(items, batch_size):
     for start in range(0, len(items), batch_size):
-        yield items[start:start + batch_size]
+        yield items[start : start + batch_size]
 
 
 @torch.no_grad()
@@ -207,24 +214,45 @@ def summarize(query_scores, paraphrase_scores, gold, k=10, gallery="pairs"):
 
 
 def evaluate_paraphrased_retrieval(
-        model, preprocess, tokenizer, pairs, images_dir, k=10, device="cpu", batch_size=64,
-        pairs_path="pairs", progress=False, whole_folder=False):
+    model,
+    preprocess,
+    tokenizer,
+    pairs,
+    images_dir,
+    k=10,
+    device="cpu",
+    batch_size=64,
+    pairs_path="pairs",
+    progress=False,
+    whole_folder=False,
+):
     """Score a loaded open_clip model on ``pairs`` (from ``read_pairs``); returns ``summarize``'s dict.
     ``whole_folder``: every image in ``images_dir`` is a candidate (``build_gallery``)."""
     names, gold = build_gallery(pairs, images_dir, pairs_path, whole_folder)
     model.eval()
     image_features = embed_images(
-        model, preprocess, [os.path.join(images_dir, n) for n in names], device, batch_size, progress)
+        model, preprocess, [os.path.join(images_dir, n) for n in names], device, batch_size, progress
+    )
     query_features = embed_texts(model, tokenizer, [p.query for p in pairs], device, progress=progress)
     paraphrase_features = embed_texts(model, tokenizer, [p.paraphrase for p in pairs], device, progress=progress)
-    result = summarize(query_features @ image_features.T, paraphrase_features @ image_features.T, gold, k,
-                       "folder" if whole_folder else "pairs")
+    result = summarize(
+        query_features @ image_features.T,
+        paraphrase_features @ image_features.T,
+        gold,
+        k,
+        "folder" if whole_folder else "pairs",
+    )
     result.update(gallery_dir=os.path.abspath(images_dir), precision=precision(model, device))
     if not whole_folder:
-        warn(result, f"gallery = the {len(names)} images the pairs name, not a whole folder; the paper ranks "
-                     f"all {PAPER_GALLERY_SIZE} COCO val2017 images (--gallery DIR)")
+        warn(
+            result,
+            f"gallery = the {len(names)} images the pairs name, not a whole folder; the paper ranks "
+            f"all {PAPER_GALLERY_SIZE} COCO val2017 images (--gallery DIR)",
+        )
     elif len(names) != PAPER_GALLERY_SIZE:
-        warn(result, f"gallery {images_dir} has {len(names)} images; the paper's (COCO val2017) has {PAPER_GALLERY_SIZE}")
+        warn(
+            result, f"gallery {images_dir} has {len(names)} images; the paper's (COCO val2017) has {PAPER_GALLERY_SIZE}"
+        )
     if len(pairs) != PAPER_PAIRS:
         warn(result, f"{pairs_path} holds {len(pairs)} pairs; the paper's set (Cheng et al.) has {PAPER_PAIRS}")
     return result
@@ -239,8 +267,11 @@ def precision(model, device, autocast=None):
     no autocast), plus, on CUDA, whether TF32 was allowed. Exact score ties, which some tasks count as
     wrong, are far more frequent in float16 than in float32."""
     weight = next(iter(model.parameters()), None)
-    record = {"device": str(device), "weights": str(weight.dtype).removeprefix("torch.") if weight is not None else None,
-              "autocast": autocast}
+    record = {
+        "device": str(device),
+        "weights": str(weight.dtype).removeprefix("torch.") if weight is not None else None,
+        "autocast": autocast,
+    }
     if str(device).startswith("cuda"):
         record.update(tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32)
     return record
@@ -261,7 +292,11 @@ def load_model(model_name, pretrained=None, model_config=None, device="cpu"):
         open_clip.add_model_config(model_config)
     if model_name not in open_clip.list_models() and ":" not in model_name:
         raise InputError(f"unknown model '{model_name}' (pass its config JSON with --model-config)")
-    if pretrained and not os.path.isfile(pretrained) and pretrained not in open_clip.list_pretrained_tags_by_model(model_name):
+    if (
+        pretrained
+        and not os.path.isfile(pretrained)
+        and pretrained not in open_clip.list_pretrained_tags_by_model(model_name)
+    ):
         raise InputError(f"{pretrained}: checkpoint file not found (and not an open_clip tag for {model_name})")
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
@@ -272,14 +307,24 @@ def load_model(model_name, pretrained=None, model_config=None, device="cpu"):
 
 
 def evaluate_checkpoint(
-        model_name, pretrained, pairs_path, images_dir, k=10, model_config=None, device=None,
-        batch_size=64, progress=False, whole_folder=False):
+    model_name,
+    pretrained,
+    pairs_path,
+    images_dir,
+    k=10,
+    model_config=None,
+    device=None,
+    batch_size=64,
+    progress=False,
+    whole_folder=False,
+):
     """Load a model and evaluate it on a pairs file: the one call the demo and the CLI make."""
     device = device or default_device()
     pairs = read_pairs(pairs_path)
     build_gallery(pairs, images_dir, pairs_path, whole_folder)  # fail on a missing image before loading the model
     model, preprocess, tokenizer = load_model(model_name, pretrained, model_config, device)
     result = evaluate_paraphrased_retrieval(
-        model, preprocess, tokenizer, pairs, images_dir, k, device, batch_size, pairs_path, progress, whole_folder)
+        model, preprocess, tokenizer, pairs, images_dir, k, device, batch_size, pairs_path, progress, whole_folder
+    )
     result.update(model=model_name, pretrained=pretrained)
     return result

@@ -26,6 +26,7 @@ The model's score for a pair is the cosine of its two L2-normalised text embeddi
 (the "all" aggregation: STS12-16's subsets are pooled, not averaged); the macro average is the mean
 over the tasks. Correlations are in [-1, 1].
 """
+
 import csv
 import io
 import math
@@ -48,8 +49,15 @@ SENTEVAL_SUBSETS = {
     "sts16": ("STS16-en-test", ("answer-answer", "headlines", "plagiarism", "postediting", "question-question")),
 }
 # Scored test pairs SentEval evaluates per task.
-SENTEVAL_TEST_SIZES = {"sts12": 3108, "sts13": 1500, "sts14": 3750, "sts15": 3000, "sts16": 1186,
-                       "stsb": 1379, "sickr": 4927}
+SENTEVAL_TEST_SIZES = {
+    "sts12": 3108,
+    "sts13": 1500,
+    "sts14": 3750,
+    "sts15": 3000,
+    "sts16": 1186,
+    "stsb": 1379,
+    "sickr": 4927,
+}
 TSV_COLUMNS = ("sentence1", "sentence2", "score")
 SICK_COLUMNS = ("sentence_A", "sentence_B", "relatedness_score")
 STSB_FIELDS = 7  # genre, file, year, id, score, sentence1, sentence2
@@ -58,12 +66,12 @@ STSB_FIELDS = 7  # genre, file, year, id, score, sentence1, sentence2
 @dataclass(frozen=True)
 class StsTask:
     name: str
-    path: str       # the file, or SentEval's folder for STS12-16
-    layout: str     # "senteval-sts", "stsb-csv", "sick", "tsv"
-    first: list     # sentence1 per pair
-    second: list    # sentence2 per pair
-    gold: list      # gold score per pair
-    skipped: int    # pairs without a gold score
+    path: str  # the file, or SentEval's folder for STS12-16
+    layout: str  # "senteval-sts", "stsb-csv", "sick", "tsv"
+    first: list  # sentence1 per pair
+    second: list  # sentence2 per pair
+    gold: list  # gold score per pair
+    skipped: int  # pairs without a gold score
     other_splits: int = 0  # rows of a non-test split left out
 
     def warning(self):
@@ -123,8 +131,10 @@ def read_senteval_sts(name, folder):
         scores = os.path.join(folder, f"STS.gs.{subset}.txt")
         sentences, gold = _lines(inputs, "STS input file"), _lines(scores, "STS gold file")
         if len(sentences) != len(gold):
-            raise InputError(f"{scores}: {len(gold)} lines but {inputs} has {len(sentences)} "
-                             "(one gold line per pair; empty = unscored)")
+            raise InputError(
+                f"{scores}: {len(gold)} lines but {inputs} has {len(sentences)} "
+                "(one gold line per pair; empty = unscored)"
+            )
         for number, (line, score) in enumerate(zip(sentences, gold), start=1):
             fields = line.split("\t")
             if len(fields) < 2:
@@ -142,8 +152,10 @@ def read_stsb_csv(name, path):
             continue
         fields = line.strip().split("\t")
         if len(fields) < STSB_FIELDS:
-            raise InputError(f"{path}:{number}: {len(fields)} tab-separated fields, expected at least {STSB_FIELDS} "
-                             "(genre, file, year, id, score, sentence1, sentence2)")
+            raise InputError(
+                f"{path}:{number}: {len(fields)} tab-separated fields, expected at least {STSB_FIELDS} "
+                "(genre, file, year, id, score, sentence1, sentence2)"
+            )
         if not fields[4].strip():
             raise InputError(f"{path}:{number}: empty score (every STS-B pair is scored)")
         pairs.add(fields[5], fields[6], fields[4], f"{path}:{number}")
@@ -154,13 +166,16 @@ def _read_table(name, path, columns, layout, split_column, test_value):
     """A tab-separated file with a header: ``columns`` are (sentence, sentence, score); rows whose
     ``split_column`` (when the header has it) is not ``test_value`` are left out and counted."""
     pairs = _Pairs()
-    reader = csv.DictReader(io.StringIO(read_text(path, "STS file"), newline=""), delimiter="\t",
-                            quoting=csv.QUOTE_NONE)
+    reader = csv.DictReader(
+        io.StringIO(read_text(path, "STS file"), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE
+    )
     header = reader.fieldnames or []
     missing = [c for c in columns if c not in header]
     if missing:
-        raise InputError(f"{path}: missing column(s) {', '.join(missing)} in the header "
-                         f"(found: {', '.join(header) or 'nothing'}; the file must be tab-separated)")
+        raise InputError(
+            f"{path}: missing column(s) {', '.join(missing)} in the header "
+            f"(found: {', '.join(header) or 'nothing'}; the file must be tab-separated)"
+        )
     for row in reader:
         where = f"{path}:{reader.line_num}"
         if any(row.get(c) is None for c in columns):
@@ -193,10 +208,16 @@ def candidates(folder, name):
     elif name == "stsb":
         native = [os.path.join("STSBenchmark", "sts-test.csv")]
     else:
-        return [os.path.join(folder, "SICK", "SICK_test_annotated.txt"), os.path.join(folder, "SICK", "SICK.txt"),
-                os.path.join(folder, "sickr.tsv")]
-    return ([os.path.join(folder, p) for p in native] + [os.path.join(folder, "STS", p) for p in native]
-            + [os.path.join(folder, f"{name}.tsv")])
+        return [
+            os.path.join(folder, "SICK", "SICK_test_annotated.txt"),
+            os.path.join(folder, "SICK", "SICK.txt"),
+            os.path.join(folder, "sickr.tsv"),
+        ]
+    return (
+        [os.path.join(folder, p) for p in native]
+        + [os.path.join(folder, "STS", p) for p in native]
+        + [os.path.join(folder, f"{name}.tsv")]
+    )
 
 
 def locate(folder, name):
@@ -221,8 +242,11 @@ def read_tasks(folder, names=None, stream=None):
     stream = stream or sys.stderr
     for task in tasks:
         left_out = f", {task.other_splits} rows of other splits left out" if task.other_splits else ""
-        print(f"{PROG}: {task.name}: {len(task.gold)} scored test pairs ({task.skipped} unscored skipped{left_out}) "
-              f"from {task.path}", file=stream)
+        print(
+            f"{PROG}: {task.name}: {len(task.gold)} scored test pairs ({task.skipped} unscored skipped{left_out}) "
+            f"from {task.path}",
+            file=stream,
+        )
         if task.warning():
             print(f"{PROG}: warning: {task.warning()}", file=stream)
     return tasks

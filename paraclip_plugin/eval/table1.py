@@ -39,6 +39,7 @@ image is read). A rerun whose task inputs are all the same takes the result from
 it again, so a run stopped in its last task loses only that task; a task whose files changed is computed
 again. An image rewritten in place with the same size and mtime is not noticed.
 """
+
 import hashlib
 import json
 import os
@@ -50,7 +51,14 @@ from paraclip_plugin.shards import atomic_write_text
 
 from .aro import ANNOTATION_FILES, evaluate_aro, read_cases
 from .benchmark import COCO_DEFAULT_SPLIT, check_coco_root, check_imagenet_root, evaluate_coco, evaluate_imagenet
-from .paraphrased_retrieval import InputError, load_json, build_gallery, evaluate_paraphrased_retrieval, load_model, read_pairs
+from .paraphrased_retrieval import (
+    InputError,
+    load_json,
+    build_gallery,
+    evaluate_paraphrased_retrieval,
+    load_model,
+    read_pairs,
+)
 from .sts import evaluate_sts, read_tasks
 
 TASKS = ("paraphrased-retrieval", "vg-relation", "vg-attribution", "sts", "zeroshot-imagenet", "coco-retrieval")
@@ -78,13 +86,18 @@ def task_paths(data_root):
     aro, retrieval = os.path.join(data_root, "aro"), os.path.join(data_root, "paraphrased_retrieval")
     gallery = os.path.join(retrieval, "val2017")
     return {
-        "paraphrased-retrieval": {"pairs": os.path.join(retrieval, "pairs.jsonl"),
-                                  **({"gallery": gallery} if os.path.isdir(gallery)
-                                     else {"images": os.path.join(retrieval, "images")})},
-        "vg-relation": {"annotations": os.path.join(aro, ANNOTATION_FILES["vg-relation"]),
-                        "images": os.path.join(aro, "images")},
-        "vg-attribution": {"annotations": os.path.join(aro, ANNOTATION_FILES["vg-attribution"]),
-                           "images": os.path.join(aro, "images")},
+        "paraphrased-retrieval": {
+            "pairs": os.path.join(retrieval, "pairs.jsonl"),
+            **({"gallery": gallery} if os.path.isdir(gallery) else {"images": os.path.join(retrieval, "images")}),
+        },
+        "vg-relation": {
+            "annotations": os.path.join(aro, ANNOTATION_FILES["vg-relation"]),
+            "images": os.path.join(aro, "images"),
+        },
+        "vg-attribution": {
+            "annotations": os.path.join(aro, ANNOTATION_FILES["vg-attribution"]),
+            "images": os.path.join(aro, "images"),
+        },
         "sts": {"folder": os.path.join(data_root, "sts")},
         "zeroshot-imagenet": {"root": os.path.join(data_root, "imagenet")},
         "coco-retrieval": {"root": os.path.join(data_root, "coco")},
@@ -112,12 +125,34 @@ def prepare(task, paths, imagenet_templates=None, coco_split=COCO_DEFAULT_SPLIT)
     return check_coco_root(paths["root"], split=coco_split)
 
 
-def run_task(task, paths, prepared, model, preprocess, tokenizer, device, batch_size, progress, imagenet_templates=None,
-             coco_split=COCO_DEFAULT_SPLIT):
+def run_task(
+    task,
+    paths,
+    prepared,
+    model,
+    preprocess,
+    tokenizer,
+    device,
+    batch_size,
+    progress,
+    imagenet_templates=None,
+    coco_split=COCO_DEFAULT_SPLIT,
+):
     if task == "paraphrased-retrieval":
         folder, whole_folder = _gallery(paths)
-        return evaluate_paraphrased_retrieval(model, preprocess, tokenizer, prepared, folder, 10, device,
-                                              batch_size, paths["pairs"], progress, whole_folder)
+        return evaluate_paraphrased_retrieval(
+            model,
+            preprocess,
+            tokenizer,
+            prepared,
+            folder,
+            10,
+            device,
+            batch_size,
+            paths["pairs"],
+            progress,
+            whole_folder,
+        )
     if task in ("vg-relation", "vg-attribution"):
         return evaluate_aro(model, preprocess, tokenizer, task, prepared, device, batch_size, progress)
     if task == "sts":
@@ -172,8 +207,13 @@ def fingerprint(path, contents=True, depth=64):
         return {"path": real, "sha256": sha256_of(real)}
     digest = hashlib.sha256()
     for name, stat in _files(real, depth):
-        state = (None if stat is None else sha256_of(os.path.join(real, name)) if contents
-                 else [stat.st_size, stat.st_mtime_ns])
+        state = (
+            None
+            if stat is None
+            else sha256_of(os.path.join(real, name))
+            if contents
+            else [stat.st_size, stat.st_mtime_ns]
+        )
         digest.update((json.dumps([name, state]) + "\n").encode())
     return {"path": real, "sha256": digest.hexdigest()}
 
@@ -191,9 +231,11 @@ def task_fingerprint(task, paths, prepared, imagenet_templates=None):
         root = paths["root"]
         # with the devkit, torchvision writes meta.bin from it on the first run: the devkit is what stays the same
         devkit = os.path.join(root, "ILSVRC2012_devkit_t12.tar.gz")
-        return {"meta": fingerprint(devkit if os.path.isfile(devkit) else os.path.join(root, "meta.bin")),
-                "val": fingerprint(os.path.join(root, "val"), False),  # ImageFolder walks the class folders down
-                "templates": fingerprint(imagenet_templates) if imagenet_templates else None}
+        return {
+            "meta": fingerprint(devkit if os.path.isfile(devkit) else os.path.join(root, "meta.bin")),
+            "val": fingerprint(os.path.join(root, "val"), False),  # ImageFolder walks the class folders down
+            "templates": fingerprint(imagenet_templates) if imagenet_templates else None,
+        }
     return {"annotations": fingerprint(prepared["annotations"]), "images": fingerprint(prepared["images"], False)}
 
 
@@ -204,8 +246,19 @@ def _version(package):
         return None
 
 
-def run_table1(model_name, pretrained, data_root, tasks=TASKS, model_config=None, device="cpu", batch_size=64,
-               progress=False, imagenet_templates=None, coco_split=COCO_DEFAULT_SPLIT, keep_tasks=None):
+def run_table1(
+    model_name,
+    pretrained,
+    data_root,
+    tasks=TASKS,
+    model_config=None,
+    device="cpu",
+    batch_size=64,
+    progress=False,
+    imagenet_templates=None,
+    coco_split=COCO_DEFAULT_SPLIT,
+    keep_tasks=None,
+):
     """The whole Table 1 result dict: ``inputs`` (exact model, hashes, paths, versions), ``results``
     per task (each with its counts and paths) and ``table1`` (the row's numbers, None where not run).
     With ``keep_tasks`` (a folder), each finished task is kept there and reused by a rerun on the same inputs."""
@@ -215,18 +268,24 @@ def run_table1(model_name, pretrained, data_root, tasks=TASKS, model_config=None
     if unknown or not tasks:
         raise InputError(f"unknown or no task(s) {', '.join(unknown)} (choose from {', '.join(TASKS)})")
     paths = task_paths(data_root)
-    prepared = {task: prepare(task, paths[task], imagenet_templates, coco_split) for task in tasks}  # fail before loading
+    prepared = {
+        task: prepare(task, paths[task], imagenet_templates, coco_split) for task in tasks
+    }  # fail before loading
     pretrained_file = pretrained if pretrained and os.path.isfile(pretrained) else None
     # (random init: nothing kept is reused, so nothing to compare)
-    fingerprints = {task: task_fingerprint(task, paths[task], prepared[task], imagenet_templates)
-                    for task in tasks} if pretrained else {}
+    fingerprints = (
+        {task: task_fingerprint(task, paths[task], prepared[task], imagenet_templates) for task in tasks}
+        if pretrained
+        else {}
+    )
     inputs = {
         "model": model_name,
         "pretrained": pretrained,
         "pretrained_sha256": sha256_of(pretrained_file) if pretrained_file else None,
         "model_config": os.path.abspath(model_config) if model_config else None,
         # of a config folder: every file in it (open_clip registers each JSON there)
-        "model_config_sha256": fingerprint(model_config)["sha256"] if model_config and os.path.exists(model_config)
+        "model_config_sha256": fingerprint(model_config)["sha256"]
+        if model_config and os.path.exists(model_config)
         else None,
         "data_root": os.path.abspath(data_root),
         "tasks": list(tasks),
@@ -245,20 +304,38 @@ def run_table1(model_name, pretrained, data_root, tasks=TASKS, model_config=None
         kept = _kept_task(keep_tasks, task, computed_from) if pretrained else None
         if kept is not None:
             results[task], seconds[task] = kept["result"], kept["seconds"]
-            print(f"table1: {task}: the result kept in {keep_tasks} from an earlier run on the same inputs",
-                  file=sys.stderr)
+            print(
+                f"table1: {task}: the result kept in {keep_tasks} from an earlier run on the same inputs",
+                file=sys.stderr,
+            )
             continue
         if model is None:
             model, preprocess, tokenizer = load_model(model_name, pretrained, model_config, device)
         start = time.perf_counter()
-        results[task] = run_task(task, paths[task], prepared[task], model, preprocess, tokenizer, device,
-                                 batch_size, progress, imagenet_templates, coco_split)
+        results[task] = run_task(
+            task,
+            paths[task],
+            prepared[task],
+            model,
+            preprocess,
+            tokenizer,
+            device,
+            batch_size,
+            progress,
+            imagenet_templates,
+            coco_split,
+        )
         results[task]["inputs"] = {k: os.path.abspath(v) for k, v in paths[task].items()}
         seconds[task] = round(time.perf_counter() - start, 3)
         if keep_tasks:
             os.makedirs(keep_tasks, exist_ok=True)
-            atomic_write_text(os.path.join(keep_tasks, f"{task}.json"), json.dumps(
-                {"computed_from": computed_from, "result": results[task], "seconds": seconds[task]}, indent=1) + "\n")
+            atomic_write_text(
+                os.path.join(keep_tasks, f"{task}.json"),
+                json.dumps(
+                    {"computed_from": computed_from, "result": results[task], "seconds": seconds[task]}, indent=1
+                )
+                + "\n",
+            )
     return {"inputs": inputs, "table1": table1_row(results), "results": results, "seconds": seconds}
 
 
@@ -288,7 +365,9 @@ def table1_row(results):
 def markdown_table(result):
     """Table 1's layout: header rows, the paper's OpenAI-CLIP rows for reference, then this run."""
     inputs = result["inputs"]
-    name = inputs["model"] + (f" ({os.path.basename(inputs['pretrained'])})" if inputs["pretrained"] else " (random init)")
+    name = inputs["model"] + (
+        f" ({os.path.basename(inputs['pretrained'])})" if inputs["pretrained"] else " (random init)"
+    )
     lines = [
         "| Model | Paraphrased Rtrv. AO@10 | Paraphrased Rtrv. JS@10 | VG-R Acc | VG-A Acc | STS Avg. "
         "| Clsf. Acc | T Rtrv. R@5 | I Rtrv. R@5 |",
@@ -300,10 +379,13 @@ def markdown_table(result):
     cells = ["–" if row[h] is None else f"{100 * row[h]:.1f}" for h, _, _ in COLUMNS]
     lines.append(f"| **{name}, this run** | " + " | ".join(cells) + " |")
     sha = inputs["pretrained_sha256"]
-    lines += ["", f"Checkpoint sha256: `{sha}`" if sha else "Checkpoint: none (random initialisation or open_clip tag)",
-              f"Data root: `{inputs['data_root']}`; tasks: {', '.join(inputs['tasks'])}.",
-              "Numbers x100. VG-R/VG-A: ARO's macro accuracy; STS: macro average of Spearman (\"all\"); "
-              "'–': task not run or undefined."]
+    lines += [
+        "",
+        f"Checkpoint sha256: `{sha}`" if sha else "Checkpoint: none (random initialisation or open_clip tag)",
+        f"Data root: `{inputs['data_root']}`; tasks: {', '.join(inputs['tasks'])}.",
+        'Numbers x100. VG-R/VG-A: ARO\'s macro accuracy; STS: macro average of Spearman ("all"); '
+        "'–': task not run or undefined.",
+    ]
     lines += protocol_lines(result["results"])
     return "\n".join(lines) + "\n"
 
@@ -318,9 +400,14 @@ def protocol_lines(results):
     lines = []
     retrieval = results.get("paraphrased-retrieval")
     if retrieval:
-        lines.append(f"Paraphrased retrieval: {retrieval['num_pairs']} pairs, gallery of {retrieval['num_images']} "
-                     + ("images (every image in the folder)." if retrieval["gallery"] == "folder"
-                        else "images (only those the pairs name; the paper ranks all 5,000 of COCO val2017)."))
+        lines.append(
+            f"Paraphrased retrieval: {retrieval['num_pairs']} pairs, gallery of {retrieval['num_images']} "
+            + (
+                "images (every image in the folder)."
+                if retrieval["gallery"] == "folder"
+                else "images (only those the pairs name; the paper ranks all 5,000 of COCO val2017)."
+            )
+        )
     sts = results.get("sts")
     if sts:
         lines.append("STS pairs: " + ", ".join(f"{name} {t['num_pairs']}" for name, t in sts["tasks"].items()) + ".")
@@ -334,7 +421,9 @@ def protocol_lines(results):
     for task, result in results.items():
         precisions.setdefault(_precision_text(result["precision"]), []).append(task)
     lines.append("Precision: " + "; ".join(f"{text} ({', '.join(tasks)})" for text, tasks in precisions.items()) + ".")
-    lines += [f"Warning ({task}): {message}" for task, result in results.items() for message in result.get("warnings", [])]
+    lines += [
+        f"Warning ({task}): {message}" for task, result in results.items() for message in result.get("warnings", [])
+    ]
     return [""] + [f"- {line}" for line in lines]
 
 

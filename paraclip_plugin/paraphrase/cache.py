@@ -11,6 +11,7 @@ request the service refused is not (a rerun asks again). WAL mode lets concurren
 file (on a local or POSIX-locking file system; on NFS give each job its own file, ``{job_index}``).
 Only model outputs and token counts are stored: never credentials or request headers.
 """
+
 import hashlib
 import json
 import os
@@ -75,7 +76,7 @@ class CompletionCache:
         found = {}
         inputs = list(inputs)
         for start in range(0, len(inputs), 500):  # stay under sqlite's bound-parameter limit
-            chunk = inputs[start:start + 500]
+            chunk = inputs[start : start + 500]
             marks = ",".join("?" * len(chunk))
             rows = self.db.execute(
                 f"SELECT input, output, finish_reason, prompt_tokens, completion_tokens FROM completions_v2 "
@@ -92,8 +93,18 @@ class CompletionCache:
         finish_reason = REQUEST_REJECTED if refused else completion.finish_reason
         self.db.execute(
             "INSERT OR REPLACE INTO completions_v2 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (model, prompt_version, settings_key(settings), step, input_text, attempt, output, finish_reason,
-             completion.prompt_tokens, completion.completion_tokens),
+            (
+                model,
+                prompt_version,
+                settings_key(settings),
+                step,
+                input_text,
+                attempt,
+                output,
+                finish_reason,
+                completion.prompt_tokens,
+                completion.completion_tokens,
+            ),
         )
 
     def __len__(self):

@@ -10,6 +10,7 @@ nothing). What is left is rejected with a reason name when it is empty, a
 refusal, far longer than its input, or (step 2) the same as step 1's output. Reason names are the
 keys of the run's "dropped" statistics.
 """
+
 import re
 
 EMPTY = "empty"
@@ -22,24 +23,34 @@ LENGTH = "length"  # finish_reason: the token limit cut the output off
 
 # Lead-ins are recognised by paraphrasing words, so that captions which merely start like one ("Text: ...",
 # "Version 2: ...", "Here is my dog: ...", "1. FC Köln ...", "Okay, so ...", "#1 Dad mug") stay whole.
-_PARA = (r"(?:paraphras|rephras|reword|rewrit|revis|concise|shorter|simpler|version|way to (?:say|put|phrase)|"
-         r"say it|attempt)")
+_PARA = (
+    r"(?:paraphras|rephras|reword|rewrit|revis|concise|shorter|simpler|version|way to (?:say|put|phrase)|"
+    r"say it|attempt)"
+)
 _ACK_WORDS = r"(?:sure(?: thing)?|certainly|of course|ok(?:ay)?|absolutely|no problem|great|alright|got it)"
 # an acknowledgement: stripped when it ends in "!", or when a lead-in or nothing follows it
 _ACK = re.compile(rf"{_ACK_WORDS}\s*([!.,]+)\s*", re.IGNORECASE)
-_PLEASANTRY = re.compile(r"(?:i'?d|i would|i'?m|i am|i'?ll)\s+(?:be\s+)?(?:happy|glad)\s+to\s+help(?:\s+with\s+that)?"
-                         r"\s*[!.,]*\s*", re.IGNORECASE)
+_PLEASANTRY = re.compile(
+    r"(?:i'?d|i would|i'?m|i am|i'?ll)\s+(?:be\s+)?(?:happy|glad)\s+to\s+help(?:\s+with\s+that)?"
+    r"\s*[!.,]*\s*",
+    re.IGNORECASE,
+)
 # "Here is a paraphrased version ...:", "Here you go:", "Here it is:"
-_HERE = re.compile(rf"(?:here(?:'s| is| are)\b[^:\n]{{0,80}}?{_PARA}[^:\n]{{0,100}}:|here (?:you go|it is)\s*[:!.])\s*",
-                   re.IGNORECASE)
+_HERE = re.compile(
+    rf"(?:here(?:'s| is| are)\b[^:\n]{{0,80}}?{_PARA}[^:\n]{{0,100}}:|here (?:you go|it is)\s*[:!.])\s*", re.IGNORECASE
+)
 # "Sure! Here's a concise paraphrase that avoids the original words." (the answer on the next line)
 _HERE_SENTENCE = re.compile(rf"(?:\W*\w+\W*)?here(?:'s| is| are)\b.*{_PARA}", re.IGNORECASE)
 # "Paraphrase:", "Rephrased caption:", "The paraphrased caption is:", "Paraphrased version of the caption (8 words):"
-_ADJECTIVES = r"(?:concise|shorter|simpler|reworded|rephrased|paraphrased|rewritten|revised|alternative|alternate|possible)"
-_LABEL_WORDS = (rf"(?:(?:a|the|my|one)\s+)?(?:{_ADJECTIVES}\s+)*(?:paraphrased?|paraphrasing|rephrased?|rephrasing|"
-                rf"reworded|rewording|rewrite|rewritten|revised|new\s+caption|"
-                rf"{_ADJECTIVES}\s+(?:caption|text|version|sentence|description))"
-                r"(?:\s+of\s+(?:the|this|your)\s+(?:caption|text|sentence))?(?:\s*\d+)?(?:\s*\([^)\n]{0,30}\))?(?:\s+is)?")
+_ADJECTIVES = (
+    r"(?:concise|shorter|simpler|reworded|rephrased|paraphrased|rewritten|revised|alternative|alternate|possible)"
+)
+_LABEL_WORDS = (
+    rf"(?:(?:a|the|my|one)\s+)?(?:{_ADJECTIVES}\s+)*(?:paraphrased?|paraphrasing|rephrased?|rephrasing|"
+    rf"reworded|rewording|rewrite|rewritten|revised|new\s+caption|"
+    rf"{_ADJECTIVES}\s+(?:caption|text|version|sentence|description))"
+    r"(?:\s+of\s+(?:the|this|your)\s+(?:caption|text|sentence))?(?:\s*\d+)?(?:\s*\([^)\n]{0,30}\))?(?:\s+is)?"
+)
 _LABEL = re.compile(rf"{_LABEL_WORDS}\s*(?::|\s-{{1,2}}|\s[\u2013\u2014])\s*", re.IGNORECASE)
 _HEADING = re.compile(rf"{_LABEL_WORDS}\s*:?|{_ACK_WORDS}[!.,]*", re.IGNORECASE)  # "**Paraphrase**", "Sure" alone
 _ORIGINAL = re.compile(r"(?:original|input)(?:\s+(?:caption|text|sentence))?\s*:", re.IGNORECASE)
@@ -65,7 +76,7 @@ def clean(text):
     text = _THINK.sub("", text)
     # Templates that open <think> in the prompt (Qwen3, R1 distills) leave only the closing tag.
     close = text.lower().rfind("</think>")
-    text = text[close + len("</think>"):] if close >= 0 else text
+    text = text[close + len("</think>") :] if close >= 0 else text
     lines = [_MARKDOWN.sub("", line.strip().replace("**", "")).strip() for line in text.strip().splitlines()]
     lines = [line for line in lines if line]
     listed = sum(bool(_BULLET.match(line)) for line in lines) >= 2  # a list of answers: take the first
@@ -87,7 +98,7 @@ def _strip_lead_in(line):
     rest = line
     ack = _ACK.match(rest)
     if ack:
-        after = _after(_PLEASANTRY, rest[ack.end():])
+        after = _after(_PLEASANTRY, rest[ack.end() :])
         if "!" in ack.group(1) or not after or _HERE.match(after) or _LABEL.match(after):
             rest = after
     for lead in (_PLEASANTRY, _HERE, _LABEL):
@@ -98,15 +109,19 @@ def _strip_lead_in(line):
 def _after(lead, text):
     """``text`` without ``lead`` at its start."""
     match = lead.match(text)
-    return text[match.end():] if match else text
+    return text[match.end() :] if match else text
 
 
 def _is_lead_in(line, rest):
     """Whether a line followed by others only announces the answer (they hold it)."""
-    return (not rest or bool(_HEADING.fullmatch(line)) or bool(_ORIGINAL.match(line))
-            or bool(_ACK.match(line) and _PLEASANTRY.search(line))
-            or (":" not in line and bool(_HERE_SENTENCE.match(line)))
-            or (line.endswith(":") and bool(_ANNOUNCES.search(line))))
+    return (
+        not rest
+        or bool(_HEADING.fullmatch(line))
+        or bool(_ORIGINAL.match(line))
+        or bool(_ACK.match(line) and _PLEASANTRY.search(line))
+        or (":" not in line and bool(_HERE_SENTENCE.match(line)))
+        or (line.endswith(":") and bool(_ANNOUNCES.search(line)))
+    )
 
 
 def _unquote(out):

@@ -4,6 +4,7 @@ Inputs are given as open_clip does: brace patterns (``/data/{00000..09999}.tar``
 joined with ``::``. The sorted list is dealt round-robin to ``num_jobs`` jobs, so each job gets
 an equal share whatever the numbering; SLURM array variables give the defaults.
 """
+
 import glob
 import json
 import os
@@ -42,8 +43,10 @@ def check_output_names(paths, output_name=os.path.basename):
     for path in paths:
         first = owner.setdefault(output_name(path), path)
         if first != path:
-            raise InputError(f"{first} and {path}: both inputs would be written to the output {output_name(path)!r} "
-                             "(outputs are named after inputs); rename one, or run them into different --output folders")
+            raise InputError(
+                f"{first} and {path}: both inputs would be written to the output {output_name(path)!r} "
+                "(outputs are named after inputs); rename one, or run them into different --output folders"
+            )
 
 
 def output_name(input_path):
@@ -53,7 +56,7 @@ def output_name(input_path):
     if is_caption_file(input_path):
         return os.path.splitext(name)[0] + ".jsonl"
     match = _COMPRESSED_TAR.search(name)
-    return name[:match.start()] + ".tar" if match else name
+    return name[: match.start()] + ".tar" if match else name
 
 
 def slurm_job_defaults(environ=os.environ):
@@ -68,8 +71,10 @@ def slurm_job_defaults(environ=os.environ):
     low = int(environ.get("SLURM_ARRAY_TASK_MIN", 0))
     high = int(environ.get("SLURM_ARRAY_TASK_MAX", low + count - 1))
     if high - low + 1 != count:
-        raise ValueError(f"SLURM array {low}..{high} has {count} tasks, not contiguous (a resubmission of some "
-                         "tasks?): pass --num-jobs and --job-index explicitly")
+        raise ValueError(
+            f"SLURM array {low}..{high} has {count} tasks, not contiguous (a resubmission of some "
+            "tasks?): pass --num-jobs and --job-index explicitly"
+        )
     return count, int(environ["SLURM_ARRAY_TASK_ID"]) - low
 
 
@@ -108,5 +113,6 @@ def _text_lines(path):
     try:
         return lines_of(read_utf8(path))
     except NotUTF8 as e:
-        raise InputError(f"{path}:{e.line}: not UTF-8 text: byte {e.byte:#04x} at offset {e.offset} of the file "
-                         f"({e.reason})") from None
+        raise InputError(
+            f"{path}:{e.line}: not UTF-8 text: byte {e.byte:#04x} at offset {e.offset} of the file ({e.reason})"
+        ) from None

@@ -28,6 +28,7 @@ is set, with ``paused`` set meanwhile: a test kills the client at that moment.
 
     python -m paraclip_plugin.paraphrase.local_server --port 8000 --latency 0.2
 """
+
 import argparse
 import collections
 import email.parser
@@ -59,18 +60,31 @@ FAULTS = {
     "flagged": "HTTP 400 invalid_prompt: the prompt was flagged (OpenAI's body)",
 }
 # What the real services answer (bodies as OpenAI and vLLM's OpenAI-compatible server send them).
-OPENAI_MAX_TOKENS_ERROR = {"error": {
-    "message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
-               "Use 'max_completion_tokens' instead.",
-    "type": "invalid_request_error", "param": "max_tokens", "code": "unsupported_parameter"}}
-OPENAI_FLAGGED_ERROR = {"error": {
-    "message": "Invalid prompt: your prompt was flagged as potentially violating our usage policy. Please try again "
-               "with a different prompt.",
-    "type": "invalid_request_error", "param": None, "code": "invalid_prompt"}}
+OPENAI_MAX_TOKENS_ERROR = {
+    "error": {
+        "message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+        "Use 'max_completion_tokens' instead.",
+        "type": "invalid_request_error",
+        "param": "max_tokens",
+        "code": "unsupported_parameter",
+    }
+}
+OPENAI_FLAGGED_ERROR = {
+    "error": {
+        "message": "Invalid prompt: your prompt was flagged as potentially violating our usage policy. Please try again "
+        "with a different prompt.",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "invalid_prompt",
+    }
+}
 OPENAI_TOKEN_LIMIT_ERROR = {
-    "code": "token_limit_exceeded", "line": None, "param": None,
+    "code": "token_limit_exceeded",
+    "line": None,
+    "param": None,
     "message": "Enqueued token limit reached for local-paraphraser in organization org-local. Limit: {limit} enqueued "
-               "tokens. Please try again once some in_progress batches have been completed."}
+    "tokens. Please try again once some in_progress batches have been completed.",
+}
 IN_FLIGHT = ("validating", "in_progress", "finalizing")
 
 
@@ -81,15 +95,19 @@ def not_found(what, object_id):
 
 
 VLLM_NO_TEMPLATE_ERROR = {
-    "object": "error", "type": "BadRequestError", "param": None, "code": 400,
+    "object": "error",
+    "type": "BadRequestError",
+    "param": None,
+    "code": 400,
     "message": "As of transformers v4.44, default chat template is no longer allowed, so you must provide "
-               "a chat template if the tokenizer does not define one."}
+    "a chat template if the tokenizer does not define one.",
+}
 
 
 def quoted_text(prompt):
     """The text between the first and last double quote of the prompt (the paper's prompts quote it)."""
     first, last = prompt.find('"'), prompt.rfind('"')
-    return prompt[first + 1:last] if 0 <= first < last else prompt
+    return prompt[first + 1 : last] if 0 <= first < last else prompt
 
 
 def raw_reply(prompt):
@@ -220,37 +238,57 @@ class LocalChatServer(ThreadingHTTPServer):
         odd_bodies = {
             "malformed": (b'{"id": "chatcmpl-broken", "choices": [{"index": 0, "mess', "application/json"),
             "html": (b"<html><body><h1>200 OK</h1>upstream returned nothing</body></html>", "text/html"),
-            "choices-dict": (json.dumps({"id": "chatcmpl-odd", "object": "chat.completion",
-                                         "choices": {"0": {"message": {"content": "x"}}}}).encode(),
-                             "application/json"),
+            "choices-dict": (
+                json.dumps(
+                    {"id": "chatcmpl-odd", "object": "chat.completion", "choices": {"0": {"message": {"content": "x"}}}}
+                ).encode(),
+                "application/json",
+            ),
             "bad-utf8": (b'{"id": "chatcmpl-\xff\xfe", "choices": []}', "application/json"),
         }
         if fault in odd_bodies:
             data, content_type = odd_bodies[fault]
             return 200, data, content_type, []
         content = {"refusal": REFUSAL_TEXT, "empty": "", "length": None, "content_filter": None}.get(
-            fault, raw_reply(prompt))
+            fault, raw_reply(prompt)
+        )
         if self.reasoning and content:
             content = f"<think>\nThe user wants a paraphrase of {quoted_text(prompt)!r}. Let me reword it.\n</think>\n\n{content}"
         finish_reason = fault if fault in ("length", "content_filter") else "stop"
         completion_tokens = len((content or "").split()) or (body.get("max_completion_tokens") or 0)
-        return 200, json.dumps({
-            "id": "chatcmpl-local",
-            "object": "chat.completion",
-            "created": 0,
-            "model": body.get("model", "local"),
-            "choices": [{"index": 0, "finish_reason": finish_reason,
-                         "message": {"role": "assistant", "content": content, "refusal": None}}],
-            "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": completion_tokens,
-                      "total_tokens": len(prompt.split()) + completion_tokens},
-        }).encode(), "application/json", []
+        return (
+            200,
+            json.dumps(
+                {
+                    "id": "chatcmpl-local",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": body.get("model", "local"),
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": finish_reason,
+                            "message": {"role": "assistant", "content": content, "refusal": None},
+                        }
+                    ],
+                    "usage": {
+                        "prompt_tokens": len(prompt.split()),
+                        "completion_tokens": completion_tokens,
+                        "total_tokens": len(prompt.split()) + completion_tokens,
+                    },
+                }
+            ).encode(),
+            "application/json",
+            [],
+        )
 
     # --- the Batch API: /v1/files and /v1/batches, as OpenAI's (upload, create, retrieve, output file) ---
 
     def store_upload(self, content_type, raw):
         """A multipart/form-data upload (``file``, ``purpose``), as the client sends it."""
         message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-            f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
+            f"Content-Type: {content_type}\r\n\r\n".encode() + raw
+        )
         fields = {part.get_param("name", header="content-disposition"): part for part in message.iter_parts()}
         data = fields["file"].get_payload(decode=True)
         return self._add_file(data, fields["file"].get_filename(), fields["purpose"].get_content().strip())
@@ -258,8 +296,15 @@ class LocalChatServer(ThreadingHTTPServer):
     def _add_file(self, data, filename, purpose):
         with self.lock:
             file_id = f"file-{next(self._file_ids):04d}"
-            record = {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
-                      "filename": filename, "purpose": purpose, "status": "processed"}
+            record = {
+                "id": file_id,
+                "object": "file",
+                "bytes": len(data),
+                "created_at": int(time.time()),
+                "filename": filename,
+                "purpose": purpose,
+                "status": "processed",
+            }
             self.files[file_id] = {**record, "data": data}
         return record
 
@@ -274,11 +319,21 @@ class LocalChatServer(ThreadingHTTPServer):
         with self.lock:
             batch_id = f"batch_{next(self._batch_ids):04d}"
             lines = self.files[body["input_file_id"]]["data"].decode().splitlines()
-            batch = {"id": batch_id, "object": "batch", "endpoint": body["endpoint"], "errors": None,
-                     "input_file_id": body["input_file_id"], "completion_window": body["completion_window"],
-                     "status": "validating", "output_file_id": None, "error_file_id": None,
-                     "created_at": int(time.time()), "metadata": body.get("metadata"), "model": None,
-                     "request_counts": {"total": len(lines), "completed": 0, "failed": 0}}
+            batch = {
+                "id": batch_id,
+                "object": "batch",
+                "endpoint": body["endpoint"],
+                "errors": None,
+                "input_file_id": body["input_file_id"],
+                "completion_window": body["completion_window"],
+                "status": "validating",
+                "output_file_id": None,
+                "error_file_id": None,
+                "created_at": int(time.time()),
+                "metadata": body.get("metadata"),
+                "model": None,
+                "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
+            }
             self.batches[batch_id] = batch
             expire, self.expire_next = self.expire_next, 0
         threading.Thread(target=self._run_batch, args=(batch_id, lines, expire), daemon=True).start()
@@ -286,8 +341,9 @@ class LocalChatServer(ThreadingHTTPServer):
 
     @staticmethod
     def _tokens(lines):
-        return sum(len("\n".join(m.get("content", "") for m in json.loads(line)["body"]["messages"]).split())
-                   for line in lines)
+        return sum(
+            len("\n".join(m.get("content", "") for m in json.loads(line)["body"]["messages"]).split()) for line in lines
+        )
 
     def _over_token_limit(self, batch_id, lines):
         """The batch fails validation when the queue's enqueued tokens would pass the limit (as OpenAI's does)."""
@@ -296,10 +352,16 @@ class LocalChatServer(ThreadingHTTPServer):
         queued = sum(b.get("_tokens", 0) for i, b in self.batches.items() if i != batch_id and b["status"] in IN_FLIGHT)
         if queued + self._tokens(lines) <= self.enqueued_token_limit:
             return False
-        error = {**OPENAI_TOKEN_LIMIT_ERROR,
-                 "message": OPENAI_TOKEN_LIMIT_ERROR["message"].format(limit=self.enqueued_token_limit)}
-        self.batches[batch_id].update(status="failed", failed_at=int(time.time()), errors={"object": "list", "data": [error]},
-                                      request_counts={"total": 0, "completed": 0, "failed": 0})
+        error = {
+            **OPENAI_TOKEN_LIMIT_ERROR,
+            "message": OPENAI_TOKEN_LIMIT_ERROR["message"].format(limit=self.enqueued_token_limit),
+        }
+        self.batches[batch_id].update(
+            status="failed",
+            failed_at=int(time.time()),
+            errors={"object": "list", "data": [error]},
+            request_counts={"total": 0, "completed": 0, "failed": 0},
+        )
         return True
 
     def _run_batch(self, batch_id, lines, expire):
@@ -312,20 +374,28 @@ class LocalChatServer(ThreadingHTTPServer):
             self.batches[batch_id]["status"] = "in_progress"
         created = time.monotonic()
         # re-read: a test may shorten a running batch, or release a held one
-        while ((time.monotonic() < created + self.batch_seconds or batch_id in self.held)
-               and batch_id not in self.cancelled):
+        while (
+            time.monotonic() < created + self.batch_seconds or batch_id in self.held
+        ) and batch_id not in self.cancelled:
             time.sleep(0.01)
         cancelled = batch_id in self.cancelled
         if cancelled:
-            lines = lines[:len(lines) // 2]
+            lines = lines[: len(lines) // 2]
         out, err = [], []
         for number, line in enumerate(lines):
             request = json.loads(line)
             record = {"id": f"batch_req_{batch_id}_{number}", "custom_id": request["custom_id"]}
             if number >= len(lines) - expire:
-                err.append({**record, "response": None, "error": {
-                    "code": "batch_expired",
-                    "message": "This request could not be executed before the completion window expired."}})
+                err.append(
+                    {
+                        **record,
+                        "response": None,
+                        "error": {
+                            "code": "batch_expired",
+                            "message": "This request could not be executed before the completion window expired.",
+                        },
+                    }
+                )
                 continue
             status, data, _, _ = self.answer(request["body"])
             try:
@@ -346,8 +416,10 @@ class LocalChatServer(ThreadingHTTPServer):
                 return
             self.batches[batch_id].update(
                 status="cancelled" if cancelled else "expired" if expire else "completed",
-                output_file_id=files.get("output"), error_file_id=files.get("error"),
-                request_counts={"total": len(lines), "completed": len(out), "failed": len(err)})
+                output_file_id=files.get("output"),
+                error_file_id=files.get("error"),
+                request_counts={"total": len(lines), "completed": len(out), "failed": len(err)},
+            )
 
     def cancel(self, batch_id):
         """What ``POST /batches/{id}/cancel`` does: cancelling now, cancelled once its thread stops."""
@@ -370,11 +442,16 @@ class LocalChatServer(ThreadingHTTPServer):
         after = query.get("after", [None])[0]
         if after is not None:
             ids = [b["id"] for b in batches]
-            batches = batches[ids.index(after) + 1:] if after in ids else []
+            batches = batches[ids.index(after) + 1 :] if after in ids else []
         limit = max(1, min(100, int(query.get("limit", ["20"])[0])))
         page = batches[:limit]
-        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-                "last_id": page[-1]["id"] if page else None, "has_more": len(batches) > limit}
+        return {
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(batches) > limit,
+        }
 
     def paid_lines(self):
         """Batch lines answered (200): what the Batch API bills."""
@@ -393,10 +470,18 @@ def run_batch_file(server, in_path, out_path):
             status, data, _, _ = server.answer(request["body"])
             payload = json.loads(data)
             ok = status == 200
-            lines.append({"id": f"vllm-{number:032x}", "custom_id": request["custom_id"],
-                          "response": {"status_code": status, "request_id": f"vllm-batch-{number:032x}",
-                                       "body": payload if ok else None},
-                          "error": None if ok else {"error": {**payload.get("error", payload), "code": status}}})
+            lines.append(
+                {
+                    "id": f"vllm-{number:032x}",
+                    "custom_id": request["custom_id"],
+                    "response": {
+                        "status_code": status,
+                        "request_id": f"vllm-batch-{number:032x}",
+                        "body": payload if ok else None,
+                    },
+                    "error": None if ok else {"error": {**payload.get("error", payload), "code": status}},
+                }
+            )
     with open(out_path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in lines)
 
@@ -449,8 +534,17 @@ class _Handler(BaseHTTPRequestHandler):
                 server.retrieve_failures -= failing
                 batch = server.batches.get(parts[-1])
             if failing:
-                return self._send(500, {"error": {"message": "The server had an error while processing your request.",
-                                                  "type": "server_error", "param": None, "code": None}})
+                return self._send(
+                    500,
+                    {
+                        "error": {
+                            "message": "The server had an error while processing your request.",
+                            "type": "server_error",
+                            "param": None,
+                            "code": None,
+                        }
+                    },
+                )
             if batch is None:
                 return self._send(404, not_found("batch", parts[-1]))
             return self._send(200, public(batch))
@@ -489,9 +583,17 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
             if fault == "500":
-                return self._send(500, {"error": {"message": "The server had an error while processing your "
-                                                             "request.", "type": "server_error", "param": None,
-                                                  "code": None}})
+                return self._send(
+                    500,
+                    {
+                        "error": {
+                            "message": "The server had an error while processing your request.",
+                            "type": "server_error",
+                            "param": None,
+                            "code": None,
+                        }
+                    },
+                )
             return self._send(200, public(batch))
         if not path.endswith("/chat/completions"):
             return self._send(404, {"error": {"message": f"no route {self.path}"}})

@@ -8,6 +8,7 @@ batch), then step 2 on step 1's outputs, each with up to ``max_attempts`` rounds
 outputs. Every completion goes to the cache as it arrives, so a rerun after a crash pays for
 nothing twice and, replaying the same outputs, writes the same shards.
 """
+
 import collections
 import contextlib
 import dataclasses
@@ -23,8 +24,19 @@ from .backends.base import FINAL_FINISH_REASONS, PROMPT_TOO_LONG, REQUEST_FAILED
 from .cache import CompletionCache, request_key
 from .inputs import check_output_names, is_caption_file, output_name, read_caption_file
 from .prompts import PromptSet
-from ..shards import (CAPTION, IMAGE_EXTENSIONS, METADATA, PARA1, PARA2, atomic_create_text, atomic_file, lock_or_busy,
-                      atomic_write_text, read_sizes_json, update_sizes_json)
+from ..shards import (
+    CAPTION,
+    IMAGE_EXTENSIONS,
+    METADATA,
+    PARA1,
+    PARA2,
+    atomic_create_text,
+    atomic_file,
+    lock_or_busy,
+    atomic_write_text,
+    read_sizes_json,
+    update_sizes_json,
+)
 from .shard_io import InputError, TarSampleWriter, count_tar_samples, read_tar_samples
 
 log = logging.getLogger(__name__)
@@ -32,8 +44,11 @@ log = logging.getLogger(__name__)
 
 # Drops that say more about the service (or its settings) than about one caption: an input whose
 # every sample ends this way is never written as an empty output.
-_SERVICE_DROPS = {f"step{step}_{reason}" for step in (1, 2)
-                  for reason in (cleaning.REQUEST_REJECTED, REQUEST_FAILED, *FINAL_FINISH_REASONS)}
+_SERVICE_DROPS = {
+    f"step{step}_{reason}"
+    for step in (1, 2)
+    for reason in (cleaning.REQUEST_REJECTED, REQUEST_FAILED, *FINAL_FINISH_REASONS)
+}
 
 
 @dataclasses.dataclass
@@ -85,7 +100,8 @@ class RefusalGuard:
     def _stop(step, requests, messages):
         raise GenerationError(
             f"the server refused {len(messages)} of {requests} step-{step} requests, systematically "
-            f"(first refusal: {messages[0]}); stopping: nothing is written for this input and a rerun redoes it")
+            f"(first refusal: {messages[0]}); stopping: nothing is written for this input and a rerun redoes it"
+        )
 
 
 MAX_FAILED_IN_A_ROW = 3  # inputs that could not be written, one after another, before the job stops
@@ -117,8 +133,11 @@ def _prefill_lock(output_dir, job):
     array task submitted twice) stops before it submits anything. The shards' own locks come later."""
     path = os.path.join(output_dir, f".prefill-job{job[1]}of{job[0]}.lock")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
-    lock_or_busy(fd, f"{output_dir}: another run of job {job[1]} of {job[0]} is submitting batches for this output "
-                     f"now ({path} is locked); two jobs were given the same inputs and output")
+    lock_or_busy(
+        fd,
+        f"{output_dir}: another run of job {job[1]} of {job[0]} is submitting batches for this output "
+        f"now ({path} is locked); two jobs were given the same inputs and output",
+    )
     try:
         yield
     finally:
@@ -145,8 +164,10 @@ def _read_shard_items(in_path):
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise InputError(f"{where}: unreadable txt/json member ({e})") from e
         if not isinstance(meta, dict):
-            raise InputError(f"{where}: its {METADATA} member is {type(meta).__name__}, not a JSON object "
-                             "(the output adds fields to it)")
+            raise InputError(
+                f"{where}: its {METADATA} member is {type(meta).__name__}, not a JSON object "
+                "(the output adds fields to it)"
+            )
         items.append({"caption": caption, "sample": sample, "images": images, "meta": meta})
     return items, dropped
 
@@ -184,7 +205,7 @@ class ParaphraseGenerator:
             if misses:
                 refused = {}  # source -> its refusal
 
-                def on_result(index, completion, misses=misses, raw=raw, refused=refused):
+                def on_result(index, completion, misses=misses, raw=raw, refused=refused, attempt=attempt):
                     source = misses[index]
                     if completion.error == REQUEST_FAILED:  # never answered: nothing paid, nothing cached
                         reasons[source] = completion.error
@@ -218,8 +239,9 @@ class ParaphraseGenerator:
                     reasons[source] = raw[source].error
                     continue
                 output = cleaning.clean(raw[source].text)
-                reason = cleaning.reject_reason(output, source, opts.max_length_ratio,
-                                                step1_output=source if step == 2 else None)
+                reason = cleaning.reject_reason(
+                    output, source, opts.max_length_ratio, step1_output=source if step == 2 else None
+                )
                 if reason is None:
                     accepted[source] = output
                 else:
@@ -255,8 +277,12 @@ class ParaphraseGenerator:
         return None
 
     def _metadata(self):
-        return {"paraphrase_model": self.model, "paraphrase_prompt_version": self.prompts.version,
-                "paraphrase_backend": self.backend_name, "paraphrase_settings": self.settings}
+        return {
+            "paraphrase_model": self.model,
+            "paraphrase_prompt_version": self.prompts.version,
+            "paraphrase_backend": self.backend_name,
+            "paraphrase_settings": self.settings,
+        }
 
     # --- one input -> one output ---------------------------------------------------------------
 
@@ -272,18 +298,23 @@ class ParaphraseGenerator:
                 out.append((item, *result))
         drops = {r for r in results.values() if isinstance(r, str)}
         if items and not out and drops <= _SERVICE_DROPS:
-            hint = (" (prompt_too_long: raise vLLM's --max-model-len, or shorten --prompts)"
-                    if any(d.endswith(PROMPT_TOO_LONG) for d in drops) else "")
+            hint = (
+                " (prompt_too_long: raise vLLM's --max-model-len, or shorten --prompts)"
+                if any(d.endswith(PROMPT_TOO_LONG) for d in drops)
+                else ""
+            )
             raise ShardNotWritten(
                 f"every kept sample was refused or cut off by the service ({', '.join(sorted(drops))}){hint}; "
-                "nothing is written for this input and a rerun redoes it")
+                "nothing is written for this input and a rerun redoes it"
+            )
         if items and not out:  # never an empty output that a rerun would take for done
             raise ShardNotWritten(
                 f"every kept sample was dropped ({', '.join(sorted(drops))}): the model's answers were not "
                 f"usable paraphrases after {self.options.max_attempts} attempts each (a wrong chat template, "
                 f"a model answering outside the message content, or prompts it does not follow?); nothing is "
                 f"written for this input. Its answers are cached: rerunning with the same --model and --prompts "
-                f"gives them again")
+                f"gives them again"
+            )
         return out
 
     def _load(self, in_path):
@@ -325,9 +356,14 @@ class ParaphraseGenerator:
         sink = TarSampleWriter(stream)
         for item, para1, para2 in written:
             sample = item["sample"]
-            out = {"__key__": sample["__key__"], "__mtime__": sample["__mtime__"], CAPTION: sample[CAPTION],
-                   PARA1: para1, PARA2: para2,
-                   METADATA: json.dumps({**item["meta"], **self._metadata()}, ensure_ascii=False)}
+            out = {
+                "__key__": sample["__key__"],
+                "__mtime__": sample["__mtime__"],
+                CAPTION: sample[CAPTION],
+                PARA1: para1,
+                PARA2: para2,
+                METADATA: json.dumps({**item["meta"], **self._metadata()}, ensure_ascii=False),
+            }
             out.update({ext: sample[ext] for ext in item["images"]})
             sink.write(out)
         sink.close()
@@ -335,8 +371,13 @@ class ParaphraseGenerator:
     def _write_records(self, stream, written):
         """JSONL: each caption file record with its caption and both paraphrases."""
         for item, para1, para2 in written:
-            record = {**item["record"], "caption": item["caption"], "paraphrase_1": para1,
-                      "paraphrase_2": para2, **self._metadata()}
+            record = {
+                **item["record"],
+                "caption": item["caption"],
+                "paraphrase_1": para1,
+                "paraphrase_2": para2,
+                **self._metadata(),
+            }
             stream.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
 
     # --- a run ---------------------------------------------------------------------------------
@@ -357,8 +398,7 @@ class ParaphraseGenerator:
             self.counts[name] = 0
         self.retried.clear()
 
-    def run(self, inputs, output_dir, stats_path=None, export_sft=None, job=(1, 0), prefill=False,
-            replace_stats=True):
+    def run(self, inputs, output_dir, stats_path=None, export_sft=None, job=(1, 0), prefill=False, replace_stats=True):
         """Write the output of every input not yet written; ``prefill`` first (the Batch API backend).
 
         Inputs whose every kept sample was dropped are not written (never an empty output); the others are, and
@@ -383,8 +423,11 @@ class ParaphraseGenerator:
         if export_sft:
             self.export_sft(export_sft, [_written_output(p, output_dir) for p in inputs if p not in self.failed])
         if self.failed:
-            raise JobIncomplete(f"{len(self.failed)} of {len(inputs)} inputs could not be written (the others are): "
-                                + "; ".join(f"{p}: {reason}" for p, reason in self.failed.items()), stats)
+            raise JobIncomplete(
+                f"{len(self.failed)} of {len(inputs)} inputs could not be written (the others are): "
+                + "; ".join(f"{p}: {reason}" for p, reason in self.failed.items()),
+                stats,
+            )
         return stats
 
     def _write_outputs(self, inputs, output_dir):
@@ -402,7 +445,8 @@ class ParaphraseGenerator:
                 if in_a_row >= MAX_FAILED_IN_A_ROW:
                     raise GenerationError(
                         f"{in_a_row} inputs in a row could not be written, a systematic fault: stopping "
-                        f"(last: {in_path}: {e})") from None
+                        f"(last: {in_path}: {e})"
+                    ) from None
             else:  # written now, or found done (a rerun): either way the fault is not systematic
                 in_a_row = 0
             samples_bar.update(self.counts["samples_in"] - before)
@@ -418,7 +462,9 @@ class ParaphraseGenerator:
             raise InputError(f"{in_path}: output would overwrite the input; choose another --output")
         written = _written_output(in_path, output_dir)
         if written != out_path:
-            log.warning("%s: written by an earlier version as %s (an uncompressed tar): kept as it is", in_path, written)
+            log.warning(
+                "%s: written by an earlier version as %s (an uncompressed tar): kept as it is", in_path, written
+            )
             self.counts["shards_skipped"] += 1
             return
         if not os.path.exists(out_path):
@@ -463,24 +509,38 @@ class ParaphraseGenerator:
             "status": "failed" if error is not None else "incomplete" if self.failed else "complete",
             "error": None if error is None else f"{type(error).__name__}: {error}".splitlines()[0],
             "failed_inputs": dict(self.failed),
-            "model": self.model, "backend": self.backend_name, "prompt_version": self.prompts.version,
-            "num_jobs": job[0], "job_index": job[1],
-            "shards_written": self.counts["shards_written"], "shards_skipped": self.counts["shards_skipped"],
-            "samples_in": self.counts["samples_in"], "samples_out": self.counts["samples_out"],
-            "dropped": dict(sorted(self.dropped.items())), "retried": dict(sorted(self.retried.items())),
+            "model": self.model,
+            "backend": self.backend_name,
+            "prompt_version": self.prompts.version,
+            "num_jobs": job[0],
+            "job_index": job[1],
+            "shards_written": self.counts["shards_written"],
+            "shards_skipped": self.counts["shards_skipped"],
+            "samples_in": self.counts["samples_in"],
+            "samples_out": self.counts["samples_out"],
+            "dropped": dict(sorted(self.dropped.items())),
+            "retried": dict(sorted(self.retried.items())),
             "duplicate_captions": self.counts["duplicate_captions"],
-            "requests": self.counts["requests"], "cache_hits": self.counts["cache_hits"],
-            "prompt_tokens": self.counts["prompt_tokens"], "completion_tokens": self.counts["completion_tokens"],
+            "requests": self.counts["requests"],
+            "cache_hits": self.counts["cache_hits"],
+            "prompt_tokens": self.counts["prompt_tokens"],
+            "completion_tokens": self.counts["completion_tokens"],
             "settings": self.settings,
             "rate_limit_wait_seconds": round(sum(getattr(self.backend, "rate_limit_waits", ())), 3),
             **({"batches": batches} if batches is not None else {}),
-            "estimated_cost_usd": round(cost, 6), "price_factor": o.price_factor, "wall_seconds": round(wall_seconds, 3),
+            "estimated_cost_usd": round(cost, 6),
+            "price_factor": o.price_factor,
+            "wall_seconds": round(wall_seconds, 3),
             "samples_per_second": round(self.counts["samples_in"] / wall_seconds, 2) if wall_seconds else None,
         }
 
     def _cost(self, prompt_tokens, completion_tokens):
         o = self.options
-        return (prompt_tokens * o.price_per_1k_prompt + completion_tokens * o.price_per_1k_completion) / 1000 * o.price_factor
+        return (
+            (prompt_tokens * o.price_per_1k_prompt + completion_tokens * o.price_per_1k_completion)
+            / 1000
+            * o.price_factor
+        )
 
     def _batch_stats(self):
         """Per step, what a batch backend submitted and read in this run (None for other backends): requests
@@ -506,12 +566,19 @@ class ParaphraseGenerator:
                 with open(out_path, encoding="utf-8") as f:
                     texts = [(r["caption"], r["paraphrase_1"], r["paraphrase_2"]) for r in map(json.loads, f) if r]
             else:
-                texts = [tuple(s[field].decode("utf-8").strip() for field in (CAPTION, PARA1, PARA2))
-                         for s in read_tar_samples(out_path)]
+                texts = [
+                    tuple(s[field].decode("utf-8").strip() for field in (CAPTION, PARA1, PARA2))
+                    for s in read_tar_samples(out_path)
+                ]
             for caption, para1, para2 in texts:
                 pairs[self.prompts.render(1, caption), para1] = None
                 pairs[self.prompts.render(2, para1), para2] = None
         with atomic_file(path, "w") as f:
             for prompt, output in pairs:
-                f.write(json.dumps({"messages": [{"role": "user", "content": prompt},
-                                                 {"role": "assistant", "content": output}]}, ensure_ascii=False) + "\n")
+                f.write(
+                    json.dumps(
+                        {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]},
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )

@@ -3,14 +3,14 @@
 The wording is the official release's (paraphrasing/call_openai.py, straight quotes), which is the
 paper's prompt text. ``{text}`` marks where the caption (step 1) or step 1's output (step 2) goes.
 """
+
 import dataclasses
 import hashlib
 import json
 
 STEP1_TEMPLATE = 'Paraphrase the given caption "{text}" concisely while preserving the meaning.'
 STEP2_TEMPLATE = (
-    'Paraphrase the given text "{text}" concisely '
-    "while preserving the meaning and avoiding use of existing words."
+    'Paraphrase the given text "{text}" concisely while preserving the meaning and avoiding use of existing words.'
 )
 PAPER_VERSION = "paraclip-paper-v1"
 PLACEHOLDER = "{text}"
@@ -42,8 +42,9 @@ def load_prompts(path):
     except OSError as e:
         raise ValueError(f"--prompts {path}: {e.strerror}") from None
     if not isinstance(spec, dict):
-        raise ValueError(f"{path}: prompts file must hold a JSON object {{\"step1\": ..., \"step2\": ...}}, "
-                         f"not a {type(spec).__name__}")
+        raise ValueError(
+            f'{path}: prompts file must hold a JSON object {{"step1": ..., "step2": ...}}, not a {type(spec).__name__}'
+        )
     for step in ("step1", "step2"):
         if not isinstance(spec.get(step), str) or PLACEHOLDER not in spec[step]:
             raise ValueError(f"{path}: '{step}' must be a string containing {PLACEHOLDER}")

@@ -4,6 +4,7 @@ The layout, atomic renames and ``sizes.json`` come from ``paraclip_plugin.shards
 a reader and a writer that don't import webdataset, which imports torch (the generator runs
 on machines and in jobs that need neither).
 """
+
 import contextlib
 import io
 import re
@@ -43,8 +44,10 @@ def read_tar_samples(path):
                     if sample is not None:
                         yield sample
                     if key in seen:
-                        raise InputError(f"{path}: sample key {key!r} occurs twice, apart (member {member.name!r}); "
-                                         "each key must be one run of consecutive members")
+                        raise InputError(
+                            f"{path}: sample key {key!r} occurs twice, apart (member {member.name!r}); "
+                            "each key must be one run of consecutive members"
+                        )
                     seen.add(key)
                     sample = {"__key__": key, "__mtime__": int(member.mtime)}
                 elif ext in sample:
@@ -55,8 +58,9 @@ def read_tar_samples(path):
             raise InputError(f"{path}: truncated or corrupt tar shard ({type(e).__name__}: {e})") from e
         if not ended:
             # tarfile takes a header cut short for the end of the archive: the samples after it would be lost
-            raise InputError(f"{path}: truncated tar shard: no end-of-archive block after its last member "
-                             f"(byte {tar.offset})")
+            raise InputError(
+                f"{path}: truncated tar shard: no end-of-archive block after its last member (byte {tar.offset})"
+            )
         if sample is not None:
             yield sample
 

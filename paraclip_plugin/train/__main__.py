@@ -1,4 +1,5 @@
 """``python -m paraclip_plugin.train ARGS``: see runner.py."""
+
 import sys
 
 from paraclip_plugin.train.runner import main

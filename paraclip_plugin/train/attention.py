@@ -14,6 +14,7 @@ causal mask and that adds no CLS token, and only for a 2-D mask given by keyword
 ``causal_attention`` changes nothing and says why. The clean fix is upstream: ``is_causal=True``
 in ``ResidualAttentionBlock.attention`` for a causal text tower.
 """
+
 import logging
 
 import torch
@@ -52,8 +53,11 @@ def causal_attention(model):
     if not is_causal_mask(tower.attn_mask):
         return 0, "the text tower's attn_mask is not the causal mask"
     blocks = tower.transformer.resblocks
-    kinds = {type(getattr(block, "attn", None)).__name__ for block in blocks
-             if not isinstance(getattr(block, "attn", None), nn.MultiheadAttention)}
+    kinds = {
+        type(getattr(block, "attn", None)).__name__
+        for block in blocks
+        if not isinstance(getattr(block, "attn", None), nn.MultiheadAttention)
+    }
     if kinds:
         return 0, f"the text tower's attention is {', '.join(sorted(kinds))}, not nn.MultiheadAttention"
     for block in blocks:

@@ -13,6 +13,7 @@ another tokenizer (the texts are not there to tokenize again) and missing member
 an error naming the shard. Keep the four-field shards: they are the source of truth, and the only
 input from which other models' embeddings can be made.
 """
+
 import struct
 
 import numpy as np
@@ -56,7 +57,8 @@ def mixed_shards_error(url, kind, first_shard, first_kind):
     return MixedShards(
         f"shard {url} is a {kind} shard, but {first} is a {first_kind} one: compact and four-field shards can't be "
         f"mixed in one run (the kind is decided from the first shard); train on shards of one kind (with "
-        f"--image-embeddings, compact ones from paraclip-embed-images --compact, four-field ones otherwise)")
+        f"--image-embeddings, compact ones from paraclip-embed-images --compact, four-field ones otherwise)"
+    )
 
 
 class RequireCompact:
@@ -76,8 +78,9 @@ class RequireCompact:
             if url not in self.checked:
                 self.checked[url] = self.shard_has_member(url, (f".{COMPACT_FIELD}",))
             if self.checked[url] is False:
-                raise mixed_shards_error(url, f"four-field (no '.{COMPACT_FIELD}' member in any sample)",
-                                         self.first_shard, "compact")
+                raise mixed_shards_error(
+                    url, f"four-field (no '.{COMPACT_FIELD}' member in any sample)", self.first_shard, "compact"
+                )
             self.skipped.skip(sample, f"missing {COMPACT_FIELD} or json", f"missing {COMPACT_FIELD}/json")
 
 

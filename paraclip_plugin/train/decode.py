@@ -8,6 +8,7 @@ and batches it like its usual ``(image, text)`` pair. With ``--image-embeddings`
 stored embedding (``embeddings.py``) and image bytes are never decoded; with stored token ids
 (``pretokenized.py``) the texts are not tokenized again.
 """
+
 import collections
 import contextlib
 import logging
@@ -24,11 +25,10 @@ from paraclip_plugin.train.pretokenized import TextTokens, text_problem, texts_p
 from paraclip_plugin.shards import IMAGE_EXTENSIONS, PARA1, PARA2, SIZES_FILE, TEXT_FIELDS, read_sizes_json
 
 
-
 def local_path(url):
     """The file behind a shard URL, or None for piped/remote shards."""
     if url.startswith("file:"):
-        return url[len("file:"):]
+        return url[len("file:") :]
     if "://" in url or url.startswith("pipe:"):
         return None
     return url
@@ -80,7 +80,8 @@ class SkippedSamples:
         if self.count <= self.log_first or self.count % self.log_every == 0:
             logging.warning(
                 f"ParaCLIP: skipped sample '{key}' of {url}: {reason} "
-                f"({self.count} skipped so far in this data worker; by reason: {dict(self.reasons)})")
+                f"({self.count} skipped so far in this data worker; by reason: {dict(self.reasons)})"
+            )
         if self.kept == 0:
             if url not in self.first_key:
                 self.first_key[url] = key
@@ -92,7 +93,8 @@ class SkippedSamples:
                     f"{dict(self.reasons)}), from {', '.join(shards[:5])}{', ...' if len(shards) > 5 else ''}: "
                     f"these are not the shards the "
                     f"flags ask for (--paraclip-loss: four-field shards from paraclip-make-shards; "
-                    f"--image-embeddings: shards from paraclip-embed-images)")
+                    f"--image-embeddings: shards from paraclip-embed-images)"
+                )
 
     def keep(self, samples):
         """The last stage: count what gets through."""
@@ -122,14 +124,19 @@ class SkipIncomplete:
     def missing_fields(self, sample):
         missing = [field for field in TEXT_FIELDS if field not in sample]
         if not any(field in sample for field in self.image_fields):
-            missing.append("|".join(self.image_fields) if self.image_fields != IMAGE_EXTENSIONS
-                           else "image (" + "|".join(IMAGE_EXTENSIONS) + ")")
+            missing.append(
+                "|".join(self.image_fields)
+                if self.image_fields != IMAGE_EXTENSIONS
+                else "image (" + "|".join(IMAGE_EXTENSIONS) + ")"
+            )
         return missing
 
     def compact_shard_error(self, url):
         if EMBEDDING_FIELD not in self.image_fields:
-            return MixedShards(f"shard {url} is a compact shard ('.{COMPACT_FIELD}' members, no images or texts): "
-                               f"train on compact shards with --image-embeddings")
+            return MixedShards(
+                f"shard {url} is a compact shard ('.{COMPACT_FIELD}' members, no images or texts): "
+                f"train on compact shards with --image-embeddings"
+            )
         return mixed_shards_error(url, f"compact ('.{COMPACT_FIELD}' members)", self.first_shard, "four-field")
 
     def require_in_shard(self, url, suffixes, error):
@@ -149,13 +156,23 @@ class SkipIncomplete:
             if COMPACT_FIELD in sample:
                 raise self.compact_shard_error(url)
             if PARA1 in missing or PARA2 in missing:
-                self.require_in_shard(url, (f".{PARA1}", f".{PARA2}"), NotAParaCLIPShard(
-                    f"shard {url} has no '{PARA1}' or '{PARA2}' member in any sample: it is not a ParaCLIP "
-                    f"four-field shard (make one with paraclip-make-shards), or drop --paraclip-loss"))
+                self.require_in_shard(
+                    url,
+                    (f".{PARA1}", f".{PARA2}"),
+                    NotAParaCLIPShard(
+                        f"shard {url} has no '{PARA1}' or '{PARA2}' member in any sample: it is not a ParaCLIP "
+                        f"four-field shard (make one with paraclip-make-shards), or drop --paraclip-loss"
+                    ),
+                )
             if EMBEDDING_FIELD in self.image_fields and EMBEDDING_FIELD in missing:
-                self.require_in_shard(url, (f".{EMBEDDING_FIELD}",), MissingEmbeddings(
-                    f"shard {url} has no '{EMBEDDING_FIELD}' member in any sample: add image embeddings "
-                    f"with paraclip-embed-images, or drop --image-embeddings"))
+                self.require_in_shard(
+                    url,
+                    (f".{EMBEDDING_FIELD}",),
+                    MissingEmbeddings(
+                        f"shard {url} has no '{EMBEDDING_FIELD}' member in any sample: add image embeddings "
+                        f"with paraclip-embed-images, or drop --image-embeddings"
+                    ),
+                )
             self.skipped.skip(sample, f"missing {', '.join(missing)}", "missing " + "+".join(missing))
 
 
@@ -197,8 +214,9 @@ class DecodeOrSkip:
 
     def __init__(self, skipped, *handlers):
         self.skipped = skipped
-        self.decoder = wds.autodecode.Decoder([wds.autodecode.imagehandler(h) if isinstance(h, str) else h
-                                               for h in handlers])
+        self.decoder = wds.autodecode.Decoder(
+            [wds.autodecode.imagehandler(h) if isinstance(h, str) else h for h in handlers]
+        )
 
     def __call__(self, samples):
         for sample in samples:
@@ -220,16 +238,27 @@ class SkipBadEmbedding:
         for sample in samples:
             embedding = sample["image"]
             if embedding.ndim != 1 or (self.dim is not None and embedding.shape[0] != self.dim):
-                self.skipped.skip(sample, f"{EMBEDDING_FIELD} has shape {tuple(embedding.shape)}, "
-                                          f"the image tower gives ({self.dim},)", f"{EMBEDDING_FIELD} wrong size")
+                self.skipped.skip(
+                    sample,
+                    f"{EMBEDDING_FIELD} has shape {tuple(embedding.shape)}, the image tower gives ({self.dim},)",
+                    f"{EMBEDDING_FIELD} wrong size",
+                )
             elif not torch.isfinite(embedding).all():
                 self.skipped.skip(sample, f"{EMBEDDING_FIELD} is not finite (NaN or inf)")
             else:
                 yield sample
 
 
-def paraclip_decode_stages(preprocess_img, tokenizer, embedding_sha256=None, embedding_label="", embedding_dim=None,
-                           precision="fp32", first_shard=None, **embedding_checks):
+def paraclip_decode_stages(
+    preprocess_img,
+    tokenizer,
+    embedding_sha256=None,
+    embedding_label="",
+    embedding_dim=None,
+    precision="fp32",
+    first_shard=None,
+    **embedding_checks,
+):
     """Per-sample stages -> ``(image, texts)``; with ``embedding_sha256`` (``--image-embeddings``)
     ``image`` is the stored embedding checked against that fingerprint (and ``embedding_checks``:
     ``CachedImageEmbedding``'s ``expected_architecture``, ``expected_preprocess``), and no image is decoded.
@@ -261,8 +290,15 @@ def paraclip_decode_stages(preprocess_img, tokenizer, embedding_sha256=None, emb
     ]
 
 
-def compact_decode_stages(tokenizer, embedding_sha256, embedding_label="", embedding_dim=None, precision="fp32",
-                          first_shard=None, **embedding_checks):
+def compact_decode_stages(
+    tokenizer,
+    embedding_sha256,
+    embedding_label="",
+    embedding_dim=None,
+    precision="fp32",
+    first_shard=None,
+    **embedding_checks,
+):
     """``--image-embeddings`` on compact shards (``compact.py``): one ``.pcl`` member (embedding and
     token ids) and the json records per sample, checked as in ``paraclip_decode_stages``. Their texts
     were checked when the shard was made (``embed_images.py`` leaves out samples training would skip)."""
@@ -350,7 +386,8 @@ class CheckShardSizes:
                 logging.warning(
                     f"ParaCLIP: shard {url} has {count if finished else f'more than {listed}'} samples, but its "
                     f"{SIZES_FILE} says {listed}: {SIZES_FILE} is stale, so open_clip plans the epoch for another "
-                    f"number of samples; rewrite {SIZES_FILE} or pass --train-num-samples")
+                    f"number of samples; rewrite {SIZES_FILE} or pass --train-num-samples"
+                )
 
 
 def shard_size_stages(args, is_train):
@@ -368,7 +405,8 @@ def shard_size_stages(args, is_train):
         logging.warning(
             f"ParaCLIP: open_clip plans each epoch for {open_clip_total} samples (it reads the {SIZES_FILE} of the "
             f"first shard's folder for every shard of --train-data), but the {SIZES_FILE} files of the shards' own "
-            f"folders add up to {sum(expected.values())}: pass --train-num-samples {sum(expected.values())}")
+            f"folders add up to {sum(expected.values())}: pass --train-num-samples {sum(expected.values())}"
+        )
     return [] if args.dataset_resampled else [CheckShardSizes(expected)]
 
 

@@ -20,6 +20,7 @@ image tower frozen and open_clip's default train transform for ViT-B-32 is only 
 crop with scale (0.9, 1.0); the loss of that crop jitter is the price of skipping decoding and the
 visual forward.
 """
+
 import hashlib
 import io
 import json
@@ -56,6 +57,7 @@ def precision_fingerprints(model_name, pretrained):
     """{precision: visual_fingerprint} of the image tower as ``open_clip.create_model`` builds it in
     each of ``LOW_PRECISION_WEIGHTS`` (open_clip's own conversion and loading, on the CPU)."""
     import open_clip
+
     fingerprints = {}
     for precision in LOW_PRECISION_WEIGHTS:
         model = open_clip.create_model(model_name, pretrained=pretrained, precision=precision, device="cpu")
@@ -78,8 +80,11 @@ def visual_architecture(visual):
     tower's is a subclass of it, ``model.py``), and so is patch dropout (train-time only, and a frozen
     tower runs in eval mode: ``--force-patch-dropout``). open_clip's ``LayerNormFp32`` counts as ``LayerNorm``: ``--precision bf16|fp16``
     build it to compute the same LayerNorm in float32 (a precision, not an architecture)."""
-    lines = [f"{name}: {type(module).__name__.removesuffix('Fp32')}" for name, module in visual.named_modules()
-             if name and not PATCH_DROPOUT & set(name.split("."))]
+    lines = [
+        f"{name}: {type(module).__name__.removesuffix('Fp32')}"
+        for name, module in visual.named_modules()
+        if name and not PATCH_DROPOUT & set(name.split("."))
+    ]
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
@@ -90,8 +95,9 @@ def preprocess_config(visual):
     return json.loads(json.dumps(config)) if config is not None else None
 
 
-def embedding_record(model_name, pretrained, visual_sha256, by_precision=None, architecture=None, preprocess=None,
-                     precision=None):
+def embedding_record(
+    model_name, pretrained, visual_sha256, by_precision=None, architecture=None, preprocess=None, precision=None
+):
     record = {"model": model_name, "pretrained": pretrained, "visual_sha256": visual_sha256}
     if by_precision:
         record["visual_sha256_by_precision"] = dict(by_precision)
@@ -147,8 +153,13 @@ def json_record(sample, key):
 
 
 # preprocess_cfg key -> the open_clip_train flag that sets it
-PREPROCESS_FLAGS = {"size": "--force-image-size", "mean": "--image-mean", "std": "--image-std",
-                    "interpolation": "--image-interpolation", "resize_mode": "--image-resize-mode"}
+PREPROCESS_FLAGS = {
+    "size": "--force-image-size",
+    "mean": "--image-mean",
+    "std": "--image-std",
+    "interpolation": "--image-interpolation",
+    "resize_mode": "--image-resize-mode",
+}
 
 
 class CachedImageEmbedding:
@@ -161,8 +172,9 @@ class CachedImageEmbedding:
     shards) are used, with one log line per data worker saying what was not checked.
     """
 
-    def __init__(self, expected_sha256, expected_label="", precision="fp32", expected_architecture=None,
-                 expected_preprocess=None):
+    def __init__(
+        self, expected_sha256, expected_label="", precision="fp32", expected_architecture=None, expected_preprocess=None
+    ):
         self.expected_sha256 = expected_sha256
         self.expected_label = expected_label
         self.precision = precision
@@ -176,7 +188,8 @@ class CachedImageEmbedding:
         if record is None:
             raise MissingEmbeddings(
                 f"shard {url}: sample '{sample.get('__key__')}' has {EMBEDDING_FIELD} but no "
-                f"'{METADATA_KEY}' record in its json; re-run paraclip-embed-images on it")
+                f"'{METADATA_KEY}' record in its json; re-run paraclip-embed-images on it"
+            )
         self.check_weights(url, record)
         self.check_architecture(url, record)
         self.check_preprocess(url, record)
@@ -192,27 +205,32 @@ class CachedImageEmbedding:
             raise EmbeddingMismatch(
                 f"shard {url}: its image embeddings record no fingerprint of the image weights in "
                 f"--precision {self.precision} (made by an older paraclip-embed-images): re-run "
-                f"paraclip-embed-images on it, or train with --precision amp_bf16, amp or fp32")
+                f"paraclip-embed-images on it, or train with --precision amp_bf16, amp or fp32"
+            )
         if stored != self.expected_sha256:
             raise EmbeddingMismatch(
                 f"shard {url} holds image embeddings of {self.made_by(record)} (visual weights sha256 "
                 f"{str(stored)[:12]} in --precision {self.precision}), but this run's image tower "
                 f"{self.expected_label}has sha256 {self.expected_sha256[:12]}: re-embed with "
-                f"paraclip-embed-images for this model, or drop --image-embeddings")
+                f"paraclip-embed-images for this model, or drop --image-embeddings"
+            )
 
     def not_recorded(self, url, field, what):
         """True (and one log line per data worker) when the record has no ``field``."""
         if field not in self.unchecked:
             self.unchecked.add(field)
-            logging.warning(f"ParaCLIP: shard {url}: its image embeddings record no {what} (made by an older "
-                            f"paraclip-embed-images), so it can't be checked against this run's; embed it again "
-                            f"into a new --output folder to have it checked (a rerun into the same one keeps it)")
+            logging.warning(
+                f"ParaCLIP: shard {url}: its image embeddings record no {what} (made by an older "
+                f"paraclip-embed-images), so it can't be checked against this run's; embed it again "
+                f"into a new --output folder to have it checked (a rerun into the same one keeps it)"
+            )
         return True
 
     def check_architecture(self, url, record):
         stored = record.get("visual_architecture")
-        if self.expected_architecture is None or (stored is None and self.not_recorded(
-                url, "visual_architecture", "image tower architecture")):
+        if self.expected_architecture is None or (
+            stored is None and self.not_recorded(url, "visual_architecture", "image tower architecture")
+        ):
             return
         if stored != self.expected_architecture:
             raise EmbeddingMismatch(
@@ -220,12 +238,14 @@ class CachedImageEmbedding:
                 f"sha256 {str(stored)[:12]}, but this run's image tower {self.expected_label}has the same weights "
                 f"in architecture sha256 {self.expected_architecture[:12]} (another activation such as QuickGELU "
                 f"vs GELU: --force-quick-gelu or a '-quickgelu' model name, or other layer settings): train with "
-                f"the model the embeddings were made with, or re-embed with paraclip-embed-images for this one")
+                f"the model the embeddings were made with, or re-embed with paraclip-embed-images for this one"
+            )
 
     def check_preprocess(self, url, record):
         stored = record.get("preprocess")
-        if self.expected_preprocess is None or (stored is None and self.not_recorded(
-                url, "preprocess", "image transform")):
+        if self.expected_preprocess is None or (
+            stored is None and self.not_recorded(url, "preprocess", "image transform")
+        ):
             return
         if stored == self.expected_preprocess:  # every sample: the quick way
             return
@@ -236,4 +256,5 @@ class CachedImageEmbedding:
                     f"shard {url} holds image embeddings made with image transform {key} "
                     f"{stored.get(key)!r}, but this run's {flag} gives {self.expected_preprocess.get(key)!r}: "
                     f"train with the transform the embeddings were made with (drop or change {flag}), or "
-                    f"train from the images (without --image-embeddings)")
+                    f"train from the images (without --image-embeddings)"
+                )

@@ -4,6 +4,7 @@ Registered in the ``open_clip_train.plugins`` entry-point group (setup.cfg) and 
 hook points that patches/ adds to open_clip_train (see ``open_clip_train/plugins.py`` there). Every
 hook is a no-op unless one of the flags below is given, so a stock recipe trains as before.
 """
+
 import argparse
 import contextlib
 import logging
@@ -15,8 +16,14 @@ from open_clip_train.data import expand_urls, get_csv_dataset, get_dataset_fn, g
 
 from paraclip_plugin.train.attention import enable_causal_attention
 from paraclip_plugin.shards import IMAGE_EXTENSIONS, SIZES_FILE
-from paraclip_plugin.train.decode import (compact_decode_stages, first_sample_fields, is_compact, local_path,
-                                         paraclip_decode_stages, shard_size_stages)
+from paraclip_plugin.train.decode import (
+    compact_decode_stages,
+    first_sample_fields,
+    is_compact,
+    local_path,
+    paraclip_decode_stages,
+    shard_size_stages,
+)
 from paraclip_plugin.train.embeddings import preprocess_config, visual_architecture, visual_fingerprint
 from paraclip_plugin.train.loss import DEFAULT_TERMS, ParaCLIPLoss, parse_terms, parse_weights
 from paraclip_plugin.train.model import enable_paraphrase_forward, freeze_visual
@@ -30,7 +37,7 @@ def _terms(spec):
     try:
         return parse_terms(spec)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e))
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _block_size(text):
@@ -46,48 +53,77 @@ def _block_size(text):
 def add_arguments(parser):
     group = parser.add_argument_group("ParaCLIP (paraclip-plugin)")
     group.add_argument(
-        "--paraclip-loss", action="store_true", default=False,
+        "--paraclip-loss",
+        action="store_true",
+        default=False,
         help="Fine-tune with the ParaCLIP loss on four-field shards (image, txt, para1.txt, para2.txt). "
-             "Implies --frozen-visual unless --no-frozen-visual is given.")
+        "Implies --frozen-visual unless --no-frozen-visual is given.",
+    )
     group.add_argument(
-        "--paraclip-terms", type=_terms, default=DEFAULT_TERMS,
+        "--paraclip-terms",
+        type=_terms,
+        default=DEFAULT_TERMS,
         help="Comma-separated FIELD:FIELD pairs, each a symmetric InfoNCE term, over the fields "
-             "image, caption, para1, para2. Default: %(default)s (the paper's loss).")
+        "image, caption, para1, para2. Default: %(default)s (the paper's loss).",
+    )
     group.add_argument(
-        "--paraclip-weights", type=str, default=None,
-        help="Comma-separated weights, one per --paraclip-terms term (default: all 1).")
+        "--paraclip-weights",
+        type=str,
+        default=None,
+        help="Comma-separated weights, one per --paraclip-terms term (default: all 1).",
+    )
     group.add_argument(
-        "--paraclip-loss-block-size", type=_block_size, default=0, metavar="N",
+        "--paraclip-loss-block-size",
+        type=_block_size,
+        default=0,
+        metavar="N",
         help="With --paraclip-loss: compute each InfoNCE term N rows at a time (loss.BlockedClipLoss): the same "
-             "loss and gradients, but no global-batch x global-batch logits are kept for backward (each term's "
-             "logits are recomputed a block at a time in backward: extra memory O(N x global batch) instead of "
-             "O(global batch^2), for twice the loss's matmuls). For large batches, e.g. 4096 with "
-             "--accum-freq at 32,768 per step. 0 (default): open_clip's ClipLoss, all logits at once.")
+        "loss and gradients, but no global-batch x global-batch logits are kept for backward (each term's "
+        "logits are recomputed a block at a time in backward: extra memory O(N x global batch) instead of "
+        "O(global batch^2), for twice the loss's matmuls). For large batches, e.g. 4096 with "
+        "--accum-freq at 32,768 per step. 0 (default): open_clip's ClipLoss, all logits at once.",
+    )
     group.add_argument(
-        "--frozen-visual", action=argparse.BooleanOptionalAction, default=None,
+        "--frozen-visual",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="Freeze the image tower: no gradients, not in the optimizer, eval mode, run under no_grad. "
-             "Works with any loss. Default: on with --paraclip-loss, off otherwise.")
+        "Works with any loss. Default: on with --paraclip-loss, off otherwise.",
+    )
     group.add_argument(
-        "--model-config", action="append", default=[], metavar="PATH",
+        "--model-config",
+        action="append",
+        default=[],
+        metavar="PATH",
         help="Register an open_clip model config (a .json file or a folder of them) before the model "
-             "is created, so --model can name it. May be repeated.")
+        "is created, so --model can name it. May be repeated.",
+    )
     group.add_argument(
-        "--image-embeddings", action="store_true", default=False,
+        "--image-embeddings",
+        action="store_true",
+        default=False,
         help="With --paraclip-loss: read the image features stored in the shards (img_emb.npy, or the .pcl "
-             "member of compact shards; paraclip-embed-images) instead of decoding images and running the frozen "
-             "image tower. Embeddings made with other image weights, another image tower architecture or another image "
-             "transform (--image-mean, --image-std, ...) are refused. No image augmentation. "
-             "--val-data shards with images are read as stock open_clip reads them (through the frozen tower).")
+        "member of compact shards; paraclip-embed-images) instead of decoding images and running the frozen "
+        "image tower. Embeddings made with other image weights, another image tower architecture or another image "
+        "transform (--image-mean, --image-std, ...) are refused. No image augmentation. "
+        "--val-data shards with images are read as stock open_clip reads them (through the frozen tower).",
+    )
     group.add_argument(
-        "--text-trimming", action=argparse.BooleanOptionalAction, default=True,
+        "--text-trimming",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="With --paraclip-loss: cut each fused text batch to its longest sequence where that is "
-             "exact (causal text towers pooling at EOT); --no-text-trimming always runs the full context.")
+        "exact (causal text towers pooling at EOT); --no-text-trimming always runs the full context.",
+    )
     group.add_argument(
-        "--causal-attention", action="store_true", default=False,
+        "--causal-attention",
+        action="store_true",
+        default=False,
         help="Tell the text tower's attention that its mask is the causal mask (torch's is_causal hint), so "
-             "scaled_dot_product_attention can use FlashAttention instead of reading an additive mask. The same "
-             "attention, other kernels (on a GPU the rounding differs). Works with any loss; open_clip text "
-             "towers with a causal mask only, otherwise a warning says why it has no effect.")
+        "scaled_dot_product_attention can use FlashAttention instead of reading an additive mask. The same "
+        "attention, other kernels (on a GPU the rounding differs). Works with any loss; open_clip text "
+        "towers with a causal mask only, otherwise a warning says why it has no effect.",
+    )
 
 
 # below this, a pure_bf16 weight update is mostly rounded away (bf16 has an 8-bit significand)
@@ -124,12 +160,21 @@ def missing_local_shards(shards):
 
 
 def configure(args):
-    terms_given = (args.paraclip_terms if isinstance(args.paraclip_terms, str) else
-                   ",".join(":".join(t) for t in args.paraclip_terms)) != DEFAULT_TERMS
-    paraclip_only = [flag for flag, given in (("--paraclip-terms", terms_given),
-                                              ("--paraclip-weights", args.paraclip_weights is not None),
-                                              ("--paraclip-loss-block-size", args.paraclip_loss_block_size != 0),
-                                              ("--no-text-trimming", not args.text_trimming)) if given]
+    terms_given = (
+        args.paraclip_terms
+        if isinstance(args.paraclip_terms, str)
+        else ",".join(":".join(t) for t in args.paraclip_terms)
+    ) != DEFAULT_TERMS
+    paraclip_only = [
+        flag
+        for flag, given in (
+            ("--paraclip-terms", terms_given),
+            ("--paraclip-weights", args.paraclip_weights is not None),
+            ("--paraclip-loss-block-size", args.paraclip_loss_block_size != 0),
+            ("--no-text-trimming", not args.text_trimming),
+        )
+        if given
+    ]
     if isinstance(args.paraclip_terms, str):  # a default set by hand (argparse runs type= on its own default)
         args.paraclip_terms = parse_terms(args.paraclip_terms)
     try:
@@ -137,61 +182,79 @@ def configure(args):
     except ValueError as e:
         usage_error(f"argument --paraclip-weights: {e}")
     if paraclip_only and not args.paraclip_loss:
-        usage_error(f"{', '.join(paraclip_only)} only apply to the ParaCLIP loss: add --paraclip-loss (without it "
-                    f"the stock CLIP loss trains and they would be ignored)")
+        usage_error(
+            f"{', '.join(paraclip_only)} only apply to the ParaCLIP loss: add --paraclip-loss (without it "
+            f"the stock CLIP loss trains and they would be ignored)"
+        )
     image_trains = args.frozen_visual is False and not (args.lock_image and not args.lock_image_unlocked_groups)
     if args.paraclip_loss and image_trains and not any("image" in term for term in args.paraclip_terms):
-        usage_error(f"--paraclip-terms {','.join(':'.join(t) for t in args.paraclip_terms)} has no image term, so the "
-                    f"image tower gets no gradient, but --no-frozen-visual asks to train it (DDP then stops: every "
-                    f"trainable parameter needs a gradient): drop --no-frozen-visual")
+        usage_error(
+            f"--paraclip-terms {','.join(':'.join(t) for t in args.paraclip_terms)} has no image term, so the "
+            f"image tower gets no gradient, but --no-frozen-visual asks to train it (DDP then stops: every "
+            f"trainable parameter needs a gradient): drop --no-frozen-visual"
+        )
     if args.frozen_visual is None:
         args.frozen_visual = args.paraclip_loss
     for path in args.model_config:
         open_clip.add_model_config(path)
     if args.paraclip_loss:
         if args.siglip or args.distill_model or "coca" in args.model.lower():
-            usage_error("--paraclip-loss is a CLIP (InfoNCE) loss; it can't be combined with "
-                        "--siglip, --distill-model or a CoCa model")
+            usage_error(
+                "--paraclip-loss is a CLIP (InfoNCE) loss; it can't be combined with "
+                "--siglip, --distill-model or a CoCa model"
+            )
         dataset_type = args.dataset_type
         if dataset_type == "auto" and args.train_data:  # resolved as open_clip resolves it
             with contextlib.suppress(ValueError):
                 dataset_type = "csv" if get_dataset_fn(args.train_data, "auto") is get_csv_dataset else "webdataset"
         if dataset_type in ("csv", "synthetic"):
-            usage_error(f"--paraclip-loss reads four-field WebDataset shards; "
-                        f"--dataset-type {args.dataset_type} ({dataset_type}) is not supported")
+            usage_error(
+                f"--paraclip-loss reads four-field WebDataset shards; "
+                f"--dataset-type {args.dataset_type} ({dataset_type}) is not supported"
+            )
         for flag, shards in (("--train-data", args.train_data), ("--val-data", args.val_data)):
             missing = missing_local_shards(shards)
             if missing:
-                usage_error(f"{flag}: {len(missing)} shard file(s) not found: {', '.join(missing[:3])}"
-                            f"{', ...' if len(missing) > 3 else ''}")
+                usage_error(
+                    f"{flag}: {len(missing)} shard file(s) not found: {', '.join(missing[:3])}"
+                    f"{', ...' if len(missing) > 3 else ''}"
+                )
         if args.train_data and args.train_num_samples is None:
             try:  # open_clip sizes the epoch so, and would stop with a bare KeyError
                 get_dataset_size(args.train_data)
             except KeyError as e:
-                usage_error(f"--train-data: the {SIZES_FILE} next to its first shard has no entry for shard {e}; "
-                            f"pass --train-num-samples, or rebuild {SIZES_FILE} (paraclip-make-shards and "
-                            f"paraclip-embed-images rewrite it on a rerun)")
+                usage_error(
+                    f"--train-data: the {SIZES_FILE} next to its first shard has no entry for shard {e}; "
+                    f"pass --train-num-samples, or rebuild {SIZES_FILE} (paraclip-make-shards and "
+                    f"paraclip-embed-images rewrite it on a rerun)"
+                )
             except (ValueError, OSError):
                 pass  # open_clip's own error, later
     if args.paraclip_loss:
         if args.lock_text:
-            usage_error("--paraclip-loss trains the text tower, but --lock-text freezes it "
-                        "(only logit_scale would train): drop --lock-text")
+            usage_error(
+                "--paraclip-loss trains the text tower, but --lock-text freezes it "
+                "(only logit_scale would train): drop --lock-text"
+            )
         if args.precision == "pure_bf16" and args.lr < PURE_BF16_MIN_LR:
             logger.warning(
                 f"ParaCLIP: --precision pure_bf16 with --lr {args.lr:g}: bf16 weights keep 8 significant bits, "
                 f"so updates smaller than ~1/256 of a weight are rounded away (at the paper's lr 5e-7 almost no "
-                f"text weight changes). Use --precision amp_bf16 (float32 weights, bf16 compute).")
+                f"text weight changes). Use --precision amp_bf16 (float32 weights, bf16 compute)."
+            )
     if args.frozen_visual and args.lock_image_unlocked_groups:
-        usage_error(f"--lock-image-unlocked-groups {args.lock_image_unlocked_groups} asks for trainable image "
-                    f"layers, but the image tower is frozen (--frozen-visual, the default with --paraclip-loss): "
-                    f"drop one, or pass --no-frozen-visual")
+        usage_error(
+            f"--lock-image-unlocked-groups {args.lock_image_unlocked_groups} asks for trainable image "
+            f"layers, but the image tower is frozen (--frozen-visual, the default with --paraclip-loss): "
+            f"drop one, or pass --no-frozen-visual"
+        )
     if args.image_embeddings:
         if not args.paraclip_loss:
             usage_error("--image-embeddings needs --paraclip-loss")
         if not args.frozen_visual:
-            usage_error("--image-embeddings uses fixed image features, so the image tower can't train: "
-                        "drop --no-frozen-visual")
+            usage_error(
+                "--image-embeddings uses fixed image features, so the image tower can't train: drop --no-frozen-visual"
+            )
 
 
 # The image tower whose weights --image-embeddings checks the shards against. Its fingerprint is
@@ -217,8 +280,11 @@ def wds_decode_stages(args, preprocess_img, tokenizer, is_train):
     if not args.paraclip_loss:
         return None
     # what the first sample holds (read once, local or remote): needed for validation, and for --image-embeddings
-    fields = first_sample_fields(args.val_data) if not is_train else (
-        first_sample_fields(args.train_data) if args.image_embeddings else None)
+    fields = (
+        first_sample_fields(args.val_data)
+        if not is_train
+        else (first_sample_fields(args.train_data) if args.image_embeddings else None)
+    )
     if not is_train and (fields is None or fields & set(IMAGE_EXTENSIONS)):
         # open_clip's evaluate() reads (image, caption) only: validation shards with images among their first
         # samples (or that can't be read now) are read as stock open_clip reads them. Only shards without
@@ -226,20 +292,28 @@ def wds_decode_stages(args, preprocess_img, tokenizer, is_train):
         return None
     if not args.image_embeddings:
         if not is_train:
-            usage_error(f"--val-data {args.val_data}: its first samples have no image, and without --image-embeddings "
-                        f"the image tower needs images; pass shards with images (a caption per image is enough)")
+            usage_error(
+                f"--val-data {args.val_data}: its first samples have no image, and without --image-embeddings "
+                f"the image tower needs images; pass shards with images (a caption per image is enough)"
+            )
         return shard_size_stages(args, is_train) + paraclip_decode_stages(preprocess_img, tokenizer)
     if "visual_sha256" not in _frozen_visual:
         _frozen_visual["visual_sha256"] = visual_fingerprint(_frozen_visual["visual"])
-        logger.info(f"ParaCLIP: reading cached image embeddings; image tower sha256 "
-                     f"{_frozen_visual['visual_sha256']} ({args.model}, pretrained {args.pretrained}, "
-                     f"precision {args.precision}).")
+        logger.info(
+            f"ParaCLIP: reading cached image embeddings; image tower sha256 "
+            f"{_frozen_visual['visual_sha256']} ({args.model}, pretrained {args.pretrained}, "
+            f"precision {args.precision})."
+        )
     visual = _frozen_visual["visual"]
-    checks = dict(embedding_sha256=_frozen_visual["visual_sha256"],
-                  embedding_label=f"('{args.model}', pretrained '{args.pretrained}') ",
-                  embedding_dim=getattr(visual, "output_dim", None), precision=args.precision,
-                  expected_architecture=visual_architecture(visual), expected_preprocess=preprocess_config(visual),
-                  first_shard=first_shard(args.train_data) if is_train else None)
+    checks = dict(
+        embedding_sha256=_frozen_visual["visual_sha256"],
+        embedding_label=f"('{args.model}', pretrained '{args.pretrained}') ",
+        embedding_dim=getattr(visual, "output_dim", None),
+        precision=args.precision,
+        expected_architecture=visual_architecture(visual),
+        expected_preprocess=preprocess_config(visual),
+        first_shard=first_shard(args.train_data) if is_train else None,
+    )
     if is_compact(fields):
         return shard_size_stages(args, is_train) + compact_decode_stages(tokenizer, **checks)
     return shard_size_stages(args, is_train) + paraclip_decode_stages(preprocess_img, tokenizer, **checks)
@@ -260,6 +334,7 @@ def keep_torch_logs(args):
     """
     if args.torchcompile and os.environ.get("TORCH_LOGS"):
         import torch._logging._internal
+
         torch._logging._internal._init_logs()
         logger.info(f"ParaCLIP: TORCH_LOGS={os.environ['TORCH_LOGS']} re-applied after open_clip_train's logger setup.")
 
@@ -268,9 +343,11 @@ def create_loss(args):
     if not args.paraclip_loss:
         return None
     keep_torch_logs(args)
-    logger.info("ParaCLIP loss: " + " + ".join(
-        f"{w:g}*L({a},{b})" for (a, b), w in zip(args.paraclip_terms, args.paraclip_weights))
-        + (f", each in blocks of {args.paraclip_loss_block_size} rows" if args.paraclip_loss_block_size else ""))
+    logger.info(
+        "ParaCLIP loss: "
+        + " + ".join(f"{w:g}*L({a},{b})" for (a, b), w in zip(args.paraclip_terms, args.paraclip_weights))
+        + (f", each in blocks of {args.paraclip_loss_block_size} rows" if args.paraclip_loss_block_size else "")
+    )
     return ParaCLIPLoss(
         args.paraclip_terms,
         args.paraclip_weights,

@@ -8,6 +8,7 @@ Table 2 ablation are other ``terms``.
 With ``block_size`` each term is ``BlockedClipLoss``: the same loss and gradients, computed in row blocks
 so that no N x N logits matrix is kept for backward (``--paraclip-loss-block-size``).
 """
+
 import torch
 import torch.nn as nn
 from open_clip.loss import ClipLoss, gather_features
@@ -66,9 +67,9 @@ class BlockedCrossEntropy(torch.autograd.Function):
         lse = torch.empty(x.shape[0], device=x.device, dtype=_accumulate(x))
         target = torch.empty_like(lse)
         for start in range(0, x.shape[0], block):
-            logits = _block_logits(x[start:start + block], y, scale, bias)
-            lse[start:start + block] = torch.logsumexp(logits, dim=1)
-            target[start:start + block] = logits.gather(1, targets[start:start + block])[:, 0]
+            logits = _block_logits(x[start : start + block], y, scale, bias)
+            lse[start : start + block] = torch.logsumexp(logits, dim=1)
+            target[start : start + block] = logits.gather(1, targets[start : start + block])[:, 0]
         ctx.save_for_backward(x, y, scale, bias, lse)
         ctx.offset, ctx.block = offset, block
         return (lse - target).mean()
@@ -78,8 +79,9 @@ class BlockedCrossEntropy(torch.autograd.Function):
         x, y, scale, bias, lse = ctx.saved_tensors
         device, enabled, dtype = ctx.autocast
         with torch.autocast(device, dtype=dtype, enabled=enabled):
-            return _blocked_grads(x, y, scale, bias, lse, grad / x.shape[0], ctx.offset, ctx.block,
-                                  ctx.needs_input_grad[1])
+            return _blocked_grads(
+                x, y, scale, bias, lse, grad / x.shape[0], ctx.offset, ctx.block, ctx.needs_input_grad[1]
+            )
 
 
 def _accumulate(x):
@@ -101,21 +103,27 @@ def _blocked_grads(x, y, scale, bias, lse, weight, offset, block, y_needs_grad=T
     grad_scale = torch.zeros((), dtype=accumulate, device=x.device)
     grad_bias = torch.zeros((), dtype=accumulate, device=x.device)
     for start in range(0, x.shape[0], block):
-        part = x[start:start + block]
+        part = x[start : start + block]
         scaled = scale * part
-        d_logits = torch.exp(_block_logits(part, y, scale, bias) - lse[start:start + block, None])  # softmax
+        d_logits = torch.exp(_block_logits(part, y, scale, bias) - lse[start : start + block, None])  # softmax
         rows = torch.arange(d_logits.shape[0], device=x.device)
         d_logits[rows, rows + offset + start] -= 1
         d_logits *= weight
         grad_bias += d_logits.sum()
         d_logits = d_logits.to(scaled.dtype)  # the matmuls in the features' dtype, as autograd of ClipLoss does
         d_scaled = d_logits @ y  # d loss / d (scale * x)
-        grad_x[start:start + block] = (scale * d_scaled).to(x.dtype)
+        grad_x[start : start + block] = (scale * d_scaled).to(x.dtype)
         grad_scale += (d_scaled.to(accumulate) * part.to(accumulate)).sum()
         if y_needs_grad:
             grad_y += (d_logits.T @ scaled).to(accumulate)
-    return (grad_x, grad_y.to(y.dtype) if y_needs_grad else None, grad_scale.to(scale.dtype).reshape(scale.shape),
-            None if bias is None else grad_bias.to(bias.dtype).reshape(bias.shape), None, None)
+    return (
+        grad_x,
+        grad_y.to(y.dtype) if y_needs_grad else None,
+        grad_scale.to(scale.dtype).reshape(scale.shape),
+        None if bias is None else grad_bias.to(bias.dtype).reshape(bias.shape),
+        None,
+        None,
+    )
 
 
 def blocked_cross_entropy(x, y, scale, bias=None, offset=0, block=4096):
@@ -140,19 +148,26 @@ class BlockedClipLoss(ClipLoss):
         all_images, all_texts = images, texts
         if self.world_size > 1:
             all_images, all_texts = gather_features(
-                images, texts, local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
-                rank=self.rank, world_size=self.world_size, use_horovod=self.use_horovod)
+                images,
+                texts,
+                local_loss=self.local_loss,
+                gather_with_grad=self.gather_with_grad,
+                rank=self.rank,
+                world_size=self.world_size,
+                use_horovod=self.use_horovod,
+            )
             if self.local_loss:  # this rank's rows against everyone's columns (ClipLoss's labels)
                 offset = images.shape[0] * self.rank
             else:
                 images, texts = all_images, all_texts
-        total_loss = (blocked_cross_entropy(images, all_texts, logit_scale, logit_bias, offset, self.block_size) +
-                      blocked_cross_entropy(texts, all_images, logit_scale, logit_bias, offset, self.block_size)) / 2
+        total_loss = (
+            blocked_cross_entropy(images, all_texts, logit_scale, logit_bias, offset, self.block_size)
+            + blocked_cross_entropy(texts, all_images, logit_scale, logit_bias, offset, self.block_size)
+        ) / 2
         return {"contrastive_loss": total_loss} if output_dict else total_loss
 
 
 class ParaCLIPLoss(nn.Module):
-
     def __init__(self, terms, weights=None, block_size=0, **clip_loss_kwargs):
         super().__init__()
         self.terms = list(terms)
@@ -161,8 +176,16 @@ class ParaCLIPLoss(nn.Module):
         self.block_size = block_size
         self.clip_loss = BlockedClipLoss(block_size, **clip_loss_kwargs) if block_size else ClipLoss(**clip_loss_kwargs)
 
-    def forward(self, image_features, text_features, para1_features, para2_features, logit_scale,
-                logit_bias=None, output_dict=False):
+    def forward(
+        self,
+        image_features,
+        text_features,
+        para1_features,
+        para2_features,
+        logit_scale,
+        logit_bias=None,
+        output_dict=False,
+    ):
         features = dict(image=image_features, caption=text_features, para1=para1_features, para2=para2_features)
         losses = {
             f"{a}_{b}_loss": weight * self.clip_loss(features[a], features[b], logit_scale, logit_bias)

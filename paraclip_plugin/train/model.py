@@ -3,6 +3,7 @@
 Both changes extend the class of one module instance instead of wrapping it in a new module, so
 ``state_dict()`` keys stay exactly those of stock open_clip and checkpoints load without the plugin.
 """
+
 import functools
 import logging
 
@@ -63,6 +64,7 @@ class ParaphraseForward(nn.Module):
     ``image`` of shape [batch, embed_dim] is taken as cached image embeddings (``--image-embeddings``):
     the image tower does not run at all.
     """
+
     # set by enable_paraphrase_forward; a plain attribute, so state_dict keys stay stock
     paraclip_trimming = None
 

@@ -15,6 +15,7 @@ tokenizer class differs); otherwise it tokenizes the texts as usual. Either way 
 the loader as [3, context] ids; the model cuts each batch to its longest sequence on the device
 (``trimming.py``), because the batching stage after these per-sample stages is open_clip's.
 """
+
 import hashlib
 
 import numpy as np
@@ -121,8 +122,10 @@ class TextTokens:
         if not isinstance(ids, np.ndarray) or ids.dtype.kind not in "iu":
             return f"not integer ids ({getattr(ids, 'dtype', type(ids).__name__)})", "dtype"
         if ids.ndim != 2 or ids.shape[0] != len(TEXT_FIELDS) or not 1 <= ids.shape[1] <= self.context_length:
-            return (f"shape {ids.shape}, expected ({len(TEXT_FIELDS)}, n) with 1 <= n <= the context "
-                    f"length {self.context_length}"), "shape"
+            return (
+                f"shape {ids.shape}, expected ({len(TEXT_FIELDS)}, n) with 1 <= n <= the context "
+                f"length {self.context_length}"
+            ), "shape"
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or (self.vocab_size is not None and high >= self.vocab_size):
             return f"ids from {low} to {high}, outside the tokenizer's vocabulary [0, {self.vocab_size})", "ids"
@@ -134,7 +137,7 @@ class TextTokens:
         if problem is not None:
             raise BadSample(f"{TOKENS_FIELD} has {problem[0]}", f"{TOKENS_FIELD} bad {problem[1]}")
         texts = np.full((len(TEXT_FIELDS), self.context_length), self.pad_id, dtype=np.int64)
-        texts[:, :ids.shape[1]] = ids
+        texts[:, : ids.shape[1]] = ids
         return torch.from_numpy(texts)
 
     def __call__(self, sample):
@@ -147,7 +150,8 @@ class TextTokens:
                 f"shard {sample.get('__url__', '?')}: sample '{sample.get('__key__')}' holds token ids of "
                 f"tokenizer '{record.get('tokenizer')}' (context {record.get('context_length')}), not of this "
                 f"run's tokenizer, and a compact shard has no texts to tokenize again: re-run "
-                f"paraclip-embed-images --compact with this run's --model, or train on the four-field shards")
+                f"paraclip-embed-images --compact with this run's --model, or train on the four-field shards"
+            )
         else:
             sample["texts"] = self.tokenizer([sample[field] for field in TEXT_FIELDS])
             self.tokenized += 1

@@ -6,6 +6,7 @@ the same patches/ file that ``paraclip-patch apply`` uses is applied there, and 
 imported in this process in place of the installed one. Hooks, flags and behaviour are therefore
 exactly those of a patched install. Works under torchrun/srun like ``-m open_clip_train.main``.
 """
+
 import atexit
 import runpy
 import shutil
@@ -27,8 +28,7 @@ def hooked_open_clip_train_root():
     patching.refuse_modified(root, states, version)  # named in the install, not in the private copy
     private = Path(tempfile.mkdtemp(prefix="paraclip-open_clip_train-"))
     atexit.register(shutil.rmtree, private, ignore_errors=True)
-    shutil.copytree(root / patching.PACKAGE, private / patching.PACKAGE,
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(root / patching.PACKAGE, private / patching.PACKAGE, ignore=shutil.ignore_patterns("__pycache__"))
     patching.apply(private, patch, version)
     return private
 
@@ -37,7 +37,7 @@ def main(argv):
     try:
         root = hooked_open_clip_train_root()
     except patching.PatchError as e:
-        raise SystemExit(f"paraclip_plugin.train: error: {e}")
+        raise SystemExit(f"paraclip_plugin.train: error: {e}") from None
     sys.path.insert(0, str(root))
     for name in [m for m in sys.modules if m == patching.PACKAGE or m.startswith(patching.PACKAGE + ".")]:
         del sys.modules[name]

@@ -15,6 +15,7 @@ slice both by the input's sequence length inside open_clip.
 Where cutting is not exact (no causal mask, CLS/first/last/mean pooling, an appended CLS token,
 HF or other towers) ``TextTrimming.for_model`` returns None with the reason, and the stock path runs.
 """
+
 import dataclasses
 from typing import Optional
 
@@ -30,11 +31,12 @@ EOT_POOLING = ("argmax", "eos")
 @dataclasses.dataclass(frozen=True)
 class TextTrimming:
     """How to run one model's text tower on tokens cut to the batch's longest real sequence."""
-    prefix: str                 # "" for CLIP's built-in tower, "text." for CustomTextCLIP's TextTransformer
-    pool_type: str              # "argmax" (highest token id, CLIP's EOT) or "eos"
+
+    prefix: str  # "" for CLIP's built-in tower, "text." for CustomTextCLIP's TextTransformer
+    pool_type: str  # "argmax" (highest token id, CLIP's EOT) or "eos"
     eos_id: Optional[int]
     context_length: int
-    multiple: int = 8           # round lengths up so torch.compile sees at most context/8 shapes
+    multiple: int = 8  # round lengths up so torch.compile sees at most context/8 shapes
 
     @staticmethod
     def tower_of(model):

@@ -4,6 +4,7 @@ Python imports ``sitecustomize`` at start-up. The top-level modules named in PAR
 (comma-separated) then fail to import the way a package that is not installed does: the import
 system raises ``ModuleNotFoundError("No module named '...'")`` with ``.name`` set.
 """
+
 import os
 import sys
 

@@ -1,4 +1,5 @@
 """What every backend returns, and how it says the service is unusable."""
+
 import dataclasses
 from typing import Optional
 
@@ -27,8 +28,14 @@ class Completion:
     def from_service(cls, text, finish_reason, prompt_tokens=0, completion_tokens=0):
         """An answer as a service gives it: a final finish_reason drops the sample whatever the text."""
         if finish_reason == REQUEST_REJECTED:  # a refusal a backend keeps (openai-batch): ``text`` holds its words
-            return cls(None, prompt_tokens, completion_tokens, error=REQUEST_REJECTED, finish_reason=finish_reason,
-                       message=text)
+            return cls(
+                None,
+                prompt_tokens,
+                completion_tokens,
+                error=REQUEST_REJECTED,
+                finish_reason=finish_reason,
+                message=text,
+            )
         if finish_reason in FINAL_FINISH_REASONS:
             return cls(None, prompt_tokens, completion_tokens, error=finish_reason, finish_reason=finish_reason)
         return cls(text, prompt_tokens, completion_tokens, finish_reason=finish_reason)

@@ -36,6 +36,7 @@ Offline (``write_requests`` / ``read_results``): the same request files are writ
 submitted, for ``vllm run-batch -i FILE -o RESULTS``; results files in its output shape are read back into
 ``batch_results`` and handed out as a batch's are. Nothing is sent to a server then.
 """
+
 import collections
 import dataclasses
 import hashlib
@@ -52,8 +53,14 @@ from openai.types.chat import ChatCompletion
 from ..cleaning import REQUEST_REJECTED
 from .base import REQUEST_FAILED, Completion, GenerationError, RequestsWritten
 from .limits import DEFAULT_MAX_ENQUEUED_TOKENS, MAX_BYTES_PER_FILE, MAX_REQUESTS_PER_FILE
-from .openai_backend import (MalformedResponse, api_error_message, make_client, read_completion, redact_url,
-                             resolve_token_param)
+from .openai_backend import (
+    MalformedResponse,
+    api_error_message,
+    make_client,
+    read_completion,
+    redact_url,
+    resolve_token_param,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +95,19 @@ CREATE TABLE IF NOT EXISTS batch_state (
 
 
 def _new_step_stats():
-    return {"requests_submitted": 0, "answered": 0, "refused": collections.Counter(),
-            "failed": collections.Counter(), "retried_next_round": collections.Counter(), "batches_created": 0,
-            "batches_adopted": 0, "batches_resubmitted": 0, "batches_vanished": 0, "prompt_tokens": 0,
-            "completion_tokens": 0}
+    return {
+        "requests_submitted": 0,
+        "answered": 0,
+        "refused": collections.Counter(),
+        "failed": collections.Counter(),
+        "retried_next_round": collections.Counter(),
+        "batches_created": 0,
+        "batches_adopted": 0,
+        "batches_resubmitted": 0,
+        "batches_vanished": 0,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+    }
 
 
 def estimate_tokens(line):
@@ -110,15 +126,19 @@ def _ambiguous(error):
 
 
 def _error_of(body):
-    return body.get("error") if isinstance(body, dict) and isinstance(body.get("error"), dict) else (
-        body if isinstance(body, dict) else {})
+    return (
+        body.get("error")
+        if isinstance(body, dict) and isinstance(body.get("error"), dict)
+        else (body if isinstance(body, dict) else {})
+    )
 
 
 def _reason(error, status):
     """A short name for a line's outcome: OpenAI's error code (vLLM's is the status number), else its type."""
     code = error.get("code")
-    return (code if isinstance(code, str) and code else error.get("type")
-            or (f"http_{status}" if status else "no_response"))
+    return (
+        code if isinstance(code, str) and code else error.get("type") or (f"http_{status}" if status else "no_response")
+    )
 
 
 class _Call:
@@ -153,17 +173,38 @@ class _Call:
 class OpenAIBatchBackend:
     final_refusals = True  # a refused line is the API's last word on that request
 
-    def __init__(self, model, api_key, state_path, base_url=None, temperature=1.0, top_p=0.1, max_tokens=512,
-                 token_param="auto", poll_interval=60.0, max_rounds=3, max_requests=MAX_REQUESTS_PER_FILE,
-                 max_bytes=MAX_BYTES_PER_FILE, max_enqueued_tokens=DEFAULT_MAX_ENQUEUED_TOKENS, max_wait=900.0,
-                 resubmit_cancelled=False, timeout=60.0, max_retries=8, write_requests=None, read_results=(),
-                 job_name=""):
+    def __init__(
+        self,
+        model,
+        api_key,
+        state_path,
+        base_url=None,
+        temperature=1.0,
+        top_p=0.1,
+        max_tokens=512,
+        token_param="auto",
+        poll_interval=60.0,
+        max_rounds=3,
+        max_requests=MAX_REQUESTS_PER_FILE,
+        max_bytes=MAX_BYTES_PER_FILE,
+        max_enqueued_tokens=DEFAULT_MAX_ENQUEUED_TOKENS,
+        max_wait=900.0,
+        resubmit_cancelled=False,
+        timeout=60.0,
+        max_retries=8,
+        write_requests=None,
+        read_results=(),
+        job_name="",
+    ):
         if not 1 <= max_requests <= MAX_REQUESTS_PER_FILE:
-            raise ValueError(f"--batch-max-requests {max_requests}: the Batch API takes 1 to {MAX_REQUESTS_PER_FILE:,} "
-                             "requests per file")
+            raise ValueError(
+                f"--batch-max-requests {max_requests}: the Batch API takes 1 to {MAX_REQUESTS_PER_FILE:,} "
+                "requests per file"
+            )
         if not 1 <= max_bytes <= MAX_BYTES_PER_FILE:
-            raise ValueError(f"--batch-max-bytes {max_bytes}: the Batch API takes files of up to "
-                             f"{MAX_BYTES_PER_FILE:,} bytes")
+            raise ValueError(
+                f"--batch-max-bytes {max_bytes}: the Batch API takes files of up to {MAX_BYTES_PER_FILE:,} bytes"
+            )
         base_url = base_url or "https://api.openai.com/v1"
         token_param = resolve_token_param(token_param, base_url)
         self.model = model
@@ -210,8 +251,10 @@ class OpenAIBatchBackend:
         """The job stopped on a systematic refusal: this call's batches not read to the end are read again by the
         rerun, their answers kept and their refusals (made under what the rerun has fixed) asked again."""
         for batch_id in batch_ids:
-            self.db.execute("UPDATE batches SET state='submitted-refusals-void' WHERE batch_id=? AND state LIKE "
-                            "'submitted%'", (batch_id,))
+            self.db.execute(
+                "UPDATE batches SET state='submitted-refusals-void' WHERE batch_id=? AND state LIKE 'submitted%'",
+                (batch_id,),
+            )
 
     def _generate(self, prompts, call, step):
         keys, stats = call.keys, self.step_stats[f"step{step}" if step else "requests"]
@@ -231,9 +274,19 @@ class OpenAIBatchBackend:
             pending = call.pending()
             if not pending:
                 break
-            lines = (json.dumps({"custom_id": keys[i], "method": "POST", "url": "/v1/chat/completions",
-                                 "body": {**self.body, "messages": [{"role": "user", "content": prompts[i]}]}},
-                                separators=(",", ":")) + "\n" for i in pending)
+            lines = (
+                json.dumps(
+                    {
+                        "custom_id": keys[i],
+                        "method": "POST",
+                        "url": "/v1/chat/completions",
+                        "body": {**self.body, "messages": [{"role": "user", "content": prompts[i]}]},
+                    },
+                    separators=(",", ":"),
+                )
+                + "\n"
+                for i in pending
+            )
             self._run_files(self._files(lines), call, stats, step)  # files made as they are submitted
         pending = call.pending()
         if pending:
@@ -242,9 +295,14 @@ class OpenAIBatchBackend:
                 reason = self._failed[keys[i]] = self._last_failure.get(keys[i], "not_answered")
                 reasons[reason] += 1
                 stats["failed"][reason] += 1
-            log.warning("%d of %d requests failed in every one of %d rounds of batches (%s): their samples are "
-                        "dropped as request_failed; a rerun asks again", len(pending), len(keys), self.max_rounds,
-                        ", ".join(f"{r} {n}" for r, n in reasons.most_common()))
+            log.warning(
+                "%d of %d requests failed in every one of %d rounds of batches (%s): their samples are "
+                "dropped as request_failed; a rerun asks again",
+                len(pending),
+                len(keys),
+                self.max_rounds,
+                ", ".join(f"{r} {n}" for r, n in reasons.most_common()),
+            )
             for i in pending:
                 call.deliver(keys[i], Completion(None, error=REQUEST_FAILED, message=self._failed[keys[i]]))
         return call.results
@@ -254,8 +312,11 @@ class OpenAIBatchBackend:
         chunk, size, tokens = [], 0, 0
         for line in lines:
             line_size, line_tokens = len(line.encode()), estimate_tokens(line)
-            if chunk and (len(chunk) >= self.max_requests or size + line_size > self.max_bytes
-                          or tokens + line_tokens > self.max_enqueued_tokens):
+            if chunk and (
+                len(chunk) >= self.max_requests
+                or size + line_size > self.max_bytes
+                or tokens + line_tokens > self.max_enqueued_tokens
+            ):
                 yield "".join(chunk).encode(), tokens
                 chunk, size, tokens = [], 0, 0
             chunk.append(line)
@@ -300,9 +361,14 @@ class OpenAIBatchBackend:
                         f"batch {batch_id} failed on the organization's enqueued-token limit with nothing of this job "
                         f"in flight: waiting {delay:.0f} s more would exceed --max-wait {self.max_wait:.0f} s; other "
                         f"batches fill the queue, or one request file is above the limit (lower "
-                        f"--batch-max-enqueued-tokens): rerun later")
-                log.warning("batch %s: the enqueued-token limit is reached by other batches; waiting %.0f s before "
-                            "submitting it again", batch_id, delay)
+                        f"--batch-max-enqueued-tokens): rerun later"
+                    )
+                log.warning(
+                    "batch %s: the enqueued-token limit is reached by other batches; waiting %.0f s before "
+                    "submitting it again",
+                    batch_id,
+                    delay,
+                )
                 backed_off += delay
                 self._sleep(delay)
 
@@ -312,14 +378,18 @@ class OpenAIBatchBackend:
         """Rows of ``query`` (its ``{}`` an ``IN`` list) over ``custom_ids``, 500 at a time (sqlite's
         limit on bound parameters)."""
         for start in range(0, len(custom_ids), 500):
-            chunk = custom_ids[start:start + 500]
+            chunk = custom_ids[start : start + 500]
             yield from self.db.execute(query.format(",".join("?" * len(chunk))), chunk)
 
     def _batches_holding(self, custom_ids, state):
         """Recorded batches in ``state`` (a LIKE pattern) that hold any of ``custom_ids``, oldest first."""
-        found = set(self._select_in(
-            "SELECT DISTINCT b.created, b.batch_id FROM batch_requests r JOIN batches b ON b.batch_id = r.batch_id "
-            f"WHERE b.state LIKE '{state}' AND r.custom_id IN ({{}})", custom_ids))
+        found = set(
+            self._select_in(
+                "SELECT DISTINCT b.created, b.batch_id FROM batch_requests r JOIN batches b ON b.batch_id = r.batch_id "
+                f"WHERE b.state LIKE '{state}' AND r.custom_id IN ({{}})",
+                custom_ids,
+            )
+        )
         return [batch_id for _, batch_id in sorted(found)]
 
     def _unread_batches(self, custom_ids):
@@ -332,19 +402,24 @@ class OpenAIBatchBackend:
         if cancelled and not self.resubmit_cancelled:
             raise GenerationError(self._cancelled_message(cancelled[0]))
         for batch_id in cancelled:
-            log.warning("batch %s was cancelled: its unanswered requests are submitted again "
-                        "(--batch-resubmit-cancelled)", batch_id)
+            log.warning(
+                "batch %s was cancelled: its unanswered requests are submitted again (--batch-resubmit-cancelled)",
+                batch_id,
+            )
             self._set_state(batch_id, "cancelled-resubmitted")
 
     @staticmethod
     def _cancelled_message(batch_id):
-        return (f"batch {batch_id} was cancelled (stopped on purpose, not by this job): its answered requests are "
-                f"kept; the others are not submitted again unless you rerun with --batch-resubmit-cancelled")
+        return (
+            f"batch {batch_id} was cancelled (stopped on purpose, not by this job): its answered requests are "
+            f"kept; the others are not submitted again unless you rerun with --batch-resubmit-cancelled"
+        )
 
     def _kept_results(self, custom_ids):
         """``(custom_id, Completion)`` kept from batches read for other calls, and from ``--read-batch-results``."""
         for custom_id, completion in self._select_in(
-                "SELECT custom_id, completion FROM batch_results WHERE custom_id IN ({})", custom_ids):
+            "SELECT custom_id, completion FROM batch_results WHERE custom_id IN ({})", custom_ids
+        ):
             yield custom_id, Completion(**json.loads(completion))
 
     def _set_state(self, batch_id, state):
@@ -354,8 +429,10 @@ class OpenAIBatchBackend:
         custom_ids = [json.loads(line)["custom_id"] for line in data.splitlines()]
         with self.db:  # one transaction: the batch and its requests, or neither
             self.db.execute("BEGIN")
-            self.db.execute("INSERT INTO batches VALUES (?, ?, ?, 'submitted', ?)",
-                            (batch_id, file_hash, len(custom_ids), time.time()))
+            self.db.execute(
+                "INSERT INTO batches VALUES (?, ?, ?, 'submitted', ?)",
+                (batch_id, file_hash, len(custom_ids), time.time()),
+            )
             self.db.executemany("INSERT INTO batch_requests VALUES (?, ?)", [(batch_id, c) for c in custom_ids])
         return len(custom_ids)
 
@@ -368,8 +445,9 @@ class OpenAIBatchBackend:
         """The batch for this request file: one recorded and not yet read, one the server holds with its
         metadata (created by a run that stopped before recording it), or a new one."""
         file_hash = hashlib.sha256(data).hexdigest()
-        row = self.db.execute("SELECT batch_id FROM batches WHERE file_hash=? AND state LIKE 'submitted%'",
-                              (file_hash,)).fetchone()
+        row = self.db.execute(
+            "SELECT batch_id FROM batches WHERE file_hash=? AND state LIKE 'submitted%'", (file_hash,)
+        ).fetchone()
         if row:
             log.info("batch %s: resuming (recorded before a previous run stopped)", row[0])
             return row[0]
@@ -384,8 +462,11 @@ class OpenAIBatchBackend:
         requests = self._record(batch.id, file_hash, data)
         if adopted:
             stats["batches_adopted"] += 1
-            log.warning("batch %s: adopted (the server holds it with this request file's metadata; a run created it "
-                        "but stopped, or lost the reply, before recording it)", batch.id)
+            log.warning(
+                "batch %s: adopted (the server holds it with this request file's metadata; a run created it "
+                "but stopped, or lost the reply, before recording it)",
+                batch.id,
+            )
         else:
             stats["batches_created"] += 1
             stats["requests_submitted"] += requests
@@ -420,14 +501,21 @@ class OpenAIBatchBackend:
         for attempt in range(self.max_retries + 1):
             started = time.time()
             try:
-                return client.batches.create(input_file_id=upload_id, endpoint="/v1/chat/completions",
-                                             completion_window="24h", metadata=metadata), False
+                return client.batches.create(
+                    input_file_id=upload_id, endpoint="/v1/chat/completions", completion_window="24h", metadata=metadata
+                ), False
             except openai.APIError as e:
                 if not _ambiguous(e) or attempt == self.max_retries:
                     raise
-                delay = min(0.5 * 2 ** attempt, 30.0)
-                log.warning("creating the batch of request file %s: %s: %s; checking in %.1f s whether the server "
-                            "created it before trying again", file_hash[:12], type(e).__name__, str(e)[:200], delay)
+                delay = min(0.5 * 2**attempt, 30.0)
+                log.warning(
+                    "creating the batch of request file %s: %s: %s; checking in %.1f s whether the server "
+                    "created it before trying again",
+                    file_hash[:12],
+                    type(e).__name__,
+                    str(e)[:200],
+                    delay,
+                )
                 self._sleep(delay)
                 batch = self._adoptable(self._list_ours(started - CLOCK_SLACK), file_hash)
                 if batch is not None:
@@ -451,9 +539,14 @@ class OpenAIBatchBackend:
                 raise GenerationError(
                     f"the Batch API at {self.endpoint} has failed to report batch {batch_id} for "
                     f"{now - self._outage_since:.0f} s, above --max-wait {self.max_wait:.0f} s (last: "
-                    f"{type(e).__name__}: {str(e)[:200]}); every batch is recorded: rerun to resume") from None
-            log.warning("batch %s: status unavailable (%s), %.0f s into an outage; trying again", batch_id,
-                        type(e).__name__, now - self._outage_since)
+                    f"{type(e).__name__}: {str(e)[:200]}); every batch is recorded: rerun to resume"
+                ) from None
+            log.warning(
+                "batch %s: status unavailable (%s), %.0f s into an outage; trying again",
+                batch_id,
+                type(e).__name__,
+                now - self._outage_since,
+            )
             return None
         self._outage_since = None
         return batch
@@ -469,9 +562,15 @@ class OpenAIBatchBackend:
                 if batch == "vanished":
                     return batch_id, batch
                 counts = batch.request_counts
-                log.info("batch %s: %s, %s/%s done, %s failed, %.0f s", batch_id, batch.status,
-                         getattr(counts, "completed", "?"), getattr(counts, "total", "?"),
-                         getattr(counts, "failed", "?"), time.time() - start)
+                log.info(
+                    "batch %s: %s, %s/%s done, %s failed, %.0f s",
+                    batch_id,
+                    batch.status,
+                    getattr(counts, "completed", "?"),
+                    getattr(counts, "total", "?"),
+                    getattr(counts, "failed", "?"),
+                    time.time() - start,
+                )
                 if batch.status in TERMINAL:
                     return batch_id, batch
             outages = outages + 1 if self._outage_since else 0
@@ -480,9 +579,13 @@ class OpenAIBatchBackend:
     # --- reading a finished batch -------------------------------------------------------------------
 
     def _vanished(self, batch_id, why, stats):
-        log.warning("batch %s: %s at %s (a batch of another key or project, another --base-url, or a deleted "
-                    "file): marked vanished; its unanswered requests go back to pending and are submitted again",
-                    batch_id, why, self.endpoint)
+        log.warning(
+            "batch %s: %s at %s (a batch of another key or project, another --base-url, or a deleted "
+            "file): marked vanished; its unanswered requests go back to pending and are submitted again",
+            batch_id,
+            why,
+            self.endpoint,
+        )
         stats["batches_vanished"] += 1
         self._set_state(batch_id, "vanished")
 
@@ -494,14 +597,18 @@ class OpenAIBatchBackend:
             errors = getattr(getattr(batch, "errors", None), "data", None) or []
             self._set_state(batch_id, "failed")
             if any(getattr(e, "code", None) == "token_limit_exceeded" for e in errors):
-                log.warning("batch %s failed: token_limit_exceeded (the organization's enqueued-token limit); it is "
-                            "submitted again once batches in flight end", batch_id)
+                log.warning(
+                    "batch %s failed: token_limit_exceeded (the organization's enqueued-token limit); it is "
+                    "submitted again once batches in flight end",
+                    batch_id,
+                )
                 return "token_limit"
             message = "; ".join(f"{getattr(e, 'code', None)}: {getattr(e, 'message', e)}" for e in errors[:3])
             raise GenerationError(f"batch {batch_id} failed: {message or 'no reason given'}")
         others = []  # answers to requests of another call: kept for it
         void = self.db.execute("SELECT state FROM batches WHERE batch_id=?", (batch_id,)).fetchone() == (
-            "submitted-refusals-void",)
+            "submitted-refusals-void",
+        )
         try:
             for custom_id, completion in self._results(batch, stats):
                 if void and completion.error == REQUEST_REJECTED:
@@ -517,8 +624,10 @@ class OpenAIBatchBackend:
             self._set_state(batch_id, "cancelled")
             if not self.resubmit_cancelled:
                 raise GenerationError(self._cancelled_message(batch_id))
-            log.warning("batch %s was cancelled: its unanswered requests go into the next round "
-                        "(--batch-resubmit-cancelled)", batch_id)
+            log.warning(
+                "batch %s was cancelled: its unanswered requests go into the next round (--batch-resubmit-cancelled)",
+                batch_id,
+            )
             self._set_state(batch_id, "cancelled-resubmitted")
         else:
             self._set_state(batch_id, "read")
@@ -544,8 +653,11 @@ class OpenAIBatchBackend:
         response = record.get("response") or {}
         status, body = response.get("status_code"), response.get("body")
         # OpenAI puts a refusal's error in the body; vLLM's run-batch in the line's "error" (an object or a string)
-        error = _error_of(body) or _error_of(record.get("error")) or (
-            {"message": record["error"]} if isinstance(record.get("error"), str) else {})
+        error = (
+            _error_of(body)
+            or _error_of(record.get("error"))
+            or ({"message": record["error"]} if isinstance(record.get("error"), str) else {})
+        )
         if status == 200 and isinstance(body, dict):
             try:
                 completion = read_completion(ChatCompletion.construct(**body))
@@ -571,9 +683,11 @@ class OpenAIBatchBackend:
 
     def _write_files(self, files, step):
         if not self.write_requests:
-            raise GenerationError(f"--read-batch-results: {sum(d.count(10) for d, _ in files)} "
-                                  f"step-{step} requests have no result in the files given; pass --write-batch-requests "
-                                  f"DIR to write them")
+            raise GenerationError(
+                f"--read-batch-results: {sum(d.count(10) for d, _ in files)} "
+                f"step-{step} requests have no result in the files given; pass --write-batch-requests "
+                f"DIR to write them"
+            )
         os.makedirs(self.write_requests, exist_ok=True)
         paths = []
         for data, _ in files:
@@ -585,7 +699,8 @@ class OpenAIBatchBackend:
         raise RequestsWritten(
             f"wrote {len(paths)} request file(s) of step {step} ({sum(d.count(10) for d, _ in files)} requests) to "
             f"{self.write_requests}: run `vllm run-batch -i FILE -o FILE.results.jsonl --model {self.model}` on "
-            f"each, then rerun this command adding --read-batch-results with the results files ('::' between them)")
+            f"each, then rerun this command adding --read-batch-results with the results files ('::' between them)"
+        )
 
     def _load_results_file(self, path):
         """A ``vllm run-batch`` (or Batch API) output file into ``batch_results``; a line that is not a result
@@ -599,8 +714,10 @@ class OpenAIBatchBackend:
                     try:
                         outcome = self._outcome(json.loads(line), stats)
                     except (ValueError, KeyError, TypeError, AttributeError) as e:
-                        raise ValueError(f"--read-batch-results {path}: line {number} is not a batch result "
-                                         f"({type(e).__name__}: {e})") from None
+                        raise ValueError(
+                            f"--read-batch-results {path}: line {number} is not a batch result "
+                            f"({type(e).__name__}: {e})"
+                        ) from None
                     if outcome is not None:
                         kept.append((outcome[0], json.dumps(dataclasses.asdict(outcome[1]))))
         except OSError as e:
@@ -608,8 +725,13 @@ class OpenAIBatchBackend:
         with self.db:
             self.db.execute("BEGIN")
             self.db.executemany("INSERT OR REPLACE INTO batch_results VALUES (?, ?)", kept)
-        log.info("%s: %d results read (%d answered, %d refused)", path, len(kept), stats["answered"],
-                 sum(stats["refused"].values()))
+        log.info(
+            "%s: %d results read (%d answered, %d refused)",
+            path,
+            len(kept),
+            stats["answered"],
+            sum(stats["refused"].values()),
+        )
 
     def close(self):
         self.client.close()

@@ -24,6 +24,7 @@ there) and as ``max_tokens`` to other servers (what every OpenAI-compatible serv
 ``token_param`` says otherwise. The API key is chosen by the caller (see ``api_key_for``) and handed
 to the client only.
 """
+
 import asyncio
 import json
 import logging
@@ -73,11 +74,15 @@ def resolve_base_url(base_url, environ):
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{source} {redact_url(url)}: expected http(s)://HOST[:PORT]/PATH")
     if parts.username is not None or parts.password is not None:
-        raise ValueError(f"{source}: a URL with credentials (user:password@{parts.hostname}) is refused; put the key "
-                         f"in an environment variable and name it with --api-key-env")
+        raise ValueError(
+            f"{source}: a URL with credentials (user:password@{parts.hostname}) is refused; put the key "
+            f"in an environment variable and name it with --api-key-env"
+        )
     if parts.query or parts.fragment:  # the client appends its paths after them: requests would go astray
-        raise ValueError(f"{source} {redact_url(url)}: a URL with a query or fragment (?... or #...) is refused "
-                         f"(the client appends /chat/completions after it); a key goes in --api-key-env")
+        raise ValueError(
+            f"{source} {redact_url(url)}: a URL with a query or fragment (?... or #...) is refused "
+            f"(the client appends /chat/completions after it); a key goes in --api-key-env"
+        )
     return url, source
 
 
@@ -86,8 +91,10 @@ def checked_key(name, value):
     CR/LF/space (a key file with Windows line ends) would otherwise make the HTTP library raise an error
     that prints the whole header, key included."""
     if any(not 0x21 <= ord(c) <= 0x7E for c in value):
-        raise ValueError(f"the value of {name} holds white space, a line end or a non-ASCII character (a key file "
-                         f"with Windows line ends?); fix the variable (its value is not shown)")
+        raise ValueError(
+            f"the value of {name} holds white space, a line end or a non-ASCII character (a key file "
+            f"with Windows line ends?); fix the variable (its value is not shown)"
+        )
     return value
 
 
@@ -97,23 +104,30 @@ def api_key_for(base_url, key_env, environ, source="--base-url"):
     or a placeholder (``vllm serve`` without ``--api-key``)."""
     parts = urllib.parse.urlsplit(base_url)
     if is_openai_host(base_url) and (parts.scheme != "https" or parts.port not in (None, 443)):
-        raise ValueError(f"{source} {redact_url(base_url)}: keys go to {OPENAI_HOST} over https (port 443) only, "
-                         f"never in clear text or to another port")
+        raise ValueError(
+            f"{source} {redact_url(base_url)}: keys go to {OPENAI_HOST} over https (port 443) only, "
+            f"never in clear text or to another port"
+        )
     if key_env:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env):
-            raise ValueError("--api-key-env takes the NAME of an environment variable (letters, digits, _), not a "
-                             "key; what was given is not repeated here")
+            raise ValueError(
+                "--api-key-env takes the NAME of an environment variable (letters, digits, _), not a "
+                "key; what was given is not repeated here"
+            )
         if source is None:
-            raise ValueError(f"--api-key-env {key_env} names the key for --base-url, but neither --base-url nor "
-                             f"OPENAI_BASE_URL is given, so it would go to {OPENAI_HOST}: name the server with "
-                             f"--base-url (https://{OPENAI_HOST}/v1 to send {key_env} there)")
+            raise ValueError(
+                f"--api-key-env {key_env} names the key for --base-url, but neither --base-url nor "
+                f"OPENAI_BASE_URL is given, so it would go to {OPENAI_HOST}: name the server with "
+                f"--base-url (https://{OPENAI_HOST}/v1 to send {key_env} there)"
+            )
         if not environ.get(key_env):
             raise ValueError(f"--api-key-env {key_env}: the environment variable {key_env} is not set")
         return checked_key(key_env, environ[key_env])
     if is_openai_host(base_url):
         if not environ.get("OPENAI_API_KEY"):
-            raise ValueError(f"set OPENAI_API_KEY in the environment for {redact_url(base_url)} "
-                             f"(keys are never taken from flags)")
+            raise ValueError(
+                f"set OPENAI_API_KEY in the environment for {redact_url(base_url)} (keys are never taken from flags)"
+            )
         return checked_key("OPENAI_API_KEY", environ["OPENAI_API_KEY"])
     return "EMPTY"
 
@@ -123,8 +137,8 @@ def environment_header_names(environ):
     line of OPENAI_CUSTOM_HEADERS (``Name: value``), parsed as the client parses it."""
     names = ["OpenAI-Organization", "OpenAI-Project"]
     for line in (environ.get("OPENAI_CUSTOM_HEADERS") or "").split("\n"):
-        if ":" in line and line[:line.find(":")].strip().lower() != "authorization":
-            names.append(line[:line.find(":")].strip())
+        if ":" in line and line[: line.find(":")].strip().lower() != "authorization":
+            names.append(line[: line.find(":")].strip())
     return names
 
 
@@ -140,10 +154,14 @@ def make_client(api_key, base_url, asynchronous=False, environ=os.environ, **kwa
     headers = {"Authorization": f"Bearer {api_key}"}
     if not is_openai_host(base_url):
         headers.update({name: openai.Omit() for name in environment_header_names(environ)})
-    client, http = ((openai.AsyncOpenAI, openai.DefaultAsyncHttpxClient) if asynchronous else
-                    (openai.OpenAI, openai.DefaultHttpxClient))
-    return client(api_key=api_key, base_url=base_url, default_headers=headers,
-                  http_client=http(follow_redirects=False), **kwargs)
+    client, http = (
+        (openai.AsyncOpenAI, openai.DefaultAsyncHttpxClient)
+        if asynchronous
+        else (openai.OpenAI, openai.DefaultHttpxClient)
+    )
+    return client(
+        api_key=api_key, base_url=base_url, default_headers=headers, http_client=http(follow_redirects=False), **kwargs
+    )
 
 
 def api_error_message(endpoint, error):
@@ -152,8 +170,10 @@ def api_error_message(endpoint, error):
     status = getattr(error, "status_code", None)
     if isinstance(status, int) and 300 <= status < 400 and response is not None:
         target = redact_url(response.headers.get("location", "") or "?")
-        return (f"{endpoint} answered HTTP {status}, a redirect to {target}, which is not followed (credentials "
-                f"go to the URL given only): pass the final URL as --base-url")
+        return (
+            f"{endpoint} answered HTTP {status}, a redirect to {target}, which is not followed (credentials "
+            f"go to the URL given only): pass the final URL as --base-url"
+        )
     if isinstance(status, int) and 400 <= status < 500 and status not in (408, 409, 429):  # the client never retries
         return f"{endpoint} answered HTTP {status}: {type(error).__name__}: {str(error)[:300]}"
     return f"{endpoint} failed after the client's retries: {type(error).__name__}: {str(error)[:300]}"
@@ -205,9 +225,21 @@ def service_message(error):
 
 
 class OpenAIBackend:
-    def __init__(self, model, api_key, base_url=None, concurrency=64, timeout=60.0, max_retries=8,
-                 malformed_retries=5, temperature=1.0, top_p=0.1, max_tokens=512, token_param="auto",
-                 max_wait=900.0):
+    def __init__(
+        self,
+        model,
+        api_key,
+        base_url=None,
+        concurrency=64,
+        timeout=60.0,
+        max_retries=8,
+        malformed_retries=5,
+        temperature=1.0,
+        top_p=0.1,
+        max_tokens=512,
+        token_param="auto",
+        max_wait=900.0,
+    ):
         base_url = base_url or f"https://{OPENAI_HOST}/v1"
         token_param = resolve_token_param(token_param, base_url)
         self.model = model
@@ -273,16 +305,25 @@ class OpenAIBackend:
             self.requests += 1
             try:
                 response = await self._client.chat.completions.create(
-                    model=self.model, messages=[{"role": "user", "content": prompt}],
-                    **self.sampling, **{self.token_param: self.max_tokens})
+                    model=self.model,
+                    messages=[{"role": "user", "content": prompt}],
+                    **self.sampling,
+                    **{self.token_param: self.max_tokens},
+                )
                 completion = read_completion(response)
-            except (json.JSONDecodeError, UnicodeDecodeError, MalformedResponse, openai.APIResponseValidationError) as e:
+            except (
+                json.JSONDecodeError,
+                UnicodeDecodeError,
+                MalformedResponse,
+                openai.APIResponseValidationError,
+            ) as e:
                 malformed += 1
                 if malformed > self.malformed_retries:
                     raise GenerationError(
                         f"malformed 200 responses {malformed} times in a row to {self.endpoint} "
-                        f"(prompt {prompt[:60]!r}): {type(e).__name__}: {str(e)[:200]}") from None
-                await asyncio.sleep(min(0.05 * 2 ** malformed, 2.0) * (1 + random.random()))
+                        f"(prompt {prompt[:60]!r}): {type(e).__name__}: {str(e)[:200]}"
+                    ) from None
+                await asyncio.sleep(min(0.05 * 2**malformed, 2.0) * (1 + random.random()))
                 continue
             except openai.RateLimitError as e:
                 await self._wait_out(e)
@@ -308,8 +349,9 @@ class OpenAIBackend:
         if self._param_switched or not (names_it and refused):
             return False
         other = TOKEN_PARAMS[1 - TOKEN_PARAMS.index(self.token_param)]
-        log.warning("the server refused '%s' (%s); sending '%s' from now on", self.token_param,
-                    service_message(error), other)
+        log.warning(
+            "the server refused '%s' (%s); sending '%s' from now on", self.token_param, service_message(error), other
+        )
         self.token_param, self._param_switched = other, True
         return True
 
@@ -326,12 +368,18 @@ class OpenAIBackend:
         if self._waited + delay > self.max_wait:
             raise GenerationError(
                 f"rate limited by {self.endpoint}: waiting {delay:.0f} s more {why} would exceed --max-wait "
-                f"{self.max_wait:.0f} s ({self._waited:.0f} s waited); rerun later: every completion so far is cached")
+                f"{self.max_wait:.0f} s ({self._waited:.0f} s waited); rerun later: every completion so far is cached"
+            )
         self._waited += delay
         self._paused_until = now + delay
         self.rate_limit_waits.append(delay)
-        log.warning("rate limited (HTTP 429): all requests wait %.0f s %s (%.0f of --max-wait %.0f s)",
-                    delay, why, self._waited, self.max_wait)
+        log.warning(
+            "rate limited (HTTP 429): all requests wait %.0f s %s (%.0f of --max-wait %.0f s)",
+            delay,
+            why,
+            self._waited,
+            self.max_wait,
+        )
 
     def close(self):
         if self._client is not None:

@@ -32,6 +32,7 @@
 ``vllm`` is imported here, only when this backend is chosen (``pip install .[vllm]``). ``engine``
 and ``sampling_params_cls`` let a caller hand in an engine built elsewhere (or a stand-in for tests).
 """
+
 import hashlib
 import re
 
@@ -57,8 +58,11 @@ def _is_vllm_error(error):
 
 def _is_missing_template(error):
     text = str(error)
-    return (any(c.__name__ == "ChatTemplateResolutionError" for c in type(error).__mro__)
-            or "chat template" in text.lower() or "chat_template" in text)
+    return (
+        any(c.__name__ == "ChatTemplateResolutionError" for c in type(error).__mro__)
+        or "chat template" in text.lower()
+        or "chat_template" in text
+    )
 
 
 def _is_prompt_too_long(error):
@@ -66,9 +70,20 @@ def _is_prompt_too_long(error):
 
 
 class VLLMBackend:
-    def __init__(self, model, tensor_parallel_size=1, temperature=1.0, top_p=0.1, max_tokens=512,
-                 seed=0, chat_template=None, chunk_size=2048, engine=None, sampling_params_cls=None,
-                 **engine_kwargs):
+    def __init__(
+        self,
+        model,
+        tensor_parallel_size=1,
+        temperature=1.0,
+        top_p=0.1,
+        max_tokens=512,
+        seed=0,
+        chat_template=None,
+        chunk_size=2048,
+        engine=None,
+        sampling_params_cls=None,
+        **engine_kwargs,
+    ):
         self.model = model
         self.sampling = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens)
         if engine is None or sampling_params_cls is None:
@@ -86,7 +101,8 @@ class VLLMBackend:
             except Exception as e:  # out of memory, no room for the KV cache, a bad model path, ...
                 raise ValueError(
                     f"vLLM could not start {model}: {type(e).__name__}: {str(e)[:500]} (vLLM's log above says more; "
-                    f"--max-model-len and --gpu-memory-utilization change what it needs)") from e
+                    f"--max-model-len and --gpu-memory-utilization change what it needs)"
+                ) from e
         self.engine = engine
         self.sampling_params_cls = sampling_params_cls
         self.seed = seed
@@ -106,8 +122,8 @@ class VLLMBackend:
         seeds = [seed_of(k) for k in keys]
         results = []
         for start in range(0, len(prompts), self.chunk_size):
-            chunk = prompts[start:start + self.chunk_size]
-            completions = self._answers(chunk, seeds[start:start + self.chunk_size], whole_chunk=True)
+            chunk = prompts[start : start + self.chunk_size]
+            completions = self._answers(chunk, seeds[start : start + self.chunk_size], whole_chunk=True)
             transient = [i for i, c in enumerate(completions) if c.finish_reason in TRANSIENT_FINISH_REASONS]
             if transient:  # asked again once, with the same seeds
                 again = self._answers([chunk[i] for i in transient], [seeds[start + i] for i in transient])
@@ -123,7 +139,8 @@ class VLLMBackend:
             if failed:
                 raise GenerationError(
                     f"vLLM {self.model}: {len(failed)} requests ended with finish_reason {sorted(set(failed))} twice "
-                    f"(an internal failure; the other answers are cached): rerun to ask them again")
+                    f"(an internal failure; the other answers are cached): rerun to ask them again"
+                )
         return results
 
     def _answers(self, prompts, seeds, whole_chunk=False):
@@ -141,14 +158,18 @@ class VLLMBackend:
                 if self._answers([prompts[shortest]], [seeds[shortest]])[0].error == PROMPT_TOO_LONG:
                     raise GenerationError(
                         f"vLLM {self.model}: even the shortest prompt of the chunk does not fit the model's context "
-                        f"({e}): raise --max-model-len, or shorten --prompts") from None
+                        f"({e}): raise --max-model-len, or shorten --prompts"
+                    ) from None
             half = len(prompts) // 2
             return self._answers(prompts[:half], seeds[:half]) + self._answers(prompts[half:], seeds[half:])
         completions = []
         for output in outputs:
             best = output.outputs[0]
-            completions.append(Completion.from_service(best.text, best.finish_reason,
-                                                       len(output.prompt_token_ids or ()), len(best.token_ids or ())))
+            completions.append(
+                Completion.from_service(
+                    best.text, best.finish_reason, len(output.prompt_token_ids or ()), len(best.token_ids or ())
+                )
+            )
         return completions
 
     def _chat(self, prompts, seeds):
