@@ -22,6 +22,8 @@ it was working on; a shard embedded with other settings is embedded again (the l
 GPU when there is one. Train on the result with ``--paraclip-loss --image-embeddings``.
 """
 import argparse
+import collections
+import concurrent.futures
 import functools
 import io
 import json
@@ -59,6 +61,10 @@ def parse_args(argv=None):
     p.add_argument("--model-config", action="append", default=[], help="register an open_clip model config first")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=4, help="image decoding processes")
+    p.add_argument("--writers", type=int, default=None,
+                   help="processes writing the finished shards (tar members, fsync) while this one feeds the "
+                        "image tower; default: a quarter of --workers, at least 1 (0 with --workers 0: all in "
+                        "this process)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--precision", choices=("fp32", "amp"), default="fp32",
                    help="amp: bf16 autocast on --device, CUDA or CPU (faster on a GPU; on the CPU often slower); "
@@ -109,10 +115,14 @@ def split_preprocess(preprocess):
 def finish_preprocess(images, normalize):
     """float32 model input of uint8 [N, C, H, W] images (split_preprocess), on their device.
 
-    Each channel's 256 possible values go through to-tensor (``/ 255``) and ``normalize`` here, on the
-    CPU, as in the transform; the images then index that table on their device. Doing the arithmetic
-    there instead differs in the last bit: CUDA divides by a Python number through its reciprocal
-    (measured on an H200: ``embed_images`` fed the tower values 1 ulp off the CPU transform's)."""
+    On the CPU this is the transform's own arithmetic (``float() / 255``, then ``normalize``), in place.
+    On other devices each channel's 256 possible values go through that arithmetic here, on the CPU, and
+    the images index that table on their device: the arithmetic there differs in the last bit (CUDA
+    divides by a Python number through its reciprocal; measured on an H200: ``embed_images`` fed the
+    tower values 1 ulp off the CPU transform's). On the CPU the table's gather is 3x slower than the
+    arithmetic."""
+    if images.device.type == "cpu":
+        return transforms.functional.normalize(images.float().div_(255), normalize.mean, normalize.std, inplace=True)
     table, offsets = value_table(normalize, images.shape[-3], images.device)
     return table[images.int() + offsets]
 
@@ -364,24 +374,77 @@ class ShardEmbedder:
             # in float32)
             prefetch_factor=1 if self.args.workers and jobs else None)
 
+    def writers(self):
+        """How many processes write the shards (0: this one)."""
+        if self.args.writers is not None:
+            return self.args.writers
+        return max(1, self.args.workers // 4) if self.args.workers else 0
+
+    def writer_pool(self):
+        """The ``--writers`` processes (each holds this embedder, less the image tower), or None."""
+        if not self.writers():
+            return None
+        return concurrent.futures.ProcessPoolExecutor(self.writers(), initializer=start_writer, initargs=(self,))
+
     def run(self, jobs):
         """Every (src, dst) shard: the CPU part in ``--workers`` processes that live for the whole job,
-        the image tower here; each shard written as soon as its embeddings are there. ``self.spent`` adds
-        up this process's seconds: waiting for the workers, in the image tower, writing shards."""
-        start = time.time()
-        for src, dst, samples, rows, images in self.loader(jobs):
-            if isinstance(samples, InputError):
-                raise samples
-            received = time.time()
-            features = self.encode(images) if images is not None else []  # to numpy: waits for the GPU
-            encoded = time.time()
-            count, embedded = self.write(src, dst, samples, rows, features)
-            written = time.time()
-            self.spent["waiting"] += received - start
-            self.spent["encoding"] += encoded - received
-            self.spent["writing"] += written - encoded
-            yield dst, count, embedded, written - start
+        the image tower here, the writing in ``--writers`` processes (one shard after another in order,
+        at most two per writer in flight); yields (dst, samples, embedded, seconds) per shard written.
+        ``self.spent`` adds up this process's seconds: waiting for the workers, in the image tower, handing
+        shards to the writers and waiting for them."""
+        pool, pending = self.writer_pool(), collections.deque()
+        limit = 2 * self.writers()
+        try:
             start = time.time()
+            for src, dst, samples, rows, images in self.loader(jobs):
+                if isinstance(samples, InputError):
+                    raise samples
+                received = time.time()
+                features = self.encode(images) if images is not None else []  # to numpy: waits for the GPU
+                encoded = time.time()
+                self.spent["waiting"] += received - start
+                self.spent["encoding"] += encoded - received
+                write = (pool.submit(write_shard, src, dst, samples, rows, features) if pool
+                         else done_future(self.write, src, dst, samples, rows, features))
+                pending.append((dst, write, start))
+                self.spent["writing"] += time.time() - encoded
+                while pending and (len(pending) > limit or pending[0][1].done()):
+                    yield self.written(*pending.popleft())
+                start = time.time()
+            while pending:
+                yield self.written(*pending.popleft())
+        finally:
+            if pool:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def written(self, dst, write, start):
+        """(dst, samples, embedded, seconds since its shard's turn began) once ``write`` is done."""
+        waited = time.time()
+        count, embedded = write.result()
+        self.spent["writing"] += time.time() - waited
+        return dst, count, embedded, time.time() - start
+
+
+WRITER = None  # in a --writers process: its ShardEmbedder
+
+
+def start_writer(embedder):
+    global WRITER
+    WRITER = embedder
+
+
+def write_shard(src, dst, samples, rows, features):
+    return WRITER.write(src, dst, samples, rows, features)
+
+
+def done_future(fn, *args):
+    """``fn(*args)`` run now, as a finished future."""
+    future = concurrent.futures.Future()
+    try:
+        future.set_result(fn(*args))
+    except Exception as e:
+        future.set_exception(e)
+    return future
 
 
 def embed_shards(args, embedder, shards):
