@@ -39,6 +39,7 @@ from PIL import Image
 from torchvision import transforms
 
 from paraclip_plugin.train.compact import COMPACT_FIELD, pack
+from paraclip_plugin.train.device_decode import DeviceDecoder, tensor_steps
 from paraclip_plugin.train.embeddings import (ADDED_FIELDS, EMBEDDING_FIELD, METADATA_KEY as EMBEDDING_KEY,
                                               embedding_record, encode_embedding, precision_fingerprints,
                                               preprocess_config, visual_architecture, visual_fingerprint)
@@ -74,6 +75,12 @@ def parse_args(argv=None):
                    help="uint8 (default): the data workers stop before the image transform's to-tensor and "
                         "Normalize steps, which run on --device, bit for bit the same; 4x fewer bytes per image "
                         "between processes and to the GPU. float32: the whole transform in the workers")
+    p.add_argument("--decode-device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu (default): the data workers decode and resize the images (PIL). cuda: the workers "
+                        "read and tokenize, this process decodes the JPEGs in batches with nvJPEG and resizes "
+                        "them on the GPU beside the image tower (values within a level or so of the CPU path's: "
+                        "paraclip_plugin/train/device_decode.py); images it can't take (not JPEG, CMYK, "
+                        "truncated, ...) are decoded on the CPU as without it, or skipped, and counted")
     p.add_argument("--tokens", action=argparse.BooleanOptionalAction, default=True,
                    help="also store the token ids of the three texts (default on)")
     p.add_argument("--compact", action="store_true",
@@ -201,7 +208,8 @@ class ShardEmbedder:
         if args.transfer == "uint8" and split is None:
             logging.warning(f"the image transform of {args.model} does not end in to-tensor and Normalize: "
                             f"images cross to {self.device} as float32 (as with --transfer float32)")
-        self.spent = {"waiting": 0.0, "encoding": 0.0, "writing": 0.0}  # seconds, by run()
+        self.spent = {"waiting": 0.0, "encoding": 0.0, "writing": 0.0, "decoding": 0.0}  # seconds, by run()
+        self.device_decoder = self.make_device_decoder() if args.decode_device == "cuda" else None
         # also what these weights hash to in training's 16-bit weight precisions (--precision pure_bf16, ...)
         self.record = embedding_record(args.model, args.pretrained, visual_fingerprint(self.visual),
                                        precision_fingerprints(args.model, args.pretrained),
@@ -213,6 +221,35 @@ class ShardEmbedder:
             self.pad_id = tokenizer_pad_id(self.tokenizer)
         logging.info(f"image tower of {args.model} / {args.pretrained}: sha256 {self.record['visual_sha256']}, "
                      f"on {self.device}")
+
+    def make_device_decoder(self):
+        """The ``--decode-device`` decoder, checked on a probe JPEG against the CPU path (ValueError where
+        the transform's first steps don't run on tensors alike, or where decode_jpeg refuses a baseline
+        JPEG on the device)."""
+        if self.normalize is None:
+            raise ValueError(f"--decode-device {self.args.decode_device} hands the image tower uint8 images: the "
+                             f"image transform of {self.args.model} must end in to-tensor and Normalize, with "
+                             f"--transfer uint8")
+        decoder = DeviceDecoder(tensor_steps(self.preprocess), self.device,
+                                functools.partial(decode_image, preprocess=self.worker_preprocess))
+        probe = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (61, 47, 3), dtype=np.uint8)).save(probe, "JPEG")
+        try:
+            _, images, _ = decoder([(0, probe.getvalue())])
+            expected = decode_image(probe.getvalue(), self.worker_preprocess)
+            error = (None if images.shape[1:] == expected.shape and
+                     (images[0].cpu().int() - expected.int()).abs().float().mean() <= 2
+                     else f"gives other images than the CPU path (shape {tuple(images.shape[1:])})")
+        except Exception as e:
+            error = f"fails on tensors ({e})"
+        refused = [why for why in decoder.counts if why.startswith("on the CPU")]
+        if refused:
+            error = refused[0].replace("on the CPU: ", "")
+        if error:
+            raise ValueError(f"--decode-device {self.args.decode_device}: the image transform of {self.args.model} "
+                             f"on {self.device}: {error}")
+        decoder.counts.clear()
+        return decoder
 
     def __getstate__(self):
         """What a data worker gets where workers are spawned (Python 3.14's default start method on Linux
@@ -290,7 +327,10 @@ class ShardEmbedder:
 
     def decode_images(self, items, src="?", samples=None):
         """(indices whose image decoded, those images preprocessed as one batch or None) of [(index, bytes)];
-        a warning names the sample (its key, with ``samples``) whose image can't be decoded."""
+        a warning names the sample (its key, with ``samples``) whose image can't be decoded. With
+        ``--decode-device`` cuda on that device, ``--batch-size`` at a time, else here."""
+        if self.device_decoder is not None:
+            return self.decode_on_device(list(items), src, samples)
         rows, images = [], []
         for i, data in items:
             try:
@@ -301,9 +341,24 @@ class ShardEmbedder:
                 logging.warning(f"{src}: {name}: image not decodable: {e}")
         return rows, torch.stack(images) if images else None
 
+    def decode_on_device(self, items, src, samples):
+        rows, images = [], []
+        for start in range(0, len(items), self.args.batch_size):
+            done, batch, failed = self.device_decoder(items[start:start + self.args.batch_size])
+            for i, e in failed.items():
+                name = f"sample '{samples[i]['__key__']}'" if samples else f"image {i}"
+                logging.warning(f"{src}: {name}: image not decodable: {e}")
+            rows += done
+            images += [batch] if batch is not None else []
+        return rows, torch.cat(images) if images else None
+
     def prepare(self, src):
-        """The CPU part of a shard: (prepared samples, indices of those whose image decoded, the images)."""
+        """The CPU part of a shard: (prepared samples, indices of those whose image decoded, the images);
+        with ``--decode-device`` cuda (not decoded here): (prepared samples, indices of those with an
+        image, None)."""
         samples, with_image = self.prepare_samples(src)
+        if self.device_decoder is not None:
+            return samples, [i for i, _ in with_image], None
         return (samples, *self.decode_images(with_image, src, samples))
 
     @torch.no_grad()
@@ -390,8 +445,9 @@ class ShardEmbedder:
         """Every (src, dst) shard: the CPU part in ``--workers`` processes that live for the whole job,
         the image tower here, the writing in ``--writers`` processes (one shard after another in order,
         at most two per writer in flight); yields (dst, samples, embedded, seconds) per shard written.
-        ``self.spent`` adds up this process's seconds: waiting for the workers, in the image tower, handing
-        shards to the writers and waiting for them."""
+        ``self.spent`` adds up this process's seconds: waiting for the workers, decoding (``--decode-device``;
+        what it queues on a GPU ends inside the next part's time), in the image tower, handing shards to the
+        writers and waiting for them."""
         pool, pending = self.writer_pool(), collections.deque()
         limit = 2 * self.writers()
         try:
@@ -400,10 +456,14 @@ class ShardEmbedder:
                 if isinstance(samples, InputError):
                     raise samples
                 received = time.time()
+                if self.device_decoder is not None:  # the workers sent the indices of the samples with an image
+                    rows, images = self.decode_images([(i, image_bytes(samples[i])) for i in rows], src, samples)
+                decoded = time.time()
                 features = self.encode(images) if images is not None else []  # to numpy: waits for the GPU
                 encoded = time.time()
                 self.spent["waiting"] += received - start
-                self.spent["encoding"] += encoded - received
+                self.spent["decoding"] += decoded - received
+                self.spent["encoding"] += encoded - decoded
                 write = (pool.submit(write_shard, src, dst, samples, rows, features) if pool
                          else done_future(self.write, src, dst, samples, rows, features))
                 pending.append((dst, write, start))
@@ -472,7 +532,31 @@ def embed_shards(args, embedder, shards):
     if jobs:  # where this process's time went: which part bounds the job
         logging.info(f"done: {total} images in {time.time() - started:.2f}s ({time.time() - looping:.2f}s after "
                      f"start-up); waiting for the data workers {embedder.spent['waiting']:.2f}s, image tower "
-                     f"{embedder.spent['encoding']:.2f}s, writing shards {embedder.spent['writing']:.2f}s")
+                     f"{embedder.spent['encoding']:.2f}s, writing shards {embedder.spent['writing']:.2f}s"
+                     + decoded_on_device(embedder))
+
+
+def decoded_on_device(embedder):
+    """The done line's part on ``--decode-device``: its seconds, and where each image was decoded."""
+    decoder = embedder.device_decoder
+    if decoder is None:
+        return ""
+    counts = ", ".join(f"{n} {why}" for why, n in sorted(decoder.counts.items(), key=lambda kv: -kv[1]))
+    return f"; decoding on {decoder.device} {embedder.spent['decoding']:.2f}s ({counts or 'no images'})"
+
+
+def decode_device_problem(args):
+    """Why ``--decode-device`` can't be used with these flags on this machine, or None."""
+    if args.decode_device == "cpu":
+        return None
+    if not torch.cuda.is_available():
+        return (f"--decode-device cuda: torch {torch.__version__} finds no CUDA device"
+                f"{' (built without CUDA)' if torch.version.cuda is None else ''}; use --decode-device cpu")
+    if args.device and torch.device(args.device).type != "cuda":
+        return f"--decode-device cuda decodes beside the image tower: it needs a CUDA --device, not {args.device}"
+    if args.transfer != "uint8":
+        return "--decode-device cuda hands the image tower uint8 images: it can't go with --transfer float32"
+    return None
 
 
 def main(argv=None):
@@ -480,6 +564,10 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for path in args.model_config:
         open_clip.add_model_config(path)
+    problem = decode_device_problem(args)
+    if problem:
+        print(f"embed_images: error: {problem}", file=sys.stderr)
+        return 2
     try:
         shards = split_for_job(expand_inputs(args.shards), args.num_jobs, args.job_index)
     except InputError as e:
@@ -491,7 +579,11 @@ def main(argv=None):
         return 2
     if args.output:
         os.makedirs(args.output, exist_ok=True)
-    embedder = ShardEmbedder(args)
+    try:
+        embedder = ShardEmbedder(args)
+    except ValueError as e:  # make_device_decoder's probe
+        print(f"embed_images: error: {e}", file=sys.stderr)
+        return 2
     try:
         embed_shards(args, embedder, shards)
     except (InputError, OutputBusy, SizesFileError) as e:
