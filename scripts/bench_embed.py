@@ -2,7 +2,7 @@
 """paraclip-embed-images' image rate against the stock open_clip loader's JPEG rate, same images, one run.
 
     python scripts/bench_embed.py [--samples 4096] [--workers 2] [--rounds 5]            # CPU
-    python scripts/bench_embed.py --device cuda --workers 15 --samples 16384             # a GPU: + embed-gpu-decode
+    python scripts/bench_embed.py --device cuda --workers 15 --samples 16384             # a GPU: + embed-device-decode
 
 It writes LAION-like four-field shards (256 px JPEGs of ~15 KiB, quality 80) and times, in interleaved
 rounds, each over the same shards with the same image transform (``--model``'s preprocess_val) and the
@@ -15,8 +15,10 @@ same number of data workers:
                       texts, decode and transform its images up to uint8; the main process finishes the
                       transform (to-tensor + Normalize) and writes the shard with the embeddings
     embed-float32     the same with --transfer float32 (the whole transform in the workers)
-    embed-gpu-decode  (--device cuda only) --decode-device cuda: the workers read and tokenize, the main
-                      process decodes the JPEGs with nvJPEG in batches and transforms them on the GPU
+    embed-device-decode  --decode-device cuda: the workers read and tokenize, the main process decodes the
+                      JPEGs in batches with nvJPEG and resizes them on the GPU (by default with --device
+                      cuda only; named in --cases on the CPU it runs the same code with decode_jpeg on the
+                      CPU, which checks the case, not nvJPEG's speed)
 
 Each tool hands over one ``--per-shard`` unit at a time (a batch, a shard), so both pipeline alike.
 Start-up (workers starting, shuffle buffers filling, the first unit) is reported apart: the time to the
@@ -133,8 +135,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; median and range reported")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--no-tokens", action="store_true", help="embed cases with --no-tokens (decode work only)")
-    p.add_argument("--cases", default=None, help="comma-separated (default: stock, embed, embed-float32, and "
-                                                 "embed-gpu-decode with --device cuda)")
+    p.add_argument("--cases", default=None, help="comma-separated, from stock, embed, embed-float32, "
+                                                 "embed-device-decode (default: all; the last with --device cuda only)")
     p.add_argument("--folder", default=None, help="where to write the shards (default: a temporary folder)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -150,9 +152,9 @@ def main(argv=None):
     _, _, preprocess = open_clip.create_model_and_transforms(args.model)
     tokenizer = open_clip.get_tokenizer(args.model)
     variants = {"embed": [], "embed-float32": ["--transfer", "float32"],
-                "embed-gpu-decode": ["--decode-device", "cuda"]}
+                "embed-device-decode": ["--decode-device", "cuda"]}
     names = (args.cases.split(",") if args.cases else
-             ["stock", "embed", "embed-float32"] + (["embed-gpu-decode"] if args.device == "cuda" else []))
+             ["stock", "embed", "embed-float32"] + (["embed-device-decode"] if args.device == "cuda" else []))
     unknown = set(names) - {"stock", *variants}
     if unknown:
         raise SystemExit(f"bench_embed.py: unknown --cases {', '.join(sorted(unknown))}")

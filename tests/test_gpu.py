@@ -145,6 +145,40 @@ def test_embed_images_finishes_uint8_images_on_the_device_bit_for_bit(device, mo
     assert torch.equal(on_device.cpu(), expected)
 
 
+def test_embed_images_decodes_odd_jpegs_on_the_device_as_the_cpu_path_does(device, model_name, record_property):
+    """embed_images --decode-device: truncated, CMYK, greyscale, progressive, PNG-in-jpg (test_device_decode's
+    odd images) through DeviceDecoder on the device (nvJPEG on CUDA): each decoded or skipped as the CPU path
+    does, every one counted, no crash. nvJPEG's IDCT and chroma upsampling and the float resize differ from
+    PIL by a few levels: the mean difference stays under 1.5 levels per image, and the image tower's
+    embeddings of both under a cosine of 0.99 nowhere."""
+    import functools
+    from test_device_decode import UNDECODABLE, odd_images
+    from paraclip_plugin.train.device_decode import DeviceDecoder, tensor_steps
+    from paraclip_plugin.train.embed_images import decode_image, finish_preprocess, split_preprocess
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, device=device)
+    to_uint8, normalize = split_preprocess(preprocess)
+    cpu = functools.partial(decode_image, preprocess=to_uint8)
+    decoder = DeviceDecoder(tensor_steps(preprocess), device, cpu)
+    images = odd_images()
+    kinds = list(images)
+    rows, batch, failed = decoder(list(enumerate(images.values())))
+    record_property("decode_counts", "; ".join(f"{why}: {n}" for why, n in sorted(decoder.counts.items())))
+    assert {kinds[i] for i in failed} == UNDECODABLE
+    assert [kinds[i] for i in rows] == [k for k in kinds if k not in UNDECODABLE]
+    assert sum(decoder.counts.values()) == len(images) and decoder.counts[f"on {device.type}"] >= 1
+    assert batch.device.type == device.type and batch.dtype == torch.uint8
+    expected = torch.stack([cpu(images[kinds[i]]) for i in rows])
+    means = [(b.int() - e.int()).abs().float().mean().item() for b, e in zip(batch.cpu(), expected)]
+    with torch.no_grad():
+        on_device = model.encode_image(finish_preprocess(batch, normalize), normalize=True)
+        on_cpu_path = model.encode_image(finish_preprocess(expected.to(device), normalize), normalize=True)
+    cosine = torch.nn.functional.cosine_similarity(on_device.float(), on_cpu_path.float()).min().item()
+    record_property("decode_worst_mean_level_diff", max(means))
+    record_property("decode_min_embedding_cosine", cosine)
+    assert max(means) <= 1.5, dict(zip([kinds[i] for i in rows], means))
+    assert cosine >= 0.99
+
+
 @pytest.mark.parametrize("precision", ["amp_bf16", "amp"])
 def test_frozen_image_tower_gets_no_gradient_and_stays_bit_identical(device, model_name, precision):
     """Three optimizer steps as open_clip_train takes them (autocast; GradScaler for fp16 'amp')."""
