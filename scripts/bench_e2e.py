@@ -10,6 +10,7 @@
      stock        open_clip's own LiT fine-tuning: --lock-image, JPEG + one caption
      paraclip     --paraclip-loss from JPEGs (image tower frozen, three texts)
      embed        scripts/embed_images.py on the GPU (adds img_emb.npy + tokens.npy; images/s)
+     embed-device-decode  the same with --decode-device cuda (JPEGs decoded by nvJPEG in batches)
      embed-float32  the same with --transfer float32 (the whole image transform in the data workers:
                   4x the bytes per image to pin and copy; the baseline of embed's uint8 default)
      cached       --paraclip-loss --image-embeddings (no image decoding, no image tower)
@@ -56,7 +57,7 @@ STEP_RE = re.compile(r"^(\S+) \|.*Train Epoch: \d+ \[.*Data \(t\): ([0-9.]+) Bat
                      r"([0-9.e+]+)/s, ([0-9.e+]+)/s/gpu")
 DONE_RE = re.compile(r"done: \d+ images in [0-9.]+s \(([0-9.]+)s after start-up\); waiting for the data workers "
                      r"([0-9.]+)s, image tower ([0-9.]+)s, writing shards ([0-9.]+)s")
-CASES = ("stock", "paraclip", "embed", "embed-float32", "cached", "cached+causal", "cached+compile", "cached+causal+compile",
+CASES = ("stock", "paraclip", "embed", "embed-device-decode", "embed-float32", "cached", "cached+causal", "cached+compile", "cached+causal+compile",
          "compact", "accum")
 # the cached cases' flags beside --paraclip-loss --image-embeddings
 CACHED = {"cached": (), "cached+causal": ("--causal-attention",), "cached+compile": ("--torchcompile",),
@@ -97,7 +98,7 @@ def parse_args(argv=None):
         args.steps, args.skip_steps, args.workers, args.precision = 6, 2, 2, "fp32"
         args.accum_batch, args.accum_micro_batch, args.accum_steps = 64, 32, 3
         # Inductor on 2 CPU cores: minutes, not a check
-        args.cases = ",".join(c for c in args.cases.split(",") if not c.endswith("+compile"))
+        args.cases = ",".join(c for c in args.cases.split(",") if not c.endswith("+compile") and c != "embed-device-decode")
     return args
 
 
@@ -299,6 +300,8 @@ def main(argv=None):
             r = train(args, name, plain, "--paraclip-loss")
         elif name == "embed":
             r = embed(args, name, to_embed, embedded)
+        elif name == "embed-device-decode":
+            r = embed(args, name, to_embed, os.path.join(args.folder, "embedded-device-decode"), "--decode-device", "cuda")
         elif name == "embed-float32":
             r = embed(args, name, to_embed, os.path.join(args.folder, "embedded-float32"), "--transfer", "float32")
         elif name in CACHED:

@@ -103,7 +103,7 @@ if [ "$SMOKE" = 0 ]; then
     want step && stage step "${GPU_CHECK_STEP_BUDGET:-120}" $PY scripts/bench_step.py --steps 10 --warmup 3 --json "$WORK/step.json" \
         --steps-only "${GPU_CHECK_STEP_CASES:-naive@1024,plugin-emb+causal+compile@1024,plugin-emb@3072}"
     want e2e && stage e2e "${GPU_CHECK_E2E_BUDGET:-300}" $PY scripts/bench_e2e.py --folder "$SCRATCH/e2e" --json "$WORK/e2e.json" \
-        --run-timeout 120 --embed-samples 16384 --cases "${GPU_CHECK_E2E_CASES:-stock,embed,cached+causal+compile,paraclip,accum}"
+        --run-timeout 120 --embed-samples 16384 --cases "${GPU_CHECK_E2E_CASES:-stock,embed,embed-device-decode,cached+causal+compile,paraclip,accum}"
 else
     $PY scripts/gpu_report.py started --work "$WORK" --cpu-smoke
     shards --cpu-smoke
