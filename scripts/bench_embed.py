@@ -23,11 +23,12 @@ same number of data workers:
 Each tool hands over one ``--per-shard`` unit at a time (a batch, a shard), so both pipeline alike.
 Start-up (workers starting, shuffle buffers filling, the first unit) is reported apart: the time to the
 first unit. Steady state is the images after the first unit over the time after it; whole is every image
-over the whole pass. Model creation is outside both. On the CPU the image tower is not run (on 2 cores
-it would be the bound, and on a GPU it is not): the embed cases get random unit vectors of the tower's
-width, everything else the tool does (Normalize included) runs. With --device cuda the tower runs (bf16
-autocast, as bench_e2e.py's embed case). The summary is the median of the rounds with their range, and
-each case's ratio to stock (the ratio of medians, and the range of the per-round ratios).
+over the whole pass up to the last unit (shutting down workers is left out). Model creation is outside
+both. On the CPU the image tower is not run (on 2 cores it would be the bound, and on a GPU it is not):
+the embed cases get random unit vectors of the tower's width, everything else the tool does (Normalize
+included) runs. With --device cuda the tower runs (bf16 autocast, as bench_e2e.py's embed case). The
+summary is the median of the rounds with their range, and each case's ratio to stock (the ratio of
+medians, and the range of the per-round ratios).
 """
 import argparse
 import os
@@ -53,12 +54,13 @@ class Timer:
         self.start, self.first, self.count, self.first_count = time.perf_counter(), None, 0, 0
 
     def add(self, images):
-        self.count += images
+        self.count, self.last = self.count + images, time.perf_counter()
         if self.first is None:
-            self.first, self.first_count = time.perf_counter(), images
+            self.first, self.first_count = self.last, images
 
     def result(self):
-        end = time.perf_counter()
+        """Up to the last unit (worker shutdown after it is left out)."""
+        end = self.last
         return {"startup_s": self.first - self.start, "whole": self.count / (end - self.start),
                 "steady": (self.count - self.first_count) / max(end - self.first, 1e-9), "images": self.count}
 
