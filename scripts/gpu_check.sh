@@ -10,7 +10,8 @@
 #   2. step         scripts/bench_step.py: naive vs the plugin's step at batch 1,024 (cached embeddings,
 #                   --causal-attention, torch.compile: the 4x target), and the plugin's step at 3,072 (memory)
 #   3. e2e          scripts/bench_e2e.py: real open_clip_train runs from shards on local disk: stock (every
-#                   ratio's baseline), embed (makes the cached shards), cached+causal+compile, --paraclip-loss
+#                   ratio's baseline), embed (makes the cached shards), embed-device-decode (nvJPEG),
+#                   cached+causal+compile, --paraclip-loss
 #                   from JPEGs, and the 32,768 --accum-freq step
 #
 # Every target is measured in one call: 7.3 minutes on an H200 (2026-11-26 13:24). Each stage has a hard

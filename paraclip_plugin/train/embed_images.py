@@ -19,7 +19,8 @@ Shards are rewritten in place (or written to ``--output``) one at a time, atomic
 either the old file or the complete new one. A rerun skips shards already embedded with the same
 image weights, architecture, transform and precision (and tokenizer), so a killed job resumes at the shard
 it was working on; a shard embedded with other settings is embedded again (the log says which differ). Runs on the
-GPU when there is one. Train on the result with ``--paraclip-loss --image-embeddings``.
+GPU when there is one; ``--decode-device cuda`` also decodes the JPEGs there (nvJPEG, device_decode.py), and
+``--writers`` processes write the shards. Train on the result with ``--paraclip-loss --image-embeddings``.
 """
 import argparse
 import collections
