@@ -56,12 +56,13 @@ def test_gpu_check_cpu_smoke_runs_every_stage(tmp_path, patched_install):
     assert sorted(stages[:2]) == [("shards", 0), ("tests", 0)] and stages[2:] == [("step", 0), ("e2e", 0)]
     assert result["e2e"]["shards"]["reused"] is True and result["e2e"]["shards"]["seconds"] > 0
     tests = result["tests"]
-    assert (tests["passed"], tests["failed"], tests["skipped"]) == (9, 0, 0)
+    assert (tests["passed"], tests["failed"], tests["skipped"]) == (10, 0, 0)
     # pytest_parallel.py ran the open_clip_train tests in processes of their own: one junit xml, collection order
     assert [c["name"] for c in tests["cases"]] == [
         *(f"test_trimmed_text_features_and_gradients_match_stock_under_autocast[dtype{i}]" for i in (0, 1)),
         "test_causal_attention_runs_flash_attention_and_matches_the_mask_under_bf16",
         "test_embed_images_finishes_uint8_images_on_the_device_bit_for_bit",
+        "test_embed_images_decodes_odd_jpegs_on_the_device_as_the_cpu_path_does",
         *(f"test_frozen_image_tower_gets_no_gradient_and_stays_bit_identical[{p}]" for p in ("amp_bf16", "amp")),
         *(f"test_open_clip_train_paraclip_steps_in_amp_bf16[{c}]" for c in ("eager", "torchcompile", "torchcompile+causal"))]
     # the measured differences reach the result file, as the tests bounded them
@@ -76,6 +77,8 @@ def test_gpu_check_cpu_smoke_runs_every_stage(tmp_path, patched_install):
         assert 0 <= float(props[f"{prefix}_grad_max_rel_diff"]) <= test_gpu.GRAD_RTOL, (case, props)
         assert props[f"{prefix}_grad_worst_param"] in parameters, (case, props)
     assert measured["test_open_clip_train_paraclip_steps_in_amp_bf16[torchcompile]"]["recompiles"].isdigit()
+    decoded = measured["test_embed_images_decodes_odd_jpegs_on_the_device_as_the_cpu_path_does"]
+    assert float(decoded["decode_min_embedding_cosine"]) >= 0.99 and "not decodable: 2" in decoded["decode_counts"]
     # plugin-emb+causal@16: that case at that batch only
     assert [(c["step"], c["batch"]) for c in result["step"]["cases"]] == [
         ("naive", 16), ("plugin-img", 16), ("plugin-emb", 16), ("plugin-emb+causal", 16),
