@@ -7,6 +7,7 @@ import logging
 import pickle
 import re
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import open_clip
@@ -587,3 +588,18 @@ def test_a_compact_shard_after_a_four_field_one_is_named_as_mixing_them(world, t
         pipeline(compact, stages)
     with pytest.raises(MixedShards, match="train on compact shards with --image-embeddings"):
         pipeline(compact, paraclip_decode_stages(preprocess_train, tokenizer))
+
+
+def test_writer_processes_write_the_shards_this_process_writes(world, tmp_path):
+    """--writers: shards written by two writer processes are byte for byte those written in this process;
+    the default count follows --workers (half of them with --decode-device cuda: those workers only read)."""
+    embed(str(world["plain"] / "*.tar"), world["init"], "--output", tmp_path, "--workers", "1", "--writers", "2")
+    for name in ("00000.tar", "00001.tar"):
+        assert (tmp_path / name).read_bytes() == (world["embedded"] / name).read_bytes()
+    counts = {}
+    for flags in ([], ["--workers", "0"], ["--workers", "15"], ["--workers", "15", "--decode-device", "cuda"],
+                  ["--workers", "1", "--decode-device", "cuda"], ["--workers", "15", "--writers", "0"]):
+        args = embed_images.parse_args(["--shards", "x", "--model", TINY_MODEL, *flags])
+        counts[" ".join(flags)] = embed_images.ShardEmbedder.writers(SimpleNamespace(args=args))
+    assert counts == {"": 1, "--workers 0": 0, "--workers 15": 3, "--workers 15 --decode-device cuda": 7,
+                      "--workers 1 --decode-device cuda": 1, "--workers 15 --writers 0": 0}

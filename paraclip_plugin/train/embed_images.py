@@ -65,8 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=4, help="image decoding processes")
     p.add_argument("--writers", type=int, default=None,
                    help="processes writing the finished shards (tar members, fsync) while this one feeds the "
-                        "image tower; default: a quarter of --workers, at least 1 (0 with --workers 0: all in "
-                        "this process)")
+                        "image tower; default: a quarter of --workers (half with --decode-device cuda), at least 1 "
+                        "(0 with --workers 0: all in this process)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--precision", choices=("fp32", "amp"), default="fp32",
                    help="amp: bf16 autocast on --device, CUDA or CPU (faster on a GPU; on the CPU often slower); "
@@ -437,7 +437,11 @@ class ShardEmbedder:
         """How many processes write the shards (0: this one)."""
         if self.args.writers is not None:
             return self.args.writers
-        return max(1, self.args.workers // 4) if self.args.workers else 0
+        if not self.args.workers:
+            return 0
+        # decoding and resizing cost a worker about 3x what writing costs a writer; with --decode-device cuda
+        # the workers only read and tokenize, about what writing costs
+        return max(1, self.args.workers // (2 if self.args.decode_device == "cuda" else 4))
 
     def writer_pool(self):
         """The ``--writers`` processes (each holds this embedder, less the image tower), or None."""
