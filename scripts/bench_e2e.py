@@ -16,6 +16,7 @@
      stock        open_clip's own LiT fine-tuning: --lock-image, JPEG + one caption
      paraclip     --paraclip-loss from JPEGs (image tower frozen, three texts)
      embed        scripts/embed_images.py on the GPU (adds img_emb.npy + tokens.npy; images/s)
+     embed-device-decode  the same with --decode-device cuda (JPEGs decoded by nvJPEG in batches)
      embed-float32  the same with --transfer float32 (the whole image transform in the data workers:
                   4x the bytes per image to pin and copy; the baseline of embed's uint8 default)
      cached       --paraclip-loss --image-embeddings (no image decoding, no image tower)
@@ -42,6 +43,7 @@
    at the end of the run is peak_allocated_gib.
 Ratios against ``stock`` are measured in the same call, on the same machine.
 """
+
 import argparse
 import itertools
 import json
@@ -62,16 +64,35 @@ from paraclip_plugin.shards import atomic_write_text
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO, "paraclip_plugin", "model_configs", "paraclip-tiny-77.json")  # 77-token context
 PEAK_RE = re.compile(r"^peak_memory: max_memory_allocated ([0-9.]+) GiB, max_memory_reserved ([0-9.]+) GiB", re.M)
-STEP_RE = re.compile(r"^(\S+) \|.*Train Epoch: \d+ \[.*Data \(t\): ([0-9.]+) Batch \(t\): ([0-9.]+), "
-                     r"([0-9.e+]+)/s, ([0-9.e+]+)/s/gpu")
-DONE_RE = re.compile(r"done: \d+ images in [0-9.]+s \(([0-9.]+)s after start-up\); waiting for the data workers "
-                     r"([0-9.]+)s, image tower ([0-9.]+)s, writing shards ([0-9.]+)s")
-CASES = ("stock", "paraclip", "embed", "embed-float32", "cached", "cached+causal", "cached+compile", "cached+causal+compile",
-         "compact", "accum")
+STEP_RE = re.compile(
+    r"^(\S+) \|.*Train Epoch: \d+ \[.*Data \(t\): ([0-9.]+) Batch \(t\): ([0-9.]+), "
+    r"([0-9.e+]+)/s, ([0-9.e+]+)/s/gpu"
+)
+DONE_RE = re.compile(
+    r"done: \d+ images in [0-9.]+s \(([0-9.]+)s after start-up\); waiting for the data workers "
+    r"([0-9.]+)s, image tower ([0-9.]+)s, writing shards ([0-9.]+)s"
+)
+CASES = (
+    "stock",
+    "paraclip",
+    "embed",
+    "embed-device-decode",
+    "embed-float32",
+    "cached",
+    "cached+causal",
+    "cached+compile",
+    "cached+causal+compile",
+    "compact",
+    "accum",
+)
 # the cached cases' flags beside --paraclip-loss --image-embeddings
-CACHED = {"cached": (), "cached+causal": ("--causal-attention",), "cached+compile": ("--torchcompile",),
-          "cached+causal+compile": ("--causal-attention", "--torchcompile")}
-EMBEDS = ("embed", "embed-float32")  # run once, over every setting's shards
+CACHED = {
+    "cached": (),
+    "cached+causal": ("--causal-attention",),
+    "cached+compile": ("--torchcompile",),
+    "cached+causal+compile": ("--causal-attention", "--torchcompile"),
+}
+EMBEDS = ("embed", "embed-device-decode", "embed-float32")  # run once, over every setting's shards
 PORTS = itertools.count(29500)  # a master port per training run
 
 
@@ -79,51 +100,88 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--folder", required=True, help="work folder on local disk (shards, logs)")
     p.add_argument("--model", default="ViT-B-32")
-    p.add_argument("--samples", type=int, default=51200, help="samples written (50k+ so shards are not re-read "
-                                                              "within a run)")
+    p.add_argument(
+        "--samples", type=int, default=51200, help="samples written (50k+ so shards are not re-read within a run)"
+    )
     p.add_argument("--per-shard", type=int, default=1024)
-    p.add_argument("--embed-samples", type=int, default=None,
-                   help="samples (whole shards) that embed/compact embed and the cached runs read, resampled "
-                        "like the others (default: all --samples; fewer saves device time, not loader work)")
+    p.add_argument(
+        "--embed-samples",
+        type=int,
+        default=None,
+        help="samples (whole shards) that embed/compact embed and the cached runs read, resampled "
+        "like the others (default: all --samples; fewer saves device time, not loader work)",
+    )
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=45, help="optimizer steps per training run")
-    p.add_argument("--skip-steps", type=int, default=15, help="first steps left out (warm-up: worker start, "
-                                                                "the first burst of batches)")
-    p.add_argument("--windows", type=int, default=3, help="the timed steps in this many consecutive windows; "
-                                                             "samples/s is their median, their range is reported")
-    p.add_argument("--text-lengths", default="40,24,77", metavar="LONGEST,...",
-                   help=f"text-length settings: the longest text in tokens (SOT/EOT included), each text's length "
-                        f"{TEXT_LENGTHS}; the first is the headline (default: %(default)s)")
+    p.add_argument(
+        "--skip-steps",
+        type=int,
+        default=15,
+        help="first steps left out (warm-up: worker start, the first burst of batches)",
+    )
+    p.add_argument(
+        "--windows",
+        type=int,
+        default=3,
+        help="the timed steps in this many consecutive windows; samples/s is their median, their range is reported",
+    )
+    p.add_argument(
+        "--text-lengths",
+        default="40,24,77",
+        metavar="LONGEST,...",
+        help=f"text-length settings: the longest text in tokens (SOT/EOT included), each text's length "
+        f"{TEXT_LENGTHS}; the first is the headline (default: %(default)s)",
+    )
     p.add_argument("--workers", type=int, default=15, help="data workers per run (and processes writing shards)")
     p.add_argument("--precision", default="amp_bf16")
     p.add_argument("--accum-batch", type=int, default=32768, help="samples per optimizer step of the accum case")
-    p.add_argument("--accum-micro-batch", type=int, default=2048,
-                   help="--batch-size of the accum case (--accum-freq = --accum-batch / this). Its text tower's "
-                        "activations are kept for backward: ~19 KiB per token and layer in bf16 for ViT-B-32 (50 GiB "
-                        "at 3 x 3,072 texts of <= 24 tokens, H200), so 3 x 4,096 texts of 40 tokens need ~110 GiB and "
-                        "3 x 2,048 ~55 GiB (default: %(default)s)")
-    p.add_argument("--accum-steps", type=int, default=4, help="optimizer steps of the accum case (the first "
-                                                                 "is left out of its samples/s)")
-    p.add_argument("--accum-block-size", type=int, default=4096,
-                   help="--paraclip-loss-block-size of the accum case (0: open_clip's ClipLoss, all logits at once)")
-    p.add_argument("--cases", default=",".join(CASES),
-                   help=f"comma-separated, from {', '.join(CASES)}; NAME@LONGEST runs NAME at that text-length "
-                        f"setting only")
+    p.add_argument(
+        "--accum-micro-batch",
+        type=int,
+        default=2048,
+        help="--batch-size of the accum case (--accum-freq = --accum-batch / this). Its text tower's "
+        "activations are kept for backward: ~19 KiB per token and layer in bf16 for ViT-B-32 (50 GiB "
+        "at 3 x 3,072 texts of <= 24 tokens, H200), so 3 x 4,096 texts of 40 tokens need ~110 GiB and "
+        "3 x 2,048 ~55 GiB (default: %(default)s)",
+    )
+    p.add_argument(
+        "--accum-steps",
+        type=int,
+        default=4,
+        help="optimizer steps of the accum case (the first is left out of its samples/s)",
+    )
+    p.add_argument(
+        "--accum-block-size",
+        type=int,
+        default=4096,
+        help="--paraclip-loss-block-size of the accum case (0: open_clip's ClipLoss, all logits at once)",
+    )
+    p.add_argument(
+        "--cases",
+        default=",".join(CASES),
+        help=f"comma-separated, from {', '.join(CASES)}; NAME@LONGEST runs NAME at that text-length setting only",
+    )
     p.add_argument("--run-timeout", type=float, default=240, help="seconds before one run is stopped")
     p.add_argument("--json", default=None, help="write the results here (after every case)")
-    p.add_argument("--shards-only", action="store_true",
-                   help="write the shards and stop (gpu_check.sh does this on the CPU while its tests run); a "
-                        "later run with the same --folder, --samples and --per-shard uses them")
-    p.add_argument("--cpu-smoke", action="store_true",
-                   help="CPU, paraclip-tiny-77 (77-token context), 512 samples, batch 32, 2 workers, fp32, loss blocks "
-                        "of 16: checks the script only")
+    p.add_argument(
+        "--shards-only",
+        action="store_true",
+        help="write the shards and stop (gpu_check.sh does this on the CPU while its tests run); a "
+        "later run with the same --folder, --samples and --per-shard uses them",
+    )
+    p.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="CPU, paraclip-tiny-77 (77-token context), 512 samples, batch 32, 2 workers, fp32, loss blocks "
+        "of 16: checks the script only",
+    )
     args = p.parse_args(argv)
     if args.cpu_smoke:
         args.model, args.samples, args.per_shard, args.batch_size = "paraclip-tiny-77", 512, 128, 32
         args.steps, args.skip_steps, args.workers, args.precision = 8, 2, 2, "fp32"
         args.accum_batch, args.accum_micro_batch, args.accum_steps, args.accum_block_size = 64, 32, 4, 16
         # Inductor on 2 CPU cores: minutes, not a check
-        args.cases = ",".join(c for c in args.cases.split(",") if "+compile" not in c)
+        args.cases = ",".join(c for c in args.cases.split(",") if "+compile" not in c and c != "embed-device-decode")
     args.lengths = [int(n) for n in args.text_lengths.split(",")]
     args.plan = plan(args.cases, args.lengths)
     return args
@@ -138,8 +196,10 @@ def plan(cases, lengths):
         if name not in CASES:
             raise SystemExit(f"bench_e2e.py: unknown case '{name}' in --cases; cases are {', '.join(CASES)}")
         if at and (not only.isdigit() or int(only) not in lengths):
-            raise SystemExit(f"bench_e2e.py: --cases '{token}': the setting after @ must be one of --text-lengths "
-                             f"{','.join(map(str, lengths))}")
+            raise SystemExit(
+                f"bench_e2e.py: --cases '{token}': the setting after @ must be one of --text-lengths "
+                f"{','.join(map(str, lengths))}"
+            )
         wanted = [None] if name in EMBEDS else [int(only)] if at else lengths
         pairs += [(name, length) for length in wanted if (name, length) not in pairs]
     return pairs
@@ -164,8 +224,11 @@ class GpuSampler:
 
     def run(self):
         while not self.stop.is_set():
-            out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True).stdout.split("\n")[0]
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+            ).stdout.split("\n")[0]
             try:
                 util, memory = (float(x) for x in out.split(","))
                 self.samples.append((time.time(), util, memory))
@@ -182,8 +245,10 @@ class GpuSampler:
         window = [s for s in self.samples if (start is None or s[0] >= start) and (end is None or s[0] <= end)]
         if not window:
             return {}
-        return {"gpu_util_mean_pct": round(statistics.mean(s[1] for s in window), 1),
-                "gpu_memory_max_gib": round(max(s[2] for s in self.samples) / 1024, 2)}
+        return {
+            "gpu_util_mean_pct": round(statistics.mean(s[1] for s in window), 1),
+            "gpu_memory_max_gib": round(max(s[2] for s in self.samples) / 1024, 2),
+        }
 
 
 def run(cmd, log_path, timeout, env=None):
@@ -225,15 +290,53 @@ def train(args, name, data, *flags, batch_size=None, steps=None, skip_steps=None
     skip_steps = args.skip_steps if skip_steps is None else skip_steps
     accum = int(flags[flags.index("--accum-freq") + 1]) if "--accum-freq" in flags else 1
     logs = os.path.join(args.folder, "logs")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "1",
-           "--master_port", str(next(PORTS)),
-           os.path.join(REPO, "scripts", "peak_memory.py"), "open_clip_train.main",
-           "--train-data", data, "--dataset-type", "webdataset", "--dataset-resampled",
-           "--train-num-samples", str(steps * batch_size * accum), "--model", args.model,
-           "--batch-size", str(batch_size), "--workers", str(args.workers), "--precision", args.precision,
-           "--lr", "1e-5", "--wd", "0.001", "--warmup", "2", "--epochs", "1", "--seed", "0",
-           "--device", "cpu" if args.cpu_smoke else "cuda", "--save-frequency", "0",
-           "--logs-dir", logs, "--name", name, "--log-every-n-steps", "1", "--pretrained", args.init, *flags]
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "torchrun"),
+        "--nproc_per_node",
+        "1",
+        "--master_port",
+        str(next(PORTS)),
+        os.path.join(REPO, "scripts", "peak_memory.py"),
+        "open_clip_train.main",
+        "--train-data",
+        data,
+        "--dataset-type",
+        "webdataset",
+        "--dataset-resampled",
+        "--train-num-samples",
+        str(steps * batch_size * accum),
+        "--model",
+        args.model,
+        "--batch-size",
+        str(batch_size),
+        "--workers",
+        str(args.workers),
+        "--precision",
+        args.precision,
+        "--lr",
+        "1e-5",
+        "--wd",
+        "0.001",
+        "--warmup",
+        "2",
+        "--epochs",
+        "1",
+        "--seed",
+        "0",
+        "--device",
+        "cpu" if args.cpu_smoke else "cuda",
+        "--save-frequency",
+        "0",
+        "--logs-dir",
+        logs,
+        "--name",
+        name,
+        "--log-every-n-steps",
+        "1",
+        "--pretrained",
+        args.init,
+        *flags,
+    ]
     if args.cpu_smoke:
         cmd += ["--model-config", TINY_CONFIG]
     shutil.rmtree(os.path.join(logs, name), ignore_errors=True)
@@ -243,8 +346,13 @@ def train(args, name, data, *flags, batch_size=None, steps=None, skip_steps=None
     out_log = os.path.join(logs, name, "out.log")
     rates = step_rates(open(out_log).read()) if os.path.exists(out_log) else []
     timed = rates[skip_steps:] if len(rates) > skip_steps else []
-    result = {"exit": code, "seconds": round(seconds, 1), "steps_logged": len(rates), "batch": batch_size * accum,
-              "flags": " ".join(flags)}
+    result = {
+        "exit": code,
+        "seconds": round(seconds, 1),
+        "steps_logged": len(rates),
+        "batch": batch_size * accum,
+        "flags": " ".join(flags),
+    }
     peak = PEAK_RE.search(open(log, errors="replace").read()) if os.path.exists(log) else None
     if peak:
         result["peak_allocated_gib"], result["peak_reserved_gib"] = float(peak.group(1)), float(peak.group(2))
@@ -266,6 +374,7 @@ def train(args, name, data, *flags, batch_size=None, steps=None, skip_steps=None
 def save_init(args):
     import open_clip
     import torch
+
     if args.cpu_smoke:
         open_clip.add_model_config(TINY_CONFIG)
     torch.manual_seed(0)
@@ -274,22 +383,47 @@ def save_init(args):
 
 def embed(args, name, plain, embedded, *extra):
     """embed_images.py over the shards ``plain`` names, written to ``embedded``; images/s over the whole run."""
-    cmd = [sys.executable, os.path.join(REPO, "scripts", "embed_images.py"), "--shards", plain,
-           "--output", embedded, "--model", args.model, "--pretrained", args.init, "--batch-size", "512" if not args.cpu_smoke else "64",
-           "--workers", str(args.workers), "--precision", "amp" if not args.cpu_smoke else "fp32"]
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "scripts", "embed_images.py"),
+        "--shards",
+        plain,
+        "--output",
+        embedded,
+        "--model",
+        args.model,
+        "--pretrained",
+        args.init,
+        "--batch-size",
+        "512" if not args.cpu_smoke else "64",
+        "--workers",
+        str(args.workers),
+        "--precision",
+        "amp" if not args.cpu_smoke else "fp32",
+    ]
     if args.cpu_smoke:
         cmd += ["--model-config", TINY_CONFIG]
     log = os.path.join(args.folder, f"{name}.log")
     with GpuSampler() as gpu:
         code, seconds = run(cmd + list(extra), log, args.run_timeout)
-    result = {"exit": code, "seconds": round(seconds, 1), "images": args.embed_samples,
-              "images_per_s": round(args.embed_samples / seconds, 1), **gpu.summary()}
+    result = {
+        "exit": code,
+        "seconds": round(seconds, 1),
+        "images": args.embed_samples,
+        "images_per_s": round(args.embed_samples / seconds, 1),
+        **gpu.summary(),
+    }
     # embed_images.py's last line: where its main process spent the job (what bounds it)
     done = DONE_RE.search(open(log).read()) if os.path.exists(log) else None
     if done:
         looping, waiting, encoding, writing = map(float, done.groups())
-        result.update(after_startup_s=looping, waiting_s=waiting, encoding_s=encoding, writing_s=writing,
-                      data_wait_pct=round(100 * waiting / looping, 1) if looping else None)
+        result.update(
+            after_startup_s=looping,
+            waiting_s=waiting,
+            encoding_s=encoding,
+            writing_s=writing,
+            data_wait_pct=round(100 * waiting / looping, 1) if looping else None,
+        )
     return result
 
 
@@ -298,10 +432,14 @@ def measured_text_tokens(folder, lengths, per_shard):
     open_clip's tokenizer (what training reads)."""
     from open_clip.tokenizer import tokenize
     from paraclip_plugin.paraphrase.shard_io import read_tar_samples
+
     measured = {}
     for longest in lengths:
-        texts = [sample[field].decode() for sample in read_tar_samples(os.path.join(folder, shard_name(0, longest)))
-                 for field in ("txt", "para1.txt", "para2.txt")]
+        texts = [
+            sample[field].decode()
+            for sample in read_tar_samples(os.path.join(folder, shard_name(0, longest)))
+            for field in ("txt", "para1.txt", "para2.txt")
+        ]
         counts = (tokenize(texts) != 0).sum(dim=1)
         measured[str(longest)] = {"shortest": int(counts.min()), "longest": int(counts.max()), "texts": len(texts)}
     return measured
@@ -319,21 +457,30 @@ def plain_shards(args):
         with open(record) as f:
             written = json.load(f)
         if {key: written.get(key) for key in settings} == settings:
-            print(f"shards: {args.samples} samples, written by an earlier run in {written['result']['seconds']}s",
-                  flush=True)
+            print(
+                f"shards: {args.samples} samples, written by an earlier run in {written['result']['seconds']}s",
+                flush=True,
+            )
             return written["pattern"], dict(written["result"], reused=True)
     except (OSError, ValueError, KeyError, TypeError):
         pass
     if os.path.exists(record):
         os.remove(record)
     start = time.time()
-    pattern, mean_jpeg = write_shards(folder, args.samples, args.per_shard, processes=args.workers,
-                                      longest=sorted(args.lengths))
-    result = {"seconds": round(time.time() - start, 1), "mean_jpeg_kib": round(mean_jpeg / 1024, 1),
-              "text_tokens": measured_text_tokens(folder, sorted(args.lengths), args.per_shard)}
+    pattern, mean_jpeg = write_shards(
+        folder, args.samples, args.per_shard, processes=args.workers, longest=sorted(args.lengths)
+    )
+    result = {
+        "seconds": round(time.time() - start, 1),
+        "mean_jpeg_kib": round(mean_jpeg / 1024, 1),
+        "text_tokens": measured_text_tokens(folder, sorted(args.lengths), args.per_shard),
+    }
     atomic_write_text(record, json.dumps(dict(settings, pattern=pattern, result=result)) + "\n")
-    print(f"shards: {args.samples} samples per text-length setting ({', '.join(map(str, sorted(args.lengths)))}), "
-          f"mean JPEG {mean_jpeg / 1024:.1f} KiB, in {time.time() - start:.0f}s", flush=True)
+    print(
+        f"shards: {args.samples} samples per text-length setting ({', '.join(map(str, sorted(args.lengths)))}), "
+        f"mean JPEG {mean_jpeg / 1024:.1f} KiB, in {time.time() - start:.0f}s",
+        flush=True,
+    )
     return pattern, result
 
 
@@ -344,15 +491,27 @@ def main(argv=None):
         device = "n/a (shards only)"
     elif not args.cpu_smoke:
         import torch
+
         if not torch.cuda.is_available():
             raise SystemExit("bench_e2e.py needs a CUDA GPU (or --cpu-smoke to check the script on CPU)")
         device = torch.cuda.get_device_name()
     else:
         device = "CPU (smoke run: not a measurement of the targets)"
-    results = {"device": device, "model": args.model, "samples": args.samples, "batch": args.batch_size,
-               "workers": args.workers, "precision": args.precision, "steps": args.steps,
-               "skip_steps": args.skip_steps, "windows": args.windows, "text_lengths": args.lengths,
-               "text_length_distribution": TEXT_LENGTHS, "cpu_cores": os.cpu_count(), "cases": {}}
+    results = {
+        "device": device,
+        "model": args.model,
+        "samples": args.samples,
+        "batch": args.batch_size,
+        "workers": args.workers,
+        "precision": args.precision,
+        "steps": args.steps,
+        "skip_steps": args.skip_steps,
+        "windows": args.windows,
+        "text_lengths": args.lengths,
+        "text_length_distribution": TEXT_LENGTHS,
+        "cpu_cores": os.cpu_count(),
+        "cases": {},
+    }
 
     def save():
         if args.json:
@@ -378,8 +537,13 @@ def main(argv=None):
         """The folder of the embedded shards (kind 'embed' or 'compact'), made on first use."""
         folder = os.path.join(args.folder, "embedded" if kind == "embed" else kind)
         if kind not in made:
-            made[kind] = embed(args, "embed" if kind == "embed" else "embed-compact", to_embed, folder,
-                               *(("--compact",) if kind == "compact" else ()))
+            made[kind] = embed(
+                args,
+                "embed" if kind == "embed" else "embed-compact",
+                to_embed,
+                folder,
+                *(("--compact",) if kind == "compact" else ()),
+            )
             if kind == "embed":
                 results["cases"]["embed"] = made[kind]
                 print(f"embed: {made[kind]}", flush=True)
@@ -399,23 +563,48 @@ def main(argv=None):
                 continue
             embedded("embed")
             continue
+        elif name == "embed-device-decode":
+            r = embed(
+                args, name, to_embed, os.path.join(args.folder, "embedded-device-decode"), "--decode-device", "cuda"
+            )
         elif name == "embed-float32":
             r = embed(args, name, to_embed, os.path.join(args.folder, "embedded-float32"), "--transfer", "float32")
         elif name in CACHED:
-            r = train(args, run_name, os.path.join(embedded("embed"), f"t{longest}-{first}"), "--paraclip-loss",
-                      "--image-embeddings", *CACHED[name])
+            r = train(
+                args,
+                run_name,
+                os.path.join(embedded("embed"), f"t{longest}-{first}"),
+                "--paraclip-loss",
+                "--image-embeddings",
+                *CACHED[name],
+            )
         elif name == "compact":
             fresh = "compact" not in made
-            r = train(args, run_name, os.path.join(embedded("compact"), f"t{longest}-{first}"), "--paraclip-loss",
-                      "--image-embeddings")
+            r = train(
+                args,
+                run_name,
+                os.path.join(embedded("compact"), f"t{longest}-{first}"),
+                "--paraclip-loss",
+                "--image-embeddings",
+            )
             if fresh:
                 r["embed"] = made["compact"]
         else:  # accum
             accum = args.accum_batch // args.accum_micro_batch
             blocks = ("--paraclip-loss-block-size", str(args.accum_block_size)) if args.accum_block_size else ()
-            r = train(args, run_name, os.path.join(embedded("embed"), f"t{longest}-{first}"), "--paraclip-loss",
-                      "--image-embeddings", "--accum-freq", str(accum), *blocks,
-                      batch_size=args.accum_micro_batch, steps=args.accum_steps, skip_steps=1)
+            r = train(
+                args,
+                run_name,
+                os.path.join(embedded("embed"), f"t{longest}-{first}"),
+                "--paraclip-loss",
+                "--image-embeddings",
+                "--accum-freq",
+                str(accum),
+                *blocks,
+                batch_size=args.accum_micro_batch,
+                steps=args.accum_steps,
+                skip_steps=1,
+            )
             r["optimizer_steps"] = r.pop("steps_logged")
         if longest is not None:
             r["longest"], r["text_tokens"] = longest, list(text_length_range(longest))

@@ -14,7 +14,8 @@
 #                   (median, range): at longest text 40 stock (every ratio's baseline), --paraclip-loss from
 #                   JPEGs, embed (one pass over every setting's shards), cached+causal+compile, and the 32,768
 #                   --accum-freq step with the loss in blocks (peak torch.cuda.max_memory_allocated); then
-#                   cached+causal+compile at 24 and 77
+#                   cached+causal+compile at 24 and 77; last, embed-device-decode (the embedding pass with
+#                   --decode-device cuda: JPEGs decoded by nvJPEG)
 #
 # Device time, estimated from the H200 call of 2026-11-26 13:24 (benchmarks/nvidia-h200-2026-11-26-1324*: install
 # and report ~12 s; tests 87 s; a step case ~15 s eager, ~45 s with its first compile; an e2e run ~25 s of start-up
@@ -66,7 +67,7 @@ fi
 
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 LENGTHS=40,24,77  # longest text per setting, in tokens; the first is the headline
-E2E_CASES=stock@40,paraclip@40,embed,cached+causal+compile@40,accum@40,cached+causal+compile@24,cached+causal+compile@77
+E2E_CASES=stock@40,paraclip@40,embed,cached+causal+compile@40,accum@40,cached+causal+compile@24,cached+causal+compile@77,embed-device-decode
 
 stage() {  # stage NAME BUDGET_SECONDS COMMAND...: run it under a hard time limit, log to $WORK/logs/NAME.log
     local name=$1 budget=$2 start rc

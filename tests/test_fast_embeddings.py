@@ -1,5 +1,6 @@
 """Cached image embeddings and pre-tokenized text: scripts/embed_images.py, the loader stages, and
 --image-embeddings through open_clip_train.main (single process, real shards)."""
+
 import importlib.util
 import io
 import json
@@ -7,6 +8,7 @@ import logging
 import pickle
 import re
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import open_clip
@@ -15,16 +17,32 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from conftest import (PYTHON, REPO, TINY_CONFIG, TINY_MODEL, logged_losses, read_log, run, save_init_checkpoint,
-                      train_args, write_shards)
+from conftest import (
+    PYTHON,
+    REPO,
+    TINY_CONFIG,
+    TINY_MODEL,
+    logged_losses,
+    read_log,
+    run,
+    save_init_checkpoint,
+    train_args,
+    write_shards,
+)
 from paraclip_plugin.train.decode import paraclip_decode_stages
 from paraclip_plugin.train.decode import MixedShards
-from paraclip_plugin.train.embeddings import (EmbeddingMismatch, MissingEmbeddings, preprocess_config,
-                                              visual_architecture, visual_fingerprint)
+from paraclip_plugin.train.embeddings import (
+    EmbeddingMismatch,
+    MissingEmbeddings,
+    preprocess_config,
+    visual_architecture,
+    visual_fingerprint,
+)
 from paraclip_plugin.train.model import enable_paraphrase_forward, freeze_visual
 from paraclip_plugin.paraphrase.shard_io import read_tar_samples
 from paraclip_plugin.train.pretokenized import TextTokens
 from test_train import TERMS, optimizer_first_moments
+
 
 def load_script(name):
     spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
@@ -38,8 +56,21 @@ embed_images = load_script("embed_images")
 
 def embed(shards, init, *extra):
     """scripts/embed_images.py, run in this process (an interpreter start costs more than the work)."""
-    argv = ["--shards", shards, "--model", TINY_MODEL, "--model-config", TINY_CONFIG, "--pretrained", init,
-            "--workers", "0", "--batch-size", "8", *extra]
+    argv = [
+        "--shards",
+        shards,
+        "--model",
+        TINY_MODEL,
+        "--model-config",
+        TINY_CONFIG,
+        "--pretrained",
+        init,
+        "--workers",
+        "0",
+        "--batch-size",
+        "8",
+        *extra,
+    ]
     assert embed_images.main([str(a) for a in argv]) == 0
 
 
@@ -62,8 +93,11 @@ def test_embed_images_says_where_its_time_went(world, tmp_path, caplog):
     embed(str(world["plain"] / "*.tar"), world["init"], "--output", tmp_path)
     done = [r.getMessage() for r in caplog.records if r.getMessage().startswith("done: ")]
     assert len(done) == 1, done
-    m = re.match(r"done: 32 images in ([0-9.]+)s \(([0-9.]+)s after start-up\); waiting for the data workers "
-                 r"([0-9.]+)s, image tower ([0-9.]+)s, writing shards ([0-9.]+)s$", done[0])
+    m = re.match(
+        r"done: 32 images in ([0-9.]+)s \(([0-9.]+)s after start-up\); waiting for the data workers "
+        r"([0-9.]+)s, image tower ([0-9.]+)s, writing shards ([0-9.]+)s$",
+        done[0],
+    )
     assert m, done[0]
     total, looping, waiting, encoding, writing = map(float, m.groups())
     # the three parts are within this process's loop (up to rounding); with --workers 0 the loader decodes
@@ -93,16 +127,20 @@ def test_embed_images_adds_embeddings_tokens_and_records(world):
             meta = json.loads(new["json"])
             record = meta["paraclip_image_embedding"]
             assert {k: v for k, v in record.items() if k != "visual_sha256_by_precision"} == {
-                "model": TINY_MODEL, "pretrained": str(world["init"]), "visual_sha256": visual_fingerprint(model.visual),
-                "visual_architecture": visual_architecture(model.visual), "precision": "fp32",
-                "preprocess": preprocess_config(model.visual)}
+                "model": TINY_MODEL,
+                "pretrained": str(world["init"]),
+                "visual_sha256": visual_fingerprint(model.visual),
+                "visual_architecture": visual_architecture(model.visual),
+                "precision": "fp32",
+                "preprocess": preprocess_config(model.visual),
+            }
             assert record["preprocess"]["mean"] == list(open_clip.OPENAI_DATASET_MEAN)
             assert set(record["visual_sha256_by_precision"]) == {"bf16", "pure_bf16", "fp16", "pure_fp16"}
             assert meta["paraclip_tokens"]["tokenizer"] == TINY_MODEL
             tokens = np.load(io.BytesIO(new["tokens.npy"]))
             full = tokenizer([old[f].decode() for f in ("txt", "para1.txt", "para2.txt")]).numpy()
-            assert tokens.shape[1] < full.shape[1] and (full[:, tokens.shape[1]:] == 0).all()
-            assert (tokens == full[:, :tokens.shape[1]]).all()
+            assert tokens.shape[1] < full.shape[1] and (full[:, tokens.shape[1] :] == 0).all()
+            assert (tokens == full[:, : tokens.shape[1]]).all()
 
 
 def test_rerun_skips_finished_shards_and_redoes_the_interrupted_one(world, tmp_path, caplog):
@@ -136,11 +174,21 @@ def test_workers_send_uint8_and_the_embeddings_are_those_of_the_whole_transform(
     beside the image tower; through a real worker process the embeddings are byte for byte those of the
     whole transform in the workers (--transfer float32)."""
     for transfer in ("uint8", "float32"):
-        embed(str(world["plain"] / "*.tar"), world["init"], "--output", tmp_path / transfer, "--workers", "1",
-              "--transfer", transfer)
+        embed(
+            str(world["plain"] / "*.tar"),
+            world["init"],
+            "--output",
+            tmp_path / transfer,
+            "--workers",
+            "1",
+            "--transfer",
+            transfer,
+        )
     for name in ("00000.tar", "00001.tar"):
-        uint8, float32, in_process = (list(read_tar_samples(folder / name))
-                                      for folder in (tmp_path / "uint8", tmp_path / "float32", world["embedded"]))
+        uint8, float32, in_process = (
+            list(read_tar_samples(folder / name))
+            for folder in (tmp_path / "uint8", tmp_path / "float32", world["embedded"])
+        )
         assert [s["img_emb.npy"] for s in uint8] == [s["img_emb.npy"] for s in float32]
         assert [s["img_emb.npy"] for s in uint8] == [s["img_emb.npy"] for s in in_process]
     args = embed_images.parse_args(["--shards", "x", "--model", TINY_MODEL, "--pretrained", str(world["init"])])
@@ -160,14 +208,36 @@ def test_spawned_data_workers_get_no_image_tower_and_embed_the_same(world, tmp_p
     sent = pickle.loads(pickle.dumps(embed_images.ShardImages([], embedder)))
     assert not hasattr(sent.embedder, "visual") and hasattr(embedder, "visual")
     assert sent.embedder.tokens_record == embedder.tokens_record
-    code = ("import multiprocessing, sys; multiprocessing.set_start_method('spawn'); "
-            "from paraclip_plugin.train.embed_images import main; sys.exit(main(sys.argv[1:]))")
-    run([PYTHON, "-c", code, "--shards", world["plain"] / "*.tar", "--model", TINY_MODEL, "--model-config", TINY_CONFIG,
-         "--pretrained", world["init"], "--workers", "2", "--batch-size", "8", "--output", tmp_path / "spawned"],
-        timeout=300)
+    code = (
+        "import multiprocessing, sys; multiprocessing.set_start_method('spawn'); "
+        "from paraclip_plugin.train.embed_images import main; sys.exit(main(sys.argv[1:]))"
+    )
+    run(
+        [
+            PYTHON,
+            "-c",
+            code,
+            "--shards",
+            world["plain"] / "*.tar",
+            "--model",
+            TINY_MODEL,
+            "--model-config",
+            TINY_CONFIG,
+            "--pretrained",
+            world["init"],
+            "--workers",
+            "2",
+            "--batch-size",
+            "8",
+            "--output",
+            tmp_path / "spawned",
+        ],
+        timeout=300,
+    )
     for name in ("00000.tar", "00001.tar"):
-        assert ([s["img_emb.npy"] for s in read_tar_samples(tmp_path / "spawned" / name)]
-                == [s["img_emb.npy"] for s in read_tar_samples(world["embedded"] / name)])
+        assert [s["img_emb.npy"] for s in read_tar_samples(tmp_path / "spawned" / name)] == [
+            s["img_emb.npy"] for s in read_tar_samples(world["embedded"] / name)
+        ]
 
 
 def test_bad_samples_and_shards_are_named_and_sizes_json_is_repaired(world, tmp_path, caplog, capsys):
@@ -204,8 +274,20 @@ def test_bad_samples_and_shards_are_named_and_sizes_json_is_repaired(world, tmp_
 
     (src / "00001.tar").write_bytes((world["plain"] / "00001.tar").read_bytes()[:5000])  # cut short
     for workers in ("0", "1"):
-        argv = ["--shards", src / "*.tar", "--model", TINY_MODEL, "--model-config", TINY_CONFIG, "--pretrained",
-                world["init"], "--workers", workers, "--output", tmp_path / f"cut{workers}"]
+        argv = [
+            "--shards",
+            src / "*.tar",
+            "--model",
+            TINY_MODEL,
+            "--model-config",
+            TINY_CONFIG,
+            "--pretrained",
+            world["init"],
+            "--workers",
+            workers,
+            "--output",
+            tmp_path / f"cut{workers}",
+        ]
         assert embed_images.main([str(a) for a in argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith(f"embed_images: error: {src / '00001.tar'}: truncated") and "Traceback" not in err[-1]
@@ -230,12 +312,14 @@ def test_the_split_transform_is_exact_on_open_clips_transforms(world, resize_mod
 
 def test_transforms_that_do_not_split_stay_whole():
     from torchvision import transforms as T
+
     normalize = T.Normalize((0.5,) * 3, (0.25,) * 3)
     assert embed_images.split_preprocess(T.Compose([T.Resize(8), T.ToTensor()])) is None  # no Normalize
     assert embed_images.split_preprocess(T.Compose([T.Resize(8), normalize])) is None
     # the steps before to-tensor already make a tensor (open_clip's MaybeToTensor passes it through)
-    tensor_first = T.Compose([T.PILToTensor(), T.ConvertImageDtype(torch.float32), open_clip.transform.MaybeToTensor(),
-                              normalize])
+    tensor_first = T.Compose(
+        [T.PILToTensor(), T.ConvertImageDtype(torch.float32), open_clip.transform.MaybeToTensor(), normalize]
+    )
     assert embed_images.split_preprocess(tensor_first) is None
     assert embed_images.split_preprocess(lambda image: image) is None
 
@@ -269,7 +353,9 @@ def test_embedding_stages_never_decode_images_and_use_stored_tokens(world, tmp_p
     assert len(samples) == 16
     stored = list(read_tar_samples(world["embedded"] / "00000.tar"))
     for (image, texts), raw in zip(samples, stored):
-        assert image.dtype == torch.float16 and torch.equal(image, torch.from_numpy(np.load(io.BytesIO(raw["img_emb.npy"]))))
+        assert image.dtype == torch.float16 and torch.equal(
+            image, torch.from_numpy(np.load(io.BytesIO(raw["img_emb.npy"])))
+        )
         assert torch.equal(texts, tokenizer([raw[f].decode() for f in ("txt", "para1.txt", "para2.txt")]))
     # the image path really would have had to decode them: it gets nothing from this shard
     assert pipeline(broken, paraclip_decode_stages(preprocess_train, tokenizer)) == []
@@ -277,9 +363,13 @@ def test_embedding_stages_never_decode_images_and_use_stored_tokens(world, tmp_p
 
 def test_stored_tokens_are_used_only_for_the_same_tokenizer(world):
     raw = next(read_tar_samples(world["embedded"] / "00001.tar"))
-    sample = {"txt": raw["txt"].decode(), "para1.txt": raw["para1.txt"].decode(),
-              "para2.txt": raw["para2.txt"].decode(), "json": json.loads(raw["json"]),
-              "tokens.npy": np.load(io.BytesIO(raw["tokens.npy"]))}
+    sample = {
+        "txt": raw["txt"].decode(),
+        "para1.txt": raw["para1.txt"].decode(),
+        "para2.txt": raw["para2.txt"].decode(),
+        "json": json.loads(raw["json"]),
+        "tokens.npy": np.load(io.BytesIO(raw["tokens.npy"])),
+    }
     texts = [sample["txt"], sample["para1.txt"], sample["para2.txt"]]
     for context_length, used_stored in ((None, True), (16, False)):
         tokenizer = open_clip.get_tokenizer(TINY_MODEL, context_length=context_length)
@@ -295,6 +385,7 @@ def test_cached_features_skip_the_image_tower():
 
     def no_image_tower(*args, **kwargs):
         raise AssertionError("the image tower ran")
+
     model.visual.forward = no_image_tower
     features = torch.randn(4, 64).half()
     text = open_clip.get_tokenizer(TINY_MODEL)(["a red circle"] * 12).reshape(4, 3, -1)
@@ -306,8 +397,18 @@ def test_cached_features_skip_the_image_tower():
 def one_step(world, name, data, *extra, batch_size=16):
     """All 16 samples of one shard in one step; crop scale pinned to 1, so the train transform of
     these square images is the validation transform the embeddings were made with."""
-    args = train_args(data, world["logs"], name, world["init"], "--paraclip-loss", "--aug-cfg", "scale=(1.0,1.0)",
-                      *extra, batch_size=batch_size, samples=16)
+    args = train_args(
+        data,
+        world["logs"],
+        name,
+        world["init"],
+        "--paraclip-loss",
+        "--aug-cfg",
+        "scale=(1.0,1.0)",
+        *extra,
+        batch_size=batch_size,
+        samples=16,
+    )
     args[args.index("--workers") + 1] = "0"
     return run([PYTHON, "-m", "open_clip_train.main", *args], check=False)
 
@@ -315,8 +416,11 @@ def one_step(world, name, data, *extra, batch_size=16):
 def test_image_embeddings_train_like_images_and_accumulate_like_a_double_batch(world):
     images = str(world["plain"] / "00000.tar")
     embedded = str(world["embedded"] / "00000.tar")
-    for name, data, extra, batch in (("img16", images, (), 16), ("emb16", embedded, ("--image-embeddings",), 16),
-                                     ("emb8x2", embedded, ("--image-embeddings", "--accum-freq", "2"), 8)):
+    for name, data, extra, batch in (
+        ("img16", images, (), 16),
+        ("emb16", embedded, ("--image-embeddings",), 16),
+        ("emb8x2", embedded, ("--image-embeddings", "--accum-freq", "2"), 8),
+    ):
         proc = one_step(world, name, data, *extra, batch_size=batch)
         assert proc.returncode == 0, proc.stderr[-3000:]
     img, emb, accum = (logged_losses(read_log(world["logs"], n)) for n in ("img16", "emb16", "emb8x2"))
@@ -342,8 +446,16 @@ def test_val_data_stock_shards_or_embedding_only_shards_are_evaluated_and_the_ep
     embed(str(world["plain"] / "00001.tar"), world["init"], "--compact", "--output", tmp_path / "compact_val")
     runs = {"val-stock": stock_val, "val-compact": tmp_path / "compact_val" / "00001.tar"}
     for name, val in runs.items():
-        proc = one_step(world, name, str(world["embedded"] / "00000.tar"), "--image-embeddings",
-                        "--val-data", str(val), "--save-frequency", "1")
+        proc = one_step(
+            world,
+            name,
+            str(world["embedded"] / "00000.tar"),
+            "--image-embeddings",
+            "--val-data",
+            str(val),
+            "--save-frequency",
+            "1",
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         log = read_log(world["logs"], name)
         metrics = [line for line in log.splitlines() if "Eval Epoch: 1 image_to_text_mean_rank" in line]
@@ -354,25 +466,34 @@ def test_val_data_stock_shards_or_embedding_only_shards_are_evaluated_and_the_ep
 def test_embeddings_of_other_weights_or_none_are_refused_naming_the_shard(world, tmp_path):
     model, preprocess_train, _ = tiny_model(world["init"])  # the training model (init.pt)
     tokenizer = open_clip.get_tokenizer(TINY_MODEL)
-    stages = lambda: paraclip_decode_stages(preprocess_train, tokenizer,  # noqa: E731
-                                            embedding_sha256=visual_fingerprint(model.visual))
+
+    def stages():
+        return paraclip_decode_stages(preprocess_train, tokenizer, embedding_sha256=visual_fingerprint(model.visual))
+
     other = save_init_checkpoint(tmp_path / "other.pt", seed=1)
     embed(str(world["plain"] / "00001.tar"), other, "--output", tmp_path / "other")
     shard = tmp_path / "other" / "00001.tar"
-    with pytest.raises(EmbeddingMismatch, match=f"shard {shard} holds image embeddings of model "
-                                                f"'{TINY_MODEL}' pretrained '{other}'"):
+    with pytest.raises(
+        EmbeddingMismatch, match=f"shard {shard} holds image embeddings of model '{TINY_MODEL}' pretrained '{other}'"
+    ):
         pipeline(shard, stages())
     with pytest.raises(MissingEmbeddings, match=f"shard {world['plain'] / '00001.tar'} has no 'img_emb.npy' member"):
         pipeline(world["plain"] / "00001.tar", stages())
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--paraclip-loss", "--no-frozen-visual"], "--image-embeddings uses fixed image features"),
-    ([], "--image-embeddings needs --paraclip-loss"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--paraclip-loss", "--no-frozen-visual"], "--image-embeddings uses fixed image features"),
+        ([], "--image-embeddings needs --paraclip-loss"),
+    ],
+)
 def test_bad_image_embedding_flags(world, patched_install, capsys, flags, message):
     from open_clip_train.params import parse_args
-    args = train_args(world["embedded"] / "00000.tar", world["logs"], "bad", world["init"], "--image-embeddings", *flags)
+
+    args = train_args(
+        world["embedded"] / "00000.tar", world["logs"], "bad", world["init"], "--image-embeddings", *flags
+    )
     with pytest.raises(SystemExit) as exit_:
         parse_args([str(a) for a in args])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
@@ -383,6 +504,7 @@ def test_val_shards_are_judged_by_their_first_samples_not_one(tmp_path):
     import argparse
 
     from paraclip_plugin.train import hooks
+
     write_shards(tmp_path / "v", num_shards=1, per_shard=8, paraphrases=False, drop={0: "png"})
     args = argparse.Namespace(paraclip_loss=True, image_embeddings=False, val_data=str(tmp_path / "v" / "00000.tar"))
     assert hooks.wds_decode_stages(args, None, None, is_train=False) is None  # open_clip's own stages
@@ -390,6 +512,7 @@ def test_val_shards_are_judged_by_their_first_samples_not_one(tmp_path):
 
 def test_shards_in_a_folder_that_cant_be_listed_are_looked_up_one_by_one(tmp_path, monkeypatch):
     from paraclip_plugin.train import hooks
+
     write_shards(tmp_path / "s", num_shards=2, per_shard=2)
     pattern = str(tmp_path / "s" / "{00000..00002}.tar")
     assert hooks.missing_local_shards(pattern) == [str(tmp_path / "s" / "00002.tar")]
@@ -409,23 +532,36 @@ def npy(array):
 
 def spoil_sample(index, field, value):
     """``rewrite_shard``'s change: sample ``index``'s ``field`` becomes ``value(old bytes)``."""
+
     def change(i, sample):
         if i == index:
             sample[field] = value(sample[field])
+
     return change
 
 
 BAD_MEMBERS = {  # a well-formed member training can't use -> the reason its sample is skipped and counted under
     "tokens.npy with 2 rows": ("tokens.npy", lambda b: npy(np.load(io.BytesIO(b))[:2]), "tokens.npy bad shape"),
     "tokens.npy 1-D": ("tokens.npy", lambda b: npy(np.ones(5, np.int32)), "tokens.npy bad shape"),
-    "tokens.npy wider than the context": ("tokens.npy", lambda b: npy(np.ones((3, 40), np.int32)), "tokens.npy bad shape"),
-    "token ids beyond the vocabulary": ("tokens.npy", lambda b: npy(np.full((3, 4), 10**7, np.int32)), "tokens.npy bad ids"),
+    "tokens.npy wider than the context": (
+        "tokens.npy",
+        lambda b: npy(np.ones((3, 40), np.int32)),
+        "tokens.npy bad shape",
+    ),
+    "token ids beyond the vocabulary": (
+        "tokens.npy",
+        lambda b: npy(np.full((3, 4), 10**7, np.int32)),
+        "tokens.npy bad ids",
+    ),
     "negative token ids": ("tokens.npy", lambda b: npy(np.full((3, 4), -1, np.int32)), "tokens.npy bad ids"),
     "float token ids": ("tokens.npy", lambda b: npy(np.ones((3, 4), np.float32)), "tokens.npy bad dtype"),
     "json a list": ("json", lambda b: b"[1]", "json not an object"),
     "json a string": ("json", lambda b: b'"x"', "json not an object"),
-    "record a string": ("json", lambda b: json.dumps({**json.loads(b), "paraclip_image_embedding": "x"}).encode(),
-                        "paraclip_image_embedding not an object"),
+    "record a string": (
+        "json",
+        lambda b: json.dumps({**json.loads(b), "paraclip_image_embedding": "x"}).encode(),
+        "paraclip_image_embedding not an object",
+    ),
 }
 
 
@@ -442,8 +578,12 @@ def test_well_formed_but_unusable_members_are_skipped_and_counted(world, tmp_pat
     field, value, kind = BAD_MEMBERS[case]
     shard = rewrite_shard(world["embedded"] / "00000.tar", tmp_path / "bad.tar", spoil_sample(3, field, value))
     key = list(read_tar_samples(shard))[3]["__key__"]
-    stages = paraclip_decode_stages(preprocess_train, tokenizer, embedding_sha256=visual_fingerprint(model.visual),
-                                    embedding_dim=model.visual.output_dim)
+    stages = paraclip_decode_stages(
+        preprocess_train,
+        tokenizer,
+        embedding_sha256=visual_fingerprint(model.visual),
+        embedding_dim=model.visual.output_dim,
+    )
     with caplog.at_level(logging.WARNING):
         out = pipeline(shard, stages)
     assert len(out) == 15 and int(torch.stack([t for _, t in out]).max()) < tokenizer.vocab_size
@@ -463,19 +603,32 @@ def test_embeddings_of_another_transform_or_architecture_are_refused_naming_both
     shard = world["embedded"] / "00000.tar"
 
     def stages(**kwargs):
-        model, preprocess, _ = open_clip.create_model_and_transforms(TINY_MODEL, pretrained=str(world["init"]), **kwargs)
-        return paraclip_decode_stages(preprocess, tokenizer, embedding_sha256=visual_fingerprint(model.visual),
-                                      expected_architecture=visual_architecture(model.visual),
-                                      expected_preprocess=preprocess_config(model.visual))
+        model, preprocess, _ = open_clip.create_model_and_transforms(
+            TINY_MODEL, pretrained=str(world["init"]), **kwargs
+        )
+        return paraclip_decode_stages(
+            preprocess,
+            tokenizer,
+            embedding_sha256=visual_fingerprint(model.visual),
+            expected_architecture=visual_architecture(model.visual),
+            expected_preprocess=preprocess_config(model.visual),
+        )
+
     assert len(pipeline(shard, stages())) == 16
-    with pytest.raises(EmbeddingMismatch, match=re.escape(
+    with pytest.raises(
+        EmbeddingMismatch,
+        match=re.escape(
             f"shard {shard} holds image embeddings made with image transform mean "
-            f"{list(open_clip.OPENAI_DATASET_MEAN)!r}, but this run's --image-mean gives [0.0, 0.0, 0.0]")):
+            f"{list(open_clip.OPENAI_DATASET_MEAN)!r}, but this run's --image-mean gives [0.0, 0.0, 0.0]"
+        ),
+    ):
         pipeline(shard, stages(image_mean=(0.0, 0.0, 0.0)))
     with pytest.raises(EmbeddingMismatch, match="--image-interpolation gives 'bilinear'"):
         pipeline(shard, stages(image_interpolation="bilinear"))
-    with pytest.raises(EmbeddingMismatch, match=f"shard {shard} holds image embeddings of model '{TINY_MODEL}' .* "
-                                                f"architecture sha256 .*QuickGELU"):
+    with pytest.raises(
+        EmbeddingMismatch,
+        match=f"shard {shard} holds image embeddings of model '{TINY_MODEL}' .* architecture sha256 .*QuickGELU",
+    ):
         pipeline(shard, stages(force_quick_gelu=True))
 
     def old_record(i, sample):
@@ -483,20 +636,29 @@ def test_embeddings_of_another_transform_or_architecture_are_refused_naming_both
         for field in ("visual_architecture", "preprocess", "precision"):
             del meta["paraclip_image_embedding"][field]
         sample["json"] = json.dumps(meta).encode()
+
     old = rewrite_shard(shard, tmp_path / "old.tar", old_record)
     with caplog.at_level(logging.WARNING):
         assert len(pipeline(old, stages(force_quick_gelu=True, image_mean=(0.0, 0.0, 0.0)))) == 16
     unchecked = [r.getMessage() for r in caplog.records if "can't be checked" in r.getMessage()]
-    assert len(unchecked) == 2 and "record no image tower architecture" in unchecked[0] \
-        and "record no image transform" in unchecked[1], unchecked
+    assert (
+        len(unchecked) == 2
+        and "record no image tower architecture" in unchecked[0]
+        and "record no image transform" in unchecked[1]
+    ), unchecked
 
 
-@pytest.mark.parametrize("flags,message", [
-    (("--image-mean", "0", "0", "0"), "this run's --image-mean gives [0.0, 0.0, 0.0]"),
-    (("--force-quick-gelu",), "in architecture sha256"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (("--image-mean", "0", "0", "0"), "this run's --image-mean gives [0.0, 0.0, 0.0]"),
+        (("--force-quick-gelu",), "in architecture sha256"),
+    ],
+)
 def test_training_refuses_embeddings_of_another_transform_or_architecture(world, patched_install, flags, message):
-    proc = one_step(world, "other-" + flags[0].strip("-"), world["embedded"] / "00000.tar", "--image-embeddings", *flags)
+    proc = one_step(
+        world, "other-" + flags[0].strip("-"), world["embedded"] / "00000.tar", "--image-embeddings", *flags
+    )
     assert proc.returncode != 0 and "EmbeddingMismatch" in proc.stderr and message in proc.stderr, proc.stderr[-2000:]
 
 
@@ -508,17 +670,24 @@ def test_a_rerun_with_another_precision_embeds_again_and_says_why(world, tmp_pat
     embed(shards, world["init"], "--output", out, "--precision", "amp")
     amp = list(read_tar_samples(out / "00000.tar"))
     assert json.loads(amp[0]["json"])["paraclip_image_embedding"]["precision"] == "amp"
-    assert [s["img_emb.npy"] for s in amp] != [s["img_emb.npy"] for s in read_tar_samples(world["embedded"] / "00000.tar")]
+    assert [s["img_emb.npy"] for s in amp] != [
+        s["img_emb.npy"] for s in read_tar_samples(world["embedded"] / "00000.tar")
+    ]
     caplog.clear()
     embed(shards, world["init"], "--output", out)
-    assert (f"{out / '00000.tar'}: embedded before with other settings (embedding precision 'amp' (now 'fp32')): "
-            f"embedding it again") in caplog.text
-    assert json.loads(next(read_tar_samples(out / "00000.tar"))["json"])["paraclip_image_embedding"]["precision"] == "fp32"
+    assert (
+        f"{out / '00000.tar'}: embedded before with other settings (embedding precision 'amp' (now 'fp32')): "
+        f"embedding it again"
+    ) in caplog.text
+    assert (
+        json.loads(next(read_tar_samples(out / "00000.tar"))["json"])["paraclip_image_embedding"]["precision"] == "fp32"
+    )
     assert "autocast on --device, CUDA or CPU" in " ".join(embed_images_help().split())
 
 
 def embed_images_help():
     import contextlib
+
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), pytest.raises(SystemExit):
         embed_images.parse_args(["--help"])
@@ -537,13 +706,16 @@ def test_a_job_index_outside_the_jobs_is_a_usage_error(jobs, capsys):
 
 def test_a_rerun_skips_a_shard_whose_first_image_has_no_embedding(world, tmp_path, caplog):
     caplog.set_level(logging.INFO)
-    src = rewrite_shard(world["plain"] / "00000.tar", tmp_path / "00000.tar",
-                        spoil_sample(0, "png", lambda b: b[:60]))  # undecodable: copied without an embedding
+    src = rewrite_shard(
+        world["plain"] / "00000.tar", tmp_path / "00000.tar", spoil_sample(0, "png", lambda b: b[:60])
+    )  # undecodable: copied without an embedding
     embed(str(src), world["init"])
     assert "15/16 samples embedded" in caplog.text
     caplog.clear()
     embed(str(src), world["init"])
-    assert f"{src}: already embedded with these weights, skipped" in caplog.text and "samples embedded" not in caplog.text
+    assert (
+        f"{src}: already embedded with these weights, skipped" in caplog.text and "samples embedded" not in caplog.text
+    )
 
 
 def test_patch_dropout_is_no_architecture_in_open_clip_or_timm_towers(tmp_path):
@@ -551,11 +723,23 @@ def test_patch_dropout_is_no_architecture_in_open_clip_or_timm_towers(tmp_path):
     module patch_dropout, timm's trunk.patch_drop."""
     from paraclip_plugin.train.embeddings import visual_architecture
     from paraclip_plugin.train.model import freeze_visual
+
     config = tmp_path / "tiny-timm.json"
-    config.write_text(json.dumps({"embed_dim": 64, "vision_cfg": {
-        "timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False, "timm_pool": "avg",
-        "timm_proj": "linear", "image_size": 224}, "text_cfg": {"context_length": 32, "vocab_size": 49408,
-                                                                "width": 64, "heads": 2, "layers": 2}}))
+    config.write_text(
+        json.dumps(
+            {
+                "embed_dim": 64,
+                "vision_cfg": {
+                    "timm_model_name": "vit_tiny_patch16_224",
+                    "timm_model_pretrained": False,
+                    "timm_pool": "avg",
+                    "timm_proj": "linear",
+                    "image_size": 224,
+                },
+                "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+            }
+        )
+    )
     open_clip.add_model_config(str(config))
     open_clip.add_model_config(str(TINY_CONFIG))
     for name in ("tiny-timm", TINY_MODEL):
@@ -589,11 +773,43 @@ def test_a_compact_shard_after_a_four_field_one_is_named_as_mixing_them(world, t
     tokenizer = open_clip.get_tokenizer(TINY_MODEL)
     embed(str(world["plain"] / "00001.tar"), world["init"], "--compact", "--output", tmp_path / "compact")
     first, compact = world["embedded"] / "00000.tar", tmp_path / "compact" / "00001.tar"
-    stages = paraclip_decode_stages(preprocess_train, tokenizer, embedding_sha256=visual_fingerprint(model.visual),
-                                    first_shard=str(first))
-    with pytest.raises(MixedShards, match=re.escape(
+    stages = paraclip_decode_stages(
+        preprocess_train, tokenizer, embedding_sha256=visual_fingerprint(model.visual), first_shard=str(first)
+    )
+    with pytest.raises(
+        MixedShards,
+        match=re.escape(
             f"shard {compact} is a compact ('.pcl' members) shard, but the first shard of --train-data ({first}) is a "
-            f"four-field one: compact and four-field shards can't be mixed in one run")):
+            f"four-field one: compact and four-field shards can't be mixed in one run"
+        ),
+    ):
         pipeline(compact, stages)
     with pytest.raises(MixedShards, match="train on compact shards with --image-embeddings"):
         pipeline(compact, paraclip_decode_stages(preprocess_train, tokenizer))
+
+
+def test_writer_processes_write_the_shards_this_process_writes(world, tmp_path):
+    """--writers: shards written by two writer processes are byte for byte those written in this process;
+    the default count follows --workers (half of them with --decode-device cuda: those workers only read)."""
+    embed(str(world["plain"] / "*.tar"), world["init"], "--output", tmp_path, "--workers", "1", "--writers", "2")
+    for name in ("00000.tar", "00001.tar"):
+        assert (tmp_path / name).read_bytes() == (world["embedded"] / name).read_bytes()
+    counts = {}
+    for flags in (
+        [],
+        ["--workers", "0"],
+        ["--workers", "15"],
+        ["--workers", "15", "--decode-device", "cuda"],
+        ["--workers", "1", "--decode-device", "cuda"],
+        ["--workers", "15", "--writers", "0"],
+    ):
+        args = embed_images.parse_args(["--shards", "x", "--model", TINY_MODEL, *flags])
+        counts[" ".join(flags)] = embed_images.ShardEmbedder.writers(SimpleNamespace(args=args))
+    assert counts == {
+        "": 1,
+        "--workers 0": 0,
+        "--workers 15": 3,
+        "--workers 15 --decode-device cuda": 7,
+        "--workers 1 --decode-device cuda": 1,
+        "--workers 15 --writers 0": 0,
+    }

@@ -6,6 +6,7 @@ CPU with ``PARACLIP_TEST_DEVICE=cpu``, so they are known to work before device t
 Measured differences are recorded as junit properties (``record_property``), which gpu_check.sh
 copies into its result file.
 """
+
 import os
 import re
 
@@ -13,8 +14,17 @@ import open_clip
 import pytest
 import torch
 
-from conftest import TINY_CONFIG, TINY_MODEL, final_state, logged_losses, read_log, torchrun, train_args, \
-    save_init_checkpoint, write_shards
+from conftest import (
+    TINY_CONFIG,
+    TINY_MODEL,
+    final_state,
+    logged_losses,
+    read_log,
+    torchrun,
+    train_args,
+    save_init_checkpoint,
+    write_shards,
+)
 from paraclip_plugin.train.attention import causal_attention
 from paraclip_plugin.train.model import enable_paraphrase_forward, freeze_visual
 from paraclip_plugin.train.trimming import TextTrimming
@@ -52,7 +62,7 @@ def random_texts(batch, context, generator, lo=12, hi=24):
         for f in range(3):
             n = int(lengths[i, f])
             texts[i, f, 0] = 49406
-            texts[i, f, 1:n - 1] = torch.randint(1, 49000, (n - 2,), generator=generator)
+            texts[i, f, 1 : n - 1] = torch.randint(1, 49000, (n - 2,), generator=generator)
             texts[i, f, n - 1] = 49407
     return texts
 
@@ -83,8 +93,11 @@ def test_trimmed_text_features_and_gradients_match_stock_under_autocast(device, 
         stock_grads = text_grads(model, model.encode_text(text, normalize=True), weights)
         trimmed_grads = text_grads(model, trimming.encode_text(model, text), weights)
     assert stock_grads.keys() == trimmed_grads.keys()
-    rel = {k: ((stock_grads[k] - trimmed_grads[k]).norm() / stock_grads[k].norm().clamp_min(1e-12)).item()
-           for k in stock_grads if stock_grads[k].norm() > 0}
+    rel = {
+        k: ((stock_grads[k] - trimmed_grads[k]).norm() / stock_grads[k].norm().clamp_min(1e-12)).item()
+        for k in stock_grads
+        if stock_grads[k].norm() > 0
+    }
     worst = max(rel, key=rel.get)
     record_property(f"{str(dtype)[6:]}_feature_max_abs_diff", feature_diff)
     record_property(f"{str(dtype)[6:]}_grad_max_rel_diff", rel[worst])
@@ -102,6 +115,7 @@ def test_causal_attention_runs_flash_attention_and_matches_the_mask_under_bf16(d
     """--causal-attention: the text tower runs with only FlashAttention allowed (on CUDA the masked path
     cannot: FlashAttention takes no mask), and its trimmed features and gradients match the mask's."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
     torch.manual_seed(0)
     model = open_clip.create_model(model_name, device=device)
     freeze_visual(model)
@@ -120,8 +134,11 @@ def test_causal_attention_runs_flash_attention_and_matches_the_mask_under_bf16(d
         hinted = trimming.encode_text(model, text)
         hinted_grads = text_grads(model, trimming.encode_text(model, text), weights)
     feature_diff = (hinted.float() - masked.float()).abs().max().item()
-    rel = {k: ((hinted_grads[k] - masked_grads[k]).norm() / masked_grads[k].norm().clamp_min(1e-12)).item()
-           for k in masked_grads if masked_grads[k].norm() > 0}
+    rel = {
+        k: ((hinted_grads[k] - masked_grads[k]).norm() / masked_grads[k].norm().clamp_min(1e-12)).item()
+        for k in masked_grads
+        if masked_grads[k].norm() > 0
+    }
     worst = max(rel, key=rel.get)
     record_property("causal_feature_max_abs_diff", feature_diff)
     record_property("causal_grad_max_rel_diff", rel[worst])
@@ -135,10 +152,13 @@ def test_embed_images_finishes_uint8_images_on_the_device_bit_for_bit(device, mo
     import numpy as np
     from PIL import Image
     from paraclip_plugin.train.embed_images import finish_preprocess, split_preprocess
+
     _, _, preprocess = open_clip.create_model_and_transforms(model_name)
     to_uint8, normalize = split_preprocess(preprocess)
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((256, 256), (300, 211), (97, 400))]
+    images = [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((256, 256), (300, 211), (97, 400))
+    ]
     expected = torch.stack([preprocess(image) for image in images])
     on_device = finish_preprocess(torch.stack([to_uint8(image) for image in images]).to(device), normalize)
     assert on_device.device.type == device.type
@@ -151,11 +171,14 @@ def test_blocked_loss_matches_clip_loss_under_bf16_and_keeps_less_memory(device,
     of ClipLoss's, whose 16,384 x 16,384 logits it does not keep."""
     from open_clip.loss import ClipLoss
     from paraclip_plugin.train.loss import BlockedClipLoss
+
     cuda = device.type == "cuda"
     n, dim, block = (16384, 512, 2048) if cuda else (256, 32, 32)
     generator = torch.Generator().manual_seed(3)
-    inputs = [torch.nn.functional.normalize(torch.randn(n, dim, generator=generator), dim=-1).to(device).requires_grad_()
-              for _ in range(2)] + [torch.tensor(14.0, device=device, requires_grad=True)]
+    inputs = [
+        torch.nn.functional.normalize(torch.randn(n, dim, generator=generator), dim=-1).to(device).requires_grad_()
+        for _ in range(2)
+    ] + [torch.tensor(14.0, device=device, requires_grad=True)]
     results = {}
     for name, loss_fn in (("clip", ClipLoss()), ("blocked", BlockedClipLoss(block))):
         if cuda:
@@ -165,7 +188,7 @@ def test_blocked_loss_matches_clip_loss_under_bf16_and_keeps_less_memory(device,
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = loss_fn(*inputs)
         grads = torch.autograd.grad(loss, inputs)
-        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30 if cuda else None
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else None
         results[name] = (loss.detach(), grads, peak)
     (loss, grads, peak), (blocked, blocked_grads, blocked_peak) = results["clip"], results["blocked"]
     rel = max(((g - h).float().norm() / g.float().norm()).item() for g, h in zip(grads, blocked_grads))
@@ -179,12 +202,50 @@ def test_blocked_loss_matches_clip_loss_under_bf16_and_keeps_less_memory(device,
         assert blocked_peak < peak / 4
 
 
+def test_embed_images_decodes_odd_jpegs_on_the_device_as_the_cpu_path_does(device, model_name, record_property):
+    """embed_images --decode-device: truncated, CMYK, greyscale, progressive, PNG-in-jpg (test_device_decode's
+    odd images) through DeviceDecoder on the device (nvJPEG on CUDA): each decoded or skipped as the CPU path
+    does, every one counted, no crash. nvJPEG's IDCT and chroma upsampling and the float resize differ from
+    PIL by a few levels: the mean difference stays under 1.5 levels per image, and the image tower's
+    embeddings of both under a cosine of 0.99 nowhere."""
+    import functools
+    from test_device_decode import UNDECODABLE, odd_images
+    from paraclip_plugin.train.device_decode import DeviceDecoder, tensor_steps
+    from paraclip_plugin.train.embed_images import decode_image, finish_preprocess, split_preprocess
+
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, device=device)
+    to_uint8, normalize = split_preprocess(preprocess)
+    cpu = functools.partial(decode_image, preprocess=to_uint8)
+    decoder = DeviceDecoder(tensor_steps(preprocess), device, cpu)
+    images = odd_images()
+    kinds = list(images)
+    rows, batch, failed = decoder(list(enumerate(images.values())))
+    record_property("decode_counts", "; ".join(f"{why}: {n}" for why, n in sorted(decoder.counts.items())))
+    assert {kinds[i] for i in failed} == UNDECODABLE
+    assert [kinds[i] for i in rows] == [k for k in kinds if k not in UNDECODABLE]
+    assert sum(decoder.counts.values()) == len(images) and decoder.counts[f"on {device.type}"] >= 1
+    assert batch.device.type == device.type and batch.dtype == torch.uint8
+    expected = torch.stack([cpu(images[kinds[i]]) for i in rows])
+    means = [(b.int() - e.int()).abs().float().mean().item() for b, e in zip(batch.cpu(), expected)]
+    with torch.no_grad():
+        on_device = model.encode_image(finish_preprocess(batch, normalize), normalize=True)
+        on_cpu_path = model.encode_image(finish_preprocess(expected.to(device), normalize), normalize=True)
+    cosine = torch.nn.functional.cosine_similarity(on_device.float(), on_cpu_path.float()).min().item()
+    record_property("decode_worst_mean_level_diff", max(means))
+    record_property("decode_min_embedding_cosine", cosine)
+    assert max(means) <= 1.5, dict(zip([kinds[i] for i in rows], means))
+    assert cosine >= 0.99
+
+
 @pytest.mark.parametrize("precision", ["amp_bf16", "amp"])
 def test_frozen_image_tower_gets_no_gradient_and_stays_bit_identical(device, model_name, precision):
     """Three optimizer steps as open_clip_train takes them (autocast; GradScaler for fp16 'amp')."""
     from paraclip_plugin.train.loss import DEFAULT_TERMS, ParaCLIPLoss, parse_terms
+
     torch.manual_seed(0)
-    model = enable_paraphrase_forward(freeze_visual(open_clip.create_model(model_name, device=device, output_dict=True)))
+    model = enable_paraphrase_forward(
+        freeze_visual(open_clip.create_model(model_name, device=device, output_dict=True))
+    )
     model.train()
     visual_before = {k: v.clone() for k, v in model.visual.state_dict().items()}
     text_before = model.token_embedding.weight.detach().clone()
@@ -218,28 +279,45 @@ def test_frozen_image_tower_gets_no_gradient_and_stays_bit_identical(device, mod
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu")
-    return dict(data=write_shards(root / "shards", num_shards=2, per_shard=32),
-                init=save_init_checkpoint(root / "init.pt"), logs=root / "logs")
+    return dict(
+        data=write_shards(root / "shards", num_shards=2, per_shard=32),
+        init=save_init_checkpoint(root / "init.pt"),
+        logs=root / "logs",
+    )
 
 
-@pytest.mark.parametrize("compiled,causal", [(False, False), (True, False), (True, True)],
-                         ids=["eager", "torchcompile", "torchcompile+causal"])
+@pytest.mark.parametrize(
+    "compiled,causal",
+    [(False, False), (True, False), (True, True)],
+    ids=["eager", "torchcompile", "torchcompile+causal"],
+)
 def test_open_clip_train_paraclip_steps_in_amp_bf16(device, world, patched_install, compiled, causal, record_property):
     """open_clip_train.main --paraclip-loss --precision amp_bf16 on one device, eager (with the loss in blocks:
     --paraclip-loss-block-size), --torchcompile and --torchcompile --causal-attention (TORCH_LOGS=recompiles,graph_breaks
     shows through the plugin, which open_clip_train would silence: the trimmed forward's deliberate graph break is
     logged and the recompiles are counted)."""
     name = f"amp_bf16_{'compiled' if compiled else 'eager'}{'_causal' if causal else ''}"
-    args = train_args(world["data"], world["logs"], name, world["init"], "--paraclip-loss",
-                      "--precision", "amp_bf16", "--device", device.type, batch_size=16)
+    args = train_args(
+        world["data"],
+        world["logs"],
+        name,
+        world["init"],
+        "--paraclip-loss",
+        "--precision",
+        "amp_bf16",
+        "--device",
+        device.type,
+        batch_size=16,
+    )
     if not compiled:
         args += ["--paraclip-loss-block-size", "5"]
     if compiled:
         args += ["--torchcompile"]
     if causal:
         args += ["--causal-attention"]
-    proc = torchrun(["open_clip_train.main", *args], nproc=1, env_extra={"TORCH_LOGS": "recompiles,graph_breaks"},
-                    timeout=600)
+    proc = torchrun(
+        ["open_clip_train.main", *args], nproc=1, env_extra={"TORCH_LOGS": "recompiles,graph_breaks"}, timeout=600
+    )
     log = read_log(world["logs"], name)
     steps = logged_losses(log)
     assert len(steps) == 4  # 64 samples / 16
