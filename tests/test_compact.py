@@ -22,9 +22,10 @@ from test_fast_embeddings import (
     one_step,
     pipeline,
     rewrite_shard,
-    skip_reasons,  # noqa: F401
+    skip_reasons,
     spoil_sample,
     tiny_model,
+    world,  # noqa: F401 (a fixture)
 )
 from test_train import TERMS
 

@@ -15,7 +15,8 @@ from test_paraphrase_support import (
     PYTHON,
     read_tar,
     samples_of,
-    write_input_shards,  # noqa: F401
+    server,  # noqa: F401 (a fixture)
+    write_input_shards,
     write_samples,
 )
 from paraclip_plugin.paraphrase.local_server import LocalChatServer
