@@ -399,7 +399,7 @@ def test_array_recipe_default_backend_without_vllm_names_the_extra_and_writes_no
     done = submit(SHARDS_RECIPE, submit_dir, "--array=0-0", env=env, wait=True)
     assert done.returncode != 0
     text = (submit_dir / f"paraclip-shards-{int(done.stdout.strip())}_0.out").read_text()
-    errors = [line for line in text.splitlines() if line.startswith("make_shards.py: error:")]
+    errors = [line for line in text.splitlines() if line.startswith("paraclip-make-shards: error:")]
     assert (
         len(errors) == 1
         and "needs the 'vllm' extra" in errors[0]
