@@ -36,12 +36,14 @@ import os
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import open_clip
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from bench_loader import loader_args as stock_loader_args  # noqa: E402
 from synthetic_shards import write_shards  # noqa: E402
 
 from paraclip_plugin.paraphrase.inputs import expand_inputs  # noqa: E402
@@ -71,35 +73,10 @@ class Timer:
 
 
 def loader_args(data, args):
-    """What open_clip_train.main's args hold for get_wds_dataset (a patched install: the plugin's flags
-    at their defaults, so its hooks keep the stock pipeline)."""
-    from types import SimpleNamespace
-
-    fields = {
-        "train_data": data,
-        "val_data": None,
-        "train_num_samples": 10**9,
-        "dataset_resampled": True,
-        "train_data_upsampling_factors": None,
-        "batch_size": args.per_shard,
-        "workers": args.workers,
-        "seed": 0,
-        "world_size": 1,
-        "rank": 0,
-        "model": args.model,
-        "pretrained": None,
-        "precision": "amp",
-        "frozen_visual": False,
-    }
-    try:
-        from paraclip_plugin.train import hooks
-
-        parser = argparse.ArgumentParser()
-        hooks.add_arguments(parser)
-        fields = {**vars(parser.parse_args([])), **fields}
-    except ImportError:
-        pass
-    return SimpleNamespace(**fields)
+    """What open_clip_train.main's args hold for get_wds_dataset: bench_loader.py's, with batches of a shard."""
+    return stock_loader_args(
+        data, None, SimpleNamespace(batch_size=args.per_shard, workers=args.workers, model=args.model)
+    )
 
 
 def time_stock(pattern, args, preprocess, tokenizer):

@@ -86,6 +86,15 @@ OPENAI_TOKEN_LIMIT_ERROR = {
     "tokens. Please try again once some in_progress batches have been completed.",
 }
 IN_FLIGHT = ("validating", "in_progress", "finalizing")
+# the body of the API's HTTP 500
+SERVER_ERROR = {
+    "error": {
+        "message": "The server had an error while processing your request.",
+        "type": "server_error",
+        "param": None,
+        "code": None,
+    }
+}
 
 
 def not_found(what, object_id):
@@ -536,14 +545,7 @@ class _Handler(BaseHTTPRequestHandler):
             if failing:
                 return self._send(
                     500,
-                    {
-                        "error": {
-                            "message": "The server had an error while processing your request.",
-                            "type": "server_error",
-                            "param": None,
-                            "code": None,
-                        }
-                    },
+                    SERVER_ERROR,
                 )
             if batch is None:
                 return self._send(404, not_found("batch", parts[-1]))
@@ -585,14 +587,7 @@ class _Handler(BaseHTTPRequestHandler):
             if fault == "500":
                 return self._send(
                     500,
-                    {
-                        "error": {
-                            "message": "The server had an error while processing your request.",
-                            "type": "server_error",
-                            "param": None,
-                            "code": None,
-                        }
-                    },
+                    SERVER_ERROR,
                 )
             return self._send(200, public(batch))
         if not path.endswith("/chat/completions"):
