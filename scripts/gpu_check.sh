@@ -108,7 +108,7 @@ if [ "$SMOKE" = 0 ]; then
     $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 2
     if command -v patch > /dev/null; then
         $PY -m paraclip_plugin.patching apply || exit 2
-    else  # the same patch, applied by `make wheelhouse`
+    else  # the same patch series, applied by `make wheelhouse`
         SITE=$($PY -c "import open_clip_train, os; print(os.path.dirname(os.path.dirname(open_clip_train.__file__)))")
         tar -C "$SITE" -xf .whl/open_clip_train-patched.tar && echo "patched from .whl/open_clip_train-patched.tar" || exit 2
     fi

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make wheelhouse`: the pure-Python wheels a GPU machine without a package index lacks, into .whl/
 # (git-ignored), for scripts/gpu_check.sh. The versions are the ones installed here (the project's
-# pins). Also a copy of open_clip_train with the hook patch applied, for machines without GNU patch.
+# pins). Also a copy of open_clip_train with the patch series applied, for machines without GNU patch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from paraclip_plugin import patching
 root = Path(sys.argv[1])
-patching.apply(root, patching.patch_file(patching.installed_version()))
+patching.apply(root, patching.patch_series(patching.installed_version()))
 PY
 tar -C "$TMP/site" -cf .whl/open_clip_train-patched.tar open_clip_train
 ls -l .whl

@@ -79,7 +79,7 @@ def patched_install():
     root = site_open_clip_train()
     if shutil.which("patch") is None and (root / "open_clip_train" / "plugins.py").exists():
         return root  # patched without GNU patch (scripts/gpu_check.sh on a machine that lacks it)
-    patching.apply(root, patching.patch_file(patching.installed_version()))
+    patching.apply(root, patching.patch_series(patching.installed_version()))
     return root
 
 
@@ -92,7 +92,7 @@ def pristine_root(tmp_path_factory, patched_install):
     shutil.copytree(
         patched_install / "open_clip_train", root / "open_clip_train", ignore=shutil.ignore_patterns("__pycache__")
     )
-    patching.revert(root, patching.patch_file(patching.installed_version()))
+    patching.revert(root, patching.patch_series(patching.installed_version()))
     assert not (root / "open_clip_train" / "plugins.py").exists()
     return root
 

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""open_clip_torch's own test suite against the installed open_clip_train, hook patch applied, plugin installed.
+"""open_clip_torch's own test suite against the installed open_clip_train, patch series applied, plugin installed.
 
     python tests/open_clip_suite.py [--include-slow] [PYTEST ARGS]   (`make test` runs it after the plugin's suite)
 
 The source distribution of the installed open_clip_torch version ships open_clip's tests. It is
 downloaded once with pip (``pip download --no-binary :all: --no-deps open_clip_torch==VERSION``) and
 unpacked inside the virtual environment (``<venv>/open_clip_tests/``); nothing of it is copied into this
-repository. The hook patch is applied first (idempotent, as `paraclip-patch apply`), then pytest runs
+repository. The patch series is applied first (idempotent, as `paraclip-patch apply`), then pytest runs
 the sdist's ``tests/`` with the tests listed in ``tests/open_clip_deselected.txt`` left out, each with
 its reason there (``--include-slow`` runs the ones left out only for time). Every other test runs and must pass.
 
@@ -165,7 +165,7 @@ def main(argv):
     from paraclip_plugin import patching
 
     version = importlib.metadata.version(PACKAGE)
-    patching.apply(patching.installed_root(), patching.patch_file(version))
+    patching.apply(patching.installed_root(), patching.patch_series(version))
     root = sdist_tests(version)
     include_slow = "--include-slow" in argv
     argv = [a for a in argv if a != "--include-slow"]

@@ -64,7 +64,7 @@ def test_unsupported_version_is_refused_naming_supported_ones():
     with pytest.raises(
         patching.PatchError, match=r"open_clip_torch 2\.32\.0 is not supported.*supported versions: 3\.3\.0"
     ):
-        patching.patch_file("2.32.0")
+        patching.patch_series("2.32.0")
 
 
 def test_locally_modified_files_are_refused_untouched(tmp_path, pristine_root):
@@ -72,7 +72,7 @@ def test_locally_modified_files_are_refused_untouched(tmp_path, pristine_root):
     main = tmp_path / "open_clip_train" / "main.py"
     edited = main.read_text().replace("loss = create_loss(args)", "loss = create_loss(args)  # local edit")
     main.write_text(edited)
-    patch = patching.patch_file(patching.installed_version())
+    patch = patching.patch_series(patching.installed_version())
     with pytest.raises(
         patching.PatchError,
         match=f"{main}: neither the release's text nor the patched text.*"
@@ -91,7 +91,7 @@ def test_an_added_file_of_another_patch_is_named_to_delete(tmp_path, pristine_ro
     added = tmp_path / "open_clip_train" / "plugins.py"
     added.write_text("# plugins.py of an older paraclip-plugin\n")
     main_before = (tmp_path / "open_clip_train" / "main.py").read_bytes()
-    patch = patching.patch_file(patching.installed_version())
+    patch = patching.patch_series(patching.installed_version())
     with pytest.raises(patching.PatchError, match=f"and delete {added} \\(the patch adds it"):
         patching.apply(tmp_path, patch)
     assert added.read_text() == "# plugins.py of an older paraclip-plugin\n"
@@ -109,7 +109,7 @@ def paraclip_patch_on(root, *args):
 
 
 def test_a_stop_between_two_files_leaves_an_install_that_apply_or_revert_finishes(tmp_path, pristine_root, monkeypatch):
-    patch = patching.patch_file(patching.installed_version())
+    patch = patching.patch_series(patching.installed_version())
     release = current_hashes(pristine_root)
     full = copy_of(pristine_root, tmp_path / "full")
     patching.apply(full, patch)
@@ -133,8 +133,12 @@ def test_a_stop_between_two_files_leaves_an_install_that_apply_or_revert_finishe
         now = current_hashes(root)
         assert all(now[name] in (release.get(name), patched[name]) for name in patched)  # no file half-written
         check = paraclip_patch_on(root, "check")
-        assert check.returncode == 1 and "partly patched (an apply or revert was stopped)" in check.stderr
-        assert "plugins.py patched" in check.stderr and "run `paraclip-patch apply` to finish" in check.stderr
+        assert check.returncode == 1 and "partly patched (an apply or revert was stopped" in check.stderr
+        carried = [name for name in ("data.py", "main.py", "params.py", "plugins.py") if name in calls]
+        first = "applied" if len(carried) == 4 else f"in {', '.join(carried)}, not in"
+        assert f"0001-plugins-hooks.patch {first}" in check.stderr
+        assert f"0004-zero-shot-numpy-float.patch {'applied' if 'zero_shot.py' in calls else 'missing'}" in check.stderr
+        assert "run `paraclip-patch apply` to finish" in check.stderr
         if stop_after in (2, 4):  # these are rolled back instead
             finish = paraclip_patch_on(root, "revert")
             assert finish.returncode == 0 and finish.stdout.startswith("reverted:") and current_hashes(root) == release
@@ -143,6 +147,102 @@ def test_a_stop_between_two_files_leaves_an_install_that_apply_or_revert_finishe
         assert finish.returncode == 0 and finish.stdout.startswith("patched:"), finish.stderr
         assert current_hashes(root) == patched and paraclip_patch_on(root, "check").returncode == 0
         assert not list((root / "open_clip_train").glob(".*paraclip-patch-*"))
+
+
+SERIES = [
+    "0001-plugins-hooks.patch",
+    "0002-ddp-device-ids-on-cpu.patch",
+    "0003-logs-dir.patch",
+    "0004-zero-shot-numpy-float.patch",
+]
+# sha256 of the files the series gives open_clip_train 3.3.0: the same bytes as the single patch the series was
+# split from, so an install patched by either is "patched" for the other
+PATCHED_SHA256 = {
+    "data.py": "ed52f3f04af8be484b76fcbdb2e214b37fab94589cea5ea68fceff8f93e2bb24",
+    "main.py": "aa1172e40cec2d8b35cf38112063298e5f81191027742f997a46071441ddce27",
+    "params.py": "ea4614b7f922f648881267347d180325a60a44262ef683fe534c60b061c86df3",
+    "plugins.py": "a4b5790967f16defee2db00a5885022d8cd522915ae0461b0d98086c1008b0f5",
+    "zero_shot.py": "1a2fb2441f7fb86f6a7eb5d64ad1b9363bbd6f6c8bd960935fba253298142d68",
+}
+
+
+def series_path():
+    return patching.patch_series(patching.installed_version())
+
+
+def sha256_of(root, names):
+    return {name: hashlib.sha256((root / "open_clip_train" / name).read_bytes()).hexdigest() for name in names}
+
+
+def apply_by_hand(root, *names):
+    """Some patches of the series applied with GNU patch, as a user applying them one by one would."""
+    for name in names:
+        subprocess.run(
+            ["patch", "-p1", "--fuzz=0", "--no-backup-if-mismatch", "--silent", "-d", str(root)],
+            input=(series_path() / name).read_bytes(),
+            check=True,
+        )
+
+
+def test_each_patch_is_a_described_pull_request_and_the_series_gives_the_patched_files(tmp_path, pristine_root):
+    """Each patch applies on its own to the release (git apply, as a reviewer would); applied one after another,
+    they give the same bytes as paraclip-patch apply."""
+    assert [p.name for p in patching.series_patches(series_path())] == SERIES
+    for number, name in enumerate(SERIES, 1):
+        text = (series_path() / name).read_text()
+        head, _, diff = text.partition("\n---\n")
+        assert head.startswith("From ") and f"Subject: [PATCH {number}/{len(SERIES)}] " in head
+        assert len(head.split("\n\n", 1)[1].split()) >= 30  # a description of what it fixes and why
+        assert "diff --git a/open_clip_train/" in diff
+        alone = copy_of(pristine_root, tmp_path / name)
+        check = subprocess.run(["git", "apply", "--check", "-"], cwd=alone, input=text.encode(), capture_output=True)
+        assert check.returncode == 0, check.stderr
+    in_order = copy_of(pristine_root, tmp_path / "in-order")
+    for name in SERIES:
+        subprocess.run(["git", "apply", "-"], cwd=in_order, input=(series_path() / name).read_bytes(), check=True)
+    assert sha256_of(in_order, PATCHED_SHA256) == PATCHED_SHA256
+    applied = copy_of(pristine_root, tmp_path / "applied")
+    assert patching.apply(applied, series_path())
+    assert current_hashes(applied) == current_hashes(in_order)
+    assert patching.all_patched(patching.file_states(in_order, series_path()))
+
+
+def test_a_patch_that_does_not_fit_changes_nothing(tmp_path, pristine_root):
+    """The third patch does not fit params.py: the first two, which do, are not applied either."""
+    root = copy_of(pristine_root, tmp_path)
+    params = root / "open_clip_train" / "params.py"
+    params.write_text(params.read_text().replace('default="./logs/",', 'default="/scratch/logs/",', 1))
+    before = current_hashes(root)
+    for command in ("apply", "check"):
+        result = paraclip_patch_on(root, command)
+        assert result.returncode == (2 if command == "apply" else 1)
+        assert f"{params}: neither the release's text nor the patched text" in result.stderr
+        assert "0003-logs-dir.patch neither applies to nor is applied in params.py" in result.stderr
+        assert "0001-plugins-hooks.patch neither" not in result.stderr  # it fits params.py
+    assert current_hashes(root) == before and not (root / "open_clip_train" / "plugins.py").exists()
+
+
+def test_a_partial_series_is_named_and_apply_or_revert_finishes_it(tmp_path, pristine_root):
+    release = current_hashes(pristine_root)
+    for command in ("apply", "revert"):
+        root = copy_of(pristine_root, tmp_path / command)
+        apply_by_hand(root, SERIES[0], SERIES[3])  # main.py and params.py: the first of their two patches
+        check = paraclip_patch_on(root, "check")
+        assert check.returncode == 1 and "only some patches of the series were applied" in check.stderr
+        assert (
+            "0001-plugins-hooks.patch applied; 0002-ddp-device-ids-on-cpu.patch missing; 0003-logs-dir.patch missing; "
+            "0004-zero-shot-numpy-float.patch applied; run `paraclip-patch apply` to finish"
+        ) in check.stderr
+        states = patching.file_states(root, series_path())
+        assert states["open_clip_train/main.py"].state == patching.PARTLY
+        assert states["open_clip_train/main.py"].applied == (SERIES[0],)
+        done = paraclip_patch_on(root, command)
+        assert done.returncode == 0 and done.stdout.startswith("patched:" if command == "apply" else "reverted:")
+        if command == "apply":
+            assert sha256_of(root, PATCHED_SHA256) == PATCHED_SHA256
+            assert paraclip_patch_on(root, "check").returncode == 0
+        else:
+            assert current_hashes(root) == release
 
 
 def test_two_applies_at_once_take_turns(tmp_path, pristine_root):
@@ -180,7 +280,7 @@ def test_where_the_folder_cant_be_flocked_a_lock_file_is_used(tmp_path, pristine
     monkeypatch.setattr(
         patching.fcntl, "lockf", lambda fd, op: (locked.append(os.readlink(f"/proc/self/fd/{fd}")), real_lockf(fd, op))
     )
-    patch = patching.patch_file(patching.installed_version())
+    patch = patching.patch_series(patching.installed_version())
     assert patching.apply(root, patch) and patching.all_patched(patching.file_states(root, patch))
     assert locked == [str(root / "open_clip_train" / ".paraclip-patch.lock")]
 
@@ -210,7 +310,7 @@ def test_an_unwritable_install_is_named_and_the_runner_suggested(tmp_path, prist
     with pytest.raises(
         patching.PatchError, match=r"plugins\.py: Read-only file system.*python -m paraclip_plugin\.train"
     ):
-        patching.apply(root, patching.patch_file(patching.installed_version()))
+        patching.apply(root, patching.patch_series(patching.installed_version()))
     assert current_hashes(root) == current_hashes(pristine_root) and not list(root.rglob(".*paraclip-patch-*"))
 
 
@@ -229,12 +329,12 @@ PYTHON39 = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.9*/bin/pytho
 
 
 def plugin_site(folder, plugins):
-    """A folder for PYTHONPATH: the patch's ``open_clip_train/plugins.py`` alone (it needs no torch) and one
+    """A folder for PYTHONPATH: the series' ``open_clip_train/plugins.py`` alone (it needs no torch) and one
     installed distribution per plugin, found through its dist-info's entry points as pip installs them."""
-    states = patching.file_states(folder, patching.patch_file(patching.installed_version()))
+    states = patching.file_states(folder, patching.patch_series(patching.installed_version()))
     (folder / "open_clip_train").mkdir(parents=True)
     (folder / "open_clip_train" / "__init__.py").write_text("")
-    (folder / "open_clip_train" / "plugins.py").write_bytes(states["open_clip_train/plugins.py"][2])
+    (folder / "open_clip_train" / "plugins.py").write_bytes(states["open_clip_train/plugins.py"].patched)
     for name, source in plugins.items():
         (folder / f"{name}_hooks.py").write_text(source)
         info = folder / f"{name}-1.0.dist-info"

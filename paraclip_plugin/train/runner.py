@@ -2,7 +2,7 @@
 for installs whose site-packages can't be patched (read-only environments, shared clusters).
 
 The installed open_clip_train is left untouched: its files are copied to a private temporary folder,
-the same patches/ file that ``paraclip-patch apply`` uses is applied there, and that copy is
+the same patches/ series that ``paraclip-patch apply`` uses is applied there, and that copy is
 imported in this process in place of the installed one. Hooks, flags and behaviour are therefore
 exactly those of a patched install. Works under torchrun/srun like ``-m open_clip_train.main``.
 """
@@ -21,15 +21,15 @@ def hooked_open_clip_train_root():
     """A folder whose ``open_clip_train`` has the hook points: the install itself if it is patched."""
     root = patching.installed_root()
     version = patching.installed_version()
-    patch = patching.patch_file(version)
-    states = patching.file_states(root, patch)
+    series = patching.patch_series(version)
+    states = patching.file_states(root, series)
     if patching.all_patched(states):
         return root
     patching.refuse_modified(root, states, version)  # named in the install, not in the private copy
     private = Path(tempfile.mkdtemp(prefix="paraclip-open_clip_train-"))
     atexit.register(shutil.rmtree, private, ignore_errors=True)
     shutil.copytree(root / patching.PACKAGE, private / patching.PACKAGE, ignore=shutil.ignore_patterns("__pycache__"))
-    patching.apply(private, patch, version)
+    patching.apply(private, series, version)
     return private
 
 
