@@ -7,6 +7,12 @@ import sys
 
 from test_paraphrase_support import REPO
 
+SERIES_OF_THE_INSTALL = """
+from paraclip_plugin import patching
+series = patching.patch_series("3.3.0")
+print(series.resolve(), *(p.name for p in patching.series_patches(series)))
+"""
+
 
 def test_wheel_install_gives_console_scripts(tmp_path):
     src = tmp_path / "src"  # build from a copy: an in-tree build would leave build/ and egg-info here
@@ -42,4 +48,11 @@ def test_wheel_install_gives_console_scripts(tmp_path):
         check=True,
     ).stdout
     assert where.startswith(str(site))
+    # paraclip-patch finds its patch series in the installed package
+    series = subprocess.run(
+        [sys.executable, "-c", SERIES_OF_THE_INSTALL], capture_output=True, text=True, env=env, cwd=tmp_path, check=True
+    ).stdout.split()
+    assert series[0] == str(site / "paraclip_plugin" / "patches" / "open_clip_train-3.3.0")
+    assert series[1:] == sorted(p.name for p in (REPO / "patches" / "open_clip_train-3.3.0").glob("*.patch"))
+    assert len(series[1:]) == 4
     assert "from paraclip_plugin.paraphrase.cli import main" in (REPO / "scripts" / "make_shards.py").read_text()
