@@ -154,7 +154,8 @@ def _through(path, content, diffs, reverse=False):
     """``content`` taken through ``diffs`` in order (with ``reverse``, each reversed, the last first): the new
     bytes (None: no file), or ``False`` where one does not apply."""
     for diff in reversed(diffs) if reverse else diffs:
-        if content is False or (diff.created and not reverse and content is not None):
+        starts_from_nothing = diff.created and not reverse  # a creation, and only a creation, needs no file
+        if content is False or (content is None) != starts_from_nothing:
             return False
         content = _patched_text(path, content, diff.text, reverse)
     return content

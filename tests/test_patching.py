@@ -184,6 +184,12 @@ def apply_by_hand(root, *names):
         )
 
 
+def git_tree(folder):
+    """``folder`` as a work tree of its own: git apply takes paths from the top of the enclosing one."""
+    subprocess.run(["git", "init", "-q", str(folder)], check=True)
+    return folder
+
+
 def test_each_patch_is_a_described_pull_request_and_the_series_gives_the_patched_files(tmp_path, pristine_root):
     """Each patch applies on its own to the release (git apply, as a reviewer would); applied one after another,
     they give the same bytes as paraclip-patch apply."""
@@ -194,10 +200,10 @@ def test_each_patch_is_a_described_pull_request_and_the_series_gives_the_patched
         assert head.startswith("From ") and f"Subject: [PATCH {number}/{len(SERIES)}] " in head
         assert len(head.split("\n\n", 1)[1].split()) >= 30  # a description of what it fixes and why
         assert "diff --git a/open_clip_train/" in diff
-        alone = copy_of(pristine_root, tmp_path / name)
+        alone = git_tree(copy_of(pristine_root, tmp_path / name))
         check = subprocess.run(["git", "apply", "--check", "-"], cwd=alone, input=text.encode(), capture_output=True)
         assert check.returncode == 0, check.stderr
-    in_order = copy_of(pristine_root, tmp_path / "in-order")
+    in_order = git_tree(copy_of(pristine_root, tmp_path / "in-order"))
     for name in SERIES:
         subprocess.run(["git", "apply", "-"], cwd=in_order, input=(series_path() / name).read_bytes(), check=True)
     assert sha256_of(in_order, PATCHED_SHA256) == PATCHED_SHA256
