@@ -12,7 +12,7 @@ import torch
 from conftest import BIN, TINY_CONFIG, TINY_MODEL
 from eval_fixtures import WORDS, StandIn, mean_colour, write_data_root
 from paraclip_plugin.eval.cli import main
-from paraclip_plugin.eval.paraphrased_retrieval import load_model
+from paraclip_plugin.eval.common import load_model
 from paraclip_plugin.eval.table1 import COLUMNS, TASKS, prepare, run_task, task_paths
 
 

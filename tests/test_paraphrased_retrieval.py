@@ -11,13 +11,8 @@ from conftest import BIN, TINY_CONFIG, TINY_MODEL
 from eval_fixtures import StandIn, mean_colour
 from paraclip_plugin.eval.cli import main
 from paraclip_plugin.eval.metrics import average_overlap, jaccard_at_k
-from paraclip_plugin.eval.paraphrased_retrieval import (
-    InputError,
-    build_gallery,
-    evaluate_paraphrased_retrieval,
-    load_model,
-    read_pairs,
-)
+from paraclip_plugin.eval.common import InputError, load_model
+from paraclip_plugin.eval.paraphrased_retrieval import build_gallery, evaluate_paraphrased_retrieval, read_pairs
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 SHAPES = ("square", "bar")

@@ -12,9 +12,9 @@ import sys
 
 from ..extras import require_extra
 from ..shards import atomic_write_text
-from .paraphrased_retrieval import InputError, default_device, evaluate_checkpoint, load_model
+from .common import PROG, InputError, default_device, load_model
+from .paraphrased_retrieval import evaluate_checkpoint
 
-PROG = "paraclip-eval"
 # tasks that run through clip_benchmark (the 'eval' extra)
 EVAL_EXTRA_TASKS = ("zeroshot-imagenet", "coco-retrieval")
 

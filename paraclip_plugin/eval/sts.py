@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from scipy.stats import spearmanr
 
-from .paraphrased_retrieval import PROG, InputError, distinct, embed_texts, precision, read_text, text_lines
+from .common import PROG, InputError, distinct, embed_texts, precision, read_text, text_lines
 
 TASKS = ("sts12", "sts13", "sts14", "sts15", "sts16", "stsb", "sickr")
 # SentEval's senteval/sts.py: the test folder and subsets of each year (STS13 without SMT, as in SentEval).

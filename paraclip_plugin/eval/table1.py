@@ -51,14 +51,8 @@ from paraclip_plugin.shards import atomic_write_text
 
 from .aro import ANNOTATION_FILES, evaluate_aro, read_cases
 from .benchmark import COCO_DEFAULT_SPLIT, check_coco_root, check_imagenet_root, evaluate_coco, evaluate_imagenet
-from .paraphrased_retrieval import (
-    InputError,
-    load_json,
-    build_gallery,
-    evaluate_paraphrased_retrieval,
-    load_model,
-    read_pairs,
-)
+from .common import InputError, load_json, load_model
+from .paraphrased_retrieval import build_gallery, evaluate_paraphrased_retrieval, read_pairs
 from .sts import evaluate_sts, read_tasks
 
 TASKS = ("paraphrased-retrieval", "vg-relation", "vg-attribution", "sts", "zeroshot-imagenet", "coco-retrieval")
