@@ -48,7 +48,7 @@ def _cli(pairs, images, *extra):
         str(TINY_CONFIG),
         "--pairs",
         str(pairs),
-        "--images",
+        "--pairs-gallery",
         str(images),
         *extra,
     ]
@@ -57,7 +57,7 @@ def _cli(pairs, images, *extra):
 def test_cli_writes_scores_in_range(tmp_path, capsys):
     pairs, images = _write_world(tmp_path)
     output = tmp_path / "out" / "result.json"
-    assert main(_cli(pairs, images, "--k", "5", "--output", str(output))) == 0
+    assert main(_cli(pairs, images, "--k", "5", "--json", str(output))) == 0
     result = json.loads(output.read_text())
     assert json.loads(capsys.readouterr().out) == result
     assert result["num_pairs"] == 8 and result["num_images"] == 8 and result["k"] == 5

@@ -9,7 +9,7 @@ Two galleries, recorded in the result as ``gallery`` with its size ``num_images`
     every image file directly in ``DIR`` (a file whose extension PIL reads; hidden files and
     sub-folders are not candidates) is a candidate, in sorted file-name order; the pairs' images must
     be among them. With COCO 2017's ``val2017/`` this is the paper's 5,000-image gallery.
-``pairs`` (``--images DIR``)
+``pairs`` (``--pairs-gallery DIR``)
     only the distinct images the pairs file names. Smaller than the paper's gallery: fewer
     distractors can enter a top-k, so AO/JS and recall differ from the paper's protocol.
 

@@ -1,9 +1,9 @@
 """Semantic textual similarity with CLIP's text tower: STS12-16, STS-B and SICK-R, test sets only.
 
-Each task is read from whichever of these layouts ``FOLDER`` holds (exactly one per task; two is an
+Each task is read from whichever of these layouts ``ROOT`` (``--root``) holds (exactly one per task; two is an
 error, so a score never depends on which copy was picked):
 
-SentEval's download layout (``FOLDER`` = SentEval's ``data/downstream``, or its ``STS`` folder plus ``SICK``)
+SentEval's download layout (``ROOT`` = SentEval's ``data/downstream``, or its ``STS`` folder plus ``SICK``)
     ``[STS/]STS12-en-test/`` ... ``[STS/]STS16-en-test/``: per subset of the year (SentEval's subset lists;
     STS13 without SMT) ``STS.input.<subset>.txt`` (two tab-separated sentences per line) and
     ``STS.gs.<subset>.txt`` (the gold score on the same line; an empty line = an unscored pair, skipped
