@@ -129,7 +129,7 @@ def make_embedder(args, pattern, extra):
         *extra,
     ]
     if args.device == "cuda":
-        argv += ["--precision", "amp"]
+        argv += ["--precision", "amp_bf16"]
     embedder = ShardEmbedder(parse_args(argv))
     if args.device == "cpu":
         embedder.encode = cpu_tower(embedder, embedder.visual.output_dim)
@@ -139,7 +139,9 @@ def make_embedder(args, pattern, extra):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="ViT-B-32", help="whose image transform and tower (random init)")
-    p.add_argument("--model-config", default=None, help="register an open_clip model config first")
+    p.add_argument(
+        "--model-config", action="append", default=[], help="register an open_clip model config first; may be repeated"
+    )
     p.add_argument("--samples", type=int, default=4096)
     p.add_argument("--per-shard", type=int, default=256, help="samples per shard, and the stock loader's batch")
     p.add_argument("--workers", type=int, default=2, help="data workers of every case")
@@ -158,8 +160,8 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_embed.py: --device cuda, but torch finds no CUDA device")
     torch.set_num_threads(1 if args.device == "cpu" else torch.get_num_threads())
-    if args.model_config:
-        open_clip.add_model_config(args.model_config)
+    for config in args.model_config:
+        open_clip.add_model_config(config)
 
     folder = args.folder or tempfile.mkdtemp(prefix="bench_embed_")
     pattern, mean_jpeg = write_shards(os.path.join(folder, "plain"), args.samples, args.per_shard)

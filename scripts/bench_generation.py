@@ -26,6 +26,7 @@ import tarfile
 import tempfile
 import time
 
+from paraclip_plugin.flag_aliases import add_renamed
 from paraclip_plugin.paraphrase.backends.openai_backend import OpenAIBackend
 from paraclip_plugin.paraphrase.cache import CompletionCache
 from paraclip_plugin.paraphrase.inputs import expand_inputs
@@ -139,16 +140,28 @@ def process_scaling(base_url, process_counts, concurrency, samples_per_process, 
     return rates
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--latency", type=float, default=0.2, help="server seconds per reply")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 64, 256], help="requests in flight")
-    parser.add_argument("--shards", type=int, default=2, help="input shards per concurrency level")
+    add_renamed(
+        parser,
+        "--num-shards",
+        "--shards",
+        dest="shards",
+        type=int,
+        default=2,
+        help="input shards per concurrency level",
+    )
     parser.add_argument("--processes", type=int, nargs="*", default=[1, 2, 4], help="process counts (empty: skip)")
     parser.add_argument("--process-concurrency", type=int, default=64)
     parser.add_argument("--samples-per-process", type=int, default=800)
     parser.add_argument("--json", default=None, help="also write the numbers here")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main():
+    args = parse_args()
     server, base_url = start_server(args.latency)
     try:
         with tempfile.TemporaryDirectory() as work:

@@ -34,6 +34,7 @@ import open_clip
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from paraclip_plugin.flag_aliases import add_renamed
 from paraclip_plugin.train.attention import causal_attention
 from paraclip_plugin.train.loss import ParaCLIPLoss, parse_terms, DEFAULT_TERMS
 from paraclip_plugin.train.model import enable_paraphrase_forward, freeze_visual
@@ -55,12 +56,20 @@ BF16_PEAK_TFLOPS = {
 TINY_CONFIG = "paraclip_plugin/model_configs/paraclip-tiny-77.json"  # the tiny model with CLIP's 77-token context
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="ViT-B-32")
     p.add_argument("--batch-sizes", default="1024,3072")
     p.add_argument("--steps", type=int, default=20, help="timed steps per case")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps per case (compilation happens here)")
+    add_renamed(
+        p,
+        "--skip-steps",
+        "--warmup",
+        dest="warmup",
+        type=int,
+        default=5,
+        help="untimed steps before the timed ones, per case (compilation happens here), as in bench_e2e.py",
+    )
     p.add_argument(
         "--text-lengths",
         default="40,24,77",
@@ -92,7 +101,7 @@ def parse_args():
         help="CPU, paraclip-tiny-77 (77-token context), batches 16,32, 2 steps, float32: checks the script, "
         "measures nothing useful",
     )
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.cpu_smoke:
         args.model, args.batch_sizes, args.steps, args.warmup = "paraclip-tiny-77", "16,32", 2, 1
         args.profile = "16"

@@ -117,7 +117,7 @@ if [ "$SMOKE" = 0 ]; then
     shards
     want tests && run_tests "${GPU_CHECK_TESTS_BUDGET:-100}" PARACLIP_TEST_DEVICE=cuda
     shards_done
-    want step && stage step "${GPU_CHECK_STEP_BUDGET:-160}" $PY scripts/bench_step.py --steps 10 --warmup 3 --json "$WORK/step.json" \
+    want step && stage step "${GPU_CHECK_STEP_BUDGET:-160}" $PY scripts/bench_step.py --steps 10 --skip-steps 3 --json "$WORK/step.json" \
         --batch-sizes 1024 --text-lengths "$LENGTHS" \
         --steps-only "${GPU_CHECK_STEP_CASES:-naive,plugin-img+causal+compile,plugin-emb+causal+compile}"
     want e2e && stage e2e "${GPU_CHECK_E2E_BUDGET:-300}" $PY scripts/bench_e2e.py --folder "$SCRATCH/e2e" --json "$WORK/e2e.json" \

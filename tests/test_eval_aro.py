@@ -9,7 +9,7 @@ from conftest import TINY_CONFIG, TINY_MODEL
 from eval_fixtures import StandIn, colour_caption_features, mean_colour, write_aro
 from paraclip_plugin.eval.aro import case_scores, evaluate_aro, read_cases
 from paraclip_plugin.eval.cli import main
-from paraclip_plugin.eval.paraphrased_retrieval import InputError, load_model
+from paraclip_plugin.eval.common import InputError, load_model
 
 # (relation, true caption, false caption, correct by construction). Every crop shows the red square;
 # a red caption matches it. "near" is in ARO's symmetric list, so it counts for accuracy, not macro.

@@ -17,7 +17,7 @@ from paraclip_plugin.eval.benchmark import (
     topk_hits,
 )
 from paraclip_plugin.eval.cli import main
-from paraclip_plugin.eval.paraphrased_retrieval import InputError
+from paraclip_plugin.eval.common import InputError
 
 
 def _imagenet_classnames():

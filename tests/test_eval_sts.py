@@ -71,7 +71,7 @@ def test_cli_runs_all_seven_with_the_tiny_model(tmp_path, capsys):
             ],
             extra_column=False,
         )
-    assert main(["sts", "--model", TINY_MODEL, "--model-config", str(TINY_CONFIG), "--folder", str(tmp_path)]) == 0
+    assert main(["sts", "--model", TINY_MODEL, "--model-config", str(TINY_CONFIG), "--root", str(tmp_path)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert list(result["tasks"]) == list(STS_NAMES)
     rhos = [t["spearman"] for t in result["tasks"].values()]
@@ -99,7 +99,7 @@ def test_bad_files_exit_2_naming_the_file(tmp_path, capsys, content, message):
             TINY_MODEL,
             "--model-config",
             str(TINY_CONFIG),
-            "--folder",
+            "--root",
             str(tmp_path),
             "--sts-tasks",
             "sickr",
@@ -111,7 +111,7 @@ def test_bad_files_exit_2_naming_the_file(tmp_path, capsys, content, message):
 
 def test_missing_task_file_is_named(tmp_path, capsys):
     write_sts(tmp_path / "sts12.tsv", PAIRS_A)
-    code = main(["sts", "--model", TINY_MODEL, "--folder", str(tmp_path)])
+    code = main(["sts", "--model", TINY_MODEL, "--root", str(tmp_path)])
     assert code == 2 and str(tmp_path / "sts13.tsv") in capsys.readouterr().err
 
 
@@ -249,7 +249,7 @@ def _write_sts12(folder):
 def test_senteval_file_errors_name_the_file(tmp_path, capsys, damage, message):
     _write_sts12(tmp_path)
     damage(tmp_path)
-    code = main(["sts", "--model", TINY_MODEL, "--folder", str(tmp_path), "--sts-tasks", "sts12"])
+    code = main(["sts", "--model", TINY_MODEL, "--root", str(tmp_path), "--sts-tasks", "sts12"])
     err = capsys.readouterr().err
     assert code == 2 and message in err and str(tmp_path) in err
 
@@ -267,7 +267,7 @@ def test_stsb_csv_errors_name_the_line(tmp_path, capsys, line, message):
     path = write_stsb_csv(tmp_path / "STSBenchmark" / "sts-test.csv", [("a b", "c d", 1.0)])
     with open(path, "a") as f:
         f.write(line + "\n")
-    assert main(["sts", "--model", TINY_MODEL, "--folder", str(tmp_path), "--sts-tasks", "stsb"]) == 2
+    assert main(["sts", "--model", TINY_MODEL, "--root", str(tmp_path), "--sts-tasks", "stsb"]) == 2
     assert f"{path}{message}" in capsys.readouterr().err
 
 

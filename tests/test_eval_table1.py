@@ -12,7 +12,7 @@ import torch
 from conftest import BIN, TINY_CONFIG, TINY_MODEL
 from eval_fixtures import WORDS, StandIn, mean_colour, write_data_root
 from paraclip_plugin.eval.cli import main
-from paraclip_plugin.eval.paraphrased_retrieval import load_model
+from paraclip_plugin.eval.common import load_model
 from paraclip_plugin.eval.table1 import COLUMNS, TASKS, prepare, run_task, task_paths
 
 
@@ -63,6 +63,8 @@ def test_table1_writes_json_and_markdown_for_every_task(data_root, checkpoint, t
     inputs = result["inputs"]
     assert inputs["pretrained_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert inputs["tasks"] == list(TASKS) and inputs["data_root"] == str(root)
+    assert inputs["model_config"] == [str(TINY_CONFIG)]  # a list: --model-config may be repeated
+    assert inputs["model_config_sha256"] == [hashlib.sha256(TINY_CONFIG.read_bytes()).hexdigest()]
     counts = result["results"]
     assert counts["paraphrased-retrieval"]["num_pairs"] == 6
     # The whole val2017/ folder is the gallery: 6 pair images + 4 no pair names.
@@ -211,11 +213,11 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_model_loads(tmp_
     cases = [
         (["table1", "--output", str(tmp_path / "a_file")], f"--output {tmp_path / 'a_file'}: not a folder"),
         (
-            ["sts", "--folder", str(tmp_path), "--output", str(tmp_path / "a_folder")],
-            f"--output {tmp_path / 'a_folder'}: a folder; give the JSON file's name",
+            ["sts", "--root", str(tmp_path), "--json", str(tmp_path / "a_folder")],
+            f"--json {tmp_path / 'a_folder'}: a folder; give the JSON file's name",
         ),
         (
-            ["sts", "--folder", str(tmp_path), "--output", str(tmp_path / "a_file" / "x" / "r.json")],
+            ["sts", "--root", str(tmp_path), "--json", str(tmp_path / "a_file" / "x" / "r.json")],
             f"{tmp_path / 'a_file'} is not a folder",
         ),
     ]

@@ -663,20 +663,20 @@ def test_training_refuses_embeddings_of_another_transform_or_architecture(world,
 
 
 def test_a_rerun_with_another_precision_embeds_again_and_says_why(world, tmp_path, caplog):
-    """--precision amp is recorded (and autocasts on the CPU too, so the embeddings differ); a rerun in fp32
+    """--precision amp_bf16 is recorded (and autocasts on the CPU too, so the embeddings differ); a rerun in fp32
     does not take those shards for its own."""
     caplog.set_level(logging.INFO)
     shards, out = str(world["plain"] / "00000.tar"), tmp_path / "out"
-    embed(shards, world["init"], "--output", out, "--precision", "amp")
+    embed(shards, world["init"], "--output", out, "--precision", "amp_bf16")
     amp = list(read_tar_samples(out / "00000.tar"))
-    assert json.loads(amp[0]["json"])["paraclip_image_embedding"]["precision"] == "amp"
+    assert json.loads(amp[0]["json"])["paraclip_image_embedding"]["precision"] == "amp_bf16"
     assert [s["img_emb.npy"] for s in amp] != [
         s["img_emb.npy"] for s in read_tar_samples(world["embedded"] / "00000.tar")
     ]
     caplog.clear()
     embed(shards, world["init"], "--output", out)
     assert (
-        f"{out / '00000.tar'}: embedded before with other settings (embedding precision 'amp' (now 'fp32')): "
+        f"{out / '00000.tar'}: embedded before with other settings (embedding precision 'amp_bf16' (now 'fp32')): "
         f"embedding it again"
     ) in caplog.text
     assert (

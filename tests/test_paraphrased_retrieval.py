@@ -11,13 +11,8 @@ from conftest import BIN, TINY_CONFIG, TINY_MODEL
 from eval_fixtures import StandIn, mean_colour
 from paraclip_plugin.eval.cli import main
 from paraclip_plugin.eval.metrics import average_overlap, jaccard_at_k
-from paraclip_plugin.eval.paraphrased_retrieval import (
-    InputError,
-    build_gallery,
-    evaluate_paraphrased_retrieval,
-    load_model,
-    read_pairs,
-)
+from paraclip_plugin.eval.common import InputError, load_model
+from paraclip_plugin.eval.paraphrased_retrieval import build_gallery, evaluate_paraphrased_retrieval, read_pairs
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 SHAPES = ("square", "bar")
@@ -53,7 +48,7 @@ def _cli(pairs, images, *extra):
         str(TINY_CONFIG),
         "--pairs",
         str(pairs),
-        "--images",
+        "--pairs-gallery",
         str(images),
         *extra,
     ]
@@ -62,7 +57,7 @@ def _cli(pairs, images, *extra):
 def test_cli_writes_scores_in_range(tmp_path, capsys):
     pairs, images = _write_world(tmp_path)
     output = tmp_path / "out" / "result.json"
-    assert main(_cli(pairs, images, "--k", "5", "--output", str(output))) == 0
+    assert main(_cli(pairs, images, "--k", "5", "--json", str(output))) == 0
     result = json.loads(output.read_text())
     assert json.loads(capsys.readouterr().out) == result
     assert result["num_pairs"] == 8 and result["num_images"] == 8 and result["k"] == 5

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .paraphrased_retrieval import InputError, load_json, _load_image, distinct, embed_images, embed_texts, precision
+from .common import InputError, distinct, embed_images, embed_texts, load_image, load_json, precision
 
 BOX_KEYS = ("bbox_x", "bbox_y", "bbox_w", "bbox_h")
 CASE_KEYS = ("image_path", *BOX_KEYS, "true_caption", "false_caption")
@@ -109,7 +109,7 @@ def read_cases(task, annotation_path, images_dir):
 
 def _load_crop(key):
     path, box = key
-    return _load_image(path).crop(box)
+    return load_image(path).crop(box)
 
 
 @torch.no_grad()

@@ -41,7 +41,7 @@ import sys
 
 import torch
 
-from .paraphrased_retrieval import InputError, load_json, precision, warn
+from .common import InputError, load_json, precision, warn
 
 IMAGENET_CLASSES = 1000
 TIE_RULE = (

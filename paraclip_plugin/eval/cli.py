@@ -11,10 +11,11 @@ import os
 import sys
 
 from ..extras import require_extra
+from ..flag_aliases import add_alias, add_renamed
 from ..shards import atomic_write_text
-from .paraphrased_retrieval import InputError, default_device, evaluate_checkpoint, load_model
+from .common import PROG, InputError, default_device, load_model
+from .paraphrased_retrieval import evaluate_checkpoint
 
-PROG = "paraclip-eval"
 # tasks that run through clip_benchmark (the 'eval' extra)
 EVAL_EXTRA_TASKS = ("zeroshot-imagenet", "coco-retrieval")
 
@@ -36,8 +37,11 @@ def _add_model_arguments(parser, model_required=True):
     )
     parser.add_argument(
         "--model-config",
-        default=None,
-        help="model config JSON registered with open_clip.add_model_config before loading",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="register an open_clip model config (a .json file or a folder of them) before the model is "
+        "created, so --model can name it, as in training. May be repeated.",
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
@@ -45,7 +49,9 @@ def _add_model_arguments(parser, model_required=True):
 
 
 def _add_output_file(parser):
-    parser.add_argument("--output", default=None, help="also write the result JSON to this file")
+    add_renamed(
+        parser, "--json", "--output", default=None, metavar="FILE", help="also write the result JSON to this file"
+    )
 
 
 def _add_paraphrased_retrieval(subparsers):
@@ -53,7 +59,7 @@ def _add_paraphrased_retrieval(subparsers):
         "paraphrased-retrieval",
         help="AO@k / JS@k between rankings of queries and their paraphrases, and recall@1/5/10",
         description="Gallery: with --gallery DIR every image file in DIR (the paper: all 5,000 images of "
-        "COCO's val2017/); with --images DIR only the distinct images the pairs name: fewer "
+        "COCO's val2017/); with --pairs-gallery DIR only the distinct images the pairs name: fewer "
         "distractors, so the scores differ from the paper's protocol. The result records 'gallery' and its size "
         "'num_images'.",
     )
@@ -71,9 +77,12 @@ def _add_paraphrased_retrieval(subparsers):
         help="folder whose every image is a candidate, e.g. COCO val2017/ (the paper's protocol); "
         "the pairs' images must be in it",
     )
-    folder.add_argument(
-        "--images", metavar="DIR", help="folder holding the pairs' images; only those images are candidates"
+    pairs_gallery = folder.add_argument(
+        "--pairs-gallery",
+        metavar="DIR",
+        help="folder holding the pairs' images; only those images are candidates",
     )
+    add_alias(folder, "--images", pairs_gallery)
     parser.add_argument("--k", type=positive_int, default=10, help="depth of AO@k and JS@k (default 10)")
     parser.set_defaults(run=_run_paraphrased_retrieval)
 
@@ -83,7 +92,7 @@ def _run_paraphrased_retrieval(args):
         args.model,
         args.pretrained,
         args.pairs,
-        args.gallery or args.images,
+        args.gallery or args.pairs_gallery,
         k=args.k,
         model_config=args.model_config,
         device=args.device,
@@ -91,7 +100,7 @@ def _run_paraphrased_retrieval(args):
         progress=args.progress,
         whole_folder=args.gallery is not None,
     )
-    _emit(result, args.output)
+    _emit(result, args.json)
     return 0
 
 
@@ -101,7 +110,7 @@ def _run_on_model(args, evaluate):
     device = args.device or default_device()
     model, preprocess, tokenizer = load_model(args.model, args.pretrained, args.model_config, device)
     result = evaluate(model, preprocess, tokenizer, device)
-    _emit({**result, "model": args.model, "pretrained": args.pretrained}, args.output)
+    _emit({**result, "model": args.model, "pretrained": args.pretrained}, args.json)
     return 0
 
 
@@ -144,7 +153,9 @@ def _add_sts(subparsers):
     )
     _add_model_arguments(parser)
     _add_output_file(parser)
-    parser.add_argument(
+    add_renamed(
+        parser,
+        "--root",
         "--folder",
         required=True,
         help="SentEval's data/downstream folder (STS/, SICK/), or a folder of the per-task files above",
@@ -163,7 +174,7 @@ def _add_sts(subparsers):
 def _run_sts(args):
     from .sts import evaluate_sts, read_tasks
 
-    tasks = read_tasks(args.folder, args.sts_tasks)
+    tasks = read_tasks(args.root, args.sts_tasks)
     return _run_on_model(
         args, lambda model, _, tokenizer, device: evaluate_sts(model, tokenizer, tasks, device, args.progress)
     )
@@ -337,8 +348,9 @@ def _write(path, text):
 
 
 def check_output(args):
-    """Before any model is loaded or any image read: ``--output`` can be written (its folders made)."""
-    output = getattr(args, "output", None)
+    """Before any model is loaded or any image read: ``--output`` (table1's folder) or ``--json`` (a task's
+    result file) can be written (its folders made)."""
+    flag, output = ("--output", args.output) if args.command == "table1" else ("--json", args.json)
     if not output or getattr(args, "compare", None):
         return
     if args.command == "table1":
@@ -347,15 +359,15 @@ def check_output(args):
         folder = output
     else:
         if os.path.isdir(output):
-            raise InputError(f"--output {output}: a folder; give the JSON file's name")
+            raise InputError(f"--json {output}: a folder; give the JSON file's name")
         folder = os.path.dirname(os.path.abspath(output))
     existing = os.path.abspath(folder)
     while not os.path.exists(existing):  # the folders to be made go into the nearest one there is
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise InputError(f"--output {output}: {existing} is not a folder")
+        raise InputError(f"{flag} {output}: {existing} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"--output {output}: {existing} is not writable")
+        raise InputError(f"{flag} {output}: {existing} is not writable")
 
 
 def build_parser():

@@ -1,9 +1,9 @@
 """Semantic textual similarity with CLIP's text tower: STS12-16, STS-B and SICK-R, test sets only.
 
-Each task is read from whichever of these layouts ``FOLDER`` holds (exactly one per task; two is an
+Each task is read from whichever of these layouts ``ROOT`` (``--root``) holds (exactly one per task; two is an
 error, so a score never depends on which copy was picked):
 
-SentEval's download layout (``FOLDER`` = SentEval's ``data/downstream``, or its ``STS`` folder plus ``SICK``)
+SentEval's download layout (``ROOT`` = SentEval's ``data/downstream``, or its ``STS`` folder plus ``SICK``)
     ``[STS/]STS12-en-test/`` ... ``[STS/]STS16-en-test/``: per subset of the year (SentEval's subset lists;
     STS13 without SMT) ``STS.input.<subset>.txt`` (two tab-separated sentences per line) and
     ``STS.gs.<subset>.txt`` (the gold score on the same line; an empty line = an unscored pair, skipped
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from scipy.stats import spearmanr
 
-from .paraphrased_retrieval import PROG, InputError, distinct, embed_texts, precision, read_text, text_lines
+from .common import PROG, InputError, distinct, embed_texts, precision, read_text, text_lines
 
 TASKS = ("sts12", "sts13", "sts14", "sts15", "sts16", "stsb", "sickr")
 # SentEval's senteval/sts.py: the test folder and subsets of each year (STS13 without SMT, as in SentEval).

@@ -31,7 +31,7 @@ use float16 autocast on CUDA, the others float32). Counts that differ from the p
 the JSON (``warnings`` per task) and under the table.
 
 Each finished task's result is kept in ``<output>/tasks/<task>.json`` with what it was computed from: model,
-checkpoint sha256, model config sha256 (of the file, or of every file in a config folder), data root, COCO
+checkpoint sha256, each model config's sha256 (of the file, or of every file in a config folder), data root, COCO
 split, templates, device, batch size, package versions, and the task's own input files, each by its resolved
 path (links followed) and a sha256 of its contents (pairs, annotation, STS and template files, ImageNet's
 devkit or meta.bin) or, for image folders, of every file's relative name, size and mtime_ns (a listing, no
@@ -51,14 +51,8 @@ from paraclip_plugin.shards import atomic_write_text
 
 from .aro import ANNOTATION_FILES, evaluate_aro, read_cases
 from .benchmark import COCO_DEFAULT_SPLIT, check_coco_root, check_imagenet_root, evaluate_coco, evaluate_imagenet
-from .paraphrased_retrieval import (
-    InputError,
-    load_json,
-    build_gallery,
-    evaluate_paraphrased_retrieval,
-    load_model,
-    read_pairs,
-)
+from .common import InputError, load_json, load_model, model_configs
+from .paraphrased_retrieval import build_gallery, evaluate_paraphrased_retrieval, read_pairs
 from .sts import evaluate_sts, read_tasks
 
 TASKS = ("paraphrased-retrieval", "vg-relation", "vg-attribution", "sts", "zeroshot-imagenet", "coco-retrieval")
@@ -272,6 +266,7 @@ def run_table1(
         task: prepare(task, paths[task], imagenet_templates, coco_split) for task in tasks
     }  # fail before loading
     pretrained_file = pretrained if pretrained and os.path.isfile(pretrained) else None
+    configs = model_configs(model_config)
     # (random init: nothing kept is reused, so nothing to compare)
     fingerprints = (
         {task: task_fingerprint(task, paths[task], prepared[task], imagenet_templates) for task in tasks}
@@ -282,11 +277,9 @@ def run_table1(
         "model": model_name,
         "pretrained": pretrained,
         "pretrained_sha256": sha256_of(pretrained_file) if pretrained_file else None,
-        "model_config": os.path.abspath(model_config) if model_config else None,
+        "model_config": [os.path.abspath(c) for c in configs] or None,
         # of a config folder: every file in it (open_clip registers each JSON there)
-        "model_config_sha256": fingerprint(model_config)["sha256"]
-        if model_config and os.path.exists(model_config)
-        else None,
+        "model_config_sha256": [fingerprint(c)["sha256"] if os.path.exists(c) else None for c in configs] or None,
         "data_root": os.path.abspath(data_root),
         "tasks": list(tasks),
         "imagenet_templates": os.path.abspath(imagenet_templates) if imagenet_templates else None,

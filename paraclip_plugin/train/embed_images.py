@@ -76,6 +76,19 @@ from paraclip_plugin.shards import (
 )
 
 
+def _precision(text):
+    """``--precision``'s value; ``amp``, this tool's older name for bf16 autocast, is ``amp_bf16`` (open_clip_train's
+    ``amp`` is float16 autocast)."""
+    if text == "amp":
+        print(
+            "paraclip-embed-images: warning: --precision amp is deprecated; use --precision amp_bf16 "
+            "(the same bf16 autocast; open_clip_train's --precision amp is float16)",
+            file=sys.stderr,
+        )
+        return "amp_bf16"
+    return text
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="paraclip-embed-images", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -102,9 +115,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument(
         "--precision",
-        choices=("fp32", "amp"),
+        type=_precision,
+        choices=("fp32", "amp_bf16"),
         default="fp32",
-        help="amp: bf16 autocast on --device, CUDA or CPU (faster on a GPU; on the CPU often slower); "
+        help="amp_bf16: bf16 autocast on --device, CUDA or CPU (faster on a GPU; on the CPU often slower); "
         "features differ from fp32 by bf16 rounding. Recorded with the embeddings: a rerun with "
         "the other precision embeds the shards again",
     )
@@ -448,7 +462,7 @@ class ShardEmbedder:
     @torch.no_grad()
     def encode(self, images):
         """float16 numpy [n, dim]: encode_image(images, normalize=True), ``--batch-size`` at a time."""
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.precision == "amp")
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.precision == "amp_bf16")
         out = []
         for batch in images.split(self.args.batch_size):
             batch = batch.to(self.device, non_blocking=True)
