@@ -24,7 +24,7 @@ from paraclip_plugin.train.decode import (
     paraclip_decode_stages,
     shard_size_stages,
 )
-from paraclip_plugin.train.embeddings import preprocess_config, visual_architecture, visual_fingerprint
+from paraclip_plugin.train.embeddings import EmbeddingExpectation
 from paraclip_plugin.train.loss import DEFAULT_TERMS, ParaCLIPLoss, parse_terms, parse_weights
 from paraclip_plugin.train.model import enable_paraphrase_forward, freeze_visual
 
@@ -297,26 +297,22 @@ def wds_decode_stages(args, preprocess_img, tokenizer, is_train):
                 f"the image tower needs images; pass shards with images (a caption per image is enough)"
             )
         return shard_size_stages(args, is_train) + paraclip_decode_stages(preprocess_img, tokenizer)
-    if "visual_sha256" not in _frozen_visual:
-        _frozen_visual["visual_sha256"] = visual_fingerprint(_frozen_visual["visual"])
+    if "expected" not in _frozen_visual:
+        _frozen_visual["expected"] = EmbeddingExpectation.of_tower(
+            _frozen_visual["visual"],
+            label=f"('{args.model}', pretrained '{args.pretrained}') ",
+            precision=args.precision,
+        )
         logger.info(
             f"ParaCLIP: reading cached image embeddings; image tower sha256 "
-            f"{_frozen_visual['visual_sha256']} ({args.model}, pretrained {args.pretrained}, "
+            f"{_frozen_visual['expected'].visual_sha256} ({args.model}, pretrained {args.pretrained}, "
             f"precision {args.precision})."
         )
-    visual = _frozen_visual["visual"]
-    checks = dict(
-        embedding_sha256=_frozen_visual["visual_sha256"],
-        embedding_label=f"('{args.model}', pretrained '{args.pretrained}') ",
-        embedding_dim=getattr(visual, "output_dim", None),
-        precision=args.precision,
-        expected_architecture=visual_architecture(visual),
-        expected_preprocess=preprocess_config(visual),
-        first_shard=first_shard(args.train_data) if is_train else None,
-    )
+    embeddings = _frozen_visual["expected"]
+    first = first_shard(args.train_data) if is_train else None
     if is_compact(fields):
-        return shard_size_stages(args, is_train) + compact_decode_stages(tokenizer, **checks)
-    return shard_size_stages(args, is_train) + paraclip_decode_stages(preprocess_img, tokenizer, **checks)
+        return shard_size_stages(args, is_train) + compact_decode_stages(tokenizer, embeddings, first)
+    return shard_size_stages(args, is_train) + paraclip_decode_stages(preprocess_img, tokenizer, embeddings, first)
 
 
 def first_shard(shards):
