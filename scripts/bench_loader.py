@@ -32,6 +32,7 @@ import open_clip
 import torch
 
 from paraclip_plugin.train import hooks
+from paraclip_plugin.train.state import ParaCLIPRun
 from paraclip_plugin.train.embeddings import (
     embedding_record,
     preprocess_config,
@@ -87,7 +88,7 @@ def loader_args(data, samples, args, **plugin):
     their defaults (from its own parser), then ``plugin``'s."""
     parser = argparse.ArgumentParser()
     hooks.add_arguments(parser)
-    return SimpleNamespace(
+    largs = SimpleNamespace(
         **{
             **vars(parser.parse_args([])),
             "frozen_visual": False,
@@ -107,6 +108,8 @@ def loader_args(data, samples, args, **plugin):
             **plugin,
         }
     )
+    largs.paraclip = ParaCLIPRun(*hooks.loss_terms(largs))  # the state hooks.configure puts on open_clip's args
+    return largs
 
 
 def time_loader(name, largs, model, preprocess, tokenizer, seconds):

@@ -13,7 +13,12 @@ import webdataset as wds
 from conftest import TINY_MODEL, logged_losses, read_log
 from paraclip_plugin.train.compact import COMPACT_FIELD, pack, unpack
 from paraclip_plugin.train.decode import compact_decode_stages, first_sample_fields, is_compact, paraclip_decode_stages
-from paraclip_plugin.train.embeddings import EmbeddingMismatch, MissingEmbeddings, visual_fingerprint
+from paraclip_plugin.train.embeddings import (
+    EmbeddingExpectation,
+    EmbeddingMismatch,
+    MissingEmbeddings,
+    visual_fingerprint,
+)
 from paraclip_plugin.paraphrase.shard_io import read_tar_samples
 from paraclip_plugin.train.pretokenized import TokenizerMismatch
 from test_fast_embeddings import (
@@ -65,11 +70,11 @@ def test_compact_shards_hold_two_members_and_the_records(world, compact):  # noq
 def test_compact_batches_equal_the_embedded_ones(world, compact):  # noqa: F811
     model, preprocess_train, _ = tiny_model(world["init"])
     tokenizer = open_clip.get_tokenizer(TINY_MODEL)
-    checks = dict(embedding_sha256=visual_fingerprint(model.visual), embedding_dim=model.visual.output_dim)
+    expected = EmbeddingExpectation(visual_fingerprint(model.visual), dim=model.visual.output_dim)
     assert is_compact(first_sample_fields(str(compact / "{00000..00001}.tar")))
     assert not is_compact(first_sample_fields(str(world["embedded"] / "00000.tar")))
-    full = pipeline(world["embedded"] / "00000.tar", paraclip_decode_stages(preprocess_train, tokenizer, **checks))
-    small = pipeline(compact / "00000.tar", compact_decode_stages(tokenizer, **checks))
+    full = pipeline(world["embedded"] / "00000.tar", paraclip_decode_stages(preprocess_train, tokenizer, expected))
+    small = pipeline(compact / "00000.tar", compact_decode_stages(tokenizer, expected))
     assert len(small) == len(full) == 16
     for (image_a, texts_a), (image_b, texts_b) in zip(full, small):
         assert torch.equal(image_a, image_b) and torch.equal(texts_a, texts_b)
@@ -78,20 +83,21 @@ def test_compact_batches_equal_the_embedded_ones(world, compact):  # noqa: F811
 def test_compact_shards_are_refused_for_other_weights_tokenizers_or_missing_members(world, compact, tmp_path, caplog):  # noqa: F811,E501
     model, preprocess_train, _ = tiny_model(world["init"])
     tokenizer = open_clip.get_tokenizer(TINY_MODEL)
+    expected = EmbeddingExpectation(visual_fingerprint(model.visual))
     with pytest.raises(EmbeddingMismatch, match=f"shard {compact / '00000.tar'} holds image embeddings"):
-        pipeline(compact / "00000.tar", compact_decode_stages(tokenizer, embedding_sha256="0" * 64))
+        pipeline(compact / "00000.tar", compact_decode_stages(tokenizer, EmbeddingExpectation("0" * 64)))
     other_tokenizer = open_clip.get_tokenizer(TINY_MODEL, context_length=16)
     with pytest.raises(
         TokenizerMismatch, match=f"shard {compact / '00000.tar'}: .*re-run paraclip-embed-images --compact"
     ):
-        pipeline(compact / "00000.tar", compact_decode_stages(other_tokenizer, visual_fingerprint(model.visual)))
+        pipeline(compact / "00000.tar", compact_decode_stages(other_tokenizer, expected))
     with pytest.raises(
         MissingEmbeddings,
         match=f"shard {world['embedded'] / '00000.tar'} is a four-field \\(no '.pcl' "
         f"member in any sample\\) shard, but the first shard of --train-data is a "
         f"compact one: compact and four-field shards can't be mixed",
     ):
-        pipeline(world["embedded"] / "00000.tar", compact_decode_stages(tokenizer, visual_fingerprint(model.visual)))
+        pipeline(world["embedded"] / "00000.tar", compact_decode_stages(tokenizer, expected))
     # one sample without its member, one with a broken one: skipped and counted, the rest kept
     holes = tmp_path / "holes.tar"
     keys = {}
@@ -106,7 +112,7 @@ def test_compact_shards_are_refused_for_other_weights_tokenizers_or_missing_memb
                 keys["broken"] = sample["__key__"]
             sink.write(sample)
     with caplog.at_level(logging.WARNING):
-        assert len(pipeline(holes, compact_decode_stages(tokenizer, visual_fingerprint(model.visual)))) == 14
+        assert len(pipeline(holes, compact_decode_stages(tokenizer, expected))) == 14
     skipped = [r.getMessage() for r in caplog.records if "ParaCLIP: skipped sample" in r.getMessage()]
     assert len(skipped) == 2
     assert f"skipped sample '{keys['missing']}'" in skipped[0] and "missing pcl or json" in skipped[0]
@@ -184,9 +190,10 @@ def test_the_first_sample_is_read_as_webdataset_groups_it_from_any_url(tmp_path)
 def test_unusable_compact_members_are_skipped_and_counted(world, compact, tmp_path, caplog, field, value, kind):  # noqa: F811
     model, _, _ = tiny_model(world["init"])
     tokenizer = open_clip.get_tokenizer(TINY_MODEL)
+    expected = EmbeddingExpectation(visual_fingerprint(model.visual))
     shard = rewrite_shard(compact / "00000.tar", tmp_path / "bad.tar", spoil_sample(3, field, value))
     with caplog.at_level(logging.WARNING):
-        assert len(pipeline(shard, compact_decode_stages(tokenizer, visual_fingerprint(model.visual)))) == 15
+        assert len(pipeline(shard, compact_decode_stages(tokenizer, expected))) == 15
     [skipped] = skip_reasons(caplog)
     assert f"'{kind}': 1" in skipped, skipped
 
@@ -214,13 +221,13 @@ def test_compact_and_four_field_shards_train_on_the_same_samples(world, tmp_path
     assert "para1.txt is empty, so training skips it: no token ids, not in the compact shard" in caplog.text
     model, preprocess_train, _ = tiny_model(world["init"])
     tokenizer = open_clip.get_tokenizer(TINY_MODEL)
-    checks = dict(embedding_sha256=visual_fingerprint(model.visual), embedding_dim=model.visual.output_dim)
+    expected = EmbeddingExpectation(visual_fingerprint(model.visual), dim=model.visual.output_dim)
 
     def through(url, stages):
         return [(s["__key__"], s["image"], s["texts"]) for s in pipeline(url, stages[:-1])]
 
-    four = through(tmp_path / "four" / "00000.tar", paraclip_decode_stages(preprocess_train, tokenizer, **checks))
-    small = through(tmp_path / "compact" / "00000.tar", compact_decode_stages(tokenizer, **checks))
+    four = through(tmp_path / "four" / "00000.tar", paraclip_decode_stages(preprocess_train, tokenizer, expected))
+    small = through(tmp_path / "compact" / "00000.tar", compact_decode_stages(tokenizer, expected))
     keys = [s["__key__"] for s in read_tar_samples(src)]
     assert [k for k, _, _ in small] == [k for k, _, _ in four] == [k for i, k in enumerate(keys) if i not in bad_texts]
     for (_, image_a, texts_a), (_, image_b, texts_b) in zip(four, small):

@@ -32,6 +32,7 @@ from conftest import (
 from paraclip_plugin.train.decode import paraclip_decode_stages
 from paraclip_plugin.train.decode import MixedShards
 from paraclip_plugin.train.embeddings import (
+    EmbeddingExpectation,
     EmbeddingMismatch,
     MissingEmbeddings,
     preprocess_config,
@@ -348,7 +349,7 @@ def test_embedding_stages_never_decode_images_and_use_stored_tokens(world, tmp_p
     tokenizer = open_clip.get_tokenizer(TINY_MODEL)
     broken = tmp_path / "broken.tar"
     corrupt_images(world["embedded"] / "00000.tar", broken)
-    stages = paraclip_decode_stages(preprocess_train, tokenizer, embedding_sha256=visual_fingerprint(model.visual))
+    stages = paraclip_decode_stages(preprocess_train, tokenizer, EmbeddingExpectation(visual_fingerprint(model.visual)))
     samples = pipeline(broken, stages)
     assert len(samples) == 16
     stored = list(read_tar_samples(world["embedded"] / "00000.tar"))
@@ -468,7 +469,9 @@ def test_embeddings_of_other_weights_or_none_are_refused_naming_the_shard(world,
     tokenizer = open_clip.get_tokenizer(TINY_MODEL)
 
     def stages():
-        return paraclip_decode_stages(preprocess_train, tokenizer, embedding_sha256=visual_fingerprint(model.visual))
+        return paraclip_decode_stages(
+            preprocess_train, tokenizer, EmbeddingExpectation(visual_fingerprint(model.visual))
+        )
 
     other = save_init_checkpoint(tmp_path / "other.pt", seed=1)
     embed(str(world["plain"] / "00001.tar"), other, "--output", tmp_path / "other")
@@ -581,8 +584,7 @@ def test_well_formed_but_unusable_members_are_skipped_and_counted(world, tmp_pat
     stages = paraclip_decode_stages(
         preprocess_train,
         tokenizer,
-        embedding_sha256=visual_fingerprint(model.visual),
-        embedding_dim=model.visual.output_dim,
+        EmbeddingExpectation(visual_fingerprint(model.visual), dim=model.visual.output_dim),
     )
     with caplog.at_level(logging.WARNING):
         out = pipeline(shard, stages)
@@ -609,9 +611,11 @@ def test_embeddings_of_another_transform_or_architecture_are_refused_naming_both
         return paraclip_decode_stages(
             preprocess,
             tokenizer,
-            embedding_sha256=visual_fingerprint(model.visual),
-            expected_architecture=visual_architecture(model.visual),
-            expected_preprocess=preprocess_config(model.visual),
+            EmbeddingExpectation(
+                visual_fingerprint(model.visual),
+                architecture=visual_architecture(model.visual),
+                preprocess=preprocess_config(model.visual),
+            ),
         )
 
     assert len(pipeline(shard, stages())) == 16
@@ -774,7 +778,7 @@ def test_a_compact_shard_after_a_four_field_one_is_named_as_mixing_them(world, t
     embed(str(world["plain"] / "00001.tar"), world["init"], "--compact", "--output", tmp_path / "compact")
     first, compact = world["embedded"] / "00000.tar", tmp_path / "compact" / "00001.tar"
     stages = paraclip_decode_stages(
-        preprocess_train, tokenizer, embedding_sha256=visual_fingerprint(model.visual), first_shard=str(first)
+        preprocess_train, tokenizer, EmbeddingExpectation(visual_fingerprint(model.visual)), first_shard=str(first)
     )
     with pytest.raises(
         MixedShards,

@@ -38,7 +38,7 @@ from conftest import (
     write_shards,
 )
 from paraclip_plugin.train.decode import paraclip_decode_stages
-from paraclip_plugin.train.embeddings import encode_embedding, visual_fingerprint
+from paraclip_plugin.train.embeddings import EmbeddingExpectation, encode_embedding, visual_fingerprint
 from paraclip_plugin.paraphrase.shard_io import read_tar_samples
 from paraclip_plugin.shards import atomic_tar_writer, update_sizes_json
 from test_fast_embeddings import embed, pipeline, tiny_model
@@ -182,8 +182,7 @@ def test_bad_image_embeddings_are_skipped_and_counted(tmp_path, init, patched_in
     stages = paraclip_decode_stages(
         preprocess_train,
         open_clip.get_tokenizer(TINY_MODEL),
-        embedding_sha256=visual_fingerprint(model.visual),
-        embedding_dim=model.visual.output_dim,
+        EmbeddingExpectation(visual_fingerprint(model.visual), dim=model.visual.output_dim),
     )
     kept = keys_through(str(tmp_path / "spoiled" / "{00000..00001}.tar"), stages)
     assert sorted(kept) == sorted(f"{i:08d}" for i in range(32) if f"{i:08d}" not in spoil)

@@ -9,7 +9,12 @@ import torch
 
 from conftest import TINY_CONFIG, TINY_MODEL, final_state, logged_losses, read_log, torchrun, train_args, write_shards
 from paraclip_plugin.train.decode import paraclip_decode_stages
-from paraclip_plugin.train.embeddings import EmbeddingMismatch, precision_fingerprints, visual_fingerprint
+from paraclip_plugin.train.embeddings import (
+    EmbeddingExpectation,
+    EmbeddingMismatch,
+    precision_fingerprints,
+    visual_fingerprint,
+)
 from paraclip_plugin.paraphrase.shard_io import read_tar_samples
 from test_fast_embeddings import one_step, pipeline, tiny_model, world  # noqa: F401 (fixture)
 from test_train import TERMS, split
@@ -80,8 +85,7 @@ def test_old_records_without_16_bit_fingerprints_are_refused_with_the_working_ch
     stages = paraclip_decode_stages(
         preprocess_train,
         open_clip.get_tokenizer(TINY_MODEL),
-        embedding_sha256=visual_fingerprint(model.visual),
-        precision="pure_bf16",
+        EmbeddingExpectation(visual_fingerprint(model.visual), precision="pure_bf16"),
     )
     with pytest.raises(
         EmbeddingMismatch,

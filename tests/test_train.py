@@ -75,6 +75,9 @@ def test_checkpoint_keys_match_stock_run_and_load_without_plugin(world, paraclip
     assert set(ours) == set(stock)
     # stock open_clip, in a process that never imports the plugin
     assert stock_open_clip_loads(world["logs"] / "paraclip" / "checkpoints" / "epoch_1.pt") == "CLIP"
+    # the hooks' shared state is in params.txt as one line, and in no checkpoint
+    params = (world["logs"] / "paraclip" / "params.txt").read_text().splitlines()
+    assert "paraclip: ParaCLIPRun(terms=image:para2,caption:para1,para1:para2, weights=1,1,1)" in params
 
 
 def test_resume_paraclip_run(world, paraclip_run):

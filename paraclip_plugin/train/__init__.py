@@ -2,6 +2,7 @@
 
 hooks.py          the open_clip_train plugin (entry point ``open_clip_train.plugins``): flags, checks,
                   and the calls into the modules below
+state.py          ParaCLIPRun: what the hooks of one run share (args.paraclip)
 decode.py         per-sample WebDataset stages: four-field shards -> (image, [caption, para1, para2])
 embeddings.py     cached image embeddings (--image-embeddings) and the fingerprint of the image weights
 pretokenized.py   stored token ids and the tokenizer fingerprint

@@ -249,23 +249,14 @@ class SkipBadEmbedding:
                 yield sample
 
 
-def paraclip_decode_stages(
-    preprocess_img,
-    tokenizer,
-    embedding_sha256=None,
-    embedding_label="",
-    embedding_dim=None,
-    precision="fp32",
-    first_shard=None,
-    **embedding_checks,
-):
-    """Per-sample stages -> ``(image, texts)``; with ``embedding_sha256`` (``--image-embeddings``)
-    ``image`` is the stored embedding checked against that fingerprint (and ``embedding_checks``:
-    ``CachedImageEmbedding``'s ``expected_architecture``, ``expected_preprocess``), and no image is decoded.
-    Incomplete, undecodable and otherwise bad samples are skipped and counted (``SkippedSamples``).
-    ``first_shard`` names the first shard of --train-data in the error for a compact shard among them."""
+def paraclip_decode_stages(preprocess_img, tokenizer, embeddings=None, first_shard=None):
+    """Per-sample stages -> ``(image, texts)``; with ``embeddings`` (an ``EmbeddingExpectation``:
+    ``--image-embeddings``) ``image`` is the stored embedding, checked against it (``CachedImageEmbedding``,
+    ``SkipBadEmbedding``), and no image is decoded. Incomplete, undecodable and otherwise bad samples are
+    skipped and counted (``SkippedSamples``). ``first_shard`` names the first shard of --train-data in the
+    error for a compact shard among them."""
     skipped = SkippedSamples()
-    if embedding_sha256 is None:
+    if embeddings is None:
         return [
             SkipIncomplete(skipped, first_shard=first_shard),
             SkipBadText(skipped),
@@ -282,33 +273,26 @@ def paraclip_decode_stages(
         wds.map(drop_images),
         # no image handler: text, json and npy members only
         DecodeOrSkip(skipped),
-        SkipBadSamples(skipped, CachedImageEmbedding(embedding_sha256, embedding_label, precision, **embedding_checks)),
-        SkipBadEmbedding(skipped, embedding_dim),
+        SkipBadSamples(skipped, CachedImageEmbedding(embeddings)),
+        SkipBadEmbedding(skipped, embeddings.dim),
         SkipBadSamples(skipped, TextTokens(tokenizer)),
         skipped.keep,
         wds.to_tuple("image", "texts"),
     ]
 
 
-def compact_decode_stages(
-    tokenizer,
-    embedding_sha256,
-    embedding_label="",
-    embedding_dim=None,
-    precision="fp32",
-    first_shard=None,
-    **embedding_checks,
-):
+def compact_decode_stages(tokenizer, embeddings, first_shard=None):
     """``--image-embeddings`` on compact shards (``compact.py``): one ``.pcl`` member (embedding and
-    token ids) and the json records per sample, checked as in ``paraclip_decode_stages``. Their texts
-    were checked when the shard was made (``embed_images.py`` leaves out samples training would skip)."""
+    token ids) and the json records per sample, checked against ``embeddings`` as in
+    ``paraclip_decode_stages``. Their texts were checked when the shard was made (``embed_images.py``
+    leaves out samples training would skip)."""
     skipped = SkippedSamples()
     return [
         RequireCompact(skipped, shard_has_member, first_shard),
         DecodeOrSkip(skipped),  # the json; .pcl stays bytes
         UnpackCompact(skipped),
-        SkipBadSamples(skipped, CachedImageEmbedding(embedding_sha256, embedding_label, precision, **embedding_checks)),
-        SkipBadEmbedding(skipped, embedding_dim),
+        SkipBadSamples(skipped, CachedImageEmbedding(embeddings)),
+        SkipBadEmbedding(skipped, embeddings.dim),
         SkipBadSamples(skipped, TextTokens(tokenizer, stored_only=True)),
         skipped.keep,
         wds.to_tuple("image", "texts"),

@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -162,24 +163,45 @@ PREPROCESS_FLAGS = {
 }
 
 
+@dataclass(frozen=True)
+class EmbeddingExpectation:
+    """What the cached image embeddings a run reads must match: its image tower's weights in its precision,
+    architecture and image transform, and its output size. ``None`` for ``dim``, ``architecture`` or
+    ``preprocess``: not checked. ``label`` names the run's tower in errors (``"('ViT-B-32', pretrained
+    'openai') "``)."""
+
+    visual_sha256: str  # visual_fingerprint of the run's image tower, in the run's precision
+    label: str = ""
+    dim: int | None = None
+    precision: str = "fp32"  # the run's --precision: which of the record's fingerprints applies
+    architecture: str | None = None  # visual_architecture
+    preprocess: dict | None = None  # preprocess_config
+
+    @classmethod
+    def of_tower(cls, visual, label="", precision="fp32"):
+        """The expectation for the image tower ``visual`` as it is now (its weights fingerprinted here)."""
+        return cls(
+            visual_sha256=visual_fingerprint(visual),
+            label=label,
+            dim=getattr(visual, "output_dim", None),
+            precision=precision,
+            architecture=visual_architecture(visual),
+            preprocess=preprocess_config(visual),
+        )
+
+
 class CachedImageEmbedding:
     """Decode stage: ``sample["image"]`` = the stored embedding, after checking who made it.
 
-    ``expected_sha256`` is the training model's ``visual_fingerprint``, taken in the training
-    ``precision``; a sample made with other image weights (another model, another pretrained tag, a
-    fine-tuned tower), another tower architecture (``expected_architecture``) or another image transform
-    (``expected_preprocess``) stops training. Records without the architecture or the transform (older
-    shards) are used, with one log line per data worker saying what was not checked.
+    ``expected`` (an ``EmbeddingExpectation``) holds the training model's ``visual_fingerprint``, taken in
+    the training precision; a sample made with other image weights (another model, another pretrained tag,
+    a fine-tuned tower), another tower architecture or another image transform stops training. Records
+    without the architecture or the transform (older shards) are used, with one log line per data worker
+    saying what was not checked.
     """
 
-    def __init__(
-        self, expected_sha256, expected_label="", precision="fp32", expected_architecture=None, expected_preprocess=None
-    ):
-        self.expected_sha256 = expected_sha256
-        self.expected_label = expected_label
-        self.precision = precision
-        self.expected_architecture = expected_architecture
-        self.expected_preprocess = expected_preprocess
+    def __init__(self, expected):
+        self.expected = expected
         self.unchecked = set()  # fields already reported as not recorded
 
     def __call__(self, sample):
@@ -200,18 +222,18 @@ class CachedImageEmbedding:
         return f"model '{record.get('model')}' pretrained '{record.get('pretrained')}'"
 
     def check_weights(self, url, record):
-        stored = expected_fingerprint(record, self.precision)
+        stored = expected_fingerprint(record, self.expected.precision)
         if stored is None:
             raise EmbeddingMismatch(
                 f"shard {url}: its image embeddings record no fingerprint of the image weights in "
-                f"--precision {self.precision} (made by an older paraclip-embed-images): re-run "
+                f"--precision {self.expected.precision} (made by an older paraclip-embed-images): re-run "
                 f"paraclip-embed-images on it, or train with --precision amp_bf16, amp or fp32"
             )
-        if stored != self.expected_sha256:
+        if stored != self.expected.visual_sha256:
             raise EmbeddingMismatch(
                 f"shard {url} holds image embeddings of {self.made_by(record)} (visual weights sha256 "
-                f"{str(stored)[:12]} in --precision {self.precision}), but this run's image tower "
-                f"{self.expected_label}has sha256 {self.expected_sha256[:12]}: re-embed with "
+                f"{str(stored)[:12]} in --precision {self.expected.precision}), but this run's image tower "
+                f"{self.expected.label}has sha256 {self.expected.visual_sha256[:12]}: re-embed with "
                 f"paraclip-embed-images for this model, or drop --image-embeddings"
             )
 
@@ -228,33 +250,33 @@ class CachedImageEmbedding:
 
     def check_architecture(self, url, record):
         stored = record.get("visual_architecture")
-        if self.expected_architecture is None or (
+        if self.expected.architecture is None or (
             stored is None and self.not_recorded(url, "visual_architecture", "image tower architecture")
         ):
             return
-        if stored != self.expected_architecture:
+        if stored != self.expected.architecture:
             raise EmbeddingMismatch(
                 f"shard {url} holds image embeddings of {self.made_by(record)} with image tower architecture "
-                f"sha256 {str(stored)[:12]}, but this run's image tower {self.expected_label}has the same weights "
-                f"in architecture sha256 {self.expected_architecture[:12]} (another activation such as QuickGELU "
+                f"sha256 {str(stored)[:12]}, but this run's image tower {self.expected.label}has the same weights "
+                f"in architecture sha256 {self.expected.architecture[:12]} (another activation such as QuickGELU "
                 f"vs GELU: --force-quick-gelu or a '-quickgelu' model name, or other layer settings): train with "
                 f"the model the embeddings were made with, or re-embed with paraclip-embed-images for this one"
             )
 
     def check_preprocess(self, url, record):
         stored = record.get("preprocess")
-        if self.expected_preprocess is None or (
+        if self.expected.preprocess is None or (
             stored is None and self.not_recorded(url, "preprocess", "image transform")
         ):
             return
-        if stored == self.expected_preprocess:  # every sample: the quick way
+        if stored == self.expected.preprocess:  # every sample: the quick way
             return
-        for key in sorted(set(stored) & set(self.expected_preprocess)):  # a key only one side has: unknown
-            if stored.get(key) != self.expected_preprocess.get(key):
+        for key in sorted(set(stored) & set(self.expected.preprocess)):  # a key only one side has: unknown
+            if stored.get(key) != self.expected.preprocess.get(key):
                 flag = PREPROCESS_FLAGS.get(key, f"the image transform's '{key}'")
                 raise EmbeddingMismatch(
                     f"shard {url} holds image embeddings made with image transform {key} "
-                    f"{stored.get(key)!r}, but this run's {flag} gives {self.expected_preprocess.get(key)!r}: "
+                    f"{stored.get(key)!r}, but this run's {flag} gives {self.expected.preprocess.get(key)!r}: "
                     f"train with the transform the embeddings were made with (drop or change {flag}), or "
                     f"train from the images (without --image-embeddings)"
                 )

@@ -24,9 +24,10 @@ from paraclip_plugin.train.decode import (
     paraclip_decode_stages,
     shard_size_stages,
 )
-from paraclip_plugin.train.embeddings import preprocess_config, visual_architecture, visual_fingerprint
-from paraclip_plugin.train.loss import DEFAULT_TERMS, ParaCLIPLoss, parse_terms, parse_weights
+from paraclip_plugin.train.embeddings import EmbeddingExpectation
+from paraclip_plugin.train.loss import DEFAULT_TERMS, ParaCLIPLoss, format_terms, parse_terms, parse_weights
 from paraclip_plugin.train.model import enable_paraphrase_forward, freeze_visual
+from paraclip_plugin.train.state import ParaCLIPRun, run_of
 
 # configure() runs while arguments are parsed, before open_clip_train sets up logging: a module-level
 # logger.warning() there would install Python's default root handler and print every later line twice
@@ -160,88 +161,120 @@ def missing_local_shards(shards):
 
 
 def configure(args):
-    terms_given = (
-        args.paraclip_terms
-        if isinstance(args.paraclip_terms, str)
-        else ",".join(":".join(t) for t in args.paraclip_terms)
-    ) != DEFAULT_TERMS
+    """Check the flags and derive settings right after parsing; the run's state goes to ``args.paraclip``."""
+    terms, weights = loss_terms(args)
+    frozen_visual_default(args, terms)
+    for path in args.model_config:
+        open_clip.add_model_config(path)
+    if args.paraclip_loss:
+        check_loss_model(args)
+        check_training_data(args)
+        check_text_tower(args)
+    check_frozen_visual(args)
+    args.paraclip = ParaCLIPRun(terms, weights)
+
+
+def loss_terms(args):
+    """The parsed ``--paraclip-terms`` and ``--paraclip-weights``; refuses the ParaCLIP-only flags without
+    ``--paraclip-loss``."""
+    terms = args.paraclip_terms
+    if isinstance(terms, str):  # a default set by hand (argparse runs type= on its own default)
+        terms = parse_terms(terms)
+    try:
+        weights = parse_weights(args.paraclip_weights, len(terms))
+    except ValueError as e:
+        usage_error(f"argument --paraclip-weights: {e}")
     paraclip_only = [
         flag
         for flag, given in (
-            ("--paraclip-terms", terms_given),
+            ("--paraclip-terms", terms != parse_terms(DEFAULT_TERMS)),
             ("--paraclip-weights", args.paraclip_weights is not None),
             ("--paraclip-loss-block-size", args.paraclip_loss_block_size != 0),
             ("--no-text-trimming", not args.text_trimming),
         )
         if given
     ]
-    if isinstance(args.paraclip_terms, str):  # a default set by hand (argparse runs type= on its own default)
-        args.paraclip_terms = parse_terms(args.paraclip_terms)
-    try:
-        args.paraclip_weights = parse_weights(args.paraclip_weights, len(args.paraclip_terms))
-    except ValueError as e:
-        usage_error(f"argument --paraclip-weights: {e}")
     if paraclip_only and not args.paraclip_loss:
         usage_error(
             f"{', '.join(paraclip_only)} only apply to the ParaCLIP loss: add --paraclip-loss (without it "
             f"the stock CLIP loss trains and they would be ignored)"
         )
+    return terms, weights
+
+
+def frozen_visual_default(args, terms):
+    """The ``--frozen-visual`` default (on with ``--paraclip-loss``); refuses training the image tower
+    without an image term."""
     image_trains = args.frozen_visual is False and not (args.lock_image and not args.lock_image_unlocked_groups)
-    if args.paraclip_loss and image_trains and not any("image" in term for term in args.paraclip_terms):
+    if args.paraclip_loss and image_trains and not any("image" in term for term in terms):
         usage_error(
-            f"--paraclip-terms {','.join(':'.join(t) for t in args.paraclip_terms)} has no image term, so the "
+            f"--paraclip-terms {format_terms(terms)} has no image term, so the "
             f"image tower gets no gradient, but --no-frozen-visual asks to train it (DDP then stops: every "
             f"trainable parameter needs a gradient): drop --no-frozen-visual"
         )
     if args.frozen_visual is None:
         args.frozen_visual = args.paraclip_loss
-    for path in args.model_config:
-        open_clip.add_model_config(path)
-    if args.paraclip_loss:
-        if args.siglip or args.distill_model or "coca" in args.model.lower():
+
+
+def check_loss_model(args):
+    """``--paraclip-loss`` needs a CLIP model trained with InfoNCE."""
+    if args.siglip or args.distill_model or "coca" in args.model.lower():
+        usage_error(
+            "--paraclip-loss is a CLIP (InfoNCE) loss; it can't be combined with "
+            "--siglip, --distill-model or a CoCa model"
+        )
+
+
+def check_training_data(args):
+    """``--paraclip-loss`` reads WebDataset shards: refuses other dataset types, local shards that don't exist,
+    and a sizes.json that open_clip would stop on."""
+    dataset_type = args.dataset_type
+    if dataset_type == "auto" and args.train_data:  # resolved as open_clip resolves it
+        with contextlib.suppress(ValueError):
+            dataset_type = "csv" if get_dataset_fn(args.train_data, "auto") is get_csv_dataset else "webdataset"
+    if dataset_type in ("csv", "synthetic"):
+        usage_error(
+            f"--paraclip-loss reads four-field WebDataset shards; "
+            f"--dataset-type {args.dataset_type} ({dataset_type}) is not supported"
+        )
+    for flag, shards in (("--train-data", args.train_data), ("--val-data", args.val_data)):
+        missing = missing_local_shards(shards)
+        if missing:
             usage_error(
-                "--paraclip-loss is a CLIP (InfoNCE) loss; it can't be combined with "
-                "--siglip, --distill-model or a CoCa model"
+                f"{flag}: {len(missing)} shard file(s) not found: {', '.join(missing[:3])}"
+                f"{', ...' if len(missing) > 3 else ''}"
             )
-        dataset_type = args.dataset_type
-        if dataset_type == "auto" and args.train_data:  # resolved as open_clip resolves it
-            with contextlib.suppress(ValueError):
-                dataset_type = "csv" if get_dataset_fn(args.train_data, "auto") is get_csv_dataset else "webdataset"
-        if dataset_type in ("csv", "synthetic"):
+    if args.train_data and args.train_num_samples is None:
+        try:  # open_clip sizes the epoch so, and would stop with a bare KeyError
+            get_dataset_size(args.train_data)
+        except KeyError as e:
             usage_error(
-                f"--paraclip-loss reads four-field WebDataset shards; "
-                f"--dataset-type {args.dataset_type} ({dataset_type}) is not supported"
+                f"--train-data: the {SIZES_FILE} next to its first shard has no entry for shard {e}; "
+                f"pass --train-num-samples, or rebuild {SIZES_FILE} (paraclip-make-shards and "
+                f"paraclip-embed-images rewrite it on a rerun)"
             )
-        for flag, shards in (("--train-data", args.train_data), ("--val-data", args.val_data)):
-            missing = missing_local_shards(shards)
-            if missing:
-                usage_error(
-                    f"{flag}: {len(missing)} shard file(s) not found: {', '.join(missing[:3])}"
-                    f"{', ...' if len(missing) > 3 else ''}"
-                )
-        if args.train_data and args.train_num_samples is None:
-            try:  # open_clip sizes the epoch so, and would stop with a bare KeyError
-                get_dataset_size(args.train_data)
-            except KeyError as e:
-                usage_error(
-                    f"--train-data: the {SIZES_FILE} next to its first shard has no entry for shard {e}; "
-                    f"pass --train-num-samples, or rebuild {SIZES_FILE} (paraclip-make-shards and "
-                    f"paraclip-embed-images rewrite it on a rerun)"
-                )
-            except (ValueError, OSError):
-                pass  # open_clip's own error, later
-    if args.paraclip_loss:
-        if args.lock_text:
-            usage_error(
-                "--paraclip-loss trains the text tower, but --lock-text freezes it "
-                "(only logit_scale would train): drop --lock-text"
-            )
-        if args.precision == "pure_bf16" and args.lr < PURE_BF16_MIN_LR:
-            logger.warning(
-                f"ParaCLIP: --precision pure_bf16 with --lr {args.lr:g}: bf16 weights keep 8 significant bits, "
-                f"so updates smaller than ~1/256 of a weight are rounded away (at the paper's lr 5e-7 almost no "
-                f"text weight changes). Use --precision amp_bf16 (float32 weights, bf16 compute)."
-            )
+        except (ValueError, OSError):
+            pass  # open_clip's own error, later
+
+
+def check_text_tower(args):
+    """``--paraclip-loss`` trains the text tower: refuses ``--lock-text``, warns of pure_bf16 at a tiny lr."""
+    if args.lock_text:
+        usage_error(
+            "--paraclip-loss trains the text tower, but --lock-text freezes it "
+            "(only logit_scale would train): drop --lock-text"
+        )
+    if args.precision == "pure_bf16" and args.lr < PURE_BF16_MIN_LR:
+        logger.warning(
+            f"ParaCLIP: --precision pure_bf16 with --lr {args.lr:g}: bf16 weights keep 8 significant bits, "
+            f"so updates smaller than ~1/256 of a weight are rounded away (at the paper's lr 5e-7 almost no "
+            f"text weight changes). Use --precision amp_bf16 (float32 weights, bf16 compute)."
+        )
+
+
+def check_frozen_visual(args):
+    """Refuses trainable image layers on a frozen tower, and ``--image-embeddings`` where the tower trains
+    or without ``--paraclip-loss``."""
     if args.frozen_visual and args.lock_image_unlocked_groups:
         usage_error(
             f"--lock-image-unlocked-groups {args.lock_image_unlocked_groups} asks for trainable image "
@@ -257,13 +290,8 @@ def configure(args):
             )
 
 
-# The image tower whose weights --image-embeddings checks the shards against. Its fingerprint is
-# taken when the data pipeline is built, not here: --resume loads weights after wrap_model.
-_frozen_visual = {}
-
-
 def wrap_model(model, args):
-    _frozen_visual.clear()
+    run = run_of(args, "wrap_model") if args.image_embeddings else None
     if args.frozen_visual:
         freeze_visual(model)
         logger.info("ParaCLIP: image tower frozen (eval mode, no gradients, not optimized).")
@@ -271,8 +299,9 @@ def wrap_model(model, args):
         enable_paraphrase_forward(model, trim=args.text_trimming)
     if args.causal_attention:
         enable_causal_attention(model)
-    if args.image_embeddings:
-        _frozen_visual["visual"] = model.visual
+    if run is not None:
+        # fingerprinted when the data pipeline is built, not here: --resume loads weights after wrap_model
+        run.image_tower, run.embeddings = model.visual, None
     return model
 
 
@@ -297,26 +326,33 @@ def wds_decode_stages(args, preprocess_img, tokenizer, is_train):
                 f"the image tower needs images; pass shards with images (a caption per image is enough)"
             )
         return shard_size_stages(args, is_train) + paraclip_decode_stages(preprocess_img, tokenizer)
-    if "visual_sha256" not in _frozen_visual:
-        _frozen_visual["visual_sha256"] = visual_fingerprint(_frozen_visual["visual"])
+    embeddings = cached_embeddings(args, run_of(args, "wds_decode_stages"))
+    first = first_shard(args.train_data) if is_train else None
+    if is_compact(fields):
+        return shard_size_stages(args, is_train) + compact_decode_stages(tokenizer, embeddings, first)
+    return shard_size_stages(args, is_train) + paraclip_decode_stages(preprocess_img, tokenizer, embeddings, first)
+
+
+def cached_embeddings(args, run):
+    """What the shards' cached embeddings must match: this run's image tower as it is when the data pipeline is
+    first built (fingerprinted once, for training and validation data alike)."""
+    if run.image_tower is None:
+        raise RuntimeError(
+            "paraclip-plugin: the wds_decode_stages hook ran before wrap_model(model, args): with "
+            "--image-embeddings the cached embeddings are checked against the model's image tower, which "
+            "wrap_model records on args.paraclip (a pickled copy of args leaves it out); open_clip_train.main "
+            "calls wrap_model before it builds the data"
+        )
+    if run.embeddings is None:
+        run.embeddings = EmbeddingExpectation.of_tower(
+            run.image_tower, label=f"('{args.model}', pretrained '{args.pretrained}') ", precision=args.precision
+        )
         logger.info(
             f"ParaCLIP: reading cached image embeddings; image tower sha256 "
-            f"{_frozen_visual['visual_sha256']} ({args.model}, pretrained {args.pretrained}, "
+            f"{run.embeddings.visual_sha256} ({args.model}, pretrained {args.pretrained}, "
             f"precision {args.precision})."
         )
-    visual = _frozen_visual["visual"]
-    checks = dict(
-        embedding_sha256=_frozen_visual["visual_sha256"],
-        embedding_label=f"('{args.model}', pretrained '{args.pretrained}') ",
-        embedding_dim=getattr(visual, "output_dim", None),
-        precision=args.precision,
-        expected_architecture=visual_architecture(visual),
-        expected_preprocess=preprocess_config(visual),
-        first_shard=first_shard(args.train_data) if is_train else None,
-    )
-    if is_compact(fields):
-        return shard_size_stages(args, is_train) + compact_decode_stages(tokenizer, **checks)
-    return shard_size_stages(args, is_train) + paraclip_decode_stages(preprocess_img, tokenizer, **checks)
+    return run.embeddings
 
 
 def first_shard(shards):
@@ -342,15 +378,16 @@ def keep_torch_logs(args):
 def create_loss(args):
     if not args.paraclip_loss:
         return None
+    run = run_of(args, "create_loss")
     keep_torch_logs(args)
     logger.info(
         "ParaCLIP loss: "
-        + " + ".join(f"{w:g}*L({a},{b})" for (a, b), w in zip(args.paraclip_terms, args.paraclip_weights))
+        + " + ".join(f"{w:g}*L({a},{b})" for (a, b), w in zip(run.terms, run.weights))
         + (f", each in blocks of {args.paraclip_loss_block_size} rows" if args.paraclip_loss_block_size else "")
     )
     return ParaCLIPLoss(
-        args.paraclip_terms,
-        args.paraclip_weights,
+        run.terms,
+        run.weights,
         block_size=args.paraclip_loss_block_size,
         local_loss=args.local_loss,
         gather_with_grad=args.gather_with_grad,

@@ -41,6 +41,11 @@ def parse_terms(spec):
     return terms
 
 
+def format_terms(terms):
+    """``[("image", "para2"), ("caption", "para1")]`` -> ``"image:para2,caption:para1"`` (for messages)."""
+    return ",".join(f"{a}:{b}" for a, b in terms)
+
+
 def parse_weights(spec, num_terms):
     if spec is None:
         return [1.0] * num_terms
