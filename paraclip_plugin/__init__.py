@@ -1,8 +1,9 @@
 """ParaCLIP fine-tuning as a plugin for open_clip_train.
 
 Data flows through the package in this order:
-    paraphrase/  two-step LLM paraphrases of web captions  (scripts/make_shards.py)
-    shards.py    the four-field WebDataset layout and atomic shard writing
+    data/        the shard layer every part uses: the four-field layout, sizes.json, atomic writing, tar
+                 reading/writing, input expansion and the SLURM job split
+    paraphrase/  two-step LLM paraphrases of web captions  (paraclip-make-shards)
     patching.py  the hook points patches/ gives open_clip_train (paraclip-patch)
     train/       the open_clip_train plugin: hooks.py (flags, model wrapping, decode stages, loss), decode.py,
                  model.py, trimming.py, attention.py, loss.py, and the fast path (embeddings, compact shards)

@@ -28,9 +28,9 @@ import time
 
 from paraclip_plugin.paraphrase.backends.openai_backend import OpenAIBackend
 from paraclip_plugin.paraphrase.cache import CompletionCache
-from paraclip_plugin.paraphrase.inputs import expand_inputs
+from paraclip_plugin.data.inputs import expand_inputs
 from paraclip_plugin.paraphrase.pipeline import GenerationOptions, ParaphraseGenerator
-from paraclip_plugin.shards import atomic_write_text
+from paraclip_plugin.data.atomic import atomic_write_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = (

@@ -38,7 +38,7 @@ from paraclip_plugin.train.embeddings import (
     visual_architecture,
     visual_fingerprint,
 )
-from paraclip_plugin.shards import update_sizes_json
+from paraclip_plugin.data.layout import update_sizes_json
 from synthetic_shards import write_shards
 
 

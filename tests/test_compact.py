@@ -14,7 +14,7 @@ from conftest import TINY_MODEL, logged_losses, read_log
 from paraclip_plugin.train.compact import COMPACT_FIELD, pack, unpack
 from paraclip_plugin.train.decode import compact_decode_stages, first_sample_fields, is_compact, paraclip_decode_stages
 from paraclip_plugin.train.embeddings import EmbeddingMismatch, MissingEmbeddings, visual_fingerprint
-from paraclip_plugin.paraphrase.shard_io import read_tar_samples
+from paraclip_plugin.data.tars import read_tar_samples
 from paraclip_plugin.train.pretokenized import TokenizerMismatch
 from test_fast_embeddings import (
     embed,

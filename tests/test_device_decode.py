@@ -19,7 +19,7 @@ import webdataset as wds
 from PIL import Image
 
 from conftest import TINY_CONFIG, TINY_MODEL, save_init_checkpoint, write_shards
-from paraclip_plugin.paraphrase.shard_io import read_tar_samples
+from paraclip_plugin.data.tars import read_tar_samples
 from paraclip_plugin.train import embed_images
 from paraclip_plugin.train.device_decode import DeviceDecoder, jpeg_problem, tensor_steps
 

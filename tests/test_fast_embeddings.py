@@ -39,7 +39,7 @@ from paraclip_plugin.train.embeddings import (
     visual_fingerprint,
 )
 from paraclip_plugin.train.model import enable_paraphrase_forward, freeze_visual
-from paraclip_plugin.paraphrase.shard_io import read_tar_samples
+from paraclip_plugin.data.tars import read_tar_samples
 from paraclip_plugin.train.pretokenized import TextTokens
 from test_train import TERMS, optimizer_first_moments
 

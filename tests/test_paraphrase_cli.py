@@ -142,7 +142,7 @@ def test_slurm_array_variables_pick_the_job(server, tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")  # --array=1-2: the second task is job index 1
-    from paraclip_plugin.paraphrase.inputs import slurm_job_defaults
+    from paraclip_plugin.data.inputs import slurm_job_defaults
 
     assert slurm_job_defaults() == (2, 1)
     env = {**os.environ, "OPENAI_API_KEY": "x"}

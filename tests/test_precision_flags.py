@@ -10,7 +10,7 @@ import torch
 from conftest import TINY_CONFIG, TINY_MODEL, final_state, logged_losses, read_log, torchrun, train_args, write_shards
 from paraclip_plugin.train.decode import paraclip_decode_stages
 from paraclip_plugin.train.embeddings import EmbeddingMismatch, precision_fingerprints, visual_fingerprint
-from paraclip_plugin.paraphrase.shard_io import read_tar_samples
+from paraclip_plugin.data.tars import read_tar_samples
 from test_fast_embeddings import one_step, pipeline, tiny_model, world  # noqa: F401 (fixture)
 from test_train import TERMS, split
 

@@ -11,7 +11,7 @@ import os
 import sys
 
 from ..extras import require_extra
-from ..shards import atomic_write_text
+from ..data.atomic import atomic_write_text
 from .paraphrased_retrieval import InputError, default_device, evaluate_checkpoint, load_model
 
 PROG = "paraclip-eval"

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ..textfiles import NotUTF8, lines_of, read_utf8
+from ..data.textfiles import NotUTF8, lines_of, read_utf8
 from .metrics import average_overlap_from_scores, jaccard_at_k_from_scores, recall_at_k
 
 PAIR_KEYS = ("query", "paraphrase", "image")

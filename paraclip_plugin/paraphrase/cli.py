@@ -42,11 +42,11 @@ from ..extras import require_extra
 from .backends import GenerationError, RequestsWritten, make_backend
 from .backends.limits import DEFAULT_MAX_ENQUEUED_TOKENS, MAX_BYTES_PER_FILE, MAX_REQUESTS_PER_FILE
 from .cache import CompletionCache
-from .inputs import expand_inputs, output_name, slurm_job_defaults, split_for_job
+from ..data.inputs import expand_inputs, output_name, slurm_job_defaults, split_for_job
 from .pipeline import GenerationOptions, JobIncomplete, ParaphraseGenerator
 from .prompts import PromptSet, load_prompts
-from .shard_io import InputError
-from ..shards import OutputBusy, SizesFileError
+from ..data.errors import InputError
+from ..data.atomic import OutputBusy
 
 
 def _number(kind, low, high=None, low_open=False):
@@ -449,7 +449,7 @@ def main(argv=None):
     except JobIncomplete as e:
         print_summary(e.stats, generator.stats_file)
         sys.exit(f"error: {e}")
-    except (InputError, GenerationError, OutputBusy, SizesFileError) as e:
+    except (InputError, GenerationError, OutputBusy) as e:
         sys.exit(
             f"error: {e}" + (f" (stats of the run so far: {generator.stats_file})" if generator.stats_file else "")
         )

@@ -22,22 +22,12 @@ from tqdm import tqdm
 from . import cleaning
 from .backends.base import FINAL_FINISH_REASONS, PROMPT_TOO_LONG, REQUEST_FAILED, GenerationError
 from .cache import CompletionCache, request_key
-from .inputs import check_output_names, is_caption_file, output_name, read_caption_file
+from ..data.inputs import check_output_names, is_caption_file, output_name, read_caption_file
 from .prompts import PromptSet
-from ..shards import (
-    CAPTION,
-    IMAGE_EXTENSIONS,
-    METADATA,
-    PARA1,
-    PARA2,
-    atomic_create_text,
-    atomic_file,
-    lock_or_busy,
-    atomic_write_text,
-    read_sizes_json,
-    update_sizes_json,
-)
-from .shard_io import InputError, TarSampleWriter, count_tar_samples, read_tar_samples
+from ..data.atomic import atomic_create_text, atomic_file, lock_or_busy, atomic_write_text
+from ..data.layout import CAPTION, IMAGE_EXTENSIONS, METADATA, PARA1, PARA2, read_sizes_json, update_sizes_json
+from ..data.errors import InputError
+from ..data.tars import TarSampleWriter, count_tar_samples, read_tar_samples
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from open_clip_train.data import expand_urls, get_dataset_size
 from paraclip_plugin.train.compact import COMPACT_FIELD, MixedShards, RequireCompact, UnpackCompact, mixed_shards_error  # noqa: F401
 from paraclip_plugin.train.embeddings import EMBEDDING_FIELD, BadSample, CachedImageEmbedding, MissingEmbeddings
 from paraclip_plugin.train.pretokenized import TextTokens, text_problem, texts_problem  # noqa: F401 (text_problem: re-exported)
-from paraclip_plugin.shards import IMAGE_EXTENSIONS, PARA1, PARA2, SIZES_FILE, TEXT_FIELDS, read_sizes_json
+from paraclip_plugin.data.layout import IMAGE_EXTENSIONS, PARA1, PARA2, SIZES_FILE, TEXT_FIELDS, read_sizes_json
 
 
 def local_path(url):

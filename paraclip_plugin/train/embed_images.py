@@ -53,8 +53,9 @@ from paraclip_plugin.train.embeddings import (
     visual_architecture,
     visual_fingerprint,
 )
-from paraclip_plugin.paraphrase.inputs import expand_inputs, split_for_job
-from paraclip_plugin.paraphrase.shard_io import InputError, count_tar_samples, read_tar_samples
+from paraclip_plugin.data.inputs import expand_inputs, split_for_job
+from paraclip_plugin.data.errors import InputError
+from paraclip_plugin.data.tars import count_tar_samples, read_tar_samples
 from paraclip_plugin.train.model import freeze_visual
 from paraclip_plugin.train.pretokenized import (
     METADATA_KEY as TOKENS_KEY,
@@ -65,15 +66,9 @@ from paraclip_plugin.train.pretokenized import (
     tokenizer_pad_id,
     tokens_record,
 )
-from paraclip_plugin.shards import (
-    IMAGE_EXTENSIONS,
-    METADATA,
-    OutputBusy,
-    SizesFileError,
-    atomic_tar_writer,
-    read_sizes_json,
-    update_sizes_json,
-)
+from paraclip_plugin.data.atomic import OutputBusy
+from paraclip_plugin.data.layout import IMAGE_EXTENSIONS, METADATA, read_sizes_json, update_sizes_json
+from paraclip_plugin.data.tars import atomic_tar_writer
 
 
 def parse_args(argv=None):
@@ -696,7 +691,7 @@ def main(argv=None):
         return 2
     try:
         embed_shards(args, embedder, shards)
-    except (InputError, OutputBusy, SizesFileError) as e:
+    except (InputError, OutputBusy) as e:
         print(f"embed_images: error: {e}", file=sys.stderr)
         return 2
     return 0
