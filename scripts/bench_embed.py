@@ -47,7 +47,7 @@ from bench_loader import loader_args as stock_loader_args  # noqa: E402
 from synthetic_shards import write_shards  # noqa: E402
 
 from paraclip_plugin.data.inputs import expand_inputs  # noqa: E402
-from paraclip_plugin.train.embed_images import ShardEmbedder, finish_preprocess, parse_args  # noqa: E402
+from paraclip_plugin.embed.images import ShardEmbedder, finish_preprocess, parse_args  # noqa: E402
 
 
 class Timer:

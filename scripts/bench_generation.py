@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Requests/s of the whole generation pipeline against the local OpenAI-compatible server.
 
-Starts ``paraclip_plugin.paraphrase.local_server`` in its own process with a fixed latency, then:
+Starts ``paraclip_plugin.testing.local_server`` in its own process with a fixed latency, then:
 
 1. in-flight scaling, one process: ``--concurrency`` 1 (what the official release does: one request
    at a time), 64 and 256, each over fresh input shards of unique captions and a fresh cache, so
@@ -59,7 +59,7 @@ def write_shards(folder, num_shards, per_shard, tag):
 
 def start_server(latency):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "paraclip_plugin.paraphrase.local_server", "--latency", str(latency)],
+        [sys.executable, "-m", "paraclip_plugin.testing.local_server", "--latency", str(latency)],
         stdout=subprocess.PIPE,
         text=True,
     )

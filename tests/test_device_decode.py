@@ -20,8 +20,8 @@ from PIL import Image
 
 from conftest import TINY_CONFIG, TINY_MODEL, save_init_checkpoint, write_shards
 from paraclip_plugin.data.tars import read_tar_samples
-from paraclip_plugin.train import embed_images
-from paraclip_plugin.train.device_decode import DeviceDecoder, jpeg_problem, tensor_steps
+from paraclip_plugin.embed import images as embed_images
+from paraclip_plugin.embed.device_decode import DeviceDecoder, jpeg_problem, tensor_steps
 
 
 def close_to_the_cpu_path(image, expected, mean_levels=0.3, max_levels=3, share_over_one=1e-4):

@@ -210,7 +210,7 @@ def test_spawned_data_workers_get_no_image_tower_and_embed_the_same(world, tmp_p
     assert sent.embedder.tokens_record == embedder.tokens_record
     code = (
         "import multiprocessing, sys; multiprocessing.set_start_method('spawn'); "
-        "from paraclip_plugin.train.embed_images import main; sys.exit(main(sys.argv[1:]))"
+        "from paraclip_plugin.embed.images import main; sys.exit(main(sys.argv[1:]))"
     )
     run(
         [

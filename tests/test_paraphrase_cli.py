@@ -19,7 +19,7 @@ from test_paraphrase_support import (
     write_input_shards,
     write_samples,
 )
-from paraclip_plugin.paraphrase.local_server import LocalChatServer
+from paraclip_plugin.testing.local_server import LocalChatServer
 
 SENTINEL_KEY = "sk-SENTINEL-4e1f0c9a-never-write-me"
 

@@ -14,7 +14,7 @@ from paraclip_plugin.paraphrase import cleaning
 from paraclip_plugin.paraphrase.backends import GenerationError
 from paraclip_plugin.paraphrase.backends.openai_backend import OpenAIBackend
 from paraclip_plugin.data.inputs import expand_inputs
-from paraclip_plugin.paraphrase.local_server import (
+from paraclip_plugin.testing.local_server import (
     OPENAI_MAX_TOKENS_ERROR,
     LocalChatServer,
     VLLM_NO_TEMPLATE_ERROR,

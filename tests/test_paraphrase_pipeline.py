@@ -9,7 +9,7 @@ from paraclip_plugin.paraphrase import cleaning, pipeline
 from paraclip_plugin.paraphrase.backends.openai_backend import OpenAIBackend
 from paraclip_plugin.paraphrase.cache import CompletionCache
 from paraclip_plugin.data.inputs import expand_inputs
-from paraclip_plugin.paraphrase.local_server import raw_reply
+from paraclip_plugin.testing.local_server import raw_reply
 from paraclip_plugin.paraphrase.pipeline import GenerationOptions, ParaphraseGenerator
 from paraclip_plugin.paraphrase.prompts import PromptSet
 from paraclip_plugin.data.errors import InputError

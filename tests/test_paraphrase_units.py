@@ -490,7 +490,7 @@ def test_generation_path_does_not_import_torch():
     code = (
         "import sys; import paraclip_plugin.paraphrase.pipeline, paraclip_plugin.paraphrase.backends.openai_backend, "
         "paraclip_plugin.paraphrase.backends.vllm_backend, paraclip_plugin.paraphrase.backends.batch_backend, "
-        "paraclip_plugin.paraphrase.local_server, paraclip_plugin.paraphrase.cli; "
+        "paraclip_plugin.testing.local_server, paraclip_plugin.paraphrase.cli; "
         "import runpy; sys.argv = ['make_shards', '--help']\n"
         "try: runpy.run_path('scripts/make_shards.py', run_name='__main__')\n"
         "except SystemExit: pass\n"

@@ -9,5 +9,4 @@ inputs found and split over jobs, through ``paraclip_plugin.data``:
     cache.py      sqlite cache of every paid-for completion, written before it is used
     backends/     ``openai`` (async client, N in flight) and ``vllm`` (offline engine, shard batches)
     pipeline.py   shard in -> filter -> dedupe -> step 1 -> step 2 -> clean/retry -> shard out
-    local_server.py  an OpenAI-compatible HTTP server for tests and benchmarks
 """

@@ -41,7 +41,7 @@ from PIL import Image
 from torchvision import transforms
 
 from paraclip_plugin.train.compact import COMPACT_FIELD, pack
-from paraclip_plugin.train.device_decode import DeviceDecoder, tensor_steps
+from .device_decode import DeviceDecoder, tensor_steps
 from paraclip_plugin.train.embeddings import (
     ADDED_FIELDS,
     EMBEDDING_FIELD,
@@ -118,7 +118,7 @@ def parse_args(argv=None):
         help="cpu (default): the data workers decode and resize the images (PIL). cuda: the workers "
         "read and tokenize, this process decodes the JPEGs in batches with nvJPEG and resizes "
         "them on the GPU beside the image tower (values within a level or so of the CPU path's: "
-        "paraclip_plugin/train/device_decode.py); images it can't take (not JPEG, CMYK, "
+        "paraclip_plugin/embed/device_decode.py); images it can't take (not JPEG, CMYK, "
         "truncated, ...) are decoded on the CPU as without it, or skipped, and counted",
     )
     p.add_argument(
