@@ -222,7 +222,7 @@ def test_decode_device_cuda_needs_cuda_and_the_uint8_transfer(monkeypatch, capsy
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert embed_images.main(base) == 2
     assert re.search(
-        r"^embed_images: error: --decode-device cuda: torch \S+ finds no CUDA device.*; use "
+        r"^paraclip-embed-images: error: --decode-device cuda: torch \S+ finds no CUDA device.*; use "
         r"--decode-device cpu$",
         capsys.readouterr().err,
         re.M,

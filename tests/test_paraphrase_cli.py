@@ -348,6 +348,18 @@ def test_min_words_above_max_words_is_refused(capsys):
     assert "--min-words 9 is above --max-words 3" in capsys.readouterr().err
 
 
+def test_a_job_index_outside_the_jobs_is_a_usage_error(capsys, monkeypatch):
+    """Before any input is read: the usage, one line naming the flag, status 2 (as paraclip-embed-images says it)."""
+    from paraclip_plugin.paraphrase.cli import parse_args
+
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["--input", "x.tar", "--output", "out", "--model", "m", "--num-jobs", "2", "--job-index", "5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and err[0].startswith("usage: paraclip-make-shards")
+    assert err[-1] == "paraclip-make-shards: error: --job-index 5 is outside 0..1 (--num-jobs 2)"
+
+
 def test_a_stopped_run_writes_its_stats_and_never_replaces_anothers(server, tmp_path):
     write_input_shards(tmp_path / "in", num_shards=1, per_shard=6)
     write_samples(tmp_path / "in" / "00001.tar", [("k", {"jpg": b"\xff\xd8", "txt": b"caf\xe9 tables on a street"})])

@@ -28,7 +28,7 @@ from test_paraphrase_support import read_tar, samples_of, server, write_input_sh
 
 
 def no_traceback(stderr):
-    return "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith("error: ")
+    return "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith("paraclip-make-shards: error: ")
 
 
 # --- (1) a server that refuses every request ------------------------------------------------------

@@ -12,8 +12,7 @@ image transform (open_clip's preprocess config) and ``--precision``;
 ``paraclip_tokens``: tokenizer and its fingerprint); see paraclip_plugin/train/embeddings.py and
 pretokenized.py. All other members are copied unchanged. A sample that training would skip for its
 texts (one missing, empty, white space only or not UTF-8) gets no token ids (a warning names it) and
-is left out of ``--compact`` shards, so both kinds of shard train on the same samples. (``python scripts/embed_images.py`` is the
-same program.)
+is left out of ``--compact`` shards, so both kinds of shard train on the same samples.
 
 Shards are rewritten in place (or written to ``--output``) one at a time, atomically: a shard is
 either the old file or the complete new one. A rerun skips shards already embedded with the same
@@ -53,6 +52,7 @@ from paraclip_plugin.train.embeddings import (
     visual_architecture,
     visual_fingerprint,
 )
+from paraclip_plugin.clitools import EMBED_IMAGES, NON_NEGATIVE_INT, POSITIVE_INT, check_job_split, print_error
 from paraclip_plugin.data.inputs import expand_inputs, split_for_job
 from paraclip_plugin.data.errors import InputError
 from paraclip_plugin.data.tars import count_tar_samples, read_tar_samples
@@ -73,7 +73,7 @@ from paraclip_plugin.data.tars import atomic_tar_writer
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="paraclip-embed-images", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=EMBED_IMAGES, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
         "--shards", required=True, help="four-field shards: brace patterns and globs, several joined with '::'"
@@ -84,11 +84,11 @@ def parse_args(argv=None):
         "--pretrained", default=None, help="pretrained tag or checkpoint file, as given to training's --pretrained"
     )
     p.add_argument("--model-config", action="append", default=[], help="register an open_clip model config first")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=4, help="image decoding processes")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=256)
+    p.add_argument("--workers", type=NON_NEGATIVE_INT, default=4, help="image decoding processes")
     p.add_argument(
         "--writers",
-        type=int,
+        type=NON_NEGATIVE_INT,
         default=None,
         help="processes writing the finished shards (tar members, fsync) while this one feeds the "
         "image tower; default: a quarter of --workers (half with --decode-device cuda), at least 1 "
@@ -134,11 +134,10 @@ def parse_args(argv=None):
         "the embedding and token ids (one .pcl member) and the json records, no image bytes and no "
         "texts; ~8x less to store and read with --image-embeddings. Keep the four-field shards.",
     )
-    p.add_argument("--num-jobs", type=int, default=1, help="split the shards over this many jobs")
-    p.add_argument("--job-index", type=int, default=0)
+    p.add_argument("--num-jobs", type=POSITIVE_INT, default=1, help="split the shards over this many jobs")
+    p.add_argument("--job-index", type=NON_NEGATIVE_INT, default=0)
     args = p.parse_args(argv)
-    if not 0 <= args.job_index < args.num_jobs:
-        p.error(f"--job-index {args.job_index} is outside 0..{args.num_jobs - 1} (--num-jobs {args.num_jobs})")
+    check_job_split(p, args.num_jobs, args.job_index)
     return args
 
 
@@ -668,18 +667,18 @@ def main(argv=None):
         open_clip.add_model_config(path)
     problem = decode_device_problem(args)
     if problem:
-        print(f"embed_images: error: {problem}", file=sys.stderr)
+        print_error(EMBED_IMAGES, problem)
         return 2
     try:
         shards = split_for_job(expand_inputs(args.shards), args.num_jobs, args.job_index)
     except InputError as e:
-        print(f"embed_images: error: {e}", file=sys.stderr)
+        print_error(EMBED_IMAGES, e)
         return 2
     if args.compact and (not args.output or not args.tokens):
-        print(
-            "embed_images: error: --compact writes shards without images and texts: it needs --output DIR "
+        print_error(
+            EMBED_IMAGES,
+            "--compact writes shards without images and texts: it needs --output DIR "
             "(the four-field shards stay the source) and the token ids (drop --no-tokens)",
-            file=sys.stderr,
         )
         return 2
     if args.output:
@@ -687,12 +686,12 @@ def main(argv=None):
     try:
         embedder = ShardEmbedder(args)
     except ValueError as e:  # make_device_decoder's probe
-        print(f"embed_images: error: {e}", file=sys.stderr)
+        print_error(EMBED_IMAGES, e)
         return 2
     try:
         embed_shards(args, embedder, shards)
     except (InputError, OutputBusy) as e:
-        print(f"embed_images: error: {e}", file=sys.stderr)
+        print_error(EMBED_IMAGES, e)
         return 2
     return 0
 

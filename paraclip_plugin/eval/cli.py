@@ -10,20 +10,13 @@ import json
 import os
 import sys
 
+from ..clitools import EVAL as PROG, POSITIVE_INT as positive_int
 from ..extras import require_extra
 from ..data.atomic import atomic_write_text
 from .paraphrased_retrieval import InputError, default_device, evaluate_checkpoint, load_model
 
-PROG = "paraclip-eval"
 # tasks that run through clip_benchmark (the 'eval' extra)
 EVAL_EXTRA_TASKS = ("zeroshot-imagenet", "coco-retrieval")
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _add_model_arguments(parser, model_required=True):

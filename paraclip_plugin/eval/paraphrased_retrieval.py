@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ..clitools import EVAL as PROG
 from ..data.textfiles import NotUTF8, lines_of, read_utf8
 from .metrics import average_overlap_from_scores, jaccard_at_k_from_scores, recall_at_k
 
@@ -34,7 +35,6 @@ PAIR_KEYS = ("query", "paraphrase", "image")
 RECALL_KS = (1, 5, 10)
 PAPER_GALLERY_SIZE = 5000  # COCO 2017 val, the paper's gallery
 PAPER_PAIRS = 4155  # Cheng et al.'s query/paraphrase pairs on COCO val2017, the paper's AO/JS set
-PROG = "paraclip-eval"
 
 
 class InputError(ValueError):
