@@ -245,25 +245,6 @@ def test_compressed_tar_inputs_are_written_as_uncompressed_tar(server, tmp_path)
     assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": len(samples_of(out / "00000.tar"))}
 
 
-def test_an_output_an_earlier_version_wrote_under_the_compressed_name_is_kept(server, tmp_path):
-    """Before, a .tar.gz input's output was written uncompressed under the input's name: a rerun keeps it
-    (it is counted in sizes.json under that name) instead of writing the same samples again as .tar."""
-    pattern = write_input_shards(tmp_path / "plain", num_shards=1, per_shard=6)
-    (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "00000.tar.gz").write_bytes(gzip.compress((tmp_path / "plain" / "00000.tar").read_bytes()))
-    out = tmp_path / "out"
-    rc, _, stderr = cli(server, pattern, out)
-    assert rc == 0, stderr
-    os.rename(out / "00000.tar", out / "00000.tar.gz")
-    (out / "sizes.json").write_text(json.dumps({"00000.tar.gz": 6}))
-    paid = server.requests
-    rc, _, stderr = cli(server, str(tmp_path / "in" / "00000.tar.gz"), out, "--export-sft", str(out / "sft.jsonl"))
-    assert rc == 0 and server.requests == paid and "written by an earlier version as" in stderr, stderr
-    assert sorted(p.name for p in out.glob("00000*")) == ["00000.tar.gz"]
-    assert json.loads((out / "sizes.json").read_text()) == {"00000.tar.gz": 6}
-    assert len((out / "sft.jsonl").read_text().splitlines()) >= 6  # its samples' pairs are exported
-
-
 def test_sigterm_stops_the_run_and_its_stats_record_what_was_paid(tmp_path):
     """scancel and SLURM's time limit send SIGTERM: the stats are written, with the requests made so far."""
     pattern = write_input_shards(tmp_path / "in", num_shards=3, per_shard=20)

@@ -68,8 +68,6 @@ def precision_fingerprints(model_name, pretrained):
 
 # patch dropout's module names: open_clip's own towers (``patch_dropout``) and timm's (``trunk.patch_drop``)
 PATCH_DROPOUT = {"patch_dropout", "patch_drop"}
-# fields an older paraclip-embed-images does not record: a record without them is read, and they are not checked
-ADDED_FIELDS = ("visual_architecture", "preprocess", "precision")
 
 
 def visual_architecture(visual):
