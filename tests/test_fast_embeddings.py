@@ -206,7 +206,7 @@ def test_spawned_data_workers_get_no_image_tower_and_embed_the_same(world, tmp_p
     args = embed_images.parse_args(["--shards", "x", "--model", TINY_MODEL, "--pretrained", str(world["init"])])
     embedder = embed_images.ShardEmbedder(args)
     sent = pickle.loads(pickle.dumps(embed_images.ShardImages([], embedder)))
-    assert not hasattr(sent.embedder, "visual") and hasattr(embedder, "visual")
+    assert not hasattr(sent.embedder.tower, "visual") and hasattr(embedder.tower, "visual")
     assert sent.embedder.tokens_record == embedder.tokens_record
     code = (
         "import multiprocessing, sys; multiprocessing.set_start_method('spawn'); "

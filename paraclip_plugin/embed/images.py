@@ -42,7 +42,6 @@ from torchvision import transforms
 from paraclip_plugin.train.compact import COMPACT_FIELD, pack
 from .device_decode import DeviceDecoder, tensor_steps
 from paraclip_plugin.train.embeddings import (
-    ADDED_FIELDS,
     EMBEDDING_FIELD,
     METADATA_KEY as EMBEDDING_KEY,
     embedding_record,
@@ -215,11 +214,10 @@ def record_difference(old, new, label):
     """What differs between a stored record and this run's, as short phrases ([] when they are equal)."""
     if not isinstance(old, dict):
         return [f"no {label} record"]
-    # a field records of older versions lack is not compared (training reads them too): no work is redone
     return [
         f"{label} {key} {short(old.get(key))} (now {short(new.get(key))})"
         for key in sorted(set(old) | set(new))
-        if old.get(key) != new.get(key) and (key in old or key not in ADDED_FIELDS)
+        if old.get(key) != new.get(key)
     ]
 
 
@@ -248,16 +246,59 @@ class ShardImages(torch.utils.data.IterableDataset):
                 yield src, dst, e, None, None
 
 
-class ShardEmbedder:
-    def __init__(self, args):
-        self.args = args
-        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model, _, self.preprocess = open_clip.create_model_and_transforms(
-            args.model, pretrained=args.pretrained, device=self.device
+class ImageTower:
+    """The frozen image tower the embeddings come from: ``encode`` (a float32 model-input batch on ``device`` ->
+    float16 unit vectors on the CPU), the image transform it takes (``preprocess``) and the record every
+    embedding carries (``record``: what training checks it against). ``ShardEmbedder`` takes any object with
+    these four (the benchmarks give it one that returns random vectors)."""
+
+    def __init__(self, visual, preprocess, record, device, precision="fp32"):
+        self.visual, self.preprocess, self.record, self.device = visual, preprocess, record, device
+        self.precision = precision
+
+    @classmethod
+    def load(cls, args):
+        """``--model``/``--pretrained``'s tower on ``--device``, frozen as training freezes it (model.py; ResNet
+        towers get FrozenBatchNorm2d), so the fingerprint and the architecture recorded are those training
+        compares."""
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            args.model, pretrained=args.pretrained, device=device
         )
-        # frozen as training freezes it (model.py; ResNet towers get FrozenBatchNorm2d), so the fingerprint and
-        # the architecture recorded are those training compares
-        self.visual = freeze_visual(model).visual
+        visual = freeze_visual(model).visual
+        # also what these weights hash to in training's 16-bit weight precisions (--precision pure_bf16, ...)
+        record = embedding_record(
+            args.model,
+            args.pretrained,
+            visual_fingerprint(visual),
+            precision_fingerprints(args.model, args.pretrained),
+            architecture=visual_architecture(visual),
+            preprocess=preprocess_config(visual),
+            precision=args.precision,
+        )
+        logging.info(f"image tower of {args.model} / {args.pretrained}: sha256 {record['visual_sha256']}, on {device}")
+        return cls(visual, preprocess, record, device, args.precision)
+
+    @torch.no_grad()
+    def encode(self, batch):
+        """float16 [n, dim] on the CPU: encode_image(batch, normalize=True), bf16 autocast with precision amp."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "amp"):
+            features = self.visual(batch)
+        return torch.nn.functional.normalize(features.float(), dim=-1).half().cpu()
+
+    def __getstate__(self):
+        """What a data worker or writer gets where they are spawned (Python 3.14's default start method on Linux
+        is forkserver): everything but the tower's weights, which only the main process runs."""
+        return {k: v for k, v in self.__dict__.items() if k != "visual"}
+
+
+class ShardEmbedder:
+    """Adds ``tower``'s embeddings (``ImageTower.load(args)`` when not given) and the token ids to shards."""
+
+    def __init__(self, args, tower=None):
+        self.args = args
+        self.tower = tower if tower is not None else ImageTower.load(args)
+        self.device, self.preprocess, self.record = self.tower.device, self.tower.preprocess, self.tower.record
         # the workers' part of the transform, and what the image tower's device does before the tower
         split = split_preprocess(self.preprocess) if args.transfer == "uint8" else None
         self.worker_preprocess, self.normalize = split or (self.preprocess, None)
@@ -268,23 +309,10 @@ class ShardEmbedder:
             )
         self.spent = {"waiting": 0.0, "encoding": 0.0, "writing": 0.0, "decoding": 0.0}  # seconds, by run()
         self.device_decoder = self.make_device_decoder() if args.decode_device == "cuda" else None
-        # also what these weights hash to in training's 16-bit weight precisions (--precision pure_bf16, ...)
-        self.record = embedding_record(
-            args.model,
-            args.pretrained,
-            visual_fingerprint(self.visual),
-            precision_fingerprints(args.model, args.pretrained),
-            architecture=visual_architecture(self.visual),
-            preprocess=preprocess_config(self.visual),
-            precision=args.precision,
-        )
         self.tokenizer = open_clip.get_tokenizer(args.model) if args.tokens else None
         if self.tokenizer is not None:
             self.tokens_record = tokens_record(args.model, self.tokenizer)
             self.pad_id = tokenizer_pad_id(self.tokenizer)
-        logging.info(
-            f"image tower of {args.model} / {args.pretrained}: sha256 {self.record['visual_sha256']}, on {self.device}"
-        )
 
     def make_device_decoder(self):
         """The ``--decode-device`` decoder, checked on a probe JPEG against the CPU path (ValueError where
@@ -325,11 +353,6 @@ class ShardEmbedder:
             )
         decoder.counts.clear()
         return decoder
-
-    def __getstate__(self):
-        """What a data worker gets where workers are spawned (Python 3.14's default start method on Linux
-        is forkserver): everything but the image tower, which only this process runs."""
-        return {k: v for k, v in self.__dict__.items() if k != "visual"}
 
     def shard_difference(self, path):
         """None when ``path`` was written by a run with the same image weights, architecture, transform and
@@ -439,25 +462,15 @@ class ShardEmbedder:
             return samples, [i for i, _ in with_image], None
         return (samples, *self.decode_images(with_image, src, samples))
 
-    @torch.no_grad()
     def encode(self, images):
-        """float16 numpy [n, dim]: encode_image(images, normalize=True), ``--batch-size`` at a time."""
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.precision == "amp")
+        """float16 numpy [n, dim]: the tower's embeddings of ``images``, ``--batch-size`` at a time."""
         out = []
         for batch in images.split(self.args.batch_size):
             batch = batch.to(self.device, non_blocking=True)
             if self.normalize is not None:  # uint8 from the workers
                 batch = finish_preprocess(batch, self.normalize)
-            with autocast:
-                features = self.visual(batch)
-            out.append(torch.nn.functional.normalize(features.float(), dim=-1).half().cpu())
+            out.append(self.tower.encode(batch))
         return torch.cat(out).numpy()
-
-    def embed(self, images):
-        """float16 [dim] per image (None where it can't be decoded), from encoded image bytes."""
-        rows, batch = self.decode_images(enumerate(images))
-        found = dict(zip(rows, self.encode(batch))) if batch is not None else {}
-        return [found.get(i) for i in range(len(images))]
 
     def write(self, src, dst, samples, rows, features):
         """Add the embeddings to the prepared samples; write ``dst`` atomically. Returns (samples, embedded)."""
@@ -494,13 +507,6 @@ class ShardEmbedder:
                 }
             )
         return out
-
-    def process(self, src, dst):
-        """One shard, all in this process (``embed`` may be replaced, e.g. by bench_loader.py)."""
-        samples, with_image = self.prepare_samples(src)
-        features = self.embed([data for _, data in with_image])
-        done = [(i, f) for (i, _), f in zip(with_image, features) if f is not None]
-        return self.write(src, dst, samples, [i for i, _ in done], [f for _, f in done])
 
     def loader(self, jobs):
         """(src, dst, prepared samples, indices of those whose image decoded, the images) per shard, made
