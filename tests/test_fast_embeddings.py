@@ -759,26 +759,6 @@ def test_patch_dropout_is_no_architecture_in_open_clip_or_timm_towers(tmp_path):
         assert visual_architecture(towers[0]) == visual_architecture(towers[1])
 
 
-def test_a_rerun_takes_shards_embedded_by_an_older_version_for_done(world, tmp_path, caplog):
-    """Records from before the architecture, transform and precision were recorded: training reads them (with
-    a log line), so a resumed embed job keeps them too instead of redoing the GPU work."""
-    caplog.set_level(logging.INFO)
-
-    def older(i, sample):
-        meta = json.loads(sample["json"])
-        for field in ("visual_architecture", "preprocess", "precision"):
-            del meta["paraclip_image_embedding"][field]
-        sample["json"] = json.dumps(meta).encode()
-
-    out = tmp_path / "out"
-    out.mkdir()
-    rewrite_shard(world["embedded"] / "00000.tar", out / "00000.tar", older)
-    before = (out / "00000.tar").read_bytes()
-    embed(str(world["plain"] / "00000.tar"), world["init"], "--output", out)
-    assert f"{out / '00000.tar'}: already embedded with these weights, skipped" in caplog.text
-    assert (out / "00000.tar").read_bytes() == before
-
-
 def test_a_compact_shard_after_a_four_field_one_is_named_as_mixing_them(world, tmp_path):
     model, preprocess_train, _ = tiny_model(world["init"])
     tokenizer = open_clip.get_tokenizer(TINY_MODEL)

@@ -9,6 +9,7 @@ import contextlib
 import io
 import re
 import tarfile
+import time
 import zlib
 
 from .atomic import atomic_file
@@ -69,19 +70,20 @@ def _ends_with_end_of_archive(tar):
 
 
 class TarSampleWriter:
-    """Writes samples as webdataset's ``TarWriter`` lays them out: ``<key>.<ext>`` members, fields sorted,
-    read-only, owner ``bigdata``. A member's mtime is its sample's ``__mtime__`` (a shard read with
-    ``read_tar_samples`` keeps its members' times), else ``mtime``: never "now", so a rerun writes
-    byte-identical shards (and an integer time needs no extra pax header per member)."""
+    """Writes samples as webdataset's ``TarWriter`` does: ``<key>.<ext>`` members, fields sorted, read-only,
+    owner ``bigdata``. A member's mtime is its sample's ``__mtime__`` (a shard read with ``read_tar_samples``
+    keeps its members' times), else ``mtime``, else (None) the current time as webdataset writes it: a float,
+    which gives every member an extra pax header, as img2dataset's shards have. Pass an integer ``mtime`` (or
+    ``__mtime__``) for byte-identical reruns and no extra headers."""
 
-    def __init__(self, fileobj, mtime=0):
+    def __init__(self, fileobj, mtime=None):
         self.tar = tarfile.open(fileobj=fileobj, mode="w|")
-        self.mtime = int(mtime)
+        self.mtime = mtime
         self.count = 0
 
     def write(self, sample):
         key = sample["__key__"]
-        mtime = sample.get("__mtime__", self.mtime)
+        mtime = sample.get("__mtime__", time.time() if self.mtime is None else self.mtime)
         for ext in sorted(k for k in sample if not k.startswith("__")):
             data = sample[ext]
             if isinstance(data, str):
@@ -99,7 +101,7 @@ class TarSampleWriter:
 
 
 @contextlib.contextmanager
-def atomic_tar_writer(path, mtime=0):
+def atomic_tar_writer(path, mtime=None):
     """A ``TarSampleWriter`` (members' default ``mtime``) whose file appears under ``path`` only once it is
     complete (``atomic_file``: locked while written, renamed when done, removed on an error)."""
     with atomic_file(path) as stream:

@@ -483,8 +483,8 @@ class ShardEmbedder:
             meta = json.loads(samples[i][METADATA])
             meta[EMBEDDING_KEY] = self.record
             samples[i][METADATA] = json.dumps(meta).encode()
-        # an integer mtime (the source shard's): webdataset's default float time.time() makes every
-        # member carry an extra pax header, which readers then parse (measurably slower loading)
+        # an integer mtime (the source shard's): the writer's default, the current time as a float, gives every
+        # member an extra pax header, which readers then parse (measurably slower loading)
         with atomic_tar_writer(dst, mtime=int(os.path.getmtime(src))) as sink:
             for sample in samples:
                 sink.write({k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")})
