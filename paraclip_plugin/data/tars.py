@@ -73,7 +73,7 @@ class TarSampleWriter:
     """Writes samples as webdataset's ``TarWriter`` does: ``<key>.<ext>`` members, fields sorted, read-only,
     owner ``bigdata``. A member's mtime is its sample's ``__mtime__`` (a shard read with ``read_tar_samples``
     keeps its members' times), else ``mtime``, else (None) the current time as webdataset writes it: a float,
-    which gives every member an extra pax header, as img2dataset's shards have. Pass an integer ``mtime`` (or
+    which gives every member an extra pax header, as in shards webdataset writes. Pass an integer ``mtime`` (or
     ``__mtime__``) for byte-identical reruns and no extra headers."""
 
     def __init__(self, fileobj, mtime=None):
