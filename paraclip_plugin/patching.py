@@ -36,7 +36,7 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
-from paraclip_plugin.shards import atomic_write_bytes, fsync_dir
+from paraclip_plugin.data.atomic import atomic_write_bytes, fsync_dir
 
 PACKAGE = "open_clip_train"
 DISTRIBUTION = "open_clip_torch"

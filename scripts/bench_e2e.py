@@ -59,7 +59,7 @@ from datetime import datetime
 
 from synthetic_shards import TEXT_LENGTHS, shard_name, text_length_range, write_shards
 
-from paraclip_plugin.shards import atomic_write_text
+from paraclip_plugin.data.atomic import atomic_write_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO, "paraclip_plugin", "model_configs", "paraclip-tiny-77.json")  # 77-token context
@@ -431,7 +431,7 @@ def measured_text_tokens(folder, lengths, per_shard):
     """Per setting: the shortest and longest text (CLIP tokens through EOT) in its first shard, counted with
     open_clip's tokenizer (what training reads)."""
     from open_clip.tokenizer import tokenize
-    from paraclip_plugin.paraphrase.shard_io import read_tar_samples
+    from paraclip_plugin.data.tars import read_tar_samples
 
     measured = {}
     for longest in lengths:

@@ -43,11 +43,11 @@ import open_clip
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_loader import loader_args as stock_loader_args  # noqa: E402
+from bench_loader import RandomTower, loader_args as stock_loader_args  # noqa: E402
 from synthetic_shards import write_shards  # noqa: E402
 
-from paraclip_plugin.paraphrase.inputs import expand_inputs  # noqa: E402
-from paraclip_plugin.train.embed_images import ShardEmbedder, finish_preprocess, parse_args  # noqa: E402
+from paraclip_plugin.data.inputs import expand_inputs  # noqa: E402
+from paraclip_plugin.embed.images import ImageTower, ShardEmbedder, parse_args  # noqa: E402
 
 
 class Timer:
@@ -92,20 +92,6 @@ def time_stock(pattern, args, preprocess, tokenizer):
     return timer.result()
 
 
-def cpu_tower(embedder, width):
-    """``embedder.encode`` without the image tower: the uint8 images finished (Normalize) as the tool does,
-    then random unit vectors of the tower's width."""
-    rng = np.random.default_rng(0)
-
-    def encode(images):
-        if embedder.normalize is not None and images.dtype == torch.uint8:
-            finish_preprocess(images, embedder.normalize)
-        x = rng.standard_normal((len(images), width))
-        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
-
-    return encode
-
-
 def time_embed(embedder, jobs):
     timer = Timer()
     for _, _, embedded, _ in embedder.run(jobs):
@@ -130,10 +116,11 @@ def make_embedder(args, pattern, extra):
     ]
     if args.device == "cuda":
         argv += ["--precision", "amp_bf16"]
-    embedder = ShardEmbedder(parse_args(argv))
-    if args.device == "cpu":
-        embedder.encode = cpu_tower(embedder, embedder.visual.output_dim)
-    return embedder
+    tool_args = parse_args(argv)
+    tower = ImageTower.load(tool_args)
+    if args.device == "cpu":  # the tool's work around the tower (uint8 images finished by Normalize), not the tower
+        tower = RandomTower(tower.preprocess, tower.record, tower.visual.output_dim, tower.device, seed=0)
+    return ShardEmbedder(tool_args, tower)
 
 
 def main(argv=None):

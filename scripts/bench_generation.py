@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Requests/s of the whole generation pipeline against the local OpenAI-compatible server.
 
-Starts ``paraclip_plugin.paraphrase.local_server`` in its own process with a fixed latency, then:
+Starts ``paraclip_plugin.testing.local_server`` in its own process with a fixed latency, then:
 
 1. in-flight scaling, one process: ``--concurrency`` 1 (what the official release does: one request
    at a time), 64 and 256, each over fresh input shards of unique captions and a fresh cache, so
@@ -26,12 +26,12 @@ import tarfile
 import tempfile
 import time
 
-from paraclip_plugin.flag_aliases import add_renamed
+from paraclip_plugin.clitools import add_renamed
 from paraclip_plugin.paraphrase.backends.openai_backend import OpenAIBackend
 from paraclip_plugin.paraphrase.cache import CompletionCache
-from paraclip_plugin.paraphrase.inputs import expand_inputs
+from paraclip_plugin.data.inputs import expand_inputs
 from paraclip_plugin.paraphrase.pipeline import GenerationOptions, ParaphraseGenerator
-from paraclip_plugin.shards import atomic_write_text
+from paraclip_plugin.data.atomic import atomic_write_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = (
@@ -60,7 +60,7 @@ def write_shards(folder, num_shards, per_shard, tag):
 
 def start_server(latency):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "paraclip_plugin.paraphrase.local_server", "--latency", str(latency)],
+        [sys.executable, "-m", "paraclip_plugin.testing.local_server", "--latency", str(latency)],
         stdout=subprocess.PIPE,
         text=True,
     )

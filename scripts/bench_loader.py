@@ -4,7 +4,7 @@
     python scripts/bench_loader.py [--samples 1024] [--workers 1] [--seconds 10]
 
 It writes LAION-like four-field shards (256 px JPEGs of ~15 KiB, captions and paraphrases of 8-16
-words), adds img_emb.npy + tokens.npy to a copy with scripts/embed_images.py's writer (and a compact copy, --compact), then times
+words), adds img_emb.npy + tokens.npy to a copy with paraclip-embed-images (and a compact copy, --compact), then times
 open_clip_train's own ``get_wds_dataset`` (the real training loader: shard shuffling, sample
 shuffle buffer, WebLoader worker processes) four ways:
 
@@ -12,7 +12,7 @@ shuffle buffer, WebLoader worker processes) four ways:
     plugin-jpeg    --paraclip-loss: JPEG decode + train transform + three texts tokenized
     plugin-cached  --paraclip-loss --image-embeddings on the embedded copy: stored embeddings and
                    token ids, no image decoding, no tokenizing
-    plugin-compact the same on compact shards (embed_images --compact): one packed member per sample
+    plugin-compact the same on compact shards (paraclip-embed-images --compact): one packed member per sample
 
 samples/s are counted after the first batch (worker start-up) for ``--seconds`` each, in
 ``--rounds`` interleaved rounds (median reported), with
@@ -39,47 +39,46 @@ from paraclip_plugin.train.embeddings import (
     visual_architecture,
     visual_fingerprint,
 )
-from paraclip_plugin.shards import update_sizes_json
+from paraclip_plugin.data.inputs import expand_inputs
+from paraclip_plugin.embed import images as embed_tool
 from synthetic_shards import write_shards
 
 
-def embed_shards(src_pattern, dst_folder, model_name, model, pretrained, compact=False):
-    """embed_images.py's shard writer, with random unit vectors in place of the image tower's output."""
-    import importlib.util
+class RandomTower:
+    """An image tower for ``ShardEmbedder`` (``preprocess``, ``record``, ``device``, ``encode``) whose ``encode``
+    returns random unit vectors of ``width``: the benchmarks time what surrounds the tower."""
 
-    spec = importlib.util.spec_from_file_location(
-        "embed_images", os.path.join(os.path.dirname(__file__), "embed_images.py")
-    )
-    embed_images = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(embed_images)
-    args = embed_images.parse_args(
-        ["--shards", src_pattern, "--model", model_name, "--output", dst_folder] + (["--compact"] if compact else [])
-    )
-    embedder = embed_images.ShardEmbedder.__new__(embed_images.ShardEmbedder)
-    embedder.args, embedder.visual = args, model.visual
-    embedder.record = embedding_record(
-        model_name,
-        pretrained,
-        visual_fingerprint(model.visual),
-        architecture=visual_architecture(model.visual),
-        preprocess=preprocess_config(model.visual),
-        precision=args.precision,
-    )
-    embedder.tokenizer = open_clip.get_tokenizer(model_name)
-    embedder.tokens_record = embed_images.tokens_record(model_name, embedder.tokenizer)
-    embedder.pad_id = embed_images.tokenizer_pad_id(embedder.tokenizer)
+    def __init__(self, preprocess, record, width, device="cpu", seed=1):
+        self.preprocess, self.record, self.width, self.device = preprocess, record, width, torch.device(device)
+        self.rng = np.random.default_rng(seed)
+
+    @classmethod
+    def of(cls, model, model_name, pretrained, preprocess, precision="fp32"):
+        """Random vectors of ``model``'s width, recorded with the hash of ``model``'s real (random-init) image
+        weights: all that the loaders read and check."""
+        record = embedding_record(
+            model_name,
+            pretrained,
+            visual_fingerprint(model.visual),
+            architecture=visual_architecture(model.visual),
+            preprocess=preprocess_config(model.visual),
+            precision=precision,
+        )
+        return cls(preprocess, record, model.visual.output_dim)
+
+    def encode(self, batch):
+        x = self.rng.standard_normal((len(batch), self.width))
+        return torch.from_numpy((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16))
+
+
+def embed_shards(src_pattern, dst_folder, model_name, model, preprocess, compact=False):
+    """paraclip-embed-images over ``src_pattern`` into ``dst_folder`` (all in this process), its image tower a
+    ``RandomTower``; returns the pattern of the new shards."""
+    argv = ["--shards", src_pattern, "--model", model_name, "--output", dst_folder, "--workers", "0"]
+    args = embed_tool.parse_args(argv + (["--compact"] if compact else []))
     os.makedirs(dst_folder, exist_ok=True)
-    width = model.text_projection.shape[-1]
-    rng = np.random.default_rng(1)
-
-    def random_features(images):
-        x = rng.standard_normal((len(images), width))
-        return list((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16))
-
-    embedder.embed = random_features
-    for src in embed_images.expand_inputs(src_pattern):
-        count, _ = embedder.process(src, os.path.join(dst_folder, os.path.basename(src)))
-        update_sizes_json(dst_folder, {os.path.basename(src): count})
+    embedder = embed_tool.ShardEmbedder(args, RandomTower.of(model, model_name, args.pretrained, preprocess))
+    embed_tool.embed_shards(args, embedder, expand_inputs(src_pattern))
     return os.path.join(dst_folder, os.path.basename(src_pattern))
 
 
@@ -150,10 +149,10 @@ def main():
     folder = args.folder or tempfile.mkdtemp(prefix="bench_loader_")
     start = time.time()
     plain, mean_jpeg = write_shards(os.path.join(folder, "plain"), args.samples, args.per_shard)
-    model, preprocess_train, _ = open_clip.create_model_and_transforms(args.model)
+    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(args.model)
     tokenizer = open_clip.get_tokenizer(args.model)
-    cached = embed_shards(plain, os.path.join(folder, "embedded"), args.model, model, None)
-    compact = embed_shards(plain, os.path.join(folder, "compact"), args.model, model, None, compact=True)
+    cached = embed_shards(plain, os.path.join(folder, "embedded"), args.model, model, preprocess_val)
+    compact = embed_shards(plain, os.path.join(folder, "compact"), args.model, model, preprocess_val, compact=True)
     print(
         f"shards: {args.samples} samples in {folder} ({args.per_shard}/shard, mean JPEG {mean_jpeg / 1024:.1f} KiB, "
         f"256 px), written in {time.time() - start:.0f}s; {os.cpu_count()} CPU cores visible; "
@@ -169,7 +168,7 @@ def main():
             dict(paraclip_loss=True, frozen_visual=True, image_embeddings=True),
         ),
         (
-            "plugin, compact shards (embed_images --compact, --image-embeddings)",
+            "plugin, compact shards (paraclip-embed-images --compact, --image-embeddings)",
             compact,
             dict(paraclip_loss=True, frozen_visual=True, image_embeddings=True),
         ),

@@ -34,12 +34,12 @@ import open_clip
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from paraclip_plugin.flag_aliases import add_renamed
+from paraclip_plugin.clitools import add_renamed
 from paraclip_plugin.train.attention import causal_attention
 from paraclip_plugin.train.loss import ParaCLIPLoss, parse_terms, DEFAULT_TERMS
 from paraclip_plugin.train.model import enable_paraphrase_forward, freeze_visual
 from paraclip_plugin.train.trimming import TextTrimming
-from paraclip_plugin.shards import atomic_write_text
+from paraclip_plugin.data.atomic import atomic_write_text
 from synthetic_shards import TEXT_LENGTHS, text_length_range
 
 # dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 
-from paraclip_plugin.shards import atomic_write_text
+from paraclip_plugin.data.atomic import atomic_write_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(REPO, "benchmarks")

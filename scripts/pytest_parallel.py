@@ -27,7 +27,7 @@ import sys
 import tempfile
 import xml.etree.ElementTree as ET
 
-from paraclip_plugin.shards import atomic_write_text
+from paraclip_plugin.data.atomic import atomic_write_text
 
 
 def parse_args(argv=None):

@@ -11,7 +11,8 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 from PIL import Image, ImageFilter
 
-from paraclip_plugin.shards import atomic_tar_writer, update_sizes_json
+from paraclip_plugin.data.layout import update_sizes_json
+from paraclip_plugin.data.tars import atomic_tar_writer
 
 WORDS = (
     "a the of on in with near under beside dog cat man woman child car street tree house field beach "

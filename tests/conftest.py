@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from paraclip_plugin.shards import atomic_tar_writer, update_sizes_json
+from paraclip_plugin.data.layout import update_sizes_json
+from paraclip_plugin.data.tars import atomic_tar_writer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "paraclip_plugin" / "model_configs" / "paraclip-tiny.json"

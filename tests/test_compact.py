@@ -19,7 +19,7 @@ from paraclip_plugin.train.embeddings import (
     MissingEmbeddings,
     visual_fingerprint,
 )
-from paraclip_plugin.paraphrase.shard_io import read_tar_samples
+from paraclip_plugin.data.tars import read_tar_samples
 from paraclip_plugin.train.pretokenized import TokenizerMismatch
 from test_fast_embeddings import (
     embed,

@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import TINY_CONFIG
 from paraclip_plugin.demo.world import COLOURS, RELATIONS, SHAPES, Scene, build_world, content_words
 from paraclip_plugin.eval.paraphrased_retrieval import build_gallery, read_pairs
-from paraclip_plugin.shards import CAPTION, METADATA, PARA1, PARA2, SIZES_FILE
+from paraclip_plugin.data.layout import CAPTION, METADATA, PARA1, PARA2, SIZES_FILE
 
 FIELDS = ("png", CAPTION, PARA1, PARA2, METADATA)
 SYNONYM_SETS = {**{c: words for c, (_, words) in COLOURS.items()}, **SHAPES, **RELATIONS}

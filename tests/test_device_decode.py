@@ -19,9 +19,9 @@ import webdataset as wds
 from PIL import Image
 
 from conftest import TINY_CONFIG, TINY_MODEL, save_init_checkpoint, write_shards
-from paraclip_plugin.paraphrase.shard_io import read_tar_samples
-from paraclip_plugin.train import embed_images
-from paraclip_plugin.train.device_decode import DeviceDecoder, jpeg_problem, tensor_steps
+from paraclip_plugin.data.tars import read_tar_samples
+from paraclip_plugin.embed import images as embed_images
+from paraclip_plugin.embed.device_decode import DeviceDecoder, jpeg_problem, tensor_steps
 
 
 def close_to_the_cpu_path(image, expected, mean_levels=0.3, max_levels=3, share_over_one=1e-4):
@@ -222,7 +222,7 @@ def test_decode_device_cuda_needs_cuda_and_the_uint8_transfer(monkeypatch, capsy
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert embed_images.main(base) == 2
     assert re.search(
-        r"^embed_images: error: --decode-device cuda: torch \S+ finds no CUDA device.*; use "
+        r"^paraclip-embed-images: error: --decode-device cuda: torch \S+ finds no CUDA device.*; use "
         r"--decode-device cpu$",
         capsys.readouterr().err,
         re.M,

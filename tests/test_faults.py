@@ -39,8 +39,8 @@ from conftest import (
 )
 from paraclip_plugin.train.decode import paraclip_decode_stages
 from paraclip_plugin.train.embeddings import EmbeddingExpectation, encode_embedding, visual_fingerprint
-from paraclip_plugin.paraphrase.shard_io import read_tar_samples
-from paraclip_plugin.shards import atomic_tar_writer, update_sizes_json
+from paraclip_plugin.data.tars import atomic_tar_writer, read_tar_samples
+from paraclip_plugin.data.layout import update_sizes_json
 from test_fast_embeddings import embed, pipeline, tiny_model
 
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 from conftest import REPO
 
-from paraclip_plugin.train.embed_images import parse_args as embed_images_args
+from paraclip_plugin.embed.images import parse_args as embed_images_args
 
 
 def script(name):

@@ -151,7 +151,7 @@ def test_embed_images_finishes_uint8_images_on_the_device_bit_for_bit(device, mo
     """embed_images --transfer uint8: to-tensor and Normalize on the device give the CPU transform's values."""
     import numpy as np
     from PIL import Image
-    from paraclip_plugin.train.embed_images import finish_preprocess, split_preprocess
+    from paraclip_plugin.embed.images import finish_preprocess, split_preprocess
 
     _, _, preprocess = open_clip.create_model_and_transforms(model_name)
     to_uint8, normalize = split_preprocess(preprocess)
@@ -210,8 +210,8 @@ def test_embed_images_decodes_odd_jpegs_on_the_device_as_the_cpu_path_does(devic
     embeddings of both under a cosine of 0.99 nowhere."""
     import functools
     from test_device_decode import UNDECODABLE, odd_images
-    from paraclip_plugin.train.device_decode import DeviceDecoder, tensor_steps
-    from paraclip_plugin.train.embed_images import decode_image, finish_preprocess, split_preprocess
+    from paraclip_plugin.embed.device_decode import DeviceDecoder, tensor_steps
+    from paraclip_plugin.embed.images import decode_image, finish_preprocess, split_preprocess
 
     model, _, preprocess = open_clip.create_model_and_transforms(model_name, device=device)
     to_uint8, normalize = split_preprocess(preprocess)

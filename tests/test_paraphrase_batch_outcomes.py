@@ -14,7 +14,7 @@ import types
 
 import pytest
 
-from paraclip_plugin.paraphrase.local_server import LocalChatServer, raw_reply, run_batch_file
+from paraclip_plugin.testing.local_server import LocalChatServer, raw_reply, run_batch_file
 from paraclip_plugin.paraphrase.prompts import PromptSet
 from test_paraphrase_batch import kept_captions, texts
 from test_paraphrase_cli import cli

@@ -19,7 +19,7 @@ from test_paraphrase_support import (
     write_input_shards,
     write_samples,
 )
-from paraclip_plugin.paraphrase.local_server import LocalChatServer
+from paraclip_plugin.testing.local_server import LocalChatServer
 
 SENTINEL_KEY = "sk-SENTINEL-4e1f0c9a-never-write-me"
 
@@ -142,7 +142,7 @@ def test_slurm_array_variables_pick_the_job(server, tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")  # --array=1-2: the second task is job index 1
-    from paraclip_plugin.paraphrase.inputs import slurm_job_defaults
+    from paraclip_plugin.data.inputs import slurm_job_defaults
 
     assert slurm_job_defaults() == (2, 1)
     env = {**os.environ, "OPENAI_API_KEY": "x"}
@@ -245,25 +245,6 @@ def test_compressed_tar_inputs_are_written_as_uncompressed_tar(server, tmp_path)
     assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": len(samples_of(out / "00000.tar"))}
 
 
-def test_an_output_an_earlier_version_wrote_under_the_compressed_name_is_kept(server, tmp_path):
-    """Before, a .tar.gz input's output was written uncompressed under the input's name: a rerun keeps it
-    (it is counted in sizes.json under that name) instead of writing the same samples again as .tar."""
-    pattern = write_input_shards(tmp_path / "plain", num_shards=1, per_shard=6)
-    (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "00000.tar.gz").write_bytes(gzip.compress((tmp_path / "plain" / "00000.tar").read_bytes()))
-    out = tmp_path / "out"
-    rc, _, stderr = cli(server, pattern, out)
-    assert rc == 0, stderr
-    os.rename(out / "00000.tar", out / "00000.tar.gz")
-    (out / "sizes.json").write_text(json.dumps({"00000.tar.gz": 6}))
-    paid = server.requests
-    rc, _, stderr = cli(server, str(tmp_path / "in" / "00000.tar.gz"), out, "--export-sft", str(out / "sft.jsonl"))
-    assert rc == 0 and server.requests == paid and "written by an earlier version as" in stderr, stderr
-    assert sorted(p.name for p in out.glob("00000*")) == ["00000.tar.gz"]
-    assert json.loads((out / "sizes.json").read_text()) == {"00000.tar.gz": 6}
-    assert len((out / "sft.jsonl").read_text().splitlines()) >= 6  # its samples' pairs are exported
-
-
 def test_sigterm_stops_the_run_and_its_stats_record_what_was_paid(tmp_path):
     """scancel and SLURM's time limit send SIGTERM: the stats are written, with the requests made so far."""
     pattern = write_input_shards(tmp_path / "in", num_shards=3, per_shard=20)
@@ -346,6 +327,18 @@ def test_min_words_above_max_words_is_refused(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--input", "x.tar", "--output", "out", "--model", "m", "--min-words", "9", "--max-words", "3"])
     assert "--min-words 9 is above --max-words 3" in capsys.readouterr().err
+
+
+def test_a_job_index_outside_the_jobs_is_a_usage_error(capsys, monkeypatch):
+    """Before any input is read: the usage, one line naming the flag, status 2 (as paraclip-embed-images says it)."""
+    from paraclip_plugin.paraphrase.cli import parse_args
+
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["--input", "x.tar", "--output", "out", "--model", "m", "--num-jobs", "2", "--job-index", "5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and err[0].startswith("usage: paraclip-make-shards")
+    assert err[-1] == "paraclip-make-shards: error: --job-index 5 is outside 0..1 (--num-jobs 2)"
 
 
 def test_a_stopped_run_writes_its_stats_and_never_replaces_anothers(server, tmp_path):

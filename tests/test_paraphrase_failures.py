@@ -13,8 +13,8 @@ import pytest
 from paraclip_plugin.paraphrase import cleaning
 from paraclip_plugin.paraphrase.backends import GenerationError
 from paraclip_plugin.paraphrase.backends.openai_backend import OpenAIBackend
-from paraclip_plugin.paraphrase.inputs import expand_inputs
-from paraclip_plugin.paraphrase.local_server import (
+from paraclip_plugin.data.inputs import expand_inputs
+from paraclip_plugin.testing.local_server import (
     OPENAI_MAX_TOKENS_ERROR,
     LocalChatServer,
     VLLM_NO_TEMPLATE_ERROR,
@@ -28,7 +28,7 @@ from test_paraphrase_support import read_tar, samples_of, server, write_input_sh
 
 
 def no_traceback(stderr):
-    return "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith("error: ")
+    return "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith("paraclip-make-shards: error: ")
 
 
 # --- (1) a server that refuses every request ------------------------------------------------------

@@ -8,11 +8,11 @@ import pytest
 from paraclip_plugin.paraphrase import cleaning, pipeline
 from paraclip_plugin.paraphrase.backends.openai_backend import OpenAIBackend
 from paraclip_plugin.paraphrase.cache import CompletionCache
-from paraclip_plugin.paraphrase.inputs import expand_inputs
-from paraclip_plugin.paraphrase.local_server import raw_reply
+from paraclip_plugin.data.inputs import expand_inputs
+from paraclip_plugin.testing.local_server import raw_reply
 from paraclip_plugin.paraphrase.pipeline import GenerationOptions, ParaphraseGenerator
 from paraclip_plugin.paraphrase.prompts import PromptSet
-from paraclip_plugin.paraphrase.shard_io import InputError
+from paraclip_plugin.data.errors import InputError
 from test_paraphrase_support import read_tar, samples_of, server, write_input_shards, write_samples  # noqa: F401
 
 MODEL = "local-paraphraser"

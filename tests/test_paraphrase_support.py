@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from paraclip_plugin.paraphrase.local_server import LocalChatServer
+from paraclip_plugin.testing.local_server import LocalChatServer
 
 REPO = Path(__file__).resolve().parents[1]
 MAKE_SHARDS = REPO / "scripts" / "make_shards.py"

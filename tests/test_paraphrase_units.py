@@ -11,16 +11,11 @@ import pytest
 from paraclip_plugin.paraphrase import cleaning
 from paraclip_plugin.paraphrase.backends.base import Completion
 from paraclip_plugin.paraphrase.cache import CompletionCache, request_seed
-from paraclip_plugin.paraphrase.inputs import (
-    expand_inputs,
-    output_name,
-    read_caption_file,
-    slurm_job_defaults,
-    split_for_job,
-)
+from paraclip_plugin.data.inputs import expand_inputs, output_name, read_caption_file, slurm_job_defaults, split_for_job
 from paraclip_plugin.paraphrase.prompts import PAPER_VERSION, PromptSet, load_prompts
-from paraclip_plugin.paraphrase.shard_io import InputError, atomic_tar_writer, read_tar_samples
-from paraclip_plugin.shards import atomic_create_text
+from paraclip_plugin.data.errors import InputError
+from paraclip_plugin.data.tars import atomic_tar_writer, read_tar_samples
+from paraclip_plugin.data.atomic import atomic_create_text
 from test_paraphrase_support import write_samples
 
 
@@ -383,7 +378,7 @@ def test_a_tar_cut_anywhere_is_an_error_naming_it(tmp_path):
 def test_a_second_writer_of_the_same_shard_is_refused_and_a_dead_writers_partial_reused(tmp_path):
     import multiprocessing
 
-    from paraclip_plugin.shards import OutputBusy, partial_path
+    from paraclip_plugin.data.atomic import OutputBusy, partial_path
 
     path = str(tmp_path / "s.tar")
     with atomic_tar_writer(path) as first:
@@ -406,11 +401,11 @@ def test_a_partial_stays_locked_until_it_is_renamed(tmp_path, monkeypatch):
     just before it became the output."""
     import fcntl
 
-    from paraclip_plugin import shards
+    from paraclip_plugin.data import atomic
 
     path = str(tmp_path / "s.tar")
     locked_at_rename = []
-    real = shards.replace_durably
+    real = atomic.replace_durably
 
     def rename(tmp, final):
         with open(tmp, "rb") as other:  # another open file: as a second process's
@@ -421,7 +416,7 @@ def test_a_partial_stays_locked_until_it_is_renamed(tmp_path, monkeypatch):
                 locked_at_rename.append(True)
         real(tmp, final)
 
-    monkeypatch.setattr(shards, "replace_durably", rename)
+    monkeypatch.setattr(atomic, "replace_durably", rename)
     _write_one(path)
     assert locked_at_rename == [True] and [s["txt"] for s in read_tar_samples(path)] == [b"second"]
 
@@ -434,7 +429,7 @@ def _write_one(path):
 def test_outputs_are_fsynced_then_renamed_then_their_folder_fsynced(tmp_path, monkeypatch):
     """A rename is durable only once the folder is synced; a folder that can't be synced (EINVAL) still works."""
 
-    from paraclip_plugin import shards
+    from paraclip_plugin.data import atomic
 
     events = []
     real_fsync, real_replace = os.fsync, os.replace
@@ -452,7 +447,7 @@ def test_outputs_are_fsynced_then_renamed_then_their_folder_fsynced(tmp_path, mo
     folder = str(tmp_path)
     with atomic_tar_writer(os.path.join(folder, "s.tar")) as sink:
         sink.write({"__key__": "a", "txt": "x"})
-    shards.atomic_write_text(os.path.join(folder, "n.json"), "{}")
+    atomic.atomic_write_text(os.path.join(folder, "n.json"), "{}")
     tar, text = os.path.join(folder, "s.tar"), os.path.join(folder, "n.json")
     assert events[:3] == [("fsync", tar + ".partial"), ("replace", tar), ("fsync", folder)]
     assert events[3][0] == "fsync" and events[3][1].startswith(os.path.join(folder, ".tmp-"))
@@ -464,7 +459,7 @@ def test_outputs_are_fsynced_then_renamed_then_their_folder_fsynced(tmp_path, mo
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", no_dir_sync)
-    shards.atomic_write_text(text, "[1]")
+    atomic.atomic_write_text(text, "[1]")
     assert open(text).read() == "[1]"
 
 
@@ -474,7 +469,7 @@ def test_outputs_get_the_modes_of_files_made_by_open_under_the_umask(tmp_path, u
     sizes.json from them."""
     import os
 
-    from paraclip_plugin.shards import update_sizes_json
+    from paraclip_plugin.data.layout import update_sizes_json
 
     old = os.umask(umask)
     try:
@@ -495,7 +490,7 @@ def test_generation_path_does_not_import_torch():
     code = (
         "import sys; import paraclip_plugin.paraphrase.pipeline, paraclip_plugin.paraphrase.backends.openai_backend, "
         "paraclip_plugin.paraphrase.backends.vllm_backend, paraclip_plugin.paraphrase.backends.batch_backend, "
-        "paraclip_plugin.paraphrase.local_server, paraclip_plugin.paraphrase.cli; "
+        "paraclip_plugin.testing.local_server, paraclip_plugin.paraphrase.cli; "
         "import runpy; sys.argv = ['make_shards', '--help']\n"
         "try: runpy.run_path('scripts/make_shards.py', run_name='__main__')\n"
         "except SystemExit: pass\n"

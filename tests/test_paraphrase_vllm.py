@@ -19,8 +19,8 @@ from paraclip_plugin.paraphrase import cleaning
 from paraclip_plugin.paraphrase.backends import GenerationError
 from paraclip_plugin.paraphrase.backends.vllm_backend import VLLMBackend
 from paraclip_plugin.paraphrase.cache import CompletionCache, request_seed
-from paraclip_plugin.paraphrase.inputs import expand_inputs
-from paraclip_plugin.paraphrase.local_server import VLLM_NO_TEMPLATE_ERROR, quoted_text
+from paraclip_plugin.data.inputs import expand_inputs
+from paraclip_plugin.testing.local_server import VLLM_NO_TEMPLATE_ERROR, quoted_text
 from paraclip_plugin.paraphrase.pipeline import GenerationOptions, ParaphraseGenerator
 from paraclip_plugin.paraphrase.prompts import PromptSet
 from test_paraphrase_support import samples_of, write_input_shards

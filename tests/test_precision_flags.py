@@ -15,7 +15,7 @@ from paraclip_plugin.train.embeddings import (
     precision_fingerprints,
     visual_fingerprint,
 )
-from paraclip_plugin.paraphrase.shard_io import read_tar_samples
+from paraclip_plugin.data.tars import read_tar_samples
 from test_fast_embeddings import one_step, pipeline, tiny_model, world  # noqa: F401 (fixture)
 from test_train import TERMS, split
 

@@ -32,7 +32,7 @@ from conftest import (
     write_shards,
 )
 from test_paraphrase_support import read_tar, write_input_shards
-from paraclip_plugin.paraphrase.local_server import LocalChatServer
+from paraclip_plugin.testing.local_server import LocalChatServer
 
 pytestmark = pytest.mark.slurm
 

@@ -155,7 +155,7 @@ def test_array_recipe_takes_the_split_from_slurm(tmp_path):
 
 
 def test_array_recipe_resubmits_some_tasks_with_num_jobs(tmp_path):
-    from paraclip_plugin.paraphrase.inputs import split_for_job
+    from paraclip_plugin.data.inputs import split_for_job
 
     # NUM_JOBS=32 sbatch --array=5,17: a resubmission of two tasks of 32
     args = shards_args(tmp_path, NUM_JOBS="32", **array(5, 17, 17, count=2))

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from ..shards import atomic_file, atomic_write_text
+from ..data.atomic import atomic_file, atomic_write_text
 
 RESULTS_FILE = "results.json"
 CHART_FILE = "results.png"

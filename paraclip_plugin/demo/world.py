@@ -32,7 +32,9 @@ from dataclasses import asdict, dataclass
 
 from PIL import Image, ImageDraw
 
-from ..shards import CAPTION, METADATA, PARA1, PARA2, atomic_tar_writer, atomic_write_text, update_sizes_json
+from ..data.atomic import atomic_write_text
+from ..data.layout import CAPTION, METADATA, PARA1, PARA2, update_sizes_json
+from ..data.tars import atomic_tar_writer
 
 # Canonical word first; every word appears in exactly one set (checked by the tests).
 COLOURS = {

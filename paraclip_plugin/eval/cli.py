@@ -10,21 +10,14 @@ import json
 import os
 import sys
 
+from ..clitools import EVAL as PROG, POSITIVE_INT as positive_int, add_alias, add_renamed
+from ..data.atomic import atomic_write_text
 from ..extras import require_extra
-from ..flag_aliases import add_alias, add_renamed
-from ..shards import atomic_write_text
-from .common import PROG, InputError, default_device, load_model
+from .common import InputError, default_device, load_model
 from .paraphrased_retrieval import evaluate_checkpoint
 
 # tasks that run through clip_benchmark (the 'eval' extra)
 EVAL_EXTRA_TASKS = ("zeroshot-imagenet", "coco-retrieval")
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _add_model_arguments(parser, model_required=True):

@@ -9,9 +9,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ..textfiles import NotUTF8, lines_of, read_utf8
-
-PROG = "paraclip-eval"
+from ..clitools import EVAL as PROG  # noqa: F401 (the eval tasks' messages name it)
+from ..data.textfiles import NotUTF8, lines_of, read_utf8
 
 
 class InputError(ValueError):

@@ -47,7 +47,7 @@ import sys
 import time
 from importlib import metadata
 
-from paraclip_plugin.shards import atomic_write_text
+from paraclip_plugin.data.atomic import atomic_write_text
 
 from .aro import ANNOTATION_FILES, evaluate_aro, read_cases
 from .benchmark import COCO_DEFAULT_SPLIT, check_coco_root, check_imagenet_root, evaluate_coco, evaluate_imagenet

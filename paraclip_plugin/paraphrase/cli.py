@@ -6,7 +6,7 @@
     VLLM_KEY=... paraclip-make-shards ... --base-url http://host:8000/v1 [--api-key-env VLLM_KEY]
     paraclip-make-shards ... --backend vllm --model /models/llama-7b-paraphraser [--chat-template FILE]
 
-(``python scripts/make_shards.py`` is the same program.) Keys come from the environment only, never
+Keys come from the environment only, never
 from flags: OPENAI_API_KEY is sent to https://api.openai.com only; another --base-url gets the variable
 named by --api-key-env, or no key. What the client would add from the environment (OPENAI_ORG_ID,
 OPENAI_PROJECT_ID, OPENAI_CUSTOM_HEADERS) goes to api.openai.com only, and redirects are not followed.
@@ -30,7 +30,6 @@ is found by the batch's metadata, a vanished batch's requests are sent again, a 
 
 import argparse
 import hashlib
-import math
 import os
 import signal
 import sys
@@ -38,45 +37,32 @@ import time
 
 import logging
 
+from ..clitools import (
+    FRACTION,
+    MAKE_SHARDS,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    OPEN_FRACTION,
+    POSITIVE,
+    POSITIVE_INT,
+    check_job_split,
+    fail,
+    number,
+)
 from ..extras import require_extra
 from .backends import GenerationError, RequestsWritten, make_backend
 from .backends.limits import DEFAULT_MAX_ENQUEUED_TOKENS, MAX_BYTES_PER_FILE, MAX_REQUESTS_PER_FILE
 from .cache import CompletionCache
-from .inputs import expand_inputs, output_name, slurm_job_defaults, split_for_job
+from ..data.inputs import expand_inputs, output_name, slurm_job_defaults, split_for_job
 from .pipeline import GenerationOptions, JobIncomplete, ParaphraseGenerator
 from .prompts import PromptSet, load_prompts
-from .shard_io import InputError
-from ..shards import OutputBusy, SizesFileError
-
-
-def _number(kind, low, high=None, low_open=False):
-    """An argparse ``type``: a ``kind`` (int or float) from ``low`` (excluded if ``low_open``) to ``high``; argparse
-    names the flag in its error."""
-    what = "an integer" if kind is int else "a finite number"
-    bounds = (
-        f"in {'(' if low_open else '['}{low}, {high}]" if high is not None else f"{'>' if low_open else '>='} {low}"
-    )
-
-    def parse(text):
-        value = kind(text)  # not a number: argparse's own "invalid int/float value" line
-        if not (
-            (value > low if low_open else value >= low) and (high is None or value <= high) and math.isfinite(value)
-        ):  # NaN and inf too
-            raise argparse.ArgumentTypeError(f"must be {what} {bounds}, not {text}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-POSITIVE_INT, NON_NEGATIVE_INT = _number(int, 1), _number(int, 0)
-POSITIVE, NON_NEGATIVE = _number(float, 0, low_open=True), _number(float, 0)
-FRACTION, OPEN_FRACTION = _number(float, 0, 1), _number(float, 0, 1, low_open=True)
+from ..data.errors import InputError
+from ..data.atomic import OutputBusy
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="paraclip-make-shards", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=MAKE_SHARDS, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     io = p.add_argument_group("input / output")
     io.add_argument(
@@ -211,13 +197,13 @@ def parse_args(argv=None):
     bt.add_argument("--batch-poll-interval", type=POSITIVE, default=60.0, help="seconds between status checks")
     bt.add_argument(
         "--batch-max-requests",
-        type=_number(int, 1, MAX_REQUESTS_PER_FILE),
+        type=number(int, 1, MAX_REQUESTS_PER_FILE),
         default=MAX_REQUESTS_PER_FILE,
         help="requests per batch file (at most the API's 50,000)",
     )
     bt.add_argument(
         "--batch-max-bytes",
-        type=_number(int, 1, MAX_BYTES_PER_FILE),
+        type=number(int, 1, MAX_BYTES_PER_FILE),
         default=MAX_BYTES_PER_FILE,
         help="bytes per batch file (at most the API's 200 MB)",
     )
@@ -300,6 +286,7 @@ def parse_args(argv=None):
             p.error(str(e))
         args.num_jobs = num_jobs if args.num_jobs is None else args.num_jobs
         args.job_index = job_index if args.job_index is None else args.job_index
+    check_job_split(p, args.num_jobs, args.job_index)
     return args
 
 
@@ -394,14 +381,14 @@ def _raise_terminated(signum, frame):
 def main(argv=None):
     args = parse_args(argv)
     # before any input is read or any request sent
-    require_extra("paraclip-make-shards", f"--backend {args.backend}", "vllm" if args.backend == "vllm" else "openai")
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s make_shards: %(message)s")
+    require_extra(MAKE_SHARDS, f"--backend {args.backend}", "vllm" if args.backend == "vllm" else "openai")
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {MAKE_SHARDS}: %(message)s")
     logging.getLogger("paraclip_plugin").setLevel(logging.INFO)  # our progress lines; the client's stay quiet
     try:
         inputs = split_for_job(expand_inputs(args.input, output_name), args.num_jobs, args.job_index)
         prompts = load_prompts(args.prompts) if args.prompts else PromptSet()
     except (InputError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        fail(MAKE_SHARDS, e)
     cache_path = (args.cache or os.path.join(args.output, "cache.sqlite")).replace("{job_index}", str(args.job_index))
     stats_path = args.stats or os.path.join(
         args.output, "stats", time.strftime("%Y%m%dT%H%M%S") + f"-job{args.job_index}of{args.num_jobs}.json"
@@ -422,7 +409,7 @@ def main(argv=None):
     try:
         backend = build_backend(args, cache_path)
     except (ValueError, ImportError) as e:
-        sys.exit(f"error: {e}")
+        fail(MAKE_SHARDS, e)
     generator = ParaphraseGenerator(backend, args.model, prompts, CompletionCache(cache_path), options, args.backend)
     export_sft = args.export_sft.replace("{job_index}", str(args.job_index)) if args.export_sft else None
     signal.signal(signal.SIGTERM, _raise_terminated)
@@ -438,20 +425,21 @@ def main(argv=None):
             replace_stats=args.stats is not None,
         )
     except RequestsWritten as e:
-        print(f"stopped: {e}", file=sys.stderr)
+        print(f"{MAKE_SHARDS}: stopped: {e}", file=sys.stderr)
         sys.exit(EXIT_REQUESTS_WRITTEN)
     except Terminated as e:
-        print(
-            f"error: {e}" + (f"; stats of the run so far: {generator.stats_file}" if generator.stats_file else ""),
-            file=sys.stderr,
+        fail(
+            MAKE_SHARDS,
+            f"{e}" + (f"; stats of the run so far: {generator.stats_file}" if generator.stats_file else ""),
+            128 + signal.SIGTERM,
         )
-        sys.exit(128 + signal.SIGTERM)
     except JobIncomplete as e:
         print_summary(e.stats, generator.stats_file)
-        sys.exit(f"error: {e}")
-    except (InputError, GenerationError, OutputBusy, SizesFileError) as e:
-        sys.exit(
-            f"error: {e}" + (f" (stats of the run so far: {generator.stats_file})" if generator.stats_file else "")
+        fail(MAKE_SHARDS, e)
+    except (InputError, GenerationError, OutputBusy) as e:
+        fail(
+            MAKE_SHARDS,
+            f"{e}" + (f" (stats of the run so far: {generator.stats_file})" if generator.stats_file else ""),
         )
     finally:
         backend.close()

@@ -22,22 +22,12 @@ from tqdm import tqdm
 from . import cleaning
 from .backends.base import FINAL_FINISH_REASONS, PROMPT_TOO_LONG, REQUEST_FAILED, GenerationError
 from .cache import CompletionCache, request_key
-from .inputs import check_output_names, is_caption_file, output_name, read_caption_file
+from ..data.inputs import check_output_names, is_caption_file, output_name, read_caption_file
 from .prompts import PromptSet
-from ..shards import (
-    CAPTION,
-    IMAGE_EXTENSIONS,
-    METADATA,
-    PARA1,
-    PARA2,
-    atomic_create_text,
-    atomic_file,
-    lock_or_busy,
-    atomic_write_text,
-    read_sizes_json,
-    update_sizes_json,
-)
-from .shard_io import InputError, TarSampleWriter, count_tar_samples, read_tar_samples
+from ..data.atomic import atomic_create_text, atomic_file, lock_or_busy, atomic_write_text
+from ..data.layout import CAPTION, IMAGE_EXTENSIONS, METADATA, PARA1, PARA2, read_sizes_json, update_sizes_json
+from ..data.errors import InputError
+from ..data.tars import TarSampleWriter, count_tar_samples, read_tar_samples
 
 log = logging.getLogger(__name__)
 
@@ -117,14 +107,6 @@ class JobIncomplete(GenerationError):
     def __init__(self, message, stats):
         super().__init__(message)
         self.stats = stats
-
-
-def _written_output(in_path, output_dir):
-    """Where ``in_path``'s output is: ``output_name``, or, when only that exists, a compressed input's output
-    written uncompressed under the input's own name."""
-    out_path = os.path.join(output_dir, output_name(in_path))
-    legacy = os.path.join(output_dir, os.path.basename(in_path))
-    return legacy if legacy != out_path and os.path.exists(legacy) and not os.path.exists(out_path) else out_path
 
 
 @contextlib.contextmanager
@@ -388,7 +370,7 @@ class ParaphraseGenerator:
         input is read and checked as ``run`` does (the same samples kept, the same errors) before anything is sent."""
         captions = []
         for in_path in inputs:
-            if not os.path.exists(_written_output(in_path, output_dir)):
+            if not os.path.exists(os.path.join(output_dir, output_name(in_path))):
                 kept, _, _ = self._load(in_path)
                 captions.extend(item["caption"] for item in kept)
         if captions:
@@ -421,7 +403,9 @@ class ParaphraseGenerator:
         stats = self.stats(time.time() - start, job)
         self._save_stats(stats_path, stats, replace_stats)
         if export_sft:
-            self.export_sft(export_sft, [_written_output(p, output_dir) for p in inputs if p not in self.failed])
+            self.export_sft(
+                export_sft, [os.path.join(output_dir, output_name(p)) for p in inputs if p not in self.failed]
+            )
         if self.failed:
             raise JobIncomplete(
                 f"{len(self.failed)} of {len(inputs)} inputs could not be written (the others are): "
@@ -460,13 +444,6 @@ class ParaphraseGenerator:
         out_path = os.path.join(output_dir, output_name(in_path))
         if os.path.abspath(out_path) == os.path.abspath(in_path):
             raise InputError(f"{in_path}: output would overwrite the input; choose another --output")
-        written = _written_output(in_path, output_dir)
-        if written != out_path:
-            log.warning(
-                "%s: written by an earlier version as %s (an uncompressed tar): kept as it is", in_path, written
-            )
-            self.counts["shards_skipped"] += 1
-            return
         if not os.path.exists(out_path):
             try:
                 self.counts["samples_out"] += self._write_output(in_path, out_path)

@@ -7,7 +7,7 @@ decode.py         per-sample WebDataset stages: four-field shards -> (image, [ca
 embeddings.py     cached image embeddings (--image-embeddings) and the fingerprint of the image weights
 pretokenized.py   stored token ids and the tokenizer fingerprint
 compact.py        compact training shards (one packed member per sample)
-embed_images.py   paraclip-embed-images: adds embeddings and token ids to shards (or writes compact ones)
+                  (paraclip_plugin.embed writes these records: paraclip-embed-images)
 model.py          the frozen image tower and the fused three-text forward
 trimming.py       exact sequence trimming of that forward
 attention.py      --causal-attention: the text attention as causal SDPA (the is_causal hint)

@@ -22,7 +22,7 @@ from open_clip_train.data import expand_urls, get_dataset_size
 from paraclip_plugin.train.compact import COMPACT_FIELD, MixedShards, RequireCompact, UnpackCompact, mixed_shards_error  # noqa: F401
 from paraclip_plugin.train.embeddings import EMBEDDING_FIELD, BadSample, CachedImageEmbedding, MissingEmbeddings
 from paraclip_plugin.train.pretokenized import TextTokens, text_problem, texts_problem  # noqa: F401 (text_problem: re-exported)
-from paraclip_plugin.shards import IMAGE_EXTENSIONS, PARA1, PARA2, SIZES_FILE, TEXT_FIELDS, read_sizes_json
+from paraclip_plugin.data.layout import IMAGE_EXTENSIONS, PARA1, PARA2, SIZES_FILE, TEXT_FIELDS, read_sizes_json
 
 
 def local_path(url):
@@ -184,7 +184,7 @@ class SkipBadText:
 
     def __call__(self, samples):
         for sample in samples:
-            problem = texts_problem(sample)  # the same test embed_images.py applies
+            problem = texts_problem(sample)  # the same test paraclip-embed-images applies
             if problem is None:
                 yield sample
             else:
@@ -284,7 +284,7 @@ def paraclip_decode_stages(preprocess_img, tokenizer, embeddings=None, first_sha
 def compact_decode_stages(tokenizer, embeddings, first_shard=None):
     """``--image-embeddings`` on compact shards (``compact.py``): one ``.pcl`` member (embedding and
     token ids) and the json records per sample, checked against ``embeddings`` as in
-    ``paraclip_decode_stages``. Their texts were checked when the shard was made (``embed_images.py``
+    ``paraclip_decode_stages``. Their texts were checked when the shard was made (``paraclip-embed-images``
     leaves out samples training would skip)."""
     skipped = SkippedSamples()
     return [

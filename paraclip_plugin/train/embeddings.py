@@ -24,7 +24,6 @@ visual forward.
 import hashlib
 import io
 import json
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,8 +68,6 @@ def precision_fingerprints(model_name, pretrained):
 
 # patch dropout's module names: open_clip's own towers (``patch_dropout``) and timm's (``trunk.patch_drop``)
 PATCH_DROPOUT = {"patch_dropout", "patch_drop"}
-# fields an older paraclip-embed-images does not record: a record without them is read, and they are not checked
-ADDED_FIELDS = ("visual_architecture", "preprocess", "precision")
 
 
 def visual_architecture(visual):
@@ -195,14 +192,12 @@ class CachedImageEmbedding:
 
     ``expected`` (an ``EmbeddingExpectation``) holds the training model's ``visual_fingerprint``, taken in
     the training precision; a sample made with other image weights (another model, another pretrained tag,
-    a fine-tuned tower), another tower architecture or another image transform stops training. Records
-    without the architecture or the transform (older shards) are used, with one log line per data worker
-    saying what was not checked.
+    a fine-tuned tower), another tower architecture or another image transform stops training, and so
+    does a record that lacks one of them.
     """
 
     def __init__(self, expected):
         self.expected = expected
-        self.unchecked = set()  # fields already reported as not recorded
 
     def __call__(self, sample):
         url = sample.get("__url__", "?")
@@ -237,23 +232,19 @@ class CachedImageEmbedding:
                 f"paraclip-embed-images for this model, or drop --image-embeddings"
             )
 
-    def not_recorded(self, url, field, what):
-        """True (and one log line per data worker) when the record has no ``field``."""
-        if field not in self.unchecked:
-            self.unchecked.add(field)
-            logging.warning(
-                f"ParaCLIP: shard {url}: its image embeddings record no {what} (made by an older "
-                f"paraclip-embed-images), so it can't be checked against this run's; embed it again "
-                f"into a new --output folder to have it checked (a rerun into the same one keeps it)"
+    def require(self, url, record, field, what):
+        """The record's ``field``; a record without it can't be checked against this run: an error."""
+        if field not in record:
+            raise EmbeddingMismatch(
+                f"shard {url}: its image embeddings record no {what}, so they can't be checked against this "
+                f"run's: re-run paraclip-embed-images on it"
             )
-        return True
+        return record[field]
 
     def check_architecture(self, url, record):
-        stored = record.get("visual_architecture")
-        if self.expected.architecture is None or (
-            stored is None and self.not_recorded(url, "visual_architecture", "image tower architecture")
-        ):
+        if self.expected.architecture is None:
             return
+        stored = self.require(url, record, "visual_architecture", "image tower architecture")
         if stored != self.expected.architecture:
             raise EmbeddingMismatch(
                 f"shard {url} holds image embeddings of {self.made_by(record)} with image tower architecture "
@@ -264,11 +255,9 @@ class CachedImageEmbedding:
             )
 
     def check_preprocess(self, url, record):
-        stored = record.get("preprocess")
-        if self.expected.preprocess is None or (
-            stored is None and self.not_recorded(url, "preprocess", "image transform")
-        ):
+        if self.expected.preprocess is None:
             return
+        stored = self.require(url, record, "preprocess", "image transform")
         if stored == self.expected.preprocess:  # every sample: the quick way
             return
         for key in sorted(set(stored) & set(self.expected.preprocess)):  # a key only one side has: unknown

@@ -15,7 +15,7 @@ import open_clip
 from open_clip_train.data import expand_urls, get_csv_dataset, get_dataset_fn, get_dataset_size
 
 from paraclip_plugin.train.attention import enable_causal_attention
-from paraclip_plugin.shards import IMAGE_EXTENSIONS, SIZES_FILE
+from paraclip_plugin.data.layout import IMAGE_EXTENSIONS, SIZES_FILE
 from paraclip_plugin.train.decode import (
     compact_decode_stages,
     first_sample_fields,

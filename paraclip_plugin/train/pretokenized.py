@@ -21,7 +21,7 @@ import hashlib
 import numpy as np
 import torch
 
-from paraclip_plugin.shards import TEXT_FIELDS
+from paraclip_plugin.data.layout import TEXT_FIELDS
 from paraclip_plugin.train.embeddings import BadSample, json_record
 
 TOKENS_FIELD = "tokens.npy"

@@ -4,10 +4,10 @@
 (nvJPEG on CUDA; libjpeg on the CPU, which the tests use) and runs the image transform's steps before
 to-tensor (open_clip's Resize, CenterCrop: torchvision transforms, bicubic with antialias, on uint8
 tensors) on that device, so the images leave it as the uint8 [N, 3, H, W] batch that
-``embed_images.finish_preprocess`` turns into the tower's input. An image it does not give to
+``images.finish_preprocess`` turns into the tower's input. An image it does not give to
 ``decode_jpeg`` (``jpeg_problem``: not a JPEG, e.g. a PNG in a ``jpg`` member; not 8-bit; CMYK/YCCK;
 arithmetic-coded; no end-of-image marker, i.e. truncated), or one ``decode_jpeg`` refuses (nvJPEG
-rejects progressive or unusual sampling in some versions), goes to the CPU path (PIL, as embed_images
+rejects progressive or unusual sampling in some versions), goes to the CPU path (PIL, as images.py
 decodes without this option): decoded there, or not decodable and skipped. Every image is counted in
 ``counts``: decoded on the device, on the CPU (with why it went there), or not decodable.
 

@@ -12,8 +12,7 @@ image transform (open_clip's preprocess config) and ``--precision``;
 ``paraclip_tokens``: tokenizer and its fingerprint); see paraclip_plugin/train/embeddings.py and
 pretokenized.py. All other members are copied unchanged. A sample that training would skip for its
 texts (one missing, empty, white space only or not UTF-8) gets no token ids (a warning names it) and
-is left out of ``--compact`` shards, so both kinds of shard train on the same samples. (``python scripts/embed_images.py`` is the
-same program.)
+is left out of ``--compact`` shards, so both kinds of shard train on the same samples.
 
 Shards are rewritten in place (or written to ``--output``) one at a time, atomically: a shard is
 either the old file or the complete new one. A rerun skips shards already embedded with the same
@@ -41,9 +40,8 @@ from PIL import Image
 from torchvision import transforms
 
 from paraclip_plugin.train.compact import COMPACT_FIELD, pack
-from paraclip_plugin.train.device_decode import DeviceDecoder, tensor_steps
+from .device_decode import DeviceDecoder, tensor_steps
 from paraclip_plugin.train.embeddings import (
-    ADDED_FIELDS,
     EMBEDDING_FIELD,
     METADATA_KEY as EMBEDDING_KEY,
     embedding_record,
@@ -53,8 +51,10 @@ from paraclip_plugin.train.embeddings import (
     visual_architecture,
     visual_fingerprint,
 )
-from paraclip_plugin.paraphrase.inputs import expand_inputs, split_for_job
-from paraclip_plugin.paraphrase.shard_io import InputError, count_tar_samples, read_tar_samples
+from paraclip_plugin.clitools import EMBED_IMAGES, NON_NEGATIVE_INT, POSITIVE_INT, check_job_split, print_error
+from paraclip_plugin.data.inputs import expand_inputs, split_for_job
+from paraclip_plugin.data.errors import InputError
+from paraclip_plugin.data.tars import count_tar_samples, read_tar_samples
 from paraclip_plugin.train.model import freeze_visual
 from paraclip_plugin.train.pretokenized import (
     METADATA_KEY as TOKENS_KEY,
@@ -65,15 +65,9 @@ from paraclip_plugin.train.pretokenized import (
     tokenizer_pad_id,
     tokens_record,
 )
-from paraclip_plugin.shards import (
-    IMAGE_EXTENSIONS,
-    METADATA,
-    OutputBusy,
-    SizesFileError,
-    atomic_tar_writer,
-    read_sizes_json,
-    update_sizes_json,
-)
+from paraclip_plugin.data.atomic import OutputBusy
+from paraclip_plugin.data.layout import IMAGE_EXTENSIONS, METADATA, read_sizes_json, update_sizes_json
+from paraclip_plugin.data.tars import atomic_tar_writer
 
 
 def _precision(text):
@@ -91,7 +85,7 @@ def _precision(text):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="paraclip-embed-images", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=EMBED_IMAGES, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
         "--shards", required=True, help="four-field shards: brace patterns and globs, several joined with '::'"
@@ -102,11 +96,11 @@ def parse_args(argv=None):
         "--pretrained", default=None, help="pretrained tag or checkpoint file, as given to training's --pretrained"
     )
     p.add_argument("--model-config", action="append", default=[], help="register an open_clip model config first")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=4, help="image decoding processes")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=256)
+    p.add_argument("--workers", type=NON_NEGATIVE_INT, default=4, help="image decoding processes")
     p.add_argument(
         "--writers",
-        type=int,
+        type=NON_NEGATIVE_INT,
         default=None,
         help="processes writing the finished shards (tar members, fsync) while this one feeds the "
         "image tower; default: a quarter of --workers (half with --decode-device cuda), at least 1 "
@@ -137,7 +131,7 @@ def parse_args(argv=None):
         help="cpu (default): the data workers decode and resize the images (PIL). cuda: the workers "
         "read and tokenize, this process decodes the JPEGs in batches with nvJPEG and resizes "
         "them on the GPU beside the image tower (values within a level or so of the CPU path's: "
-        "paraclip_plugin/train/device_decode.py); images it can't take (not JPEG, CMYK, "
+        "paraclip_plugin/embed/device_decode.py); images it can't take (not JPEG, CMYK, "
         "truncated, ...) are decoded on the CPU as without it, or skipped, and counted",
     )
     p.add_argument(
@@ -153,11 +147,10 @@ def parse_args(argv=None):
         "the embedding and token ids (one .pcl member) and the json records, no image bytes and no "
         "texts; ~8x less to store and read with --image-embeddings. Keep the four-field shards.",
     )
-    p.add_argument("--num-jobs", type=int, default=1, help="split the shards over this many jobs")
-    p.add_argument("--job-index", type=int, default=0)
+    p.add_argument("--num-jobs", type=POSITIVE_INT, default=1, help="split the shards over this many jobs")
+    p.add_argument("--job-index", type=NON_NEGATIVE_INT, default=0)
     args = p.parse_args(argv)
-    if not 0 <= args.job_index < args.num_jobs:
-        p.error(f"--job-index {args.job_index} is outside 0..{args.num_jobs - 1} (--num-jobs {args.num_jobs})")
+    check_job_split(p, args.num_jobs, args.job_index)
     return args
 
 
@@ -235,11 +228,10 @@ def record_difference(old, new, label):
     """What differs between a stored record and this run's, as short phrases ([] when they are equal)."""
     if not isinstance(old, dict):
         return [f"no {label} record"]
-    # a field records of older versions lack is not compared (training reads them too): no work is redone
     return [
         f"{label} {key} {short(old.get(key))} (now {short(new.get(key))})"
         for key in sorted(set(old) | set(new))
-        if old.get(key) != new.get(key) and (key in old or key not in ADDED_FIELDS)
+        if old.get(key) != new.get(key)
     ]
 
 
@@ -268,16 +260,59 @@ class ShardImages(torch.utils.data.IterableDataset):
                 yield src, dst, e, None, None
 
 
-class ShardEmbedder:
-    def __init__(self, args):
-        self.args = args
-        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model, _, self.preprocess = open_clip.create_model_and_transforms(
-            args.model, pretrained=args.pretrained, device=self.device
+class ImageTower:
+    """The frozen image tower the embeddings come from: ``encode`` (a float32 model-input batch on ``device`` ->
+    float16 unit vectors on the CPU), the image transform it takes (``preprocess``) and the record every
+    embedding carries (``record``: what training checks it against). ``ShardEmbedder`` takes any object with
+    these four (the benchmarks give it one that returns random vectors)."""
+
+    def __init__(self, visual, preprocess, record, device, precision="fp32"):
+        self.visual, self.preprocess, self.record, self.device = visual, preprocess, record, device
+        self.precision = precision
+
+    @classmethod
+    def load(cls, args):
+        """``--model``/``--pretrained``'s tower on ``--device``, frozen as training freezes it (model.py; ResNet
+        towers get FrozenBatchNorm2d), so the fingerprint and the architecture recorded are those training
+        compares."""
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            args.model, pretrained=args.pretrained, device=device
         )
-        # frozen as training freezes it (model.py; ResNet towers get FrozenBatchNorm2d), so the fingerprint and
-        # the architecture recorded are those training compares
-        self.visual = freeze_visual(model).visual
+        visual = freeze_visual(model).visual
+        # also what these weights hash to in training's 16-bit weight precisions (--precision pure_bf16, ...)
+        record = embedding_record(
+            args.model,
+            args.pretrained,
+            visual_fingerprint(visual),
+            precision_fingerprints(args.model, args.pretrained),
+            architecture=visual_architecture(visual),
+            preprocess=preprocess_config(visual),
+            precision=args.precision,
+        )
+        logging.info(f"image tower of {args.model} / {args.pretrained}: sha256 {record['visual_sha256']}, on {device}")
+        return cls(visual, preprocess, record, device, args.precision)
+
+    @torch.no_grad()
+    def encode(self, batch):
+        """float16 [n, dim] on the CPU: encode_image(batch, normalize=True), bf16 autocast with precision amp_bf16."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "amp_bf16"):
+            features = self.visual(batch)
+        return torch.nn.functional.normalize(features.float(), dim=-1).half().cpu()
+
+    def __getstate__(self):
+        """What a data worker or writer gets where they are spawned (Python 3.14's default start method on Linux
+        is forkserver): everything but the tower's weights, which only the main process runs."""
+        return {k: v for k, v in self.__dict__.items() if k != "visual"}
+
+
+class ShardEmbedder:
+    """Adds ``tower``'s embeddings (``ImageTower.load(args)`` when not given) and the token ids to shards."""
+
+    def __init__(self, args, tower=None):
+        self.args = args
+        self.tower = tower if tower is not None else ImageTower.load(args)
+        self.device, self.preprocess, self.record = self.tower.device, self.tower.preprocess, self.tower.record
         # the workers' part of the transform, and what the image tower's device does before the tower
         split = split_preprocess(self.preprocess) if args.transfer == "uint8" else None
         self.worker_preprocess, self.normalize = split or (self.preprocess, None)
@@ -288,23 +323,10 @@ class ShardEmbedder:
             )
         self.spent = {"waiting": 0.0, "encoding": 0.0, "writing": 0.0, "decoding": 0.0}  # seconds, by run()
         self.device_decoder = self.make_device_decoder() if args.decode_device == "cuda" else None
-        # also what these weights hash to in training's 16-bit weight precisions (--precision pure_bf16, ...)
-        self.record = embedding_record(
-            args.model,
-            args.pretrained,
-            visual_fingerprint(self.visual),
-            precision_fingerprints(args.model, args.pretrained),
-            architecture=visual_architecture(self.visual),
-            preprocess=preprocess_config(self.visual),
-            precision=args.precision,
-        )
         self.tokenizer = open_clip.get_tokenizer(args.model) if args.tokens else None
         if self.tokenizer is not None:
             self.tokens_record = tokens_record(args.model, self.tokenizer)
             self.pad_id = tokenizer_pad_id(self.tokenizer)
-        logging.info(
-            f"image tower of {args.model} / {args.pretrained}: sha256 {self.record['visual_sha256']}, on {self.device}"
-        )
 
     def make_device_decoder(self):
         """The ``--decode-device`` decoder, checked on a probe JPEG against the CPU path (ValueError where
@@ -345,11 +367,6 @@ class ShardEmbedder:
             )
         decoder.counts.clear()
         return decoder
-
-    def __getstate__(self):
-        """What a data worker gets where workers are spawned (Python 3.14's default start method on Linux
-        is forkserver): everything but the image tower, which only this process runs."""
-        return {k: v for k, v in self.__dict__.items() if k != "visual"}
 
     def shard_difference(self, path):
         """None when ``path`` was written by a run with the same image weights, architecture, transform and
@@ -459,25 +476,15 @@ class ShardEmbedder:
             return samples, [i for i, _ in with_image], None
         return (samples, *self.decode_images(with_image, src, samples))
 
-    @torch.no_grad()
     def encode(self, images):
-        """float16 numpy [n, dim]: encode_image(images, normalize=True), ``--batch-size`` at a time."""
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.precision == "amp_bf16")
+        """float16 numpy [n, dim]: the tower's embeddings of ``images``, ``--batch-size`` at a time."""
         out = []
         for batch in images.split(self.args.batch_size):
             batch = batch.to(self.device, non_blocking=True)
             if self.normalize is not None:  # uint8 from the workers
                 batch = finish_preprocess(batch, self.normalize)
-            with autocast:
-                features = self.visual(batch)
-            out.append(torch.nn.functional.normalize(features.float(), dim=-1).half().cpu())
+            out.append(self.tower.encode(batch))
         return torch.cat(out).numpy()
-
-    def embed(self, images):
-        """float16 [dim] per image (None where it can't be decoded), from encoded image bytes."""
-        rows, batch = self.decode_images(enumerate(images))
-        found = dict(zip(rows, self.encode(batch))) if batch is not None else {}
-        return [found.get(i) for i in range(len(images))]
 
     def write(self, src, dst, samples, rows, features):
         """Add the embeddings to the prepared samples; write ``dst`` atomically. Returns (samples, embedded)."""
@@ -490,8 +497,8 @@ class ShardEmbedder:
             meta = json.loads(samples[i][METADATA])
             meta[EMBEDDING_KEY] = self.record
             samples[i][METADATA] = json.dumps(meta).encode()
-        # an integer mtime (the source shard's): webdataset's default float time.time() makes every
-        # member carry an extra pax header, which readers then parse (measurably slower loading)
+        # an integer mtime (the source shard's): the writer's default, the current time as a float, gives every
+        # member an extra pax header, which readers then parse (measurably slower loading)
         with atomic_tar_writer(dst, mtime=int(os.path.getmtime(src))) as sink:
             for sample in samples:
                 sink.write({k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")})
@@ -514,13 +521,6 @@ class ShardEmbedder:
                 }
             )
         return out
-
-    def process(self, src, dst):
-        """One shard, all in this process (``embed`` may be replaced, e.g. by bench_loader.py)."""
-        samples, with_image = self.prepare_samples(src)
-        features = self.embed([data for _, data in with_image])
-        done = [(i, f) for (i, _), f in zip(with_image, features) if f is not None]
-        return self.write(src, dst, samples, [i for i, _ in done], [f for _, f in done])
 
     def loader(self, jobs):
         """(src, dst, prepared samples, indices of those whose image decoded, the images) per shard, made
@@ -687,18 +687,18 @@ def main(argv=None):
         open_clip.add_model_config(path)
     problem = decode_device_problem(args)
     if problem:
-        print(f"embed_images: error: {problem}", file=sys.stderr)
+        print_error(EMBED_IMAGES, problem)
         return 2
     try:
         shards = split_for_job(expand_inputs(args.shards), args.num_jobs, args.job_index)
     except InputError as e:
-        print(f"embed_images: error: {e}", file=sys.stderr)
+        print_error(EMBED_IMAGES, e)
         return 2
     if args.compact and (not args.output or not args.tokens):
-        print(
-            "embed_images: error: --compact writes shards without images and texts: it needs --output DIR "
+        print_error(
+            EMBED_IMAGES,
+            "--compact writes shards without images and texts: it needs --output DIR "
             "(the four-field shards stay the source) and the token ids (drop --no-tokens)",
-            file=sys.stderr,
         )
         return 2
     if args.output:
@@ -706,12 +706,12 @@ def main(argv=None):
     try:
         embedder = ShardEmbedder(args)
     except ValueError as e:  # make_device_decoder's probe
-        print(f"embed_images: error: {e}", file=sys.stderr)
+        print_error(EMBED_IMAGES, e)
         return 2
     try:
         embed_shards(args, embedder, shards)
-    except (InputError, OutputBusy, SizesFileError) as e:
-        print(f"embed_images: error: {e}", file=sys.stderr)
+    except (InputError, OutputBusy) as e:
+        print_error(EMBED_IMAGES, e)
         return 2
     return 0
 

@@ -26,7 +26,7 @@ answers 500, each after the batch is created). ``pause_on`` = ``(kind, predicate
 ("upload" before storing it, "create" after creating the batch, "content" before sending a file) until ``resume``
 is set, with ``paused`` set meanwhile: a test kills the client at that moment.
 
-    python -m paraclip_plugin.paraphrase.local_server --port 8000 --latency 0.2
+    python -m paraclip_plugin.testing.local_server --port 8000 --latency 0.2
 """
 
 import argparse

@@ -1,24 +1,22 @@
-"""Torch-free reading and atomic writing of WebDataset tar shards, with the stdlib ``tarfile``.
+"""WebDataset tar shards, read and written with the stdlib ``tarfile`` in webdataset's layout.
 
-The layout, atomic renames and ``sizes.json`` come from ``paraclip_plugin.shards``; this module adds
-a reader and a writer that don't import webdataset, which imports torch (the generator runs
-on machines and in jobs that need neither).
+Everything that writes shards (the paraphrase generator, the embedding tool, the demo, the tests) uses
+``atomic_tar_writer``; reading is ``read_tar_samples``. Neither imports webdataset, which imports torch
+(the generator runs on machines and in jobs that need neither); webdataset reads what they write.
 """
 
 import contextlib
 import io
 import re
 import tarfile
+import time
 import zlib
 
-from paraclip_plugin.shards import atomic_file
+from .atomic import atomic_file
+from .errors import InputError
 
 # webdataset's own key/extension split: everything up to the first dot of the file name is the key.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-
-
-class InputError(ValueError):
-    """Bad input data; the message names the file (and line or member) at fault."""
 
 
 def read_tar_samples(path):
@@ -72,20 +70,26 @@ def _ends_with_end_of_archive(tar):
 
 
 class TarSampleWriter:
-    """Writes samples as webdataset's ``TarWriter`` lays them out: ``<key>.<ext>``, fields sorted."""
+    """Writes samples as webdataset's ``TarWriter`` does: ``<key>.<ext>`` members, fields sorted, read-only,
+    owner ``bigdata``. A member's mtime is its sample's ``__mtime__`` (a shard read with ``read_tar_samples``
+    keeps its members' times), else ``mtime``, else (None) the current time as webdataset writes it: a float,
+    which gives every member an extra pax header, as in shards webdataset writes. Pass an integer ``mtime`` (or
+    ``__mtime__``) for byte-identical reruns and no extra headers."""
 
-    def __init__(self, fileobj):
+    def __init__(self, fileobj, mtime=None):
         self.tar = tarfile.open(fileobj=fileobj, mode="w|")
+        self.mtime = mtime
         self.count = 0
 
     def write(self, sample):
         key = sample["__key__"]
-        # The input member's mtime, not "now", so a rerun writes byte-identical shards.
-        mtime = sample.get("__mtime__", 0)
+        mtime = sample.get("__mtime__", time.time() if self.mtime is None else self.mtime)
         for ext in sorted(k for k in sample if not k.startswith("__")):
             data = sample[ext]
             if isinstance(data, str):
                 data = data.encode("utf-8")
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise TypeError(f"sample {key!r}: member {ext!r} is {type(data).__name__}, not bytes or str")
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(data), mtime, 0o444
             info.uname = info.gname = "bigdata"
@@ -97,10 +101,11 @@ class TarSampleWriter:
 
 
 @contextlib.contextmanager
-def atomic_tar_writer(path):
-    """A ``TarSampleWriter`` whose file appears under ``path`` only once it is complete."""
+def atomic_tar_writer(path, mtime=None):
+    """A ``TarSampleWriter`` (members' default ``mtime``) whose file appears under ``path`` only once it is
+    complete (``atomic_file``: locked while written, renamed when done, removed on an error)."""
     with atomic_file(path) as stream:
-        sink = TarSampleWriter(stream)
+        sink = TarSampleWriter(stream, mtime)
         yield sink
         sink.close()
 

@@ -1,43 +1,21 @@
-"""The four-field shard layout, and writing shards so that nothing half-written is ever seen.
+"""Writing files so that nothing half-written is ever seen under its final name.
 
-One sample in a ParaCLIP shard is one WebDataset key with these members:
-
-    <key>.jpg|png|jpeg|webp   the image (open_clip's own extensions)
-    <key>.txt                 the original caption            (T)
-    <key>.para1.txt           the first paraphrase of T       (T')
-    <key>.para2.txt           the paraphrase of T'            (T'')
-    <key>.json                optional metadata
-
-Stock open_clip reads such a shard as an ordinary image + ``txt`` shard and ignores the rest.
-Shard writers (the paraphrase generator, the demo, the embedding script) all go through
-``atomic_tar_writer`` and ``update_sizes_json`` so a crash or ``kill -9`` never leaves a partial
-shard under its final name and ``sizes.json`` stays correct when several jobs write at once.
+``atomic_file`` writes ``<path>.partial`` under an exclusive lock and renames it when complete (a second
+writer of the same output gets ``OutputBusy``; a killed writer's leftover is reused); small files
+(``atomic_write_text``/``bytes``, ``atomic_create_text``) go through a unique temp file and a rename.
+Every rename is made durable by syncing its folder (``fsync_dir``).
 """
 
 import contextlib
 import errno
 import fcntl
 import itertools
-import json
 import os
 import tempfile
-
-IMAGE_EXTENSIONS = ("jpg", "png", "jpeg", "webp")
-CAPTION = "txt"
-PARA1 = "para1.txt"
-PARA2 = "para2.txt"
-METADATA = "json"
-TEXT_FIELDS = (CAPTION, PARA1, PARA2)
-
-SIZES_FILE = "sizes.json"
 
 
 class OutputBusy(RuntimeError):
     """Another live process is writing the same output file."""
-
-
-class SizesFileError(ValueError):
-    """A ``sizes.json`` that can't be read as ``{shard file name: sample count}``."""
 
 
 def partial_path(path):
@@ -114,16 +92,6 @@ def atomic_file(path, mode="wb"):
         stream.close()
 
 
-@contextlib.contextmanager
-def atomic_tar_writer(path, **tar_writer_kwargs):
-    """A ``webdataset.TarWriter`` whose file appears under ``path`` only once it is complete."""
-    # imported here: webdataset imports torch, which the paraphrase generator's path must not
-    import webdataset as wds
-
-    with atomic_file(path) as stream, wds.TarWriter(stream, **tar_writer_kwargs) as sink:
-        yield sink
-
-
 def current_umask():
     """The process's umask, read without changing it (Linux), else by setting and restoring it."""
     try:
@@ -190,38 +158,3 @@ def atomic_create_text(path, text):
 
 def atomic_write_text(path, text):
     atomic_write_bytes(path, text.encode())
-
-
-def read_sizes_json(folder):
-    path = os.path.join(folder, SIZES_FILE)
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        try:
-            sizes = json.load(f)
-        except ValueError as e:
-            raise SizesFileError(
-                f"{path}: not valid JSON ({e}); delete it and rerun the job that wrote the shards "
-                f"(paraclip-make-shards and paraclip-embed-images rebuild it from them)"
-            ) from None
-    if not isinstance(sizes, dict):
-        raise SizesFileError(f"{path}: expected {{shard file name: sample count}}, found {type(sizes).__name__}")
-    return sizes
-
-
-def update_sizes_json(folder, shard_sizes):
-    """Merge ``{shard file name: sample count}`` into ``folder/sizes.json`` (open_clip's size file).
-
-    Several jobs may finish shards in the same folder at once, so the read-merge-write runs under an
-    exclusive ``flock`` on a lock file next to it, and the new file replaces the old atomically.
-    """
-    path = os.path.join(folder, SIZES_FILE)
-    with open(os.path.join(folder, f".{SIZES_FILE}.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            sizes = read_sizes_json(folder)
-            sizes.update({os.path.basename(k): int(v) for k, v in shard_sizes.items()})
-            atomic_write_text(path, json.dumps(dict(sorted(sizes.items())), indent=1) + "\n")
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    return sizes

@@ -1,4 +1,4 @@
-"""Which input files a job owns, and reading captions-only inputs.
+"""Which input files a job owns, and reading captions-only inputs (.txt, .jsonl).
 
 Inputs are given as open_clip does: brace patterns (``/data/{00000..09999}.tar``), globs, several
 joined with ``::``. The sorted list is dealt round-robin to ``num_jobs`` jobs, so each job gets
@@ -12,8 +12,8 @@ import re
 
 import braceexpand
 
-from .shard_io import InputError
-from ..textfiles import NotUTF8, lines_of, read_utf8
+from .errors import InputError
+from .textfiles import NotUTF8, lines_of, read_utf8
 
 CAPTION_FILE_EXTENSIONS = (".txt", ".jsonl")
 _COMPRESSED_TAR = re.compile(r"[.](tar[.](gz|bz2|xz)|tgz)$", re.IGNORECASE)
