@@ -36,6 +36,7 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
+from paraclip_plugin.clitools import PATCH, print_error
 from paraclip_plugin.data.atomic import atomic_write_bytes, fsync_dir
 
 PACKAGE = "open_clip_train"
@@ -354,7 +355,7 @@ def main(argv=None):
                 print(f"hooks present: {target} ({DISTRIBUTION} {version})")
                 return 0
             if MODIFIED in kinds:
-                print(f"paraclip-patch: {modified_message(root, states, version)}", file=sys.stderr)
+                print(f"{PATCH}: {modified_message(root, states, version)}", file=sys.stderr)
             elif kinds == {RELEASE}:
                 print(
                     f"hooks missing: {target} ({DISTRIBUTION} {version}); run `paraclip-patch apply` "
@@ -369,7 +370,7 @@ def main(argv=None):
                 )
             return 1
     except PatchError as e:
-        print(f"paraclip-patch: error: {e}", file=sys.stderr)
+        print_error(PATCH, e)
         return 2
     return 0
 

@@ -9,11 +9,11 @@ import argparse
 import contextlib
 import logging
 import os
-import sys
 
 import open_clip
 from open_clip_train.data import expand_urls, get_csv_dataset, get_dataset_fn, get_dataset_size
 
+from paraclip_plugin.clitools import fail
 from paraclip_plugin.train.attention import enable_causal_attention
 from paraclip_plugin.data.layout import IMAGE_EXTENSIONS, SIZES_FILE
 from paraclip_plugin.train.decode import (
@@ -133,8 +133,7 @@ PURE_BF16_MIN_LR = 1e-4
 
 def usage_error(message):
     """Exit like argparse does for a bad flag: message on stderr, status 2."""
-    print(f"open_clip_train: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    fail("open_clip_train", message, status=2)
 
 
 def missing_local_shards(shards):
