@@ -6,6 +6,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # torch first and pinned: the CPU machines here install torch 2.14.1 from local disk.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# pytest-xdist processes for `make test`'s suite (2: the 2-core CI machine; most of a test is process start-up)
+PYTEST_WORKERS ?= 2
 
 .PHONY: venv demo test test-slurm test-open-clip clean wheelhouse gpu-check
 
@@ -24,7 +26,7 @@ demo: venv
 test: venv
 	status=0; \
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . || status=$$?; \
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS) || status=$$?; \
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS) || status=$$?; \
 	$(BIN)/python tests/open_clip_suite.py -q $(OPEN_CLIP_TEST_ARGS) || status=$$?; \
 	exit $$status
 

@@ -124,11 +124,13 @@ if [ "$SMOKE" = 0 ]; then
         --run-timeout 120 --embed-samples 4096 --text-lengths "$LENGTHS" --cases "${GPU_CHECK_E2E_CASES:-$E2E_CASES}"
 else
     $PY scripts/gpu_report.py started --work "$WORK" --cpu-smoke
+    # beside the rest of `make test` (pytest -n 2 on 2 cores) stages take minutes: budgets of 600 s, not the device's
+    GPU_CHECK_SHARDS_BUDGET=${GPU_CHECK_SHARDS_BUDGET:-600}
     shards --cpu-smoke
     want tests && run_tests 600 PARACLIP_TEST_DEVICE=cpu
     shards_done
     # the device's cases without +compile (Inductor on 2 CPU cores: minutes), and the other cases once
-    want step && stage step 300 $PY scripts/bench_step.py --cpu-smoke --json "$WORK/step.json" --text-lengths "$LENGTHS" \
+    want step && stage step 600 $PY scripts/bench_step.py --cpu-smoke --json "$WORK/step.json" --text-lengths "$LENGTHS" \
         --steps-only naive,plugin-img+causal,plugin-emb+causal@16,plugin-emb@16
     want e2e && stage e2e 600 $PY scripts/bench_e2e.py --cpu-smoke --folder "$SCRATCH/e2e" --json "$WORK/e2e.json" \
         --text-lengths "$LENGTHS" --cases "${E2E_CASES//+compile/},embed-float32,cached@40,compact@40"

@@ -58,6 +58,12 @@ def write_shards(folder, num_shards=2, per_shard=16, seed=0, paraphrases=True, d
     return os.path.join(folder, "{" + f"{0:05d}..{num_shards - 1:05d}" + "}.tar")
 
 
+def pytest_collection_modifyitems(items):
+    """Tests marked ``long`` (minutes each) first, the rest in their order: with ``pytest -n 2`` (make test)
+    they start at once instead of running alone at the end while the other worker idles."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 @pytest.fixture
 def shards(tmp_path):
     return write_shards(tmp_path / "shards")

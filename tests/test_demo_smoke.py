@@ -10,6 +10,7 @@ from conftest import PYTHON, run
 from paraclip_plugin.demo.__main__ import main
 
 
+@pytest.mark.long
 def test_demo_end_to_end_tiny(tmp_path, patched_install):
     out = tmp_path / "demo"
     proc = run(

@@ -34,6 +34,7 @@ def gpu_report_module():
     return script_module("gpu_report")
 
 
+@pytest.mark.long
 def test_gpu_check_cpu_smoke_runs_every_stage(tmp_path, patched_install):
     env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=PYTHON, TMPDIR=str(tmp_path))
     env["PYTHONPATH"] = str(REPO)
@@ -426,7 +427,7 @@ def test_pytest_parallel_stopped_at_its_budget_stops_its_processes_and_keeps_wha
     """Stopped as gpu_check.sh's stage stops it (timeout: SIGTERM to the group), and by a SIGTERM to it
     alone: its pytest processes end too, and gpu_report reads what finished from the parts: the
     finished process's junit xml (its measured properties too), the others' -v logs."""
-    stopped = pytest_parallel(tmp_path, "work", "slow", env={"SLOW_SECONDS": "120"}, wrap=("timeout", "-k", "5", "10"))
+    stopped = pytest_parallel(tmp_path, "work", "slow", env={"SLOW_SECONDS": "120"}, wrap=("timeout", "-k", "5", "30"))
     assert stopped.returncode == 124, stopped.stdout + stopped.stderr
     work = tmp_path / "work"
     assert sorted(os.listdir(work)) == ["logs", "tests-1.xml"] and sorted(os.listdir(work / "logs")) == [
