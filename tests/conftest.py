@@ -1,5 +1,6 @@
 """Shared fixtures: real four-field WebDataset shards and the tiny open_clip model config."""
 
+import importlib
 import io
 import os
 import random
@@ -56,6 +57,21 @@ def write_shards(folder, num_shards=2, per_shard=16, seed=0, paraphrases=True, d
         sizes[os.path.basename(path)] = per_shard
     update_sizes_json(folder, sizes)
     return os.path.join(folder, "{" + f"{0:05d}..{num_shards - 1:05d}" + "}.tar")
+
+
+def script_module(name):
+    """scripts/<name>.py as a module (scripts/ is not a package; its scripts import each other by name)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n N` (make test): the workers share the machine's cores, so each computes in-process with its share
+    # (subprocesses keep their own settings: torchrun sets OMP_NUM_THREADS=1 per rank)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 def pytest_collection_modifyitems(items):

@@ -1,7 +1,6 @@
 """Cached image embeddings and pre-tokenized text: scripts/embed_images.py, the loader stages, and
 --image-embeddings through open_clip_train.main (single process, real shards)."""
 
-import importlib.util
 import io
 import json
 import logging
@@ -19,7 +18,7 @@ from PIL import Image
 
 from conftest import (
     PYTHON,
-    REPO,
+    script_module,
     TINY_CONFIG,
     TINY_MODEL,
     logged_losses,
@@ -45,14 +44,7 @@ from paraclip_plugin.train.pretokenized import TextTokens
 from test_train import TERMS, optimizer_first_moments
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-embed_images = load_script("embed_images")
+embed_images = script_module("embed_images")
 
 
 def embed(shards, init, *extra):

@@ -1,22 +1,12 @@
 """Flags renamed outside paraclip-eval so one name means one thing in every command: the older names still
 work and say on stderr which name to use (paraclip-eval's own renames: test_eval_flags.py)."""
 
-import importlib
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import script_module as script
 
 from paraclip_plugin.embed.images import parse_args as embed_images_args
-
-
-def script(name):
-    """scripts/<name>.py as a module (scripts/ is not a package)."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
 
 
 def test_embed_images_precision_amp_bf16_is_open_clip_trains_name_and_amp_is_deprecated(capsys):

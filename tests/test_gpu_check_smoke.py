@@ -3,13 +3,11 @@ known to work before device time is spent on it; the parts of it that a stopped 
 relies on (pytest_parallel.py, bench_step.py's plan, bench_e2e.py's shards, gpu_report.py collect); and
 docs/benchmarks.md's GPU section is the newest filed result per GPU kind."""
 
-import importlib
 import json
 import os
 import re
 import signal
 import subprocess
-import sys
 import tarfile
 import time
 import xml.etree.ElementTree as ET
@@ -18,16 +16,7 @@ import open_clip
 import pytest
 import torch
 import test_gpu
-from conftest import PYTHON, REPO, TINY_CONFIG, TINY_MODEL
-
-
-def script_module(name):
-    """scripts/<name>.py as a module (scripts/ is not a package)."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
+from conftest import PYTHON, REPO, TINY_CONFIG, TINY_MODEL, script_module
 
 
 def gpu_report_module():
