@@ -74,6 +74,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
+def embed_tool_args(shards, pretrained, *extra, workers=0, batch_size=8):
+    """paraclip-embed-images' flags for the tiny model over ``shards``, as argv strings (``batch_size`` None: the
+    tool's default)."""
+    args = ["--shards", shards, "--model", TINY_MODEL, "--model-config", TINY_CONFIG, "--pretrained", pretrained]
+    args += ["--workers", workers] + ([] if batch_size is None else ["--batch-size", batch_size])
+    return [str(a) for a in [*args, *extra]]
+
+
 def pytest_collection_modifyitems(items):
     """Tests marked ``long`` (minutes each) first, the rest in their order: with ``pytest -n 2`` (make test)
     they start at once instead of running alone at the end while the other worker idles."""

@@ -18,6 +18,7 @@ from PIL import Image
 
 from conftest import (
     PYTHON,
+    embed_tool_args,
     script_module,
     TINY_CONFIG,
     TINY_MODEL,
@@ -49,22 +50,8 @@ embed_images = script_module("embed_images")
 
 def embed(shards, init, *extra):
     """scripts/embed_images.py, run in this process (an interpreter start costs more than the work)."""
-    argv = [
-        "--shards",
-        shards,
-        "--model",
-        TINY_MODEL,
-        "--model-config",
-        TINY_CONFIG,
-        "--pretrained",
-        init,
-        "--workers",
-        "0",
-        "--batch-size",
-        "8",
-        *extra,
-    ]
-    assert embed_images.main([str(a) for a in argv]) == 0
+    argv = embed_tool_args(shards, init, *extra)
+    assert embed_images.main(argv) == 0
 
 
 def tiny_model(init):
@@ -210,20 +197,7 @@ def test_spawned_data_workers_get_no_image_tower_and_embed_the_same(world, tmp_p
             PYTHON,
             "-c",
             code,
-            "--shards",
-            world["plain"] / "*.tar",
-            "--model",
-            TINY_MODEL,
-            "--model-config",
-            TINY_CONFIG,
-            "--pretrained",
-            world["init"],
-            "--workers",
-            "2",
-            "--batch-size",
-            "8",
-            "--output",
-            tmp_path / "spawned",
+            *embed_tool_args(world["plain"] / "*.tar", world["init"], "--output", tmp_path / "spawned", workers=2),
         ],
         timeout=300,
     )
@@ -267,21 +241,10 @@ def test_bad_samples_and_shards_are_named_and_sizes_json_is_repaired(world, tmp_
 
     (src / "00001.tar").write_bytes((world["plain"] / "00001.tar").read_bytes()[:5000])  # cut short
     for workers in ("0", "1"):
-        argv = [
-            "--shards",
-            src / "*.tar",
-            "--model",
-            TINY_MODEL,
-            "--model-config",
-            TINY_CONFIG,
-            "--pretrained",
-            world["init"],
-            "--workers",
-            workers,
-            "--output",
-            tmp_path / f"cut{workers}",
-        ]
-        assert embed_images.main([str(a) for a in argv]) == 2
+        argv = embed_tool_args(
+            src / "*.tar", world["init"], "--output", tmp_path / f"cut{workers}", workers=workers, batch_size=None
+        )
+        assert embed_images.main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert (
             err[-1].startswith(f"paraclip-embed-images: error: {src / '00001.tar'}: truncated")

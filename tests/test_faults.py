@@ -23,9 +23,9 @@ from conftest import (
     BIN,
     PYTHON,
     REPO,
-    TINY_CONFIG,
     TINY_MODEL,
     WORDS,
+    embed_tool_args,
     final_state,
     free_port,
     png_bytes,
@@ -358,18 +358,7 @@ def test_embed_images_killed_then_rerun_gives_the_same_bytes(tmp_path, init):
     cmd = [
         PYTHON,
         REPO / "scripts" / "embed_images.py",
-        "--shards",
-        tmp_path / "plain" / "*.tar",
-        "--model",
-        TINY_MODEL,
-        "--model-config",
-        TINY_CONFIG,
-        "--pretrained",
-        init,
-        "--workers",
-        "0",
-        "--batch-size",
-        "8",
+        *embed_tool_args(tmp_path / "plain" / "*.tar", init),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     run([*cmd, "--output", tmp_path / "reference"])
